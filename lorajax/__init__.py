@@ -1,0 +1,24 @@
+"""lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
+
+from lorajax.adapt import adapt
+from lorajax.adapters import (
+    check_finite,
+    combine,
+    count_params,
+    init,
+    merge,
+    partition,
+    trainable_mask,
+    unmerge,
+)
+from lorajax.registry import list_variants
+from lorajax.spec import Spec
+from lorajax.targets import select
+from lorajax import inits, train
+
+__all__ = [
+    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants",
+    "partition", "combine", "trainable_mask", "count_params", "check_finite", "inits", "train",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,183 @@
+"""Run an unmodified model with adapted weights: ``merged`` or ``factored`` mode.
+
+``adapt(apply_fn, spec, mode)`` returns ``fn(params, adapters, *args, **kw)``
+that calls ``apply_fn(params, *args, **kw)`` with every targeted weight adapted.
+
+* ``merged``: forms ``W'`` for each target (inside your ``jit``) and calls
+  ``apply_fn`` with the merged tree. Works for any Flax model, linen or NNX
+  (``apply_fn = lambda state, x: nnx.merge(graphdef, state)(x)``).
+* ``factored``: for linen ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum``
+  (through ``nn.intercept_methods``) computes the layer as the variant's
+  factored forward, e.g. LoRA's ``x W + s (x A) B``, with token activations
+  flattened to 2-D ``[T, in]``. Neither ``ΔW`` nor a full-size weight gradient
+  is formed. Every adapter must be reached by an intercepted call; otherwise
+  it raises (use ``merged`` for NNX models or custom layers).
+
+Both modes give the same outputs and adapter gradients (tested). Differentiate
+only the adapters (``jax.grad`` over the ``adapters`` argument): frozen
+weights outside the differentiated argument get no weight-gradient matmul.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, lorajax
+  >>> model = nn.Dense(3)
+  >>> x = jnp.ones((2, 4))
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> spec = lorajax.Spec("lora", rank=2, targets=".*")
+  >>> adapters = lorajax.init(spec, variables, jax.random.key(1))
+  >>> fwd = lorajax.adapt(model.apply, spec, mode="factored")
+  >>> bool(jnp.allclose(fwd(variables, adapters, x), model.apply(variables, x)))
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import opt_einsum
+
+from lorajax import registry
+from lorajax.adapters import as_matrix, check_finite, merge, resolve
+from lorajax.spec import Spec
+
+__all__ = ["adapt"]
+
+MODES = ("merged", "factored")
+
+
+def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False) -> Callable:
+    """Wrap ``apply_fn(params, *a, **kw)`` as ``fn(params, adapters, *a, **kw)``.
+
+    Args:
+      apply_fn: e.g. ``model.apply`` (linen) or a function of an NNX State.
+      spec: the `Spec` the adapters were made with.
+      mode: ``"factored"`` (default) or ``"merged"``.
+      debug: check adapters for NaN/Inf on every call (raises FloatingPointError).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    registry.get(spec.variant)
+
+    if mode == "merged":
+        @functools.wraps(apply_fn)
+        def merged_fn(params, adapters, *args, **kwargs):
+            if debug:
+                check_finite(adapters)
+            return apply_fn(merge(spec, params, adapters), *args, **kwargs)
+
+        return merged_fn
+
+    @functools.wraps(apply_fn)
+    def factored_fn(params, adapters, *args, **kwargs):
+        if debug:
+            check_finite(adapters)
+        selected, index, shared = resolve(spec, params, adapters)
+        table = {t.name: (t, {**index[t.keys], **shared}) for t in selected}
+        used: set[str] = set()
+        interceptor = _make_interceptor(registry.get(spec.variant), table, used)
+        with nn.intercept_methods(interceptor):
+            out = apply_fn(params, *args, **kwargs)
+        missing = sorted(set(table) - used)
+        if missing and not used:
+            raise ValueError(
+                "factored mode reached none of the adapted weights (is apply_fn a linen model using "
+                f"nn.Dense / nn.DenseGeneral / nn.Einsum?). Not reached: {missing[:5]}. Use mode='merged'."
+            )
+        if missing:
+            warnings.warn(f"factored mode: adapters never used by apply_fn: {missing[:5]}", stacklevel=2)
+        return out
+
+    return factored_fn
+
+
+def _make_interceptor(variant, table: dict, used: set) -> Callable:
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+            return next_fun(*args, **kwargs)
+        name = ".".join(str(p) for p in module.path)
+        entry = table.get(name)
+        if entry is None:
+            return next_fun(*args, **kwargs)
+        used.add(name)
+        t, adapter = entry
+        inputs = args[0] if args else kwargs["inputs"]
+        if isinstance(module, nn.Einsum):
+            einsum_str = module.einsum_str if len(args) < 2 else args[1]
+            einsum_str = kwargs.get("einsum_str", einsum_str)
+            return _einsum(module, variant, t, adapter, inputs, einsum_str)
+        return _dense(module, variant, t, adapter, inputs)
+
+    return interceptor
+
+
+def _forward(variant, t, adapter, x2d: jax.Array, w: jax.Array) -> jax.Array:
+    """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
+    if variant.apply is not None:
+        return variant.apply(x2d, w, adapter, t)
+    return x2d @ variant.adapted(w, adapter, t)
+
+
+def _dense(module, variant, t, adapter, x: jax.Array) -> jax.Array:
+    p = module.variables["params"]
+    kernel, bias = p["kernel"], p.get("bias") if module.use_bias else None
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            raise NotImplementedError(f"{t.name}: DenseGeneral with batch_dims is not supported in factored mode")
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        axis = tuple(a % x.ndim for a in axis)
+    else:
+        axis = (x.ndim - 1,)
+    if len(axis) != t.in_axes:
+        raise ValueError(
+            f"{t.name}: the layer contracts {len(axis)} input axes but the adapter was made with "
+            f"in_axes={t.in_axes}; set Spec(in_axes={{{t.name.split('.')[-1]!r}: {len(axis)}}})"
+        )
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    n = len(axis)
+    x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
+    batch_shape = x.shape[: x.ndim - n]
+    x2d = x.reshape(math.prod(batch_shape), -1)
+    y2d = _forward(variant, t, adapter, x2d, as_matrix(kernel, t))
+    y = y2d.reshape(*batch_shape, *kernel.shape[n:])
+    if bias is None:
+        return y
+    return y + bias.reshape((1,) * len(batch_shape) + bias.shape)
+
+
+def _einsum(module, variant, t, adapter, x: jax.Array, einsum_str: str) -> jax.Array:
+    p = module.variables["params"]
+    kernel = p["kernel"]
+    einsum_str = einsum_str.replace(" ", "")
+    (lhs, rhs), out, _ = _parse(einsum_str, x, kernel)
+    n = t.in_axes
+    in_letters, out_letters = rhs[:n], rhs[n:]
+    ok = (all(c in lhs and c not in out for c in in_letters)
+          and all(c in out and c not in lhs for c in out_letters))
+    batch = "".join(c for c in lhs if c not in in_letters)
+    if not ok or not all(c in out for c in batch):
+        raise NotImplementedError(
+            f"{t.name}: einsum {einsum_str!r} is not a linear map with the kernel's first {n} axes as inputs "
+            "and the rest as outputs; use mode='merged' or set in_axes"
+        )
+    bias = None
+    if module.use_bias:
+        _, bias_shape = module._get_bias_shape(einsum_str, x, kernel)
+        bias = p["bias"]
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    xt = jnp.einsum(f"{lhs}->{batch}{in_letters}", x)
+    batch_shape = xt.shape[: len(batch)]
+    y2d = _forward(variant, t, adapter, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))
+    y = y2d.reshape(*batch_shape, *kernel.shape[n:])
+    y = jnp.einsum(f"{batch}{out_letters}->{out}", y)
+    return y if bias is None else y + jnp.reshape(bias, bias_shape)
+
+
+def _parse(einsum_str: str, x: jax.Array, kernel: jax.Array):
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, x, kernel))
+    return operands.split(","), result, None

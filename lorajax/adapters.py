@@ -1,0 +1,240 @@
+"""Generic operations on adapter pytrees: init, merge, unmerge, partition, counting.
+
+An adapters tree mirrors the targeted paths of ``params``: for a weight at
+``params["layers_0"]["q"]["kernel"]`` the adapter (a dict of arrays, e.g.
+``{"lora_A", "lora_B"}``) sits at ``adapters["layers_0"]["q"]["kernel"]``
+(with a leading ``"params"`` when ``params`` is a Flax variables dict).
+Model-level state shared by all targets (VeRA's projections) sits under
+``adapters["_shared"]``. Keys are strings, also for NNX list indices.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorajax import registry, targets
+from lorajax.spec import Spec
+from lorajax.variants import lora
+from lorajax.variants.base import SHARED_KEY, Target, Variant
+
+__all__ = [
+    "init", "merge", "unmerge", "partition", "combine", "trainable_mask",
+    "count_params", "check_finite", "resolve", "target_key",
+]
+
+
+def target_key(key: jax.Array, t: Target) -> jax.Array:
+    """Per-target PRNG key ``fold_in(key, crc32(name))``: adding a target changes no other."""
+    return jax.random.fold_in(key, zlib.crc32(".".join(t.keys).encode()) & 0x7FFFFFFF)
+
+
+def as_matrix(w: jax.Array, t: Target) -> jax.Array:
+    """View an N-D kernel as ``[prod(in axes), prod(out axes)]``."""
+    return w.reshape(t.matrix_shape)
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for keys, value in flat.items():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+def _as_key(key: Any) -> jax.Array:
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a jax PRNG key or an int seed, got {type(key).__name__}")
+    return key
+
+
+def init(spec: Spec, params: Any, key: jax.Array | int) -> dict:
+    """Initialise adapters for every weight ``spec`` selects in ``params``.
+
+    Args:
+      spec: the `Spec`.
+      params: linen params / variables dict, or an NNX ``State``.
+      key: a PRNG key (or int seed). Target keys are ``fold_in(key, crc32(path))``.
+
+    Returns:
+      The adapters tree (nested dicts mirroring the targeted paths).
+    """
+    key = _as_key(key)
+    variant = registry.get(spec.variant)
+    selected = targets.select(spec, params)
+    weights = dict(targets.weight_leaves(params))
+    flat = {}
+    for t in selected:
+        w = as_matrix(jnp.asarray(weights[t.keys]), t)
+        flat[t.keys] = variant.init(target_key(key, t), w, t)
+    tree = _nest(flat)
+    if variant.init_shared is not None:
+        tree[SHARED_KEY] = variant.init_shared(jax.random.fold_in(key, 0x5EED), selected)
+    return tree
+
+
+def _adapter_paths(adapters: Any) -> dict[tuple, dict]:
+    """``{target keys: adapter dict}`` from an adapters tree (without ``_shared``)."""
+    if not isinstance(adapters, dict):
+        raise TypeError(f"adapters must be the dict returned by lorajax.init, got {type(adapters).__name__}")
+    out: dict[tuple, dict] = {}
+
+    def walk(node: Any, prefix: tuple) -> None:
+        if isinstance(node, dict) and node and all(not isinstance(v, dict) for v in node.values()):
+            out[prefix] = node
+            return
+        if not isinstance(node, dict):
+            raise ValueError(f"adapters tree: expected a dict at {'/'.join(prefix) or '<root>'}, got {type(node).__name__}")
+        for k, v in node.items():
+            if prefix == () and k == SHARED_KEY:
+                continue
+            walk(v, prefix + (str(k),))
+
+    walk(adapters, ())
+    return out
+
+
+def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict, dict]:
+    """Check that ``adapters`` fits ``params`` under ``spec``.
+
+    Returns ``(targets, {keys: adapter}, shared)``. Raises ValueError naming the
+    first path that is missing or extra.
+    """
+    selected = targets.select(spec, params)
+    index = _adapter_paths(adapters)
+    want = [t.keys for t in selected]
+    for keys in want:
+        if keys not in index:
+            raise ValueError(
+                f"adapters do not match params: no adapter for {'/'.join(keys)} "
+                f"(adapters has {['/'.join(k) for k in list(index)[:5]]}...)"
+            )
+    extra = [k for k in index if k not in set(want)]
+    if extra:
+        raise ValueError(
+            f"adapters do not match params: adapter at {'/'.join(extra[0])} has no targeted weight in params"
+        )
+    variant = registry.get(spec.variant)
+    shared = adapters.get(SHARED_KEY, {}) if variant.init_shared is not None else {}
+    if variant.init_shared is not None and not shared:
+        raise ValueError(f"adapters for variant {spec.variant!r} lack the shared state adapters[{SHARED_KEY!r}]")
+    return selected, index, shared
+
+
+def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str) -> Any:
+    selected, index, shared = resolve(spec, params, adapters)
+    variant = registry.get(spec.variant)
+    fn = getattr(variant, fn_name)
+    if fn is None:
+        raise NotImplementedError(
+            f"variant {spec.variant!r} has no inverse: keep the original params instead of unmerging"
+        )
+    by_keys = {t.keys: t for t in selected}
+
+    def one(path, w):
+        keys = targets.key_names(path)
+        t = by_keys.get(keys)
+        if t is None:
+            return w
+        adapter = {**index[keys], **shared}
+        try:
+            out = fn(as_matrix(w, t), adapter, t)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"adapter at {'/'.join(keys)} does not fit weight {tuple(w.shape)}: {e}") from e
+        if out.shape != t.matrix_shape:
+            raise ValueError(f"adapter at {'/'.join(keys)} gives shape {out.shape}, weight is {t.matrix_shape}")
+        return out.reshape(w.shape)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def merge(spec: Spec, params: Any, adapters: Any) -> Any:
+    """``params`` with every targeted weight replaced by its adapted weight ``W'``.
+
+    Returns a new tree of the same type (dict, FrozenDict, NNX State); nothing is mutated.
+    """
+    return _map_weights(spec, params, adapters, "adapted")
+
+
+def unmerge(spec: Spec, merged_params: Any, adapters: Any) -> Any:
+    """Inverse of `merge` for variants that define one (LoRA, VeRA); DoRA raises."""
+    return _map_weights(spec, merged_params, adapters, "unadapted")
+
+
+def _is_frozen(variant: Variant, path: tuple) -> bool:
+    names = targets.key_names(path)
+    return (names and names[0] == SHARED_KEY) or (names and names[-1] in variant.frozen)
+
+
+def trainable_mask(spec: Spec, adapters: Any) -> Any:
+    """A bool tree like ``adapters``: True for trainable leaves, False for frozen buffers.
+
+    Use with ``optax.masked`` or to build ``optax.multi_transform`` labels.
+    """
+    variant = registry.get(spec.variant)
+    return jax.tree_util.tree_map_with_path(lambda p, _: not _is_frozen(variant, p), adapters)
+
+
+def partition(spec: Spec, adapters: Any) -> tuple[Any, Any]:
+    """Split into ``(trainable, frozen)`` trees with ``None`` where a leaf belongs to the other.
+
+    Differentiate only ``trainable`` and rebuild with `combine`, so that frozen
+    buffers get no gradient and no optimiser state.
+    """
+    variant = registry.get(spec.variant)
+    trainable = jax.tree_util.tree_map_with_path(lambda p, x: None if _is_frozen(variant, p) else x, adapters)
+    frozen = jax.tree_util.tree_map_with_path(lambda p, x: x if _is_frozen(variant, p) else None, adapters)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition`."""
+    return jax.tree_util.tree_map(
+        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def _size(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
+
+
+def count_params(spec: Spec, params: Any, adapters: Any) -> dict[str, float]:
+    """``{"trainable", "frozen_adapter", "base", "total", "trainable_percent"}``."""
+    trainable, frozen = partition(spec, adapters)
+    base = _size(params if not targets._is_variables(params) else params["params"])
+    n_train, n_frozen = _size(trainable), _size(frozen)
+    total = base + n_train + n_frozen
+    return {
+        "trainable": n_train,
+        "frozen_adapter": n_frozen,
+        "base": base,
+        "total": total,
+        "trainable_percent": 100.0 * n_train / total,
+    }
+
+
+def check_finite(adapters: Any) -> Any:
+    """Raise ``FloatingPointError`` naming the first adapter leaf with NaN/Inf; else return ``adapters``.
+
+    Works on concrete arrays and, inside ``jit``, through ``jax.debug.callback``
+    (the error then surfaces when the computation runs).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+        name = "/".join(targets.key_names(path))
+        if isinstance(leaf, jax.core.Tracer):
+            def _cb(ok, name=name):
+                if not bool(ok):
+                    raise FloatingPointError(f"non-finite values in adapter leaf {name}")
+            jax.debug.callback(_cb, jnp.all(jnp.isfinite(leaf)))
+        elif not np.all(np.isfinite(np.asarray(leaf))):
+            raise FloatingPointError(f"non-finite values in adapter leaf {name}")
+    return adapters

@@ -1,0 +1,1 @@
+"""Flax model families used by examples and tests."""

@@ -1,0 +1,32 @@
+"""Variant name -> `Variant`. A new variant is one line in `_MODULES`."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from lorajax.variants.base import Variant
+
+__all__ = ["get", "list_variants"]
+
+# name -> module under lorajax.variants that defines VARIANT
+_MODULES = {
+    "lora": "lora",
+    "dora": "dora",
+    "vera": "vera",
+}
+
+
+def list_variants() -> list[str]:
+    """The registered variant names, sorted."""
+    return sorted(_MODULES)
+
+
+def get(name: str) -> Variant:
+    """The `Variant` registered as ``name``; unknown names raise with the closest ones."""
+    if name not in _MODULES:
+        close = difflib.get_close_matches(str(name), list(_MODULES), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown variant {name!r}.{hint} Registered: {list_variants()}")
+    module = importlib.import_module(f"lorajax.variants.{_MODULES[name]}")
+    return module.VARIANT

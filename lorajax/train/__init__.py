@@ -1,0 +1,5 @@
+"""Training steps that differentiate only the adapters."""
+
+from lorajax.train.step import make_lora_step
+
+__all__ = ["make_lora_step"]

@@ -1,0 +1,1 @@
+"""One module per variant; each ends with ``VARIANT = Variant(...)`` (see `base`)."""

@@ -1,0 +1,78 @@
+"""The `Variant` record every variant module ends with, and `Target`, its per-weight config.
+
+A variant works on one weight viewed as a matrix ``w: [in, out]`` (Flax
+orientation; N-D kernels are reshaped by the caller). It provides pure
+functions:
+
+* ``init(key, w, t) -> adapter``: a dict of arrays for one target.
+* ``adapted(w, adapter, t) -> w'``: the merged weight, same shape and dtype.
+* ``apply(x, w, adapter, t) -> y``: optional factored forward for 2-D
+  ``x: [T, in]`` giving ``y: [T, out]`` without a bias and without forming the
+  full-size update. Without it the factored mode uses ``x @ adapted(w)``.
+* ``unadapted(w', adapter, t) -> w``: optional inverse of ``adapted``.
+* ``init_shared(key, targets) -> dict``: optional state shared by all targets
+  (VeRA's random projections). It is stored once under ``adapters["_shared"]``
+  and passed to the per-target functions merged into ``adapter``.
+
+``frozen`` names adapter entries that are buffers, never trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+__all__ = ["Variant", "Target", "SHARED_KEY"]
+
+#: Key of model-level adapter state in an adapters tree.
+SHARED_KEY = "_shared"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One adapted weight: where it is and its resolved hyper-parameters.
+
+    Attributes:
+      keys: path of the weight in the adapters tree (string keys, including a
+        leading ``"params"`` when the tree is a Flax variables dict).
+      name: dotted module name used for matching, e.g. ``"layers.0.q_proj"``.
+      shape: the weight's own shape (possibly N-D).
+      in_axes: number of leading axes of ``shape`` that are inputs.
+      rank, alpha: resolved from the Spec and its rank/alpha patterns.
+      options: the variant's options, defaults filled in.
+    """
+
+    keys: tuple
+    name: str
+    shape: tuple
+    in_axes: int
+    rank: int
+    alpha: float
+    options: Mapping[str, Any]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(in, out)`` of the weight viewed as a matrix."""
+        return (math.prod(self.shape[: self.in_axes]), math.prod(self.shape[self.in_axes :]))
+
+    def __hash__(self):  # options is a dict; hash by identity of the path
+        return hash((self.keys, self.shape, self.rank, self.alpha))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A registered LoRA variant (see the module docstring for the contract)."""
+
+    name: str
+    init: Callable
+    adapted: Callable
+    apply: Callable | None = None
+    unadapted: Callable | None = None
+    init_shared: Callable | None = None
+    frozen: frozenset = frozenset()
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    validate: Callable | None = None
+    #: False where the rank may exceed min(in, out) (VeRA's shared projections).
+    rank_limited: bool = True
+    doc: str = ""

@@ -1,0 +1,73 @@
+"""DoRA: weight-decomposed low-rank adaptation (magnitude and direction).
+
+Maths (Flax orientation, ``W: [in, out]``; norms are per output feature,
+i.e. over axis 0 of the kernel = PyTorch's row norms of ``[out, in]``)::
+
+    V  = W + s · A B                  (s as LoRA: α/r, or α/√r with use_rslora)
+    n  = ‖V‖₂ over axis 0, detached   ([out]; stop-gradient, DoRA §4.3 / PEFT)
+    W' = V · (m / n)                  (m: trainable magnitude, [out])
+    y  = (x W + s · (x A) B) · (m / n)
+
+At init ``B = 0`` and ``m = ‖W‖₂`` per output feature, so ``W' = W``.
+Trainable per target: ``r · (in + out) + out``. The factored forward forms
+``A B`` only inside the detached norm, so no full-size gradient is formed.
+
+Example:
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+  >>> spec = lorajax.Spec("dora", rank=2, targets=["dense"])
+  >>> a = lorajax.init(spec, params, jax.random.key(0))["dense"]["kernel"]
+  >>> a["magnitude"].shape, bool(jnp.allclose(a["magnitude"], jnp.sqrt(6.0)))
+  ((4,), True)
+
+References:
+  Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024,
+  arXiv:2402.09353; official code NVlabs/DoRA. PEFT: ``src/peft/tuners/lora/dora.py``
+  (``DoraLinearLayer.get_weight_norm``, ``forward``) and ``lora/variants.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lorajax.variants import lora
+from lorajax.variants.base import Target, Variant
+
+
+def _norm(w: jax.Array, delta: jax.Array) -> jax.Array:
+    v = w.astype(delta.dtype) + jax.lax.stop_gradient(delta)
+    return jax.lax.stop_gradient(jnp.linalg.norm(v, axis=0))
+
+
+def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
+    """LoRA's ``A, B`` plus ``magnitude: [out] = ‖W + s A B‖`` per output feature."""
+    adapter = lora.init(key, w, t)
+    adapter["magnitude"] = _norm(w, lora.delta(adapter, t))
+    return adapter
+
+
+def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``(W + s A B) · m / ‖W + s A B‖`` (norm detached)."""
+    d = lora.delta(adapter, t)
+    scale = (adapter["magnitude"] / _norm(w, d))[None, :]
+    return ((w.astype(d.dtype) + d) * scale).astype(w.dtype)
+
+
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``(x W + s (x A) B) · m / n`` for ``x: [T, in]``."""
+    d = lora.delta(adapter, t)
+    scale = (adapter["magnitude"] / _norm(w, d))[None, :]
+    y = lora.apply(x, w, adapter, t)
+    return (y.astype(scale.dtype) * scale).astype(y.dtype)
+
+
+VARIANT = Variant(
+    name="dora",
+    init=init,
+    adapted=adapted,
+    apply=apply,
+    options={"use_rslora": False, "init_weights": True, "dtype": None},
+    validate=lora.validate,
+    doc=__doc__,
+)
