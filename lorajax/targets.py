@@ -91,13 +91,15 @@ def _pattern_value(pattern: tuple, name: str, default: Any) -> Any:
 def layer_index(name: str, patterns: tuple | None) -> int | None:
     """The layer index in a module name: ``layers.3.x`` or ``layers_3.x`` -> 3.
 
-    With ``patterns`` only ``<pattern>.<i>`` / ``<pattern>_<i>`` count; without,
-    the first numbered component does.
+    With ``patterns`` only ``<pattern>.<i>`` / ``<pattern>_<i>`` count. Without,
+    PEFT's rule: the first numbered component with at least two components
+    before it (``model.layers.3.q`` -> 3, but ``layers.3.q`` -> None); linen's
+    ``<name>_<i>`` components also count.
     """
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if patterns is None:
-            if part.isdigit() and i > 0:
+            if part.isdigit() and i >= 2:
                 return int(part)
             m = re.fullmatch(r".+_(\d+)", part)
             if m:

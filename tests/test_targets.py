@@ -122,7 +122,9 @@ def test_nnx_state():
             self.layers = nnx.List([Block(rngs) for _ in range(2)])
 
     _, state = nnx.split(Model(nnx.Rngs(0)))
-    spec = lorajax.Spec(targets=["v_proj"], rank=2, layers_to_transform=[1])
+    spec = lorajax.Spec(targets=["v_proj"], rank=2, layers_to_transform=[1], layers_pattern="layers")
     assert names(spec, state) == ["layers.1.v_proj"]
+    # PEFT's default rule needs two components before the index: "layers.1.v_proj" has none
+    assert layer_index("layers.1.v_proj", None) is None
     adapters = lorajax.init(spec, state, jax.random.key(0))
     assert adapters["layers"]["1"]["v_proj"]["kernel"]["lora_A"].shape == (8, 2)

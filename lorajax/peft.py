@@ -1,0 +1,266 @@
+"""Hugging Face PEFT adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+`load(adapter_dir, params) -> (spec, adapters)` reads LoRA (with ``use_rslora``,
+``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform``,
+``layers_pattern``, ``exclude_modules``, ``target_modules`` as list, regex or
+``"all-linear"``, ``fan_in_fan_out``) and VeRA adapters. A field that would
+change the maths and that lorajax does not implement (``lora_bias``,
+``modules_to_save``, ``layer_replication``, ``use_qalora``, ...) raises: never a
+silent difference. `save(adapter_dir, spec, adapters, ...)` writes files that
+``peft.PeftModel.from_pretrained`` loads.
+
+Names: a lorajax module name (the params path joined by dots, e.g.
+``model.layers.0.self_attn.q_proj`` for `lorajax.models` built from HF
+checkpoints) is PEFT's module name; tensors are stored as
+``base_model.model.<name>.lora_A.weight`` etc. Orientation: PEFT's
+``lora_A.weight: [r, in]`` and ``lora_B.weight: [out, r]`` are the transposes
+of lorajax's ``lora_A: [in, r]`` and ``lora_B: [r, out]``; VeRA's
+``base_model.vera_A: [r, in_max]`` / ``vera_B: [out_max, r]`` likewise.
+
+`save` writes ``target_modules`` as the explicit list of adapted module names
+(and per-module ``rank_pattern`` / ``alpha_pattern`` where they differ from
+the defaults), so PEFT selects exactly the weights lorajax adapted whatever
+the selection grammar was.
+
+Only safetensors and JSON are read; pickles (``adapter_model.bin``) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import safetensors.flax
+from safetensors import SafetensorError
+
+from lorajax import adapters as adapters_lib
+from lorajax import targets as targets_lib
+from lorajax.spec import Spec
+from lorajax.variants.base import SHARED_KEY
+
+__all__ = ["load", "save", "spec_from_config", "config_from_spec"]
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Fields that only describe the file, training-time behaviour, or defaults with no effect on the maths.
+_IGNORED = {
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+    "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "megatron_core", "qalora_group_size",
+    "loftq_config", "ensure_weight_tying", "fan_in_fan_out", "save_projection",
+}
+_LORA_USED = {"peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern",
+              "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
+_VERA_USED = {"peft_type", "r", "target_modules", "projection_prng_key", "d_initial", "layers_to_transform",
+              "layers_pattern", "bias"}
+
+# per-target tensors: (lorajax leaf, PEFT suffix, transpose?)
+_TENSORS = {
+    "lora": [("lora_A", "lora_A.weight", True), ("lora_B", "lora_B.weight", True)],
+    "dora": [("lora_A", "lora_A.weight", True), ("lora_B", "lora_B.weight", True),
+             ("magnitude", "lora_magnitude_vector", False)],
+    "vera": [("vera_lambda_b", "vera_lambda_b", False), ("vera_lambda_d", "vera_lambda_d", False)],
+}
+_VERA_SHARED = [("vera_A", "base_model.vera_A"), ("vera_B", "base_model.vera_B")]
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _is_default(value: Any) -> bool:
+    return value in (None, False, 0, "none", "", {}, [])
+
+
+def _effective_targets(target_modules: Any, params: Any) -> Any:
+    """PEFT semantics: a list matches if any entry matches; drop entries this model lacks."""
+    if isinstance(target_modules, str) or target_modules is None:
+        return target_modules
+    names = [targets_lib.module_name(k) for k, _ in targets_lib.weight_leaves(params)]
+    kept = [t for t in target_modules if any(n == t or n.endswith("." + t) for n in names)]
+    if not kept:
+        raise ValueError(f"target_modules {sorted(target_modules)} match no weight of params; "
+                         f"weights found: {names[:8]}...")
+    return kept
+
+
+def spec_from_config(config: dict, params: Any | None = None) -> Spec:
+    """A `Spec` equal in meaning to a PEFT ``adapter_config.json`` dict.
+
+    Raises ValueError for an unsupported PEFT type or a field that lorajax
+    does not implement with a non-default value.
+    """
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "VERA"):
+        raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads LORA and VERA adapters")
+    used = _LORA_USED if peft_type == "LORA" else _VERA_USED
+    for key, value in config.items():
+        if key in used or key in _IGNORED or _is_default(value):
+            continue
+        raise ValueError(f"unsupported PEFT field {key}={value!r}: lorajax would compute something different")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"unsupported PEFT field bias={config['bias']!r}: only 'none' is supported")
+    if config.get("target_modules") is None:
+        raise ValueError("adapter_config.json has no target_modules (target_parameters is not supported)")
+    if peft_type == "LORA" and config.get("init_lora_weights") not in (True, False, "gaussian", None):
+        warnings.warn(f"adapter made with init_lora_weights={config['init_lora_weights']!r}: it expects the "
+                      "base weights that initialiser produced (e.g. the PiSSA residual)", stacklevel=2)
+    targets = config["target_modules"]
+    if params is not None:
+        targets = _effective_targets(targets, params)
+    common = dict(
+        rank=int(config["r"]), targets=targets,
+        layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
+    )
+    if peft_type == "VERA":
+        return Spec("vera", **common, projection_prng_key=int(config.get("projection_prng_key", 0)),
+                    d_initial=float(config.get("d_initial", 0.1)))
+    exclude = config.get("exclude_modules")
+    return Spec(
+        "dora" if config.get("use_dora") else "lora", alpha=float(config.get("lora_alpha", 8)), **common,
+        exclude=exclude, rank_pattern=config.get("rank_pattern") or None,
+        alpha_pattern=config.get("alpha_pattern") or None, use_rslora=bool(config.get("use_rslora", False)),
+    )
+
+
+def _read_tensors(path: Path) -> dict:
+    if not path.exists():
+        bin_path = path.with_name("adapter_model.bin")
+        hint = f" ({bin_path.name} exists, but pickles are never loaded: convert it to safetensors)" \
+            if bin_path.exists() else ""
+        raise FileNotFoundError(f"{path} not found{hint}")
+    try:
+        return safetensors.flax.load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or malformed?): {e}") from e
+
+
+def _put(name: str, tensors: dict, leaf: str, like: Any, transpose: bool) -> Any:
+    arr = tensors.pop(name, None)
+    if arr is None:
+        raise ValueError(f"adapter file lacks tensor {name!r} (needed for {leaf})")
+    if transpose:
+        arr = arr.T
+    if arr.shape != like.shape:
+        want = like.shape[::-1] if transpose else like.shape
+        raise ValueError(f"tensor {name!r} has shape {tuple(arr.T.shape if transpose else arr.shape)}, "
+                         f"expected {tuple(want)}")
+    return jnp.asarray(arr, dtype=like.dtype)
+
+
+def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None) -> tuple[Spec, dict]:
+    """Read a PEFT adapter folder into ``(spec, adapters)`` for ``params``.
+
+    Args:
+      adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base params the adapter is for (HF-named, e.g. from
+        `lorajax.models.from_pretrained`).
+      dtype: adapter dtype (default float32, or the weight's if wider).
+
+    Raises:
+      FileNotFoundError / ValueError naming the missing file, the missing,
+      unknown or wrongly shaped tensor, or the unsupported config field.
+    """
+    adapter_dir = Path(adapter_dir)
+    spec = spec_from_config(_read_config(adapter_dir), params)
+    if dtype is not None:
+        spec = spec.replace(dtype=jnp.dtype(dtype).name)
+    tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
+    template = adapters_lib.init(spec, params, 0)
+    selected = targets_lib.select(spec, params)
+    flat = {}
+    for t in selected:
+        node = template
+        for k in t.keys:
+            node = node[k]
+        flat[t.keys] = {leaf: _put(f"{PREFIX}{t.name}.{suffix}", tensors, f"{t.name}/{leaf}", node[leaf], tr)
+                        for leaf, suffix, tr in _TENSORS[spec.variant]}
+    out = adapters_lib._nest(flat)
+    if spec.variant == "vera":
+        shared = {}
+        for leaf, name in _VERA_SHARED:
+            arr = tensors.pop(name, None)
+            if arr is None:
+                raise ValueError(f"adapter file lacks {name!r}: save the PEFT adapter with save_projection=True")
+            like = template[SHARED_KEY][leaf]
+            arr = arr.T  # vera_A: [in_max, r], vera_B: [r, out_max]
+            r_axis = 1 if leaf == "vera_A" else 0
+            if arr.ndim != 2 or arr.shape[r_axis] != like.shape[r_axis] or any(
+                    a < b for a, b in zip(arr.shape, like.shape)):
+                raise ValueError(f"tensor {name!r} has shape {tuple(arr.T.shape)}, expected {like.shape[::-1]}")
+            shared[leaf] = jnp.asarray(arr, dtype=like.dtype)
+        out[SHARED_KEY] = shared
+    if tensors:
+        extra = sorted(tensors)
+        raise ValueError(f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]} "
+                         "(does adapter_config.json match these weights, and params this model?)")
+    return spec, out
+
+
+def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | None = None,
+                     task_type: str | None = None) -> dict:
+    """The PEFT ``adapter_config.json`` dict for ``spec`` on ``params``."""
+    selected = targets_lib.select(spec, params)
+    names = [t.name for t in selected]
+    if any(not n for n in names):
+        raise ValueError("cannot save an adapter on a root-level weight (empty module name) in PEFT's format")
+    common = {
+        "base_model_name_or_path": base_model_name_or_path, "task_type": task_type, "inference_mode": True,
+        "r": spec.rank, "target_modules": names, "bias": "none", "fan_in_fan_out": False,
+        "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "revision": None,
+    }
+    opts = spec.options
+    if spec.variant == "vera":
+        return {**common, "peft_type": "VERA", "projection_prng_key": opts["projection_prng_key"],
+                "d_initial": opts["d_initial"], "save_projection": True, "vera_dropout": 0.0}
+    if spec.variant not in ("lora", "dora"):
+        raise ValueError(f"PEFT has no format for variant {spec.variant!r} in lorajax.peft yet")
+    rank_pattern = {re.escape(t.name): t.rank for t in selected if t.rank != spec.rank}
+    alpha_pattern = {re.escape(t.name): t.alpha for t in selected if t.alpha != spec.alpha}
+    return {**common, "peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(opts["use_rslora"]),
+            "use_dora": spec.variant == "dora", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "lora_dropout": 0.0, "init_lora_weights": True, "exclude_modules": None}
+
+
+def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any, *,
+         base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+    """Write ``adapters`` as a PEFT adapter folder; returns the folder.
+
+    ``params`` (the base the adapters are for) fixes the module names and checks
+    that ``adapters`` fits. Tensors are written in the adapters' dtype.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = config_from_spec(spec, params, base_model_name_or_path, task_type)
+    selected, index, shared = adapters_lib.resolve(spec, params, adapters)
+    tensors = {}
+    for t in selected:
+        a = index[t.keys]
+        for leaf, suffix, transpose in _TENSORS[spec.variant]:
+            arr = jnp.asarray(a[leaf])
+            tensors[f"{PREFIX}{t.name}.{suffix}"] = arr.T if transpose else arr
+    for leaf, name in (_VERA_SHARED if spec.variant == "vera" else []):
+        tensors[name] = jnp.asarray(shared[leaf]).T
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(v.astype(jnp.float32))))]
+    if bad:
+        raise FloatingPointError(f"refusing to save non-finite adapter tensors: {bad[:3]}")
+    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
+                               str(adapter_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (adapter_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return adapter_dir
+
