@@ -14,11 +14,11 @@ from lorajax.adapters import (
 from lorajax.registry import list_variants
 from lorajax.spec import Spec
 from lorajax.targets import select
-from lorajax import inits, peft, train
+from lorajax import inits, models, peft, train
 
 __all__ = [
     "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants",
-    "partition", "combine", "trainable_mask", "count_params", "check_finite", "inits", "peft", "train",
+    "partition", "combine", "trainable_mask", "count_params", "check_finite", "inits", "models", "peft", "train",
 ]
 
 __version__ = "0.1.0"

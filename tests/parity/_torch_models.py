@@ -28,7 +28,7 @@ D_MODEL, D_HIDDEN, VOCAB = 16, 24, 12
 #: Per-layer ``use_bias``: layer 0 has biases, layer 1 has none.
 BIASES = (True, False)
 #: Relative tolerance of every comparison (float32 on both sides).
-TOL = 1e-6
+TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- torch side

@@ -1,0 +1,201 @@
+"""Hugging Face checkpoints in and out: ``config.json`` + safetensors, for every model family.
+
+A family module (``lorajax.models.llama``, ``lorajax.models.bert``) provides:
+
+* ``Config.from_hf(config_dict) -> Config`` and ``Config.to_hf() -> dict``;
+* ``build(cfg) -> nn.Module`` whose ``cfg`` attribute is the Config;
+* ``param_map(cfg) -> {hf_name: (flax_path, kind)}``: where each HF tensor goes;
+  ``kind`` is ``"linear"`` (torch ``[out, in]`` -> Flax kernel ``[in, out]``)
+  or ``"copy"``;
+* ``IGNORED``: a regex of HF tensor names that are not parameters (buffers);
+* ``PREFIXES``: name prefixes a checkpoint may add (``"bert."``) and that are
+  stripped when a name is not found as is;
+* ``example_inputs(cfg) -> tuple``: small inputs for ``model.init`` (used with
+  ``jax.eval_shape`` to know every parameter's shape without allocating it).
+
+`from_pretrained` and `save_pretrained` are written once on top of that, with
+strict checks: a missing, unexpected or wrongly shaped tensor, a truncated
+file or a malformed config raises, naming the tensor or file. Tensors are read
+one at a time (``safe_open``), so loading holds about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from safetensors import SafetensorError, safe_open
+import safetensors.flax
+
+__all__ = ["from_pretrained", "save_pretrained", "FAMILIES", "load_config"]
+
+#: HF ``model_type`` -> family module under lorajax.models
+FAMILIES = {
+    "llama": "llama",
+    "qwen2": "llama",
+    "mistral": "llama",
+    "bert": "bert",
+    "roberta": "bert",
+}
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint folder as a dict (clear errors when missing or malformed)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: a HF checkpoint folder has config.json and safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{cfg_path} has no model_type")
+    return config
+
+
+def family(model_type: str):
+    """The family module for a HF ``model_type``."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return importlib.import_module(f"lorajax.models.{FAMILIES[model_type]}")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX).exists():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path / INDEX} is malformed: {e}") from e
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"shards named in {INDEX} are missing: {missing}")
+        return [path / f for f in files]
+    if (path / SINGLE).exists():
+        return [path / SINGLE]
+    bins = sorted(p.name for p in path.glob("*.bin"))
+    hint = f" ({bins} exist, but pickles are never loaded: convert to safetensors)" if bins else ""
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path}{hint}")
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def param_shapes(model: Any, example_inputs: tuple) -> dict[tuple, tuple]:
+    """``{flax_path: shape}`` of the ``params`` collection, computed abstractly (no allocation)."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs))
+    flat = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+    return {tuple(str(k.key) for k in p): tuple(leaf.shape) for p, leaf in flat}
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, dict]:
+    """Load a local HF checkpoint folder as ``(model, params)``.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json``).
+      dtype: cast parameters to this dtype (default: keep the checkpoint's).
+
+    Returns:
+      ``model`` (a linen Module; ``model.apply({"params": params}, ...)``) and ``params``.
+    """
+    path = Path(path)
+    config = load_config(path)
+    fam = family(config["model_type"])
+    cfg = fam.Config.from_hf(config)
+    model = fam.build(cfg)
+    mapping = fam.param_map(cfg)
+    shapes = param_shapes(model, fam.example_inputs(cfg))
+    ignored = re.compile(fam.IGNORED) if fam.IGNORED else None
+    params: dict = {}
+    loaded, unexpected = set(), []
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                for name in f.keys():
+                    key = name
+                    if key not in mapping:
+                        key = next((name[len(p):] for p in fam.PREFIXES if name.startswith(p)
+                                    and name[len(p):] in mapping), name)
+                    if key not in mapping:
+                        if ignored is None or not ignored.fullmatch(key):
+                            unexpected.append(name)
+                        continue
+                    flax_path, kind = mapping[key]
+                    arr = f.get_tensor(name)
+                    if kind == "linear":
+                        arr = arr.T
+                    if dtype is not None:
+                        arr = arr.astype(dtype)
+                    if tuple(arr.shape) != tuple(shapes[flax_path]):
+                        want = shapes[flax_path][::-1] if kind == "linear" else shapes[flax_path]
+                        raise ValueError(f"{file.name}: tensor {name!r} has shape "
+                                         f"{tuple(arr.T.shape if kind == 'linear' else arr.shape)}, "
+                                         f"config.json implies {tuple(want)}")
+                    _set(params, flax_path, arr)
+                    loaded.add(key)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or malformed?): {e}") from e
+    missing = sorted(set(mapping) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} tensors this {config['model_type']} model does not "
+                         f"use, e.g. {unexpected[:3]}")
+    return model, params
+
+
+def to_hf_tensors(model: Any, params: dict) -> dict[str, jax.Array]:
+    """``{hf_name: array}`` in PyTorch layout for ``params`` of a lorajax model."""
+    fam = importlib.import_module(type(model).__module__)
+    out = {}
+    for name, (flax_path, kind) in fam.param_map(model.cfg).items():
+        try:
+            arr = _get(params, flax_path)
+        except (KeyError, TypeError):
+            raise ValueError(f"params lack {'/'.join(flax_path)} (for {name})") from None
+        out[name] = jnp.asarray(arr.T if kind == "linear" else arr)
+    return out
+
+
+def save_pretrained(path: str | os.PathLike, model: Any, params: dict, *, dtype: Any = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads.
+
+    Args:
+      path: output folder (created).
+      model: a model from `from_pretrained` (or built from a family Config).
+      params: its params, e.g. after `lorajax.merge`.
+      dtype: cast tensors to this dtype before writing (default: as they are).
+    """
+    path = Path(path)
+    tensors = to_hf_tensors(model, params)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    dtypes = {str(v.dtype) for v in tensors.values()}
+    config = model.cfg.to_hf()
+    if len(dtypes) == 1:
+        config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+            dtypes.pop(), "float32")
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path / SINGLE),
+                               metadata={"format": "pt"})
+    return path
