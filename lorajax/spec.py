@@ -169,9 +169,10 @@ class Spec:
         set_(self, "exclude", _check_targets(exclude, "exclude"))
         set_(self, "layers_to_transform", layers_to_transform)
         set_(self, "layers_pattern", tuple(layers_pattern) if layers_pattern else None)
-        set_(self, "rank_pattern", _freeze(rank_pattern or {}))
-        set_(self, "alpha_pattern", _freeze(alpha_pattern or {}))
-        set_(self, "in_axes", _freeze(in_axes))
+        # patterns keep their order: the first matching key wins, as in PEFT
+        set_(self, "rank_pattern", tuple((str(k), v) for k, v in (rank_pattern or {}).items()))
+        set_(self, "alpha_pattern", tuple((str(k), float(v)) for k, v in (alpha_pattern or {}).items()))
+        set_(self, "in_axes", tuple(in_axes.items()) if isinstance(in_axes, Mapping) else in_axes)
         set_(self, "_options", _freeze(merged))
 
     @property

@@ -38,6 +38,7 @@ from _torch_models import (  # noqa: E402
     make_torch_net,
     peft_adapted_names,
     peft_module,
+    set_adapter,
     to_np,
     torch_out,
 )
@@ -124,9 +125,8 @@ def test_init_then_train_step_matches_peft(method):
     # use PEFT's exact factors (signs differ across LAPACKs) to compare the training step
     for t in lorajax.select(spec, variables):
         mod = peft_module(peft_model, t.name)
-        leaf = get_leaf_dict(adapters, t.keys)
-        leaf["lora_A"] = jnp.asarray(to_np(mod.lora_A["default"].weight).T)
-        leaf["lora_B"] = jnp.asarray(to_np(mod.lora_B["default"].weight).T)
+        adapters = set_adapter(adapters, t.keys, {"lora_A": to_np(mod.lora_A["default"].weight).T,
+                                                  "lora_B": to_np(mod.lora_B["default"].weight).T})
 
     x = inputs(2)
     g = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)

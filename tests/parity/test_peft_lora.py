@@ -149,11 +149,6 @@ def test_lora_rank_and_alpha_pattern():
     check_lora(peft_model, spec, variables, model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lorajax bug: Spec sorts rank_pattern/alpha_pattern keys (_freeze), so the 'first matching key' "
-    "is the alphabetically first one, not PEFT's dict-order first one",
-)
 def test_lora_pattern_first_key_in_dict_order_wins():
     # both keys match model.layers.1.q_proj; PEFT takes the first in dict order ("q_proj")
     kw = dict(rank_pattern={"q_proj": 2, "layers.1.q_proj": 3}, alpha_pattern={"q_proj": 5, "layers.1.q_proj": 7})
@@ -176,6 +171,28 @@ def test_lora_layers_to_transform(style, layers_pattern):
         flax_name(f"model.layers.1.{n}", style) for n in targets
     }
     check_lora(peft_model, spec, variables, model, style)
+
+
+@pytest.mark.parametrize("layers_pattern", [None, "layers"])
+def test_lora_layers_to_transform_top_level_names(layers_pattern):
+    """Names ``layers.1.q_proj`` (no prefix): without layers_pattern PEFT finds no index (it needs two
+    components before it) and selects nothing; with layers_pattern="layers" both select layer 1."""
+    net = make_torch_net(0).model  # module names "layers.0.q_proj", ...
+    variables = flax_variables(net)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                             layers_pattern=layers_pattern, init_lora_weights=False)
+    spec = lorajax.Spec("lora", rank=4, alpha=8, targets=["q_proj", "v_proj"], layers_to_transform=[1],
+                        layers_pattern=layers_pattern, init_weights=False)
+    if layers_pattern is None:
+        with pytest.raises(ValueError):
+            peft.get_peft_model(net, config)
+        with pytest.raises(ValueError, match="selects no weight"):
+            lorajax.select(spec, variables)
+        return
+    peft_model = peft.get_peft_model(net, config).eval()
+    assert lorajax_names(spec, variables) == peft_adapted_names(peft_model) == ["layers.1.q_proj", "layers.1.v_proj"]
+    adapters = import_lora(spec, variables, peft_model)
+    assert_weights_match(lorajax.merge(spec, variables, adapters), peft_model.merge_and_unload())
 
 
 @pytest.mark.parametrize(
@@ -236,6 +253,7 @@ def _shape_params(module) -> dict:
     return params
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("exclude", [None, ["down_proj"]])
 def test_lora_all_linear_on_causal_lm(exclude):
     """"all-linear" adapts every Linear but the output head (lm_head), as PEFT on a PreTrainedModel."""
