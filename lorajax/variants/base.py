@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
-__all__ = ["Variant", "Target", "SHARED_KEY"]
+__all__ = ["Variant", "Target", "SHARED_KEY", "additive"]
 
 #: Key of model-level adapter state in an adapters tree.
 SHARED_KEY = "_shared"
@@ -76,3 +76,21 @@ class Variant:
     #: False where the rank may exceed min(in, out) (VeRA's shared projections).
     rank_limited: bool = True
     doc: str = ""
+
+
+def additive(delta: Callable) -> tuple[Callable, Callable]:
+    """``(adapted, unadapted)`` for an additive variant ``W' = W ± delta(w, adapter, t)``.
+
+    The update is computed in its own dtype (the adapter's, usually float32)
+    and the result cast back to the weight's dtype.
+    """
+
+    def adapted(w, adapter, t):
+        d = delta(w, adapter, t)
+        return (w.astype(d.dtype) + d).astype(w.dtype)
+
+    def unadapted(w, adapter, t):
+        d = delta(w, adapter, t)
+        return (w.astype(d.dtype) - d).astype(w.dtype)
+
+    return adapted, unadapted

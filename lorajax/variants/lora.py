@@ -42,7 +42,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants.base import Target, Variant, additive
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 
@@ -97,16 +97,8 @@ def delta(adapter: dict, t: Target) -> jax.Array:
     return scaling(t) * (adapter["lora_A"] @ adapter["lora_B"])
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
-    """``W + s · A B`` in the weight's dtype."""
-    d = delta(adapter, t)
-    return (w.astype(d.dtype) + d).astype(w.dtype)
-
-
-def unadapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
-    """``W' - s · A B``."""
-    d = delta(adapter, t)
-    return (w.astype(d.dtype) - d).astype(w.dtype)
+#: ``W + s · A B`` and its inverse, in the weight's dtype.
+adapted, unadapted = additive(lambda w, adapter, t: delta(adapter, t))
 
 
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:

@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants.base import Target, Variant, additive
 
 
 def init_shared(key: jax.Array, targets: list[Target]) -> dict:
@@ -93,14 +93,8 @@ def delta(w: jax.Array, adapter: dict) -> jax.Array:
     return ((a * adapter["vera_lambda_d"][None, :]) @ b) * adapter["vera_lambda_b"][None, :]
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
-    d = delta(w, adapter)
-    return (w.astype(d.dtype) + d).astype(w.dtype)
-
-
-def unadapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
-    d = delta(w, adapter)
-    return (w.astype(d.dtype) - d).astype(w.dtype)
+#: ``W + A diag(d) B diag(b)`` and its inverse, in the weight's dtype.
+adapted, unadapted = additive(lambda w, adapter, t: delta(w, adapter))
 
 
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
