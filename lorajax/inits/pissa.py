@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax.adapters import target_key
 from lorajax.inits._common import init_with_residual
 from lorajax.spec import Spec
 from lorajax.variants.lora import scaling
@@ -76,7 +77,7 @@ def pissa(spec: Spec, params: Any, key: jax.Array | None = None, *, niter: int |
         if niter is None:
             u, s, vh = jnp.linalg.svd(w, full_matrices=False)
         else:
-            u, s, vh = _randomized_svd(jax.random.fold_in(key, hash(t.name) & 0x7FFFFFFF), w, t.rank, niter)
+            u, s, vh = _randomized_svd(target_key(key, t), w, t.rank, niter)
         sc = scaling(t)
         root = jnp.sqrt(s[: t.rank] / sc)
         a = root[:, None] * vh[: t.rank]          # [r, in]
