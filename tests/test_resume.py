@@ -1,9 +1,11 @@
 """Kill a training job with SIGKILL at random moments; re-running it resumes and ends bitwise identical."""
 
 import os
+import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,15 @@ def _run(out, timeout=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _logged_step(out):
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (json.JSONDecodeError, KeyError):  # a line being written
+        return 0
+
+
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
     ref = tmp_path / "ref"
     p = _run(ref)
@@ -27,14 +38,20 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
     got = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
-    for _ in range(3):  # kill at random moments: start-up, mid-step, mid-checkpoint
+    # one kill during start-up, then kills once the job has logged a random step (mid-step or mid-checkpoint)
+    for target in [None] + sorted(rng.sample(range(4, STEPS - 4, 2), 3)):
         p = _run(got)
-        try:
-            p.wait(timeout=rng.uniform(3.0, 8.0))
-        except subprocess.TimeoutExpired:
+        if target is None:
+            time.sleep(rng.uniform(0.5, 2.0))
+        else:
+            deadline = time.monotonic() + 120
+            while p.poll() is None and time.monotonic() < deadline and _logged_step(got) < target:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.2))
+        if p.poll() is None:
             p.kill()  # SIGKILL
-            p.wait()
             kills += 1
+        p.wait()
     from lorajax.train.checkpoint import Checkpointer
 
     resumed_from = Checkpointer(got / "checkpoints").latest_step()
