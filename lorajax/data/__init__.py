@@ -1,0 +1,1 @@
+"""Input pipelines over real text shipped by pip packages (no network at run time)."""
