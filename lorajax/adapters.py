@@ -30,8 +30,13 @@ __all__ = [
 
 
 def target_key(key: jax.Array, t: Target) -> jax.Array:
-    """Per-target PRNG key ``fold_in(key, crc32(name))``: adding a target changes no other."""
-    return jax.random.fold_in(key, zlib.crc32(".".join(t.keys).encode()) & 0x7FFFFFFF)
+    """Per-target PRNG key ``fold_in(key, crc32(path))``: adding a target changes no other.
+
+    The path leaves out the ``params`` collection name, so bare params and a
+    variables dict give the same adapters.
+    """
+    keys = t.keys[1:] if t.keys[0] == "params" else t.keys
+    return jax.random.fold_in(key, zlib.crc32(".".join(keys).encode()) & 0x7FFFFFFF)
 
 
 def as_matrix(w: jax.Array, t: Target) -> jax.Array:
@@ -111,6 +116,12 @@ def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict,
     """
     selected = targets.select(spec, params)
     index = _adapter_paths(adapters)
+    # adapters made for bare params work with the variables dict {"params": params}, and vice versa
+    wrapped = targets._is_variables(params)
+    if index and wrapped and not all(k[0] == "params" for k in index):
+        index = {("params",) + k: v for k, v in index.items()}
+    elif index and not wrapped and all(k[0] == "params" for k in index):
+        index = {k[1:]: v for k, v in index.items()}
     want = [t.keys for t in selected]
     for keys in want:
         if keys not in index:

@@ -120,3 +120,13 @@ def test_vera_partition_keeps_projections_out_of_grads():
         trainable)
     assert g["_shared"]["vera_A"] is None
     assert jax.tree.structure(lorajax.combine(trainable, frozen)) == jax.tree.structure(adapters)
+
+
+def test_adapters_for_bare_params_work_with_variables(setup):
+    model, x, v, spec, a = setup
+    bare = lorajax.init(spec, v["params"], jax.random.key(2))  # same keys per target: same values
+    for mode in ("factored", "merged"):
+        fwd = lorajax.adapt(model.apply, spec, mode)
+        np.testing.assert_array_equal(fwd(v, bare, x), fwd(v, a, x))
+    merged = lorajax.merge(spec, v["params"], a)  # and variables-made adapters on bare params
+    np.testing.assert_array_equal(merged["out"]["kernel"], lorajax.merge(spec, v, a)["params"]["out"]["kernel"])
