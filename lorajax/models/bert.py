@@ -107,6 +107,8 @@ IGNORED = (r"(?:bert\.|roberta\.)?embeddings\.(?:position_ids|token_type_ids)"
            r"|(?:classifier|cls|lm_head|qa_outputs)\..*")
 
 PREFIXES = ("bert.", "roberta.")
+#: older checkpoints spell LayerNorm parameters gamma / beta
+RENAMES = [(r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")]
 
 # Config fields whose non-default values change the maths and are not implemented.
 _REJECT = {

@@ -10,6 +10,8 @@ A family module (``lorajax.models.llama``, ``lorajax.models.bert``) provides:
 * ``IGNORED``: a regex of HF tensor names that are not parameters (buffers);
 * ``PREFIXES``: name prefixes a checkpoint may add (``"bert."``) and that are
   stripped when a name is not found as is;
+* ``RENAMES`` (optional): ``[(regex, replacement)]`` applied to HF names
+  before lookup, for older spellings (BERT's ``LayerNorm.gamma`` / ``.beta``);
 * ``example_inputs(cfg) -> tuple``: small inputs for ``model.init`` (used with
   ``jax.eval_shape`` to know every parameter's shape without allocating it).
 
@@ -132,9 +134,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
             with safe_open(str(file), framework="flax") as f:
                 for name in f.keys():
                     key = name
+                    for pattern, repl in getattr(fam, "RENAMES", ()):
+                        key = re.sub(pattern, repl, key)
                     if key not in mapping:
-                        key = next((name[len(p):] for p in fam.PREFIXES if name.startswith(p)
-                                    and name[len(p):] in mapping), name)
+                        key = next((key[len(p):] for p in fam.PREFIXES if key.startswith(p)
+                                    and key[len(p):] in mapping), key)
                     if key not in mapping:
                         if ignored is None or not ignored.fullmatch(key):
                             unexpected.append(name)
@@ -193,8 +197,9 @@ def save_pretrained(path: str | os.PathLike, model: Any, params: dict, *, dtype:
     dtypes = {str(v.dtype) for v in tensors.values()}
     config = model.cfg.to_hf()
     if len(dtypes) == 1:
-        config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-            dtypes.pop(), "float32")
+        # transformers 5 reads "dtype"; older versions "torch_dtype"
+        config["dtype"] = config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16",
+                                                   "float16": "float16"}.get(dtypes.pop(), "float32")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path / SINGLE),
                                metadata={"format": "pt"})

@@ -332,3 +332,20 @@ def test_config_round_trip():
                             add_pooling_layer=False)):
         assert bert.Config.from_hf(cfg.to_hf()) == cfg
     assert bert.Config.from_hf(transformers.RobertaConfig().to_dict()).pad_token_id == 1
+
+
+def test_old_gamma_beta_layernorm_names_load(tmp_path):
+    """Older BERT checkpoints spell LayerNorm parameters ``gamma`` / ``beta`` (RENAMES maps them)."""
+    net = _tiny()
+    net.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in renamed)
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, params = from_pretrained(tmp_path)
+    ids, mask, tt = _inputs(pad=0)
+    want = _torch_hidden(net, ids, mask, tt).last_hidden_state.numpy()
+    np.testing.assert_allclose(_ours(model, params, ids, mask, tt), want, atol=ATOL, rtol=0)
