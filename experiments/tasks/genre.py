@@ -218,6 +218,11 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
             f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
             f"device {jax.devices()[0].device_kind}.\n\n{table}\n")
     (out / "results.md").write_text(text)
+    import resource
+
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    (out / "results.json").write_text(json.dumps(
+        {k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str))
     results["table"] = table
     results["out_dir"] = str(out)
     return results

@@ -68,6 +68,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
     trainable = jax.tree.map(jnp.copy, trainable)
     opt_state = tx.init(trainable)
     start, ckpt, writer, jsonl = 0, None, None, None
+    pending: list[float] = []  # losses since the last log line (kept in checkpoints: logs resume exactly)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
         if ckpt.latest_step() is not None:
             (trainable, opt_state), meta = ckpt.restore((trainable, opt_state))
             start = int(meta["step"])
+            pending = [float(x) for x in meta.get("pending_losses", [])]
         _truncate_jsonl(jsonl, start)
         try:
             from tensorboardX import SummaryWriter
@@ -85,7 +87,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
             writer = None
 
     history: list[dict] = []
-    losses: list[float] = []
+    losses = pending
     t_last, n_last = time.perf_counter(), start
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False)
     for step in bar:
@@ -111,7 +113,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
                     if k != "step":
                         writer.add_scalar(k, v, done)
         if ckpt is not None and (done % ckpt_every == 0 or done == steps):
-            ckpt.save(done, (trainable, opt_state), {"step": done})
+            ckpt.save(done, (trainable, opt_state), {"step": done, "pending_losses": losses})
     if writer is not None:
         writer.close()
     if ckpt is not None:
