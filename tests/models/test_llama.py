@@ -451,3 +451,41 @@ def test_lorajax_adapter_saves_for_peft(ckpt, tmp_path):
         got = lorajax.adapt(c.model.apply, spec, mode=mode)(variables, adapters, jnp.asarray(IDS),
                                                              attention_mask=jnp.asarray(PAD_MASK))
         assert max_diff(got, want, PAD_MASK) <= TOL, mode
+
+
+PEFT_CONFIGS = {
+    "rslora+patterns": lambda peft: peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules="all-linear", use_rslora=True, rank_pattern={"mlp.down_proj": 2},
+        alpha_pattern={"model.layers.1.self_attn.o_proj": 3}, init_lora_weights=False),
+    "dora": lambda peft: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], use_dora=True,
+                                         init_lora_weights=False),
+    "layers+regex-exclude": lambda peft: peft.LoraConfig(
+        r=2, target_modules=["k_proj", "gate_proj"], layers_to_transform=[1], exclude_modules=r".*gate_proj",
+        init_lora_weights=False),
+    "vera": lambda peft: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
+def test_peft_variants_on_llama(ckpt, tmp_path, name):
+    """PEFT-made adapters with non-zero updates give PEFT's logits in lorajax, factored and merged."""
+    peft = pytest.importorskip("peft")
+    c = ckpt("llama")
+    base = transformers.AutoModelForCausalLM.from_pretrained(c.path).eval()
+    pm = peft.get_peft_model(base, PEFT_CONFIGS[name](peft))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if any(k in n for k in ("lora_B", "lora_magnitude_vector", "vera_lambda")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(tmp_path)
+    want = hf_logits(pm, IDS, PAD_MASK)
+    assert max_diff(want, hf_logits(c.hf, IDS, PAD_MASK), PAD_MASK) > 1e-2
+    spec, adapters = lorajax.peft.load(tmp_path, c.params)  # bare params: adapters work with variables too
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                        if hasattr(m, "base_layer") and not n.endswith("base_layer"))
+    assert sorted(t.name for t in lorajax.select(spec, c.params)) == peft_names
+    for mode in ("factored", "merged"):
+        got = lorajax.adapt(c.model.apply, spec, mode=mode)({"params": c.params}, adapters, jnp.asarray(IDS),
+                                                            attention_mask=jnp.asarray(PAD_MASK))
+        assert max_diff(got, want, PAD_MASK) <= TOL, mode
