@@ -1,6 +1,5 @@
 """Measure anonymous-memory peak while loading a checkpoint: `python load_memory_job.py BIG TINY`."""
 
-import gc
 import json
 import os
 import sys
@@ -22,9 +21,6 @@ def rss_anon_kb() -> int:
 
 def main(big: str, tiny: str) -> None:
     lorajax.models.from_pretrained(tiny)  # warm-up: imports, XLA runtime
-    warm = lorajax.models.from_pretrained(big)  # and the compiled transposes of these shapes
-    del warm
-    gc.collect()
     base, peak, stop = rss_anon_kb(), [0], [False]
 
     def poll():
