@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from lorajax import registry
-from lorajax.adapters import as_matrix, check_finite, merge, resolve
+from lorajax.adapters import as_matrix, call_variant, check_finite, merge, resolve, target_key
 from lorajax.spec import Spec
 
 __all__ = ["adapt"]
@@ -58,28 +58,37 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
       spec: the `Spec` the adapters were made with.
       mode: ``"factored"`` (default) or ``"merged"``.
       debug: check adapters for NaN/Inf on every call (raises FloatingPointError).
+
+    The returned function also takes keyword-only ``adapter_rng`` (a PRNG key;
+    folded per target) and ``adapter_train`` (bool) for variants that sample in
+    training (e.g. DyLoRA's rank); they are not passed on to ``apply_fn``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    registry.get(spec.variant)
 
+    variant = registry.get(spec.variant)
     if mode == "merged":
+        if not variant.mergeable:
+            raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: use mode='factored'")
+
         @functools.wraps(apply_fn)
-        def merged_fn(params, adapters, *args, **kwargs):
+        def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, **kwargs):
             if debug:
                 check_finite(adapters)
-            return apply_fn(merge(spec, params, adapters), *args, **kwargs)
+            return apply_fn(merge(spec, params, adapters, rng=adapter_rng, train=adapter_train), *args, **kwargs)
 
         return merged_fn
 
     @functools.wraps(apply_fn)
-    def factored_fn(params, adapters, *args, **kwargs):
+    def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, **kwargs):
         if debug:
             check_finite(adapters)
         selected, index, shared = resolve(spec, params, adapters)
-        table = {t.name: (t, {**index[t.keys], **shared}) for t in selected}
+        table = {t.name: (t, {**index[t.keys], **shared},
+                          {"rng": None if adapter_rng is None else target_key(adapter_rng, t),
+                           "train": adapter_train}) for t in selected}
         used: set[str] = set()
-        interceptor = _make_interceptor(registry.get(spec.variant), table, used)
+        interceptor = _make_interceptor(variant, table, used)
         with nn.intercept_methods(interceptor):
             out = apply_fn(params, *args, **kwargs)
         missing = sorted(set(table) - used)
@@ -105,25 +114,25 @@ def _make_interceptor(variant, table: dict, used: set) -> Callable:
         if entry is None:
             return next_fun(*args, **kwargs)
         used.add(name)
-        t, adapter = entry
+        t, adapter, ctx = entry
         inputs = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]
             einsum_str = kwargs.get("einsum_str", einsum_str)
-            return _einsum(module, variant, t, adapter, inputs, einsum_str)
-        return _dense(module, variant, t, adapter, inputs)
+            return _einsum(module, variant, t, adapter, ctx, inputs, einsum_str)
+        return _dense(module, variant, t, adapter, ctx, inputs)
 
     return interceptor
 
 
-def _forward(variant, t, adapter, x2d: jax.Array, w: jax.Array) -> jax.Array:
+def _forward(variant, t, adapter, ctx, x2d: jax.Array, w: jax.Array) -> jax.Array:
     """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
     if variant.apply is not None:
-        return variant.apply(x2d, w, adapter, t)
-    return x2d @ variant.adapted(w, adapter, t)
+        return call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
+    return x2d @ call_variant(variant, variant.adapted, w, adapter, t, ctx=ctx)
 
 
-def _dense(module, variant, t, adapter, x: jax.Array) -> jax.Array:
+def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
     p = module.variables["params"]
     kernel, bias = p["kernel"], p.get("bias") if module.use_bias else None
     if isinstance(module, nn.DenseGeneral):
@@ -143,14 +152,14 @@ def _dense(module, variant, t, adapter, x: jax.Array) -> jax.Array:
     x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     batch_shape = x.shape[: x.ndim - n]
     x2d = x.reshape(math.prod(batch_shape), -1)
-    y2d = _forward(variant, t, adapter, x2d, as_matrix(kernel, t))
+    y2d = _forward(variant, t, adapter, ctx, x2d, as_matrix(kernel, t))
     y = y2d.reshape(*batch_shape, *kernel.shape[n:])
     if bias is None:
         return y
     return y + bias.reshape((1,) * len(batch_shape) + bias.shape)
 
 
-def _einsum(module, variant, t, adapter, x: jax.Array, einsum_str: str) -> jax.Array:
+def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> jax.Array:
     p = module.variables["params"]
     kernel = p["kernel"]
     einsum_str = einsum_str.replace(" ", "")
@@ -172,7 +181,7 @@ def _einsum(module, variant, t, adapter, x: jax.Array, einsum_str: str) -> jax.A
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
     xt = jnp.einsum(f"{lhs}->{batch}{in_letters}", x)
     batch_shape = xt.shape[: len(batch)]
-    y2d = _forward(variant, t, adapter, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))
+    y2d = _forward(variant, t, adapter, ctx, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))
     y = y2d.reshape(*batch_shape, *kernel.shape[n:])
     y = jnp.einsum(f"{batch}{out_letters}->{out}", y)
     return y if bias is None else y + jnp.reshape(bias, bias_shape)

@@ -141,15 +141,29 @@ def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict,
     return selected, index, shared
 
 
-def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str) -> Any:
+EVAL_CONTEXT = {"rng": None, "train": False}
+
+
+def call_variant(variant: Variant, fn: Any, *args: Any, ctx: dict | None = None) -> Any:
+    """Call a variant function, adding ``ctx`` for variants that use it."""
+    if variant.uses_context:
+        return fn(*args, ctx if ctx is not None else EVAL_CONTEXT)
+    return fn(*args)
+
+
+def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, contexts: dict | None = None) -> Any:
     selected, index, shared = resolve(spec, params, adapters)
     variant = registry.get(spec.variant)
     fn = getattr(variant, fn_name)
+    if fn is None and fn_name == "adapted":
+        raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: "
+                         "use lorajax.adapt(..., mode='factored')")
     if fn is None:
         raise NotImplementedError(
             f"variant {spec.variant!r} has no inverse: keep the original params instead of unmerging"
         )
     by_keys = {t.keys: t for t in selected}
+    contexts = contexts or {}
 
     def one(path, w):
         keys = targets.key_names(path)
@@ -158,7 +172,7 @@ def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str) -> Any:
             return w
         adapter = {**index[keys], **shared}
         try:
-            out = fn(as_matrix(w, t), adapter, t)
+            out = call_variant(variant, fn, as_matrix(w, t), adapter, t, ctx=contexts.get(keys))
         except (TypeError, ValueError) as e:
             raise ValueError(f"adapter at {'/'.join(keys)} does not fit weight {tuple(w.shape)}: {e}") from e
         if out.shape != t.matrix_shape:
@@ -168,12 +182,19 @@ def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def merge(spec: Spec, params: Any, adapters: Any) -> Any:
+def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = None, train: bool = False) -> Any:
     """``params`` with every targeted weight replaced by its adapted weight ``W'``.
 
     Returns a new tree of the same type (dict, FrozenDict, NNX State); nothing is mutated.
+    ``rng`` / ``train`` reach variants that use them (e.g. DyLoRA's sampled rank);
+    the default is evaluation. Input-dependent variants cannot be merged (raises).
     """
-    return _map_weights(spec, params, adapters, "adapted")
+    variant = registry.get(spec.variant)
+    contexts = None
+    if variant.uses_context:
+        contexts = {t.keys: {"rng": None if rng is None else target_key(rng, t), "train": train}
+                    for t in targets.select(spec, params)}
+    return _map_weights(spec, params, adapters, "adapted", contexts)
 
 
 def unmerge(spec: Spec, merged_params: Any, adapters: Any) -> Any:
@@ -183,7 +204,7 @@ def unmerge(spec: Spec, merged_params: Any, adapters: Any) -> Any:
 
 def _is_frozen(variant: Variant, path: tuple) -> bool:
     names = targets.key_names(path)
-    return (names and names[0] == SHARED_KEY) or (names and names[-1] in variant.frozen)
+    return bool(names) and names[-1] in variant.frozen
 
 
 def trainable_mask(spec: Spec, adapters: Any) -> Any:

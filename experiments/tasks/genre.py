@@ -202,13 +202,15 @@ def run(cfg: RunConfig) -> dict:
 
 def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     rows = []
+    total = results.get("total", "")
     if "baseline_test_acc" in results:
         rows.append(["frozen encoder + head", f"{results['baseline_test_acc']:.4f}",
-                     f"{results['baseline_trainable']:,}", "—"])
+                     f"{results['baseline_trainable']:,}", f"{total:,}" if total else "", "—"])
     if "test_acc" in results:
         rows.append([f"{results['spec']} + head", f"{results['test_acc']:.4f}", f"{results['trainable']:,}",
-                     f"{results['step_ms']:.0f} ms"])
-    table = markdown_table(["run", "test accuracy (unseen plays)", "trainable params", "step time"], rows)
+                     f"{total:,}", f"{results['step_ms']:.0f} ms"])
+    table = markdown_table(["run", "test accuracy (unseen plays)", "trainable params", "total params",
+                            "step time"], rows)
     curves = {k: v for k, v in (("frozen encoder + head", results.get("baseline_loss_curve")),
                                 ("adapters + head", results.get("loss_curve"))) if v}
     if curves:
@@ -225,4 +227,6 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
         {k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str))
     results["table"] = table
     results["out_dir"] = str(out)
+    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, peft_adapter/ (PEFT format), adapters_orbax/, "
+          "head.safetensors, lora/ (checkpoints, metrics.jsonl, TensorBoard)", flush=True)
     return results

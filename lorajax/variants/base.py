@@ -10,11 +10,20 @@ functions:
   ``x: [T, in]`` giving ``y: [T, out]`` without a bias and without forming the
   full-size update. Without it the factored mode uses ``x @ adapted(w)``.
 * ``unadapted(w', adapter, t) -> w``: optional inverse of ``adapted``.
+* Input-dependent variants (routing, token-level experts) set
+  ``adapted=None``: they run only in the factored mode and cannot be merged.
+* Variants with ``uses_context=True`` get a last argument ``ctx`` in
+  ``adapted`` / ``apply``: ``{"rng": a per-target PRNG key or None,
+  "train": bool}`` (e.g. DyLoRA samples its rank in training). The caller of
+  `lorajax.adapt`'s function passes ``adapter_rng=`` / ``adapter_train=``;
+  `lorajax.merge` uses ``{"rng": None, "train": False}``.
 * ``init_shared(key, targets) -> dict``: optional state shared by all targets
   (VeRA's random projections). It is stored once under ``adapters["_shared"]``
   and passed to the per-target functions merged into ``adapter``.
 
-``frozen`` names adapter entries that are buffers, never trained.
+``frozen`` names adapter entries that are buffers, never trained (per target
+or under ``_shared``; other ``_shared`` entries, e.g. Uni-LoRA's one vector,
+are trainable).
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ class Variant:
 
     name: str
     init: Callable
-    adapted: Callable
+    adapted: Callable | None
     apply: Callable | None = None
     unadapted: Callable | None = None
     init_shared: Callable | None = None
@@ -75,6 +84,16 @@ class Variant:
     validate: Callable | None = None
     #: False where the rank may exceed min(in, out) (VeRA's shared projections).
     rank_limited: bool = True
+    #: True where adapted/apply take a last ``ctx`` argument ({"rng", "train"}).
+    uses_context: bool = False
+
+    def __post_init__(self):
+        if self.adapted is None and self.apply is None:
+            raise ValueError(f"variant {self.name!r} needs adapted (mergeable) or apply (factored) or both")
+
+    @property
+    def mergeable(self) -> bool:
+        return self.adapted is not None
     doc: str = ""
 
 
