@@ -11,13 +11,14 @@ from lorajax.adapters import (
     trainable_mask,
     unmerge,
 )
+from lorajax.rank_tools import truncate
 from lorajax.registry import list_variants
 from lorajax.spec import Spec
 from lorajax.targets import select
 from lorajax import inits, models, peft, train
 
 __all__ = [
-    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants",
+    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate",
     "partition", "combine", "trainable_mask", "count_params", "check_finite", "inits", "models", "peft", "train",
 ]
 

@@ -86,7 +86,7 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         selected, index, shared = resolve(spec, params, adapters)
         table = {t.name: (t, {**index[t.keys], **shared},
                           {"rng": None if adapter_rng is None else target_key(adapter_rng, t),
-                           "train": adapter_train}) for t in selected}
+                           "step_rng": adapter_rng, "train": adapter_train}) for t in selected}
         used: set[str] = set()
         interceptor = _make_interceptor(variant, table, used)
         with nn.intercept_methods(interceptor):

@@ -141,7 +141,7 @@ def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict,
     return selected, index, shared
 
 
-EVAL_CONTEXT = {"rng": None, "train": False}
+EVAL_CONTEXT = {"rng": None, "step_rng": None, "train": False}
 
 
 def call_variant(variant: Variant, fn: Any, *args: Any, ctx: dict | None = None) -> Any:
@@ -192,7 +192,7 @@ def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = Non
     variant = registry.get(spec.variant)
     contexts = None
     if variant.uses_context:
-        contexts = {t.keys: {"rng": None if rng is None else target_key(rng, t), "train": train}
+        contexts = {t.keys: {"rng": None if rng is None else target_key(rng, t), "step_rng": rng, "train": train}
                     for t in targets.select(spec, params)}
     return _map_weights(spec, params, adapters, "adapted", contexts)
 

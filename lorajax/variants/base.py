@@ -14,7 +14,8 @@ functions:
   ``adapted=None``: they run only in the factored mode and cannot be merged.
 * Variants with ``uses_context=True`` get a last argument ``ctx`` in
   ``adapted`` / ``apply``: ``{"rng": a per-target PRNG key or None,
-  "train": bool}`` (e.g. DyLoRA samples its rank in training). The caller of
+  "step_rng": the same key for every target (one draw per step, e.g.
+  DyLoRA's rank), "train": bool}``. The caller of
   `lorajax.adapt`'s function passes ``adapter_rng=`` / ``adapter_train=``;
   `lorajax.merge` uses ``{"rng": None, "train": False}``.
 * ``init_shared(key, targets) -> dict``: optional state shared by all targets
