@@ -1,0 +1,264 @@
+"""SHiRA: sparse high-rank adapter — train a fixed sparse set of entries of the weight.
+
+Maths (Flax orientation, kernel ``W: [in, out]``, ``y = x W``)::
+
+    idx = shira_indices: [2, K] int32   (frozen; row 0 = input index i, row 1 = output index o)
+    v   = shira_weight:  [K]            (trainable)
+    S   = scatter(zeros[in, out], idx, v)      S[i_k, o_k] = v_k
+    W'  = W + c · S,     y = x W + c · (x S)
+    K   = r · (in + out)  (LoRA's budget; an error if K > in · out)
+
+``c = scale`` (default 1.0; PEFT's ``set_scale``, the paper's ``W + αS`` at
+inference). No α/r scaling. ``v = 0`` at init (``init_weights=True``), so the
+model is unchanged; ``init_weights=False`` draws ``v ~ N(0, 1)`` (tests only).
+
+Index order: entries are sorted by ``(o, i)``, i.e. row-major over PEFT's
+``[out, in]`` weight, which is the order of PEFT's ``shira_indices`` (from
+``torch.where(mask)``). PEFT's ``shira_indices: [2, K]`` (row 0 = output index)
+is ``shira_indices[::-1]`` here and ``shira_weight`` is the same vector, so
+importing a PEFT adapter swaps the two index rows and permutes nothing.
+
+Masks (``mask_type``):
+
+* ``"random"`` (default, PEFT's only built-in mask): ``K`` distinct positions
+  drawn uniformly. With ``random_seed=None`` each target draws from its own
+  per-target key (``lorajax.init``'s key); with an int, every target draws from
+  ``jax.random.key(random_seed)``, as PEFT re-seeds one generator per layer
+  (same-shaped layers then share a mask). JAX's RNG is not torch's: to
+  reproduce a PEFT adapter, import its ``shira_indices``.
+* ``"wm"``: the ``K`` entries of largest ``|W|`` (ties: lower flat index of
+  ``[out, in]`` first). This is our reading of the paper's SHiRA-WM; the paper
+  could not be checked here (UNVERIFIED). Data-dependent masks (SHiRA-Grad,
+  SHiRA-SNIP) need gradients and are not built by ``init``; `topk_indices` turns
+  any ``[in, out]`` score into indices in this layout.
+
+Forward: PEFT adds the dense ``S`` to ``W`` and runs one matmul, so its backward
+forms the full ``[in, out]`` weight gradient and gathers ``K`` entries of it
+(that is lorajax's merged mode, which also keeps each ``W'`` for the backward
+pass). The factored mode computes ``x W + c · (x S)`` with a dense ``S``
+(scattered from ``v``; the backward pass keeps only ``x``, ``v``, ``idx`` and
+scatters ``S`` again) under a custom VJP. ``backward`` picks the ``v``-gradient
+``∂v_k = Σ_t x[t, i_k] · g[t, o_k]``:
+
+* ``"sampled"`` (default): gathered in token chunks (`CHUNK_ELEMENTS`); no
+  weight-sized array is ever formed. It moves ``2·T·K`` gathered elements, which
+  on matmul hardware can cost more than the dense product (on a 2-core CPU,
+  1024x1024 layer, T=2048, r=8: about 3-7x the merged mode's step time).
+* ``"dense"``: ``(xᵀ g)[i_k, o_k]``: one transient ``[in, out]`` product per
+  layer, as PEFT; about the merged mode's speed, without keeping ``W'``.
+
+`sparse_matmul_reference` (gather + segment sum) is the plain-jnp reference
+both are tested against, forward and backward.
+
+Trainable per target: ``K = r · (in + out)``; frozen: ``2K`` int32 indices.
+Flat indices must fit int32 (``in · out < 2³¹``).
+
+Example:
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {"dense": {"kernel": jnp.ones((10, 6))}}
+  >>> spec = lorajax.Spec("shira", rank=2, targets=["dense"])
+  >>> ad = lorajax.init(spec, params, jax.random.key(0))["dense"]["kernel"]
+  >>> ad["shira_weight"].shape, ad["shira_indices"].shape, ad["shira_indices"].dtype
+  ((32,), (2, 32), dtype('int32'))
+  >>> "shira_indices" in lorajax.registry.get("shira").frozen
+  True
+
+References:
+  Bhardwaj et al., "Sparse High Rank Adapters", NeurIPS 2024, arXiv:2406.13175
+  (official code is PEFT's implementation, contributed by the authors).
+  PEFT: ``src/peft/tuners/shira/layer.py`` (``Linear.get_delta_weight``,
+  ``forward``), ``shira/mask_functions.py`` (``random_mask``),
+  ``shira/config.py`` and ``shira/model.py`` (saving ``shira_indices``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lorajax.variants.base import Target, Variant
+
+MASK_TYPES = ("random", "wm")
+#: Elements of one ``[tokens, K]`` chunk in the backward pass (64 MiB in float32).
+CHUNK_ELEMENTS = 1 << 24
+BACKWARDS = ("sampled", "dense")
+
+
+def validate(options: dict) -> None:
+    if options["mask_type"] not in MASK_TYPES:
+        raise ValueError(f"SHiRA mask_type must be one of {MASK_TYPES}, got {options['mask_type']!r}")
+    seed = options["random_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"SHiRA random_seed must be None or an int, got {seed!r}")
+    if options["init_weights"] not in (True, False):
+        raise ValueError(f"SHiRA init_weights must be True or False, got {options['init_weights']!r}")
+    if options["backward"] not in BACKWARDS:
+        raise ValueError(f"SHiRA backward must be one of {BACKWARDS}, got {options['backward']!r}")
+    scale = options["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"SHiRA scale must be a number, got {scale!r}")
+    if options.get("dtype") is not None:
+        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+
+
+def num_entries(d_in: int, d_out: int, r: int) -> int:
+    """``K = r · (in + out)``."""
+    return r * (d_in + d_out)
+
+
+def _flat_to_indices(flat: jax.Array, d_in: int) -> jax.Array:
+    """Flat positions over ``[out, in]`` (sorted) -> ``[2, K]`` = (input index, output index)."""
+    flat = jnp.sort(flat)
+    return jnp.stack([flat % d_in, flat // d_in]).astype(jnp.int32)
+
+
+def topk_indices(scores: jax.Array, k: int) -> jax.Array:
+    """``[2, k]`` indices of the ``k`` largest ``scores: [in, out]`` (ties: lower ``o·in + i`` first)."""
+    d_in, d_out = scores.shape
+    _, flat = jax.lax.top_k(scores.T.reshape(-1), k)  # flat over [out, in]
+    return _flat_to_indices(flat, d_in)
+
+
+def random_indices(key: jax.Array, d_in: int, d_out: int, k: int) -> jax.Array:
+    """``[2, k]`` indices of ``k`` distinct uniformly drawn positions."""
+    flat = jax.random.permutation(key, d_in * d_out)[:k]
+    return _flat_to_indices(flat, d_in)
+
+
+def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
+    """``{"shira_weight": [K], "shira_indices": [2, K] int32}`` for ``w: [in, out]``."""
+    d_in, d_out = w.shape
+    k = num_entries(d_in, d_out, t.rank)
+    if k > d_in * d_out:
+        raise ValueError(
+            f"SHiRA target {t.name!r} (weight [in={d_in}, out={d_out}]): rank {t.rank} gives "
+            f"r·(in+out) = {k} entries, more than the {d_in * d_out} entries of the weight; lower the rank"
+        )
+    if d_in * d_out >= 2**31:
+        raise ValueError(f"SHiRA target {t.name!r}: in·out = {d_in * d_out} does not fit int32 indices")
+    opts = t.options
+    key_mask, key_val = jax.random.split(key)
+    if opts["mask_type"] == "wm":
+        idx = topk_indices(jnp.abs(w.astype(jnp.float32)), k)
+    else:
+        if opts["random_seed"] is not None:
+            key_mask = jax.random.key(opts["random_seed"])
+        idx = random_indices(key_mask, d_in, d_out, k)
+    dtype = jnp.dtype(opts.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    if opts["init_weights"]:
+        values = jnp.zeros((k,), dtype)
+    else:
+        values = jax.random.normal(key_val, (k,), dtype)
+    return {"shira_weight": values, "shira_indices": idx}
+
+
+def _check(shape: tuple, adapter: dict) -> tuple[jax.Array, jax.Array]:
+    v, idx = adapter["shira_weight"], adapter["shira_indices"]
+    if idx.ndim != 2 or idx.shape[0] != 2 or v.shape != (idx.shape[1],):
+        raise ValueError(f"shira_weight {v.shape} and shira_indices {idx.shape} do not pair up (want [K], [2, K])")
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"shira_indices must be integers, got {idx.dtype}")
+    return v, idx
+
+
+def densify(values: jax.Array, idx: jax.Array, shape: tuple) -> jax.Array:
+    """``S: [in, out]`` with ``S[i_k, o_k] = v_k``."""
+    return jnp.zeros(shape, values.dtype).at[idx[0], idx[1]].add(values)
+
+
+def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``c · S: [in, out]``."""
+    v, idx = _check(w.shape, adapter)
+    return t.options["scale"] * densify(v, idx, w.shape)
+
+
+def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``W + c · S`` in ``w``'s dtype."""
+    d = delta(w, adapter, t)
+    return (w.astype(d.dtype) + d).astype(w.dtype)
+
+
+def unadapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``W' − c · S``."""
+    d = delta(w, adapter, t)
+    return (w.astype(d.dtype) - d).astype(w.dtype)
+
+
+def sparse_matmul_reference(x: jax.Array, values: jax.Array, idx: jax.Array, d_out: int) -> jax.Array:
+    """``x S: [T, out]`` by gather and segment sum (plain jnp; ``[T, K]`` intermediates)."""
+    contrib = x[:, idx[0]] * values[None, :]  # [T, K]
+    return jax.ops.segment_sum(contrib.T, idx[1], num_segments=d_out).T
+
+
+def _sampled_product(x: jax.Array, g: jax.Array, idx: jax.Array) -> jax.Array:
+    """``Σ_t x[t, i_k] g[t, o_k]: [K]``, in token chunks of at most `CHUNK_ELEMENTS` / K tokens."""
+    n_tok, k = x.shape[0], idx.shape[1]
+    chunk = max(1, min(n_tok, CHUNK_ELEMENTS // max(k, 1)))
+    n = -(-n_tok // chunk)
+    pad = n * chunk - n_tok
+    if pad:  # zero tokens add nothing
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        g = jnp.pad(g, ((0, pad), (0, 0)))
+    xs = x.reshape(n, chunk, x.shape[1])
+    gs = g.reshape(n, chunk, g.shape[1])
+
+    def body(acc, xg):
+        xc, gc = xg
+        return acc + jnp.sum(xc[:, idx[0]] * gc[:, idx[1]], axis=0), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((k,), jnp.promote_types(x.dtype, g.dtype)), (xs, gs))
+    return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def sparse_matmul(x: jax.Array, values: jax.Array, idx: jax.Array, d_out: int,
+                  backward: str = "sampled") -> jax.Array:
+    """``x S: [T, out]`` for ``x: [T, in]``; only ``x``, ``values``, ``idx`` are kept for the backward pass.
+
+    ``backward="sampled"``: ``∂values`` by the chunked sampled product (no
+    weight-sized array); ``"dense"``: ``(xᵀ g)[i_k, o_k]`` (one transient
+    ``[in, out]`` product, fast on matmul hardware).
+    """
+    return x @ densify(values, idx, (x.shape[1], d_out))
+
+
+def _sparse_matmul_fwd(x, values, idx, d_out, backward):
+    return sparse_matmul(x, values, idx, d_out, backward), (x, values, idx)
+
+
+def _sparse_matmul_bwd(d_out, backward, res, g):
+    x, values, idx = res
+    gx = g @ densify(values, idx, (x.shape[1], d_out)).T
+    if backward == "dense":  # the [in, out] product x^T g, then K entries of it
+        gv = (x.T @ g)[idx[0], idx[1]]
+    else:
+        gv = _sampled_product(x, g, idx)
+    gv = gv.astype(values.dtype)
+    return gx.astype(x.dtype), gv, None
+
+
+sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
+
+
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``x W + c · (x S)`` for ``x: [T, in]``."""
+    v, idx = _check(w.shape, adapter)
+    y = x @ w
+    h = sparse_matmul(x.astype(v.dtype), v, idx, w.shape[1], t.options["backward"])
+    return y + (t.options["scale"] * h).astype(y.dtype)
+
+
+VARIANT = Variant(
+    name="shira",
+    init=init,
+    adapted=adapted,
+    apply=apply,
+    unadapted=unadapted,
+    frozen=frozenset({"shira_indices"}),
+    options={"mask_type": "random", "random_seed": None, "init_weights": True, "scale": 1.0,
+             "backward": "sampled", "dtype": None},
+    validate=validate,
+    doc=__doc__,
+)
