@@ -14,6 +14,17 @@ _MODULES = {
     "lora": "lora",
     "dora": "dora",
     "vera": "vera",
+    "randlora": "randlora",
+    "unilora": "unilora",
+    "dylora": "dylora",
+    "paca": "paca",
+    "sora": "sora",
+    "lora_xs": "lora_xs",
+    "comp_lora": "comp_lora",
+    "hydra": "hydra",
+    "miss": "miss",
+    "bone": "miss",  # alias: PEFT's removed BoneConfig is MiSS's default and "bat" modes
+    "shira": "shira",
 }
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 import lorajax
 from lorajax import registry
+from lorajax.adapters import call_variant
 
 VARIANTS = lorajax.list_variants()
 
@@ -43,6 +44,16 @@ VARIANTS = lorajax.list_variants()
 DEFAULT_SPEC_KWARGS = dict(rank=4, alpha=8.0)
 SPEC_KWARGS = {
     "vera": dict(rank=4, d_initial=0.1),  # VeRA has no alpha scaling; alpha is ignored
+    # LoRA-XS inits R ~ N(0, 1e-5²) (official code): near, not exact, identity; R = 0 checks the exact one
+    "lora_xs": dict(rank=4, alpha=8.0, r_init_std=0.0),
+    # Hydra: VTAB scale 0.1 (alpha unused); at scale 1 the random perturbation makes I + s·A_s B_s
+    # ill-conditioned (cond ~6e3 on dense_nobias), so no f32 unmerge can meet rtol 1e-5
+    "hydra": dict(rank=4, scale=0.1),
+    # RandLoRA: perturb() moves Γ from 1/d_min ≈ 0.08 to ~N(0, 0.3²) on unit-std bases; at α/r = 2 the
+    # outputs grow to ~1e3 and one f32 gradient entry cancels to 1e-3 of its leaf's scale (rel 3e-4)
+    "randlora": dict(rank=4, alpha=2.0),
+    # SHiRA needs r·(in+out) <= in·out: rank 4 does not fit the NNX test's 6x10 layer (64 > 60)
+    "shira": dict(rank=2),
 }
 
 #: Variants whose factored forward legitimately forms the full-size product
@@ -53,6 +64,7 @@ FORWARD_FULL_PRODUCT = {"dora"}
 
 #: Variants whose paper does not give an identity at init (none today).
 NOT_IDENTITY_AT_INIT: set[str] = set()
+NOT_IDENTITY_AT_INIT.add("unilora")  # both factors are gathered from the random θ_d (PEFT and official alike)
 
 #: Variants that are an identity at init only up to a few ulps under jit.
 #: DoRA scales by ``m / n`` with ``m == n`` at init; eagerly that is exactly 1,
@@ -96,14 +108,17 @@ def _ref_vera(w, a, shared, spec):
     return w + ((a_sl * a["vera_lambda_d"][None, :]) @ b_sl) * a["vera_lambda_b"][None, :]
 
 
-REFERENCE = {"lora": _ref_lora, "dora": _ref_dora, "vera": _ref_vera}
+REFERENCE = {"lora": _ref_lora, "dora": _ref_dora, "vera": _ref_vera,
+             "dylora": _ref_lora}  # DyLoRA evaluated at its full rank r is LoRA with s = α/r
 
 
 def reference_adapted(variant, w, adapter, shared, spec, t):
     """W' for one matrix; a variant without a hand formula here falls back to its own ``adapted``."""
     if variant in REFERENCE:
         return REFERENCE[variant](w, adapter, shared, spec)
-    return registry.get(variant).adapted(w, {**adapter, **shared}, t)
+    v = registry.get(variant)
+    # evaluation context for variants that take one (lorajax.merge's default)
+    return call_variant(v, v.adapted, w, {**adapter, **shared}, t)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""Uni-LoRA: one trainable vector for the whole model, projected into every LoRA factor.
+
+All LoRA factors of all adapted weights, flattened and concatenated, form a
+vector ``θ_D`` of length ``D = Σ_targets r·(in + out)``. Uni-LoRA trains only
+``θ_d: [d]`` (``d = theta_d_length``) and sets ``θ_D = P θ_d`` with a fixed,
+isometric projection ``P: [D, d]`` whose rows are one-hot: position ``p`` of
+``θ_D`` reads entry ``idx[p]`` of ``θ_d``, scaled by ``1/√count[idx[p]]``
+(``count[j]`` = how often ``j`` occurs in ``idx``), so ``Pᵀ P = I_d`` when
+every entry is used (``D ≥ d``). Maths (Flax orientation, ``W: [in, out]``)::
+
+    c = 1/√count                        [d]     (0 for unused entries)
+    A = (θ_d ⊙ c)[idx_A]                [in, r]
+    B = (θ_d ⊙ c)[idx_B]                [r, out]
+    y  = x W + (x A) B,     W' = W + A B         (no α/r scaling)
+
+The index vector (PEFT's ``UniLoraModel.generate_index``), with
+``q, ρ = divmod(D, d)``: ``np.repeat(arange(d), q)`` followed by ``ρ`` extra
+indices from ``rng.choice(d, ρ, replace=False)``, then ``rng.shuffle``, with
+``rng = numpy.random.default_rng(proj_seed)``; each entry of ``θ_d`` is used
+``q`` or ``q + 1`` times. lorajax runs the same numpy calls, so its indices
+equal PEFT's bit for bit when the targets are laid out in the same order.
+The layout is PEFT's (``model.modules()`` order): target 1's ``A`` (PyTorch
+``[r, in]``, row-major), target 1's ``B`` (``[out, r]``), target 2's ``A``, …;
+lorajax stores each index block transposed into Flax orientation
+(``idx_A: [in, r]``, ``idx_B: [r, out]``); the coordinates are not re-drawn.
+
+``target_order`` sets the layout order. ``None`` (default): lorajax's target
+order (pytree order, i.e. sorted keys for linen). A list of module-name
+suffixes, e.g. ``("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+"up_proj", "down_proj")`` for a Hugging Face decoder: targets are sorted by
+the integers in the name before the matched suffix (the layer index), then
+by the position of the first entry the name equals or ends with
+(``"." + entry``) -- PyTorch's registration order, which PEFT follows.
+
+Where the state lives (adapters["_shared"])::
+
+    unilora_theta_d: [d]                       trainable (the only trainable array)
+    unilora_norm:    [d]                       frozen, c = 1/√count
+    unilora_indices: {target name: {"unilora_indices_A": [in, r] int32,
+                                    "unilora_indices_B": [r, out] int32}}   frozen
+
+The indices of a target depend on the whole model's layout, which only
+``init_shared`` sees (``lorajax.init`` builds the per-target entries first,
+one target at a time), so they sit under ``_shared``, keyed by the target's
+module name. Each target's own entry is a frozen marker
+``{"unilora_size": r·(in + out)}`` (its share of ``D``). PEFT keeps the
+scales per target (``unilora_scales_A = c[indices_A]``); lorajax keeps ``c``
+once, which gives the same products ``θ_j · c_j`` (``c`` is computed in
+float64 and rounded; torch's float32 ``rsqrt`` can differ from it by 1 ulp).
+
+Init: ``θ_d ~ U(-init_theta_d_bound, init_theta_d_bound)`` (default 0.02;
+PEFT and the official NLU code alike), from the init key (PEFT uses torch's
+global RNG, so ``θ_d`` itself cannot be reproduced; import it). Both factors
+are random, so **the model changes at init** (ΔW ≠ 0), as in PEFT and the
+official code. Defaults as PEFT: ``theta_d_length=256``, ``proj_seed=42``
+(PEFT's ``r=4``: pass ``Spec(rank=4)``); ``alpha`` is ignored. Dropout is not
+implemented. Targets may have different ranks (``rank_pattern``).
+
+Trainable: ``d`` for the whole model (0 per target).
+
+Example:
+  >>> import jax, jax.numpy as jnp, lorajax
+  >>> params = {"q": {"kernel": jnp.ones((6, 4))}, "v": {"kernel": jnp.ones((6, 8))}}
+  >>> spec = lorajax.Spec("unilora", rank=2, targets=["q", "v"], theta_d_length=16)
+  >>> adapters = lorajax.init(spec, params, jax.random.key(0))
+  >>> shared = adapters["_shared"]
+  >>> shared["unilora_theta_d"].shape, shared["unilora_indices"]["q"]["unilora_indices_A"].shape
+  ((16,), (6, 2))
+  >>> lorajax.count_params(spec, params, adapters)["trainable"]
+  16
+
+References:
+  Li et al., "Uni-LoRA: One Vector is All You Need", NeurIPS 2025,
+  arXiv:2506.00799. Official code KaiyangLi1992/Uni-LoRA:
+  ``NLU/NLU/modeling_roberta.py`` (vector bank, index generation, norm
+  factors), ``NLU/unilora/unilora.py``. PEFT: ``src/peft/tuners/unilora/model.py``
+  (``generate_index``, ``_assign_unilora_indices_and_scales``,
+  ``_init_unilora_theta_d``) and ``unilora/layer.py`` (``_get_lora_matrices``,
+  ``get_delta_weight``, ``forward``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorajax.variants.base import Target, Variant, additive
+
+def generate_index(lora_param_count: int, theta_d_length: int, proj_seed: int) -> np.ndarray:
+    """The index vector ``[D]`` (int64): each of ``d`` indices ``q`` or ``q+1`` times, shuffled.
+
+    The same numpy calls as PEFT's ``UniLoraModel.generate_index``, hence the
+    same values for the same ``(D, d, proj_seed)``.
+    """
+    if lora_param_count < 0:
+        raise ValueError(f"lora_param_count must be >= 0, got {lora_param_count}")
+    if theta_d_length <= 0:
+        raise ValueError(f"theta_d_length must be > 0, got {theta_d_length}")
+    q, rho = divmod(lora_param_count, theta_d_length)
+    rng = np.random.default_rng(proj_seed)
+    data = np.repeat(np.arange(theta_d_length), q)
+    if rho > 0:
+        data = np.concatenate([data, rng.choice(theta_d_length, size=rho, replace=False)])
+    rng.shuffle(data)
+    return data
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(m) for m in re.findall(r"\d+", text))
+
+
+def layout_order(targets: list[Target], order: Sequence[str] | None) -> list[Target]:
+    """Targets in the order their factors are laid out in ``θ_D`` (see ``target_order``)."""
+    if order is None:
+        return list(targets)
+    keys, unmatched = {}, []
+    for t in targets:
+        for rank, entry in enumerate(order):
+            if t.name == entry or t.name.endswith("." + entry):
+                keys[t.keys] = (_ints(t.name[: len(t.name) - len(entry)]), rank)
+                break
+        else:
+            unmatched.append(t.name)
+    if unmatched:
+        raise ValueError(
+            f"target_order={list(order)} matches no entry for targets {unmatched[:5]}: "
+            "list the suffix of every adapted module"
+        )
+    return sorted(targets, key=lambda t: keys[t.keys])  # stable: ties keep lorajax's order
+
+
+def init_shared(key: jax.Array, targets: list[Target]) -> dict:
+    """``θ_d ~ U(±bound)``, ``c = 1/√count`` and every target's index blocks (PEFT's layout)."""
+    opts = targets[0].options
+    d = opts["theta_d_length"]
+    ordered = layout_order(targets, opts["target_order"])
+    sizes = [t.rank * sum(t.matrix_shape) for t in ordered]
+    idx = generate_index(sum(sizes), d, opts["proj_seed"])
+    counts = np.bincount(idx, minlength=d)
+    norm = np.zeros(d, np.float64)
+    norm[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
+    blocks, pos = {}, 0
+    for t in ordered:
+        (d_in, d_out), r = t.matrix_shape, t.rank
+        idx_a = idx[pos: pos + r * d_in].reshape(r, d_in).T  # PEFT [r, in] -> [in, r]
+        pos += r * d_in
+        idx_b = idx[pos: pos + d_out * r].reshape(d_out, r).T  # PEFT [out, r] -> [r, out]
+        pos += d_out * r
+        blocks[t.name] = {
+            "unilora_indices_A": jnp.asarray(idx_a, jnp.int32),
+            "unilora_indices_B": jnp.asarray(idx_b, jnp.int32),
+        }
+    dtype = jnp.dtype(opts.get("dtype") or jnp.float32)
+    bound = opts["init_theta_d_bound"]
+    return {
+        "unilora_theta_d": jax.random.uniform(key, (d,), dtype, -bound, bound),
+        "unilora_norm": jnp.asarray(norm, dtype),
+        "unilora_indices": blocks,
+    }
+
+
+def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
+    """``{"unilora_size": r·(in + out)}``: a frozen marker; the state is in ``_shared``."""
+    del key
+    return {"unilora_size": jnp.asarray(t.rank * sum(w.shape), jnp.int32)}
+
+
+def factors(w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, jax.Array]:
+    """``(A: [in, r], B: [r, out])`` gathered from ``θ_d ⊙ c``."""
+    blocks = adapter["unilora_indices"]
+    if t.name not in blocks:
+        raise ValueError(
+            f"adapters['_shared']['unilora_indices'] has no entry for target {t.name!r} "
+            f"(it has {sorted(blocks)[:5]}...): the adapters were made for other targets"
+        )
+    idx_a, idx_b = blocks[t.name]["unilora_indices_A"], blocks[t.name]["unilora_indices_B"]
+    d_in, d_out = w.shape
+    if idx_a.ndim != 2 or idx_b.ndim != 2 or idx_a.shape[0] != d_in or idx_b.shape[1] != d_out \
+            or idx_a.shape[1] != idx_b.shape[0]:
+        raise ValueError(
+            f"Uni-LoRA indices of {t.name!r}: A {idx_a.shape}, B {idx_b.shape} do not fit the weight {w.shape} "
+            "(need A [in, r] and B [r, out])"
+        )
+    g = adapter["unilora_theta_d"] * adapter["unilora_norm"]  # θ_j · c_j: one projection step for all targets
+    return g[idx_a], g[idx_b]
+
+
+def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``A B: [in, out]``."""
+    a, b = factors(w, adapter, t)
+    return a @ b
+
+
+#: ``W + A B`` and its inverse, in the weight's dtype.
+adapted, unadapted = additive(delta)
+
+
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``x W + (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
+    a, b = factors(w, adapter, t)
+    y = x @ w
+    h = x.astype(a.dtype) @ a
+    return y + (h @ b).astype(y.dtype)
+
+
+def validate(options: dict) -> None:
+    d = options["theta_d_length"]
+    if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+        raise ValueError(f"theta_d_length must be a positive int, got {d!r}")
+    seed = options["proj_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"proj_seed must be a non-negative int (numpy default_rng seed), got {seed!r}")
+    bound = options["init_theta_d_bound"]
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not np.isfinite(bound) or bound <= 0:
+        raise ValueError(f"init_theta_d_bound must be a finite number > 0 (θ_d = 0 gets no gradient), got {bound!r}")
+    order = options["target_order"]
+    if order is not None:
+        if isinstance(order, str) or not isinstance(order, (list, tuple)) or not order \
+                or not all(isinstance(e, str) and e for e in order):
+            raise ValueError(
+                f"target_order must be None or a non-empty list of module-name suffixes, got {order!r}"
+            )
+    if options.get("dtype") is not None:
+        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+
+
+VARIANT = Variant(
+    name="unilora",
+    init=init,
+    adapted=adapted,
+    apply=apply,
+    unadapted=unadapted,
+    init_shared=init_shared,
+    frozen=frozenset({"unilora_size", "unilora_norm", "unilora_indices_A", "unilora_indices_B"}),
+    options={
+        "theta_d_length": 256,
+        "proj_seed": 42,
+        "init_theta_d_bound": 0.02,
+        "target_order": None,
+        "dtype": None,
+    },
+    validate=validate,
+    doc=__doc__,
+)
