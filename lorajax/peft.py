@@ -1,13 +1,17 @@
 """Hugging Face PEFT adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-`load(adapter_dir, params) -> (spec, adapters)` reads LoRA (with ``use_rslora``,
-``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform``,
-``layers_pattern``, ``exclude_modules``, ``target_modules`` as list, regex or
-``"all-linear"``, ``fan_in_fan_out``) and VeRA adapters. A field that would
-change the maths and that lorajax does not implement (``lora_bias``,
-``modules_to_save``, ``layer_replication``, ``use_qalora``, ...) raises: never a
-silent difference. `save(adapter_dir, spec, adapters, ...)` writes files that
-``peft.PeftModel.from_pretrained`` loads.
+`load(adapter_dir, params) -> (spec, adapters)` reads PEFT's LoRA (with
+``use_rslora``, ``use_dora``, ``rank_pattern``, ``alpha_pattern``,
+``layers_to_transform``, ``layers_pattern``, ``exclude_modules``,
+``target_modules`` as list, regex or ``"all-linear"``, ``fan_in_fan_out``),
+VeRA, MiSS (and the older Bone), SHiRA and RandLoRA formats, frozen buffers
+included (projections, indices). A field that would change the maths and that
+lorajax does not implement (``lora_bias``, ``modules_to_save``,
+``layer_replication``, ``use_qalora``, ...) raises: never a silent difference.
+`save(adapter_dir, spec, adapters, params)` writes files that
+``peft.PeftModel.from_pretrained`` loads. Uni-LoRA is not read yet: PEFT
+stores only its vector and re-derives the indices from the torch module
+order, which a Flax params tree does not carry.
 
 Names: a lorajax module name (the params path joined by dots, e.g.
 ``model.layers.0.self_attn.q_proj`` for `lorajax.models` built from HF
@@ -52,22 +56,47 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # Fields that only describe the file, training-time behaviour, or defaults with no effect on the maths.
 _IGNORED = {
     "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
-    "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "megatron_core", "qalora_group_size",
-    "loftq_config", "ensure_weight_tying", "fan_in_fan_out", "save_projection",
+    "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "miss_dropout", "bone_dropout",
+    "randlora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying",
+    "fan_in_fan_out", "save_projection", "random_seed", "init_theta_d_bound",
 }
-_LORA_USED = {"peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern",
-              "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
-_VERA_USED = {"peft_type", "r", "target_modules", "projection_prng_key", "d_initial", "layers_to_transform",
-              "layers_pattern", "bias"}
+_SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
+# config fields each PEFT type reads (beyond the selection ones)
+_USED = {
+    "LORA": {"lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"},
+    "VERA": {"projection_prng_key", "d_initial"},
+    "MISS": {"init_weights", "mini_r"},
+    "BONE": {"init_weights"},
+    "SHIRA": {"mask_type"},
+    "RANDLORA": {"randlora_alpha", "projection_prng_key", "sparse", "very_sparse"},
+}
 
-# per-target tensors: (lorajax leaf, PEFT suffix, transpose?)
+# per-target tensors: (lorajax leaf, PEFT suffix, transform) with transform "T" (2-D transpose),
+# "swap" (reverse the rows: SHiRA's [2, K] (out, in) indices) or None (as is)
 _TENSORS = {
-    "lora": [("lora_A", "lora_A.weight", True), ("lora_B", "lora_B.weight", True)],
-    "dora": [("lora_A", "lora_A.weight", True), ("lora_B", "lora_B.weight", True),
-             ("magnitude", "lora_magnitude_vector", False)],
-    "vera": [("vera_lambda_b", "vera_lambda_b", False), ("vera_lambda_d", "vera_lambda_d", False)],
+    "lora": [("lora_A", "lora_A.weight", "T"), ("lora_B", "lora_B.weight", "T")],
+    "dora": [("lora_A", "lora_A.weight", "T"), ("lora_B", "lora_B.weight", "T"),
+             ("magnitude", "lora_magnitude_vector", None)],
+    "vera": [("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)],
+    "miss": [("miss_block", "miss_block", None)],
+    "shira": [("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")],
+    "randlora": [("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)],
 }
-_VERA_SHARED = [("vera_A", "base_model.vera_A"), ("vera_B", "base_model.vera_B")]
+# model-level tensors under ``base_model.``: (lorajax _shared leaf, PEFT name, transform)
+_SHARED = {
+    "vera": [("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")],
+    "randlora": [("randlora_A", "base_model.randlora_A", None), ("randlora_B", "base_model.randlora_B", None)],
+}
+# per-module copies of shared buffers that PEFT also writes (dropped on load)
+_DUPLICATES = {"randlora": ("randlora_A", "randlora_B")}
+
+
+def _transform(arr: Any, kind: str | None) -> Any:
+    if kind == "T":
+        return arr.T
+    if kind == "swap":
+        return arr[::-1]
+    return arr
 
 
 def _read_config(adapter_dir: Path) -> dict:
@@ -106,9 +135,9 @@ def spec_from_config(config: dict, params: Any | None = None) -> Spec:
     does not implement with a non-default value.
     """
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "VERA"):
-        raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads LORA and VERA adapters")
-    used = _LORA_USED if peft_type == "LORA" else _VERA_USED
+    if peft_type not in _USED:
+        raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads {sorted(_USED)} adapters")
+    used = _SELECTION | _USED[peft_type]
     for key, value in config.items():
         if key in used or key in _IGNORED or _is_default(value):
             continue
@@ -124,17 +153,25 @@ def spec_from_config(config: dict, params: Any | None = None) -> Spec:
     if params is not None:
         targets = _effective_targets(targets, params)
     common = dict(
-        rank=int(config["r"]), targets=targets,
+        rank=int(config["r"]), targets=targets, exclude=config.get("exclude_modules"),
         layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
     )
     if peft_type == "VERA":
         return Spec("vera", **common, projection_prng_key=int(config.get("projection_prng_key", 0)),
                     d_initial=float(config.get("d_initial", 0.1)))
-    exclude = config.get("exclude_modules")
+    if peft_type in ("MISS", "BONE"):
+        extra = {"mini_r": int(config.get("mini_r", 1))} if peft_type == "MISS" else {}
+        return Spec("miss", **common, init_weights=config.get("init_weights", True), **extra)
+    if peft_type == "SHIRA":
+        return Spec("shira", **common, mask_type=config.get("mask_type", "random"))
+    if peft_type == "RANDLORA":
+        return Spec("randlora", alpha=float(config.get("randlora_alpha", 640)), **common,
+                    projection_prng_key=int(config.get("projection_prng_key", 0)),
+                    sparse=bool(config.get("sparse", False)), very_sparse=bool(config.get("very_sparse", False)))
     return Spec(
         "dora" if config.get("use_dora") else "lora", alpha=float(config.get("lora_alpha", 8)), **common,
-        exclude=exclude, rank_pattern=config.get("rank_pattern") or None,
-        alpha_pattern=config.get("alpha_pattern") or None, use_rslora=bool(config.get("use_rslora", False)),
+        rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None,
+        use_rslora=bool(config.get("use_rslora", False)),
     )
 
 
@@ -150,16 +187,16 @@ def _read_tensors(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or malformed?): {e}") from e
 
 
-def _put(name: str, tensors: dict, leaf: str, like: Any, transpose: bool) -> Any:
+def _put(name: str, tensors: dict, leaf: str, like: Any, kind: str | None) -> Any:
     arr = tensors.pop(name, None)
     if arr is None:
         raise ValueError(f"adapter file lacks tensor {name!r} (needed for {leaf})")
-    if transpose:
-        arr = arr.T
+    arr = _transform(arr, kind)
     if arr.shape != like.shape:
-        want = like.shape[::-1] if transpose else like.shape
-        raise ValueError(f"tensor {name!r} has shape {tuple(arr.T.shape if transpose else arr.shape)}, "
-                         f"expected {tuple(want)}")
+        raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, "
+                         f"expected {tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
+    if jnp.issubdtype(like.dtype, jnp.integer) and not bool(jnp.all(arr == jnp.round(arr))):
+        raise ValueError(f"tensor {name!r} must hold integers")
     return jnp.asarray(arr, dtype=like.dtype)
 
 
@@ -188,21 +225,27 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None) -> t
         node = template
         for k in t.keys:
             node = node[k]
-        flat[t.keys] = {leaf: _put(f"{PREFIX}{t.name}.{suffix}", tensors, f"{t.name}/{leaf}", node[leaf], tr)
-                        for leaf, suffix, tr in _TENSORS[spec.variant]}
+        flat[t.keys] = {leaf: _put(f"{PREFIX}{t.name}.{suffix}", tensors, f"{t.name}/{leaf}", node[leaf], kind)
+                        for leaf, suffix, kind in _TENSORS[spec.variant]}
     out = adapters_lib._nest(flat)
-    if spec.variant == "vera":
+    for leaf in _DUPLICATES.get(spec.variant, ()):
+        for t in selected:
+            tensors.pop(f"{PREFIX}{t.name}.{leaf}", None)
+    if spec.variant in _SHARED:
         shared = {}
-        for leaf, name in _VERA_SHARED:
+        for leaf, name, kind in _SHARED[spec.variant]:
             arr = tensors.pop(name, None)
             if arr is None:
                 raise ValueError(f"adapter file lacks {name!r}: save the PEFT adapter with save_projection=True")
             like = template[SHARED_KEY][leaf]
-            arr = arr.T  # vera_A: [in_max, r], vera_B: [r, out_max]
-            r_axis = 1 if leaf == "vera_A" else 0
-            if arr.ndim != 2 or arr.shape[r_axis] != like.shape[r_axis] or any(
-                    a < b for a, b in zip(arr.shape, like.shape)):
-                raise ValueError(f"tensor {name!r} has shape {tuple(arr.T.shape)}, expected {like.shape[::-1]}")
+            arr = _transform(arr, kind)
+            # VeRA's projections may be larger than needed (sliced per weight); the rank axis must match
+            ok = arr.shape == like.shape or (spec.variant == "vera" and arr.ndim == 2 and all(
+                a >= b for a, b in zip(arr.shape, like.shape)) and arr.shape[1 if leaf == "vera_A" else 0]
+                == like.shape[1 if leaf == "vera_A" else 0])
+            if not ok:
+                raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, expected "
+                                 f"{tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
             shared[leaf] = jnp.asarray(arr, dtype=like.dtype)
         out[SHARED_KEY] = shared
     if tensors:
@@ -228,8 +271,22 @@ def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | Non
     if spec.variant == "vera":
         return {**common, "peft_type": "VERA", "projection_prng_key": opts["projection_prng_key"],
                 "d_initial": opts["d_initial"], "save_projection": True, "vera_dropout": 0.0}
+    if spec.variant == "miss":
+        return {**common, "peft_type": "MISS", "init_weights": opts["init_weights"], "mini_r": opts["mini_r"],
+                "miss_dropout": 0.0}
+    if spec.variant == "shira":
+        if opts.get("scale", 1.0) != 1.0:
+            raise ValueError("PEFT's SHiRA format has no scale: save with scale=1.0")
+        return {**common, "peft_type": "SHIRA", "mask_type": "random", "random_seed": None}
+    if spec.variant == "randlora":
+        if opts["scaling"] != "peft":
+            raise ValueError("PEFT's RandLoRA format uses scaling='peft' (alpha / r)")
+        return {**common, "peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
+                "projection_prng_key": opts["projection_prng_key"], "sparse": opts["sparse"],
+                "very_sparse": opts["very_sparse"], "randlora_dropout": 0.0}
     if spec.variant not in ("lora", "dora"):
-        raise ValueError(f"PEFT has no format for variant {spec.variant!r} in lorajax.peft yet")
+        raise ValueError(f"lorajax.peft has no PEFT format for variant {spec.variant!r} "
+                         f"(supported: lora, dora, vera, miss, shira, randlora)")
     rank_pattern = {re.escape(t.name): t.rank for t in selected if t.rank != spec.rank}
     alpha_pattern = {re.escape(t.name): t.alpha for t in selected if t.alpha != spec.alpha}
     return {**common, "peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(opts["use_rslora"]),
@@ -250,13 +307,14 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
     tensors = {}
     for t in selected:
         a = index[t.keys]
-        for leaf, suffix, transpose in _TENSORS[spec.variant]:
-            arr = jnp.asarray(a[leaf])
-            tensors[f"{PREFIX}{t.name}.{suffix}"] = arr.T if transpose else arr
-    for leaf, name in (_VERA_SHARED if spec.variant == "vera" else []):
-        tensors[name] = jnp.asarray(shared[leaf]).T
+        for leaf, suffix, kind in _TENSORS[spec.variant]:
+            tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[leaf]), kind)
+        for leaf in _DUPLICATES.get(spec.variant, ()):
+            tensors[f"{PREFIX}{t.name}.{leaf}"] = jnp.asarray(shared[leaf])
+    for leaf, name, kind in _SHARED.get(spec.variant, []):
+        tensors[name] = _transform(jnp.asarray(shared[leaf]), kind)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(v.astype(jnp.float32))))]
+    bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite adapter tensors: {bad[:3]}")
     safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},

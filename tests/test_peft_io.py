@@ -71,7 +71,8 @@ def base():
     return net, x
 
 
-def _randomise(model, names=("lora_B", "vera_lambda_b", "vera_lambda_d", "lora_magnitude_vector")):
+def _randomise(model, names=("lora_B", "vera_lambda_b", "vera_lambda_d", "lora_magnitude_vector", "miss_block",
+                              "shira_weight", "randlora_lambda", "randlora_gamma")):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -92,6 +93,11 @@ CONFIGS = {
     "all-linear": lambda: peft.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["o_proj"],
                                           init_lora_weights=False),
     "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj"], save_projection=True),
+    "miss": lambda: peft.MissConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]),
+    "miss-bat": lambda: peft.MissConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights="bat"),
+    "miss-mini": lambda: peft.MissConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights="mini", mini_r=4),
+    "shira": lambda: peft.ShiraConfig(r=1, target_modules=["q_proj", "o_proj"]),
+    "randlora": lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "o_proj"], save_projection=True),
 }
 
 
@@ -117,15 +123,20 @@ def test_peft_made_adapter_loads_exactly(base, tmp_path, name):
     ("lora", dict(rank=3, alpha=5, targets=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}, use_rslora=True)),
     ("dora", dict(rank=2, alpha=4, targets="all-linear", layers_to_transform=[0], layers_pattern="layers")),
     ("vera", dict(rank=4, targets=["v_proj", "o_proj"])),
+    ("miss", dict(rank=4, targets=["q_proj", "o_proj"], init_weights="mini", mini_r=4)),
+    ("shira", dict(rank=1, targets=["v_proj", "o_proj"])),
+    ("randlora", dict(rank=4, alpha=16.0, targets=["q_proj", "v_proj"])),
 ])
 def test_lorajax_made_adapter_loads_in_peft(base, tmp_path, variant, kwargs):
     net, x = base
     params = flax_params(net)
     spec = lorajax.Spec(variant, **kwargs)
     adapters = lorajax.init(spec, params, 0)
-    leaves, tree = jax.tree.flatten(adapters)
+    trainable, frozen = lorajax.partition(spec, adapters)  # perturb the trainable leaves only
+    leaves, tree = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(5), len(leaves))
-    adapters = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    trainable = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    adapters = lorajax.combine(trainable, frozen)
     want = lorajax.adapt(flax_forward, spec, mode="merged")(params, adapters, jnp.asarray(x.numpy()))
     lorajax.peft.save(tmp_path, spec, adapters, params)
     model = peft.PeftModel.from_pretrained(net, tmp_path).eval()
