@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lorajax
 from experiments.report import markdown_table
+from lorajax import registry
 
 RANK_OVERRIDE = {"vera": 256}
 
@@ -34,27 +35,30 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="experiments/runs/sweep", help="run folders")
     p.add_argument("--results", default="experiments/results", help="where the table and plot go")
     p.add_argument("--data", default="", help="shakespeare archive ('' = cache)")
+    p.add_argument("--rerun", action="store_true", help="run again even where results.json exists")
     args = p.parse_args(argv)
 
-    runs = []
-    variants = lorajax.list_variants()
-    for optim in args.optims:
-        for i, name in enumerate(variants):
-            out = Path(args.out) / f"{name}-{optim}"
-            cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py",
-                   "--spec.variant", name, "--spec.rank", str(RANK_OVERRIDE.get(name, args.rank)),
-                   "--optim.name", optim, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-train", str(args.max_train), "--max-test", str(args.max_test),
-                   "--eval-every", str(args.steps), "--out-dir", str(out), "--no-progress",
-                   "--data", args.data]
-            if i > 0 or optim != args.optims[0]:
-                cmd.append("--no-baseline")
+    def run(variant: str, optim: str, out: Path) -> dict:
+        cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py",
+               "--spec.variant", variant, "--spec.rank", str(RANK_OVERRIDE.get(variant, args.rank)),
+               "--optim.name", optim, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-train", str(args.max_train), "--max-test", str(args.max_test),
+               "--eval-every", str(args.steps), "--out-dir", str(out), "--no-progress", "--data", args.data]
+        if variant != "none":
+            cmd.append("--no-baseline")  # the frozen-encoder baseline runs once, on its own
+        done = out / "results.json"
+        if args.rerun or not done.exists():  # finished runs are reused
             print(" ".join(cmd[2:]), flush=True)
             subprocess.run(cmd, check=True)
-            runs.append((name, optim, json.loads((out / "results.json").read_text())))
+        return json.loads(done.read_text())
+
+    base = run("none", args.optims[0], Path(args.out) / "baseline")
+    # aliases (e.g. "bone" for "miss") would only repeat a row
+    variants = [v for v in lorajax.list_variants() if registry.get(v).name == v]
+    runs = [(name, optim, run(name, optim, Path(args.out) / f"{name}-{optim}"))
+            for optim in args.optims for name in variants]
 
     rows = []
-    base = runs[0][2]
     rows.append(["frozen encoder + head", "—", "adamw", f"{base['baseline_test_acc']:.4f}",
                  f"{base['baseline_trainable']:,}", "—", "—"])
     for name, optim, r in runs:

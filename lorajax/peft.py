@@ -43,6 +43,7 @@ import safetensors.flax
 from safetensors import SafetensorError
 
 from lorajax import adapters as adapters_lib
+from lorajax import registry
 from lorajax import targets as targets_lib
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY
@@ -268,23 +269,24 @@ def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | Non
         "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "revision": None,
     }
     opts = spec.options
-    if spec.variant == "vera":
+    variant = registry.get(spec.variant).name  # aliases ("bone") share their variant's format
+    if variant == "vera":
         return {**common, "peft_type": "VERA", "projection_prng_key": opts["projection_prng_key"],
                 "d_initial": opts["d_initial"], "save_projection": True, "vera_dropout": 0.0}
-    if spec.variant == "miss":
+    if variant == "miss":
         return {**common, "peft_type": "MISS", "init_weights": opts["init_weights"], "mini_r": opts["mini_r"],
                 "miss_dropout": 0.0}
-    if spec.variant == "shira":
+    if variant == "shira":
         if opts.get("scale", 1.0) != 1.0:
             raise ValueError("PEFT's SHiRA format has no scale: save with scale=1.0")
         return {**common, "peft_type": "SHIRA", "mask_type": "random", "random_seed": None}
-    if spec.variant == "randlora":
+    if variant == "randlora":
         if opts["scaling"] != "peft":
             raise ValueError("PEFT's RandLoRA format uses scaling='peft' (alpha / r)")
         return {**common, "peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
                 "projection_prng_key": opts["projection_prng_key"], "sparse": opts["sparse"],
                 "very_sparse": opts["very_sparse"], "randlora_dropout": 0.0}
-    if spec.variant not in ("lora", "dora"):
+    if variant not in ("lora", "dora"):
         raise ValueError(f"lorajax.peft has no PEFT format for variant {spec.variant!r} "
                          f"(supported: lora, dora, vera, miss, shira, randlora)")
     rank_pattern = {re.escape(t.name): t.rank for t in selected if t.rank != spec.rank}
@@ -304,14 +306,15 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
     adapter_dir = Path(adapter_dir)
     config = config_from_spec(spec, params, base_model_name_or_path, task_type)
     selected, index, shared = adapters_lib.resolve(spec, params, adapters)
+    variant = registry.get(spec.variant).name
     tensors = {}
     for t in selected:
         a = index[t.keys]
-        for leaf, suffix, kind in _TENSORS[spec.variant]:
+        for leaf, suffix, kind in _TENSORS[variant]:
             tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[leaf]), kind)
-        for leaf in _DUPLICATES.get(spec.variant, ()):
+        for leaf in _DUPLICATES.get(variant, ()):
             tensors[f"{PREFIX}{t.name}.{leaf}"] = jnp.asarray(shared[leaf])
-    for leaf, name, kind in _SHARED.get(spec.variant, []):
+    for leaf, name, kind in _SHARED.get(variant, []):
         tensors[name] = _transform(jnp.asarray(shared[leaf]), kind)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]

@@ -71,7 +71,7 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
         idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
                               for e in range(start // n, (start + batch_size - 1) // n + 1)])
         idx = idx[start % n: start % n + batch_size]
-        return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+        return {**{k: jnp.asarray(v[idx]) for k, v in data.items()}, "step": jnp.asarray(step, jnp.int32)}
 
     return batch
 
@@ -149,13 +149,15 @@ def run(cfg: RunConfig) -> dict:
     frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
 
-    def pooled(variables, comb, batch):
+    def pooled(variables, comb, batch, train=False):
+        # variants that sample in training (DyLoRA's rank) draw from a key derived from the step
+        rng = jax.random.fold_in(jax.random.key(cfg.seed + 2), batch["step"]) if train else None
         hidden = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
-                     batch["token_type_ids"])
+                     batch["token_type_ids"], adapter_rng=rng, adapter_train=train)
         return bert.mean_pool(hidden, batch["attention_mask"])
 
     def loss_fn(variables, comb, batch):
-        logits = head_logits(comb["head"], pooled(variables, comb, batch))
+        logits = head_logits(comb["head"], pooled(variables, comb, batch, train=True))
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)), -1))
@@ -192,9 +194,12 @@ def run(cfg: RunConfig) -> dict:
     ckpt = Checkpointer(out / "adapters_orbax", keep=1)
     ckpt.save(cfg.steps, trainable, {"spec": repr(spec)})
     ckpt.close()
-    lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,
-                      base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm"
-                      else cfg.model)
+    try:
+        lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,
+                          base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm"
+                          else cfg.model)
+    except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
+        print(f"no PEFT export: {e}", flush=True)
     safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
     results["spec"] = f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}"
     return _finish(cfg, out, results)
