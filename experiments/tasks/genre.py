@@ -198,6 +198,7 @@ def run(cfg: RunConfig) -> dict:
         lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,
                           base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm"
                           else cfg.model)
+        results["peft_export"] = True
     except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
         print(f"no PEFT export: {e}", flush=True)
     safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
@@ -232,6 +233,7 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
         {k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str))
     results["table"] = table
     results["out_dir"] = str(out)
-    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, peft_adapter/ (PEFT format), adapters_orbax/, "
+    peft_dir = "peft_adapter/ (PEFT format), " if results.get("peft_export") else ""
+    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, {peft_dir}adapters_orbax/, "
           "head.safetensors, lora/ (checkpoints, metrics.jsonl, TensorBoard)", flush=True)
     return results

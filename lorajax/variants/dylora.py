@@ -28,11 +28,10 @@ LoRA with ``s = α/r``.
   adapter itself (``A[:, :b]``, ``B[:b]``, spec rank ``b``).
 
 Sampling scope: the paper and the official code draw one ``b`` per step for the
-whole model. This variant draws ``b`` from ``ctx["step_rng"]`` when the caller
-provides that un-folded key, so that every layer with the same ``r`` gets the
-same ``b``; otherwise from the per-target ``ctx["rng"]``, i.e. one ``b`` per
-layer and step (a deviation from the paper until `lorajax.adapt` passes
-``step_rng``).
+whole model. This variant draws ``b`` from ``ctx["step_rng"]`` (the un-folded
+``adapter_rng`` that `lorajax.adapt` and `lorajax.merge` pass to every
+target), so every layer with the same ``r`` gets the same ``b``; a context
+without it falls back to the per-target ``ctx["rng"]`` (one ``b`` per layer).
 
 Init as LoRA: ``A ~ U(±1/√in)`` (kaiming-uniform, a=√5, on ``[r, in]``),
 ``B = 0``, so the model is unchanged at init for every ``b``.
