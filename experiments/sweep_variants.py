@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         f"# Variants on the genre task (equal budget)\n\nall-MiniLM-L6-v2, targets query/key/value/dense "
         f"(not the pooler), {args.steps} steps x batch {args.batch_size} ({args.max_train} training speeches, one "
         f"epoch), {args.max_test} test speeches from unseen plays, max_length 64, 2 CPU cores. Produced by "
-        f"`python -m experiments.sweep_variants`.\n\n{table}\n")
+        f"`python -m experiments.sweep_variants {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table}\n")
 
     import matplotlib
 
