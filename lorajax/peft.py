@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 
 from lorajax import adapters as adapters_lib
 from lorajax import registry
+from lorajax.jsonfile import read_object
 from lorajax import targets as targets_lib
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY
@@ -101,16 +102,8 @@ def _transform(arr: Any, kind: str | None) -> Any:
 
 
 def _read_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / CONFIG_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_object(adapter_dir / CONFIG_NAME,
+                       f" (a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME})")
 
 
 def _is_default(value: Any) -> bool:

@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
+
+from lorajax.jsonfile import read_object
 import safetensors.flax
 
 __all__ = ["from_pretrained", "save_pretrained", "FAMILIES", "load_config"]
@@ -53,13 +55,8 @@ INDEX = "model.safetensors.index.json"
 def load_config(path: str | os.PathLike) -> dict:
     """``config.json`` of a checkpoint folder as a dict (clear errors when missing or malformed)."""
     cfg_path = Path(path) / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: a HF checkpoint folder has config.json and safetensors")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_object(cfg_path, ": a HF checkpoint folder has config.json and safetensors")
+    if "model_type" not in config:
         raise ValueError(f"{cfg_path} has no model_type")
     return config
 
