@@ -10,6 +10,7 @@ from lorajax.adapters import (
     partition,
     trainable_mask,
     unmerge,
+    update_state,
 )
 from lorajax.rank_tools import truncate
 from lorajax.registry import list_variants
@@ -19,7 +20,7 @@ from lorajax import inits, models, peft, train
 
 __all__ = [
     "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate",
-    "partition", "combine", "trainable_mask", "count_params", "check_finite", "inits", "models", "peft", "train",
+    "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "inits", "models", "peft", "train",
 ]
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from lorajax import registry
-from lorajax.adapters import as_matrix, call_variant, check_finite, merge, resolve, target_key
+from lorajax.adapters import _nest, as_matrix, call_variant, check_finite, merge, resolve, target_key
 from lorajax.spec import Spec
 
 __all__ = ["adapt"]
@@ -62,6 +62,12 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
     The returned function also takes keyword-only ``adapter_rng`` (a PRNG key;
     folded per target) and ``adapter_train`` (bool) for variants that sample in
     training (e.g. DyLoRA's rank); they are not passed on to ``apply_fn``.
+    With ``adapter_aux=True`` (factored mode) it returns ``(out, aux)``: for
+    variants with load-balancing state (FlyLoRA, SMoRA) ``aux`` is a tree like
+    the adapters holding each target's statistics (summed over the calls of
+    that layer), to be passed to `lorajax.update_state`; for other variants it
+    is ``{}``. The statistics are collected while ``apply_fn`` is traced, so
+    the layers must not sit inside ``nn.scan`` / ``jax.lax.scan`` bodies.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -72,15 +78,16 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
             raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: use mode='factored'")
 
         @functools.wraps(apply_fn)
-        def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, **kwargs):
+        def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
             if debug:
                 check_finite(adapters)
-            return apply_fn(merge(spec, params, adapters, rng=adapter_rng, train=adapter_train), *args, **kwargs)
+            out = apply_fn(merge(spec, params, adapters, rng=adapter_rng, train=adapter_train), *args, **kwargs)
+            return (out, {}) if adapter_aux else out
 
         return merged_fn
 
     @functools.wraps(apply_fn)
-    def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, **kwargs):
+    def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
         if debug:
             check_finite(adapters)
         selected, index, shared = resolve(spec, params, adapters)
@@ -88,7 +95,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
                           {"rng": None if adapter_rng is None else target_key(adapter_rng, t),
                            "step_rng": adapter_rng, "train": adapter_train}) for t in selected}
         used: set[str] = set()
-        interceptor = _make_interceptor(variant, table, used)
+        sink: dict[str, dict] = {}
+        interceptor = _make_interceptor(variant, table, used, sink)
         with nn.intercept_methods(interceptor):
             out = apply_fn(params, *args, **kwargs)
         missing = sorted(set(table) - used)
@@ -99,12 +107,14 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
             )
         if missing:
             warnings.warn(f"factored mode: adapters never used by apply_fn: {missing[:5]}", stacklevel=2)
-        return out
+        if not adapter_aux:
+            return out
+        return out, _nest({table[name][0].keys: stats for name, stats in sink.items()})
 
     return factored_fn
 
 
-def _make_interceptor(variant, table: dict, used: set) -> Callable:
+def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
@@ -115,6 +125,7 @@ def _make_interceptor(variant, table: dict, used: set) -> Callable:
             return next_fun(*args, **kwargs)
         used.add(name)
         t, adapter, ctx = entry
+        ctx = {**ctx, "_sink": sink, "_name": name}
         inputs = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]
@@ -127,6 +138,13 @@ def _make_interceptor(variant, table: dict, used: set) -> Callable:
 
 def _forward(variant, t, adapter, ctx, x2d: jax.Array, w: jax.Array) -> jax.Array:
     """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
+    sink, name = ctx.pop("_sink"), ctx.pop("_name")
+    if variant.has_aux:
+        y, stats = call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
+        if name in sink:  # a layer called more than once: statistics add up
+            stats = jax.tree_util.tree_map(jnp.add, sink[name], stats)
+        sink[name] = stats
+        return y
     if variant.apply is not None:
         return call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
     return x2d @ call_variant(variant, variant.adapted, w, adapter, t, ctx=ctx)

@@ -25,7 +25,7 @@ from lorajax.variants.base import SHARED_KEY, Target, Variant
 
 __all__ = [
     "init", "merge", "unmerge", "partition", "combine", "trainable_mask",
-    "count_params", "check_finite", "resolve", "target_key",
+    "count_params", "check_finite", "resolve", "target_key", "update_state",
 ]
 
 
@@ -195,6 +195,40 @@ def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = Non
         contexts = {t.keys: {"rng": None if rng is None else target_key(rng, t), "step_rng": rng, "train": train}
                     for t in targets.select(spec, params)}
     return _map_weights(spec, params, adapters, "adapted", contexts)
+
+
+def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:
+    """New adapters with the non-trained state refreshed from ``aux`` (pure).
+
+    ``aux`` is what ``lorajax.adapt(...)(..., adapter_aux=True)`` returned: per
+    target statistics of variants with load-balancing buffers (FlyLoRA's and
+    SMoRA's routing bias). Targets without statistics are unchanged; for
+    variants without ``has_aux`` ``aux`` must be empty.
+    """
+    variant = registry.get(spec.variant)
+    flat_aux = _adapter_paths(aux) if aux else {}
+    if flat_aux and not variant.has_aux:
+        raise ValueError(f"variant {spec.variant!r} keeps no routing state; aux must be empty")
+    if not flat_aux:
+        return adapters
+    selected, index, shared = resolve(spec, params, adapters)
+    by_keys = {t.keys: t for t in selected}
+    flat = dict(_adapter_paths(adapters))
+
+    def other_form(keys: tuple) -> tuple:  # with / without the "params" collection name
+        return keys[1:] if keys[:1] == ("params",) else ("params",) + keys
+
+    for keys, stats in flat_aux.items():
+        keys = keys if keys in by_keys else other_form(keys)
+        if keys not in by_keys:
+            raise ValueError(f"aux has statistics for {'/'.join(keys)}, which is not an adapted weight")
+        new = variant.update({**index[keys], **shared}, stats, by_keys[keys])
+        own = keys if keys in flat else other_form(keys)
+        flat[own] = {**flat[own], **new}
+    tree = _nest(flat)
+    if SHARED_KEY in adapters:
+        tree[SHARED_KEY] = adapters[SHARED_KEY]
+    return tree
 
 
 def unmerge(spec: Spec, merged_params: Any, adapters: Any) -> Any:

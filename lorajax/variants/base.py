@@ -18,6 +18,11 @@ functions:
   DyLoRA's rank), "train": bool}``. The caller of
   `lorajax.adapt`'s function passes ``adapter_rng=`` / ``adapter_train=``;
   `lorajax.merge` uses ``{"rng": None, "train": False}``.
+* Variants with ``has_aux=True`` (load-balanced routing: FlyLoRA, SMoRA) return
+  ``(y, aux)`` from ``apply``: ``aux`` is a dict of arrays that add up over
+  calls and batches (e.g. how often each rank was selected). ``update(adapter,
+  aux, t) -> dict`` gives new values for non-trained entries (a routing bias);
+  `lorajax.update_state` applies it per target.
 * ``init_shared(key, targets) -> dict``: optional state shared by all targets
   (VeRA's random projections). It is stored once under ``adapters["_shared"]``
   and passed to the per-target functions merged into ``adapter``.
@@ -87,10 +92,15 @@ class Variant:
     rank_limited: bool = True
     #: True where adapted/apply take a last ``ctx`` argument ({"rng", "train"}).
     uses_context: bool = False
+    #: True where ``apply`` returns ``(y, aux)`` and ``update(adapter, aux, t)`` refreshes buffers.
+    has_aux: bool = False
+    update: Callable | None = None
 
     def __post_init__(self):
         if self.adapted is None and self.apply is None:
             raise ValueError(f"variant {self.name!r} needs adapted (mergeable) or apply (factored) or both")
+        if self.has_aux and (self.apply is None or self.update is None):
+            raise ValueError(f"variant {self.name!r}: has_aux needs both apply (returning (y, aux)) and update")
 
     @property
     def mergeable(self) -> bool:

@@ -1,0 +1,115 @@
+"""Load-balancing state: adapt(..., adapter_aux=True) -> update_state, and the train step.
+
+Uses a toy ``has_aux`` variant registered for the test only: ``y = x W + (x A) B``
+with statistics ``counts[j] = #tokens with (x A)[:, j] > 0`` and the frozen
+buffer ``seen += counts``.
+"""
+
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorajax
+from lorajax import registry
+from lorajax.variants.base import Variant
+
+
+def _init(key, w, t):
+    return {"A": jax.random.normal(key, (w.shape[0], t.rank)), "B": jnp.zeros((t.rank, w.shape[1])),
+            "seen": jnp.zeros((t.rank,))}
+
+
+def _apply(x, w, adapter, t):
+    h = x @ adapter["A"]
+    return x @ w + h @ adapter["B"], {"counts": jnp.sum(h > 0, axis=0).astype(jnp.float32)}
+
+
+def _update(adapter, aux, t):
+    return {"seen": adapter["seen"] + aux["counts"]}
+
+
+@pytest.fixture(autouse=True)
+def toy_variant(monkeypatch):
+    module = types.ModuleType("lorajax.variants._toy_aux")
+    module.VARIANT = Variant(name="toy_aux", init=_init, adapted=None, apply=_apply, has_aux=True,
+                             update=_update, frozen=frozenset({"seen"}))
+    monkeypatch.setitem(sys.modules, "lorajax.variants._toy_aux", module)
+    monkeypatch.setitem(registry._MODULES, "toy_aux", "_toy_aux")
+
+
+class Twice(nn.Module):
+    """The same Dense called twice: its statistics add up."""
+
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(4, name="d")
+        return nn.Dense(3, name="out")(dense(x) + dense(x[::-1]))
+
+
+def _setup():
+    model = Twice()
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    variables = model.init(jax.random.key(1), x)
+    spec = lorajax.Spec("toy_aux", rank=3, targets=["d", "out"])
+    return model, x, variables, spec, lorajax.init(spec, variables, 2)
+
+
+def test_aux_collected_per_target_and_summed_over_calls():
+    model, x, variables, spec, adapters = _setup()
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    out, aux = jax.jit(lambda v, a, x: fwd(v, a, x, adapter_aux=True))(variables, adapters, x)
+    np.testing.assert_allclose(out, fwd(variables, adapters, x))
+    a_d = adapters["params"]["d"]["kernel"]["A"]
+    want = np.sum(np.asarray(x @ a_d) > 0, 0) + np.sum(np.asarray(x[::-1] @ a_d) > 0, 0)
+    np.testing.assert_array_equal(aux["params"]["d"]["kernel"]["counts"], want)
+    assert set(aux["params"]) == {"d", "out"}
+
+    new = lorajax.update_state(spec, variables, adapters, aux)
+    np.testing.assert_array_equal(new["params"]["d"]["kernel"]["seen"], want)
+    assert new["params"]["d"]["kernel"]["A"] is adapters["params"]["d"]["kernel"]["A"]
+    np.testing.assert_array_equal(adapters["params"]["d"]["kernel"]["seen"], 0)  # not mutated
+
+
+def test_update_state_bare_params_and_errors():
+    model, x, variables, spec, adapters = _setup()
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    _, aux = fwd(variables, adapters, x, adapter_aux=True)
+    bare = {"d": adapters["params"]["d"], "out": adapters["params"]["out"]}
+    new = lorajax.update_state(spec, variables["params"], bare, aux)
+    assert float(new["d"]["kernel"]["seen"].sum()) > 0
+    with pytest.raises(ValueError, match="not an adapted weight"):
+        lorajax.update_state(spec, variables, adapters, {"nope": {"kernel": {"counts": jnp.ones(3)}}})
+    lora = lorajax.Spec("lora", rank=2, targets=["d"])
+    with pytest.raises(ValueError, match="keeps no routing state"):
+        lorajax.update_state(lora, variables, lorajax.init(lora, variables, 0), aux)
+
+
+def test_train_step_refreshes_frozen_state():
+    model, x, variables, spec, adapters = _setup()
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+    def loss_fn(params, adapters, batch):
+        out, aux = fwd(params, adapters, batch, adapter_aux=True)
+        return jnp.mean(out ** 2), aux
+
+    tx = optax.sgd(0.1)
+    trainable, frozen = lorajax.partition(spec, adapters)
+    step = lorajax.train.make_lora_step(loss_fn, tx, state_spec=spec)
+    opt = tx.init(trainable)
+    seen0 = np.asarray(frozen["params"]["d"]["kernel"]["seen"]).copy()
+    trainable, frozen, opt, loss = step(variables, trainable, frozen, opt, x)
+    assert np.isfinite(float(loss))
+    assert frozen["params"]["d"]["kernel"]["A"] is None  # still the frozen half only
+    assert float(np.sum(np.asarray(frozen["params"]["d"]["kernel"]["seen"]) - seen0)) > 0
+    assert trainable["params"]["d"]["kernel"]["seen"] is None
+
+
+def test_has_aux_needs_apply_and_update():
+    with pytest.raises(ValueError, match="has_aux"):
+        Variant(name="bad", init=_init, adapted=None, apply=_apply, has_aux=True)
