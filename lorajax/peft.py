@@ -4,14 +4,21 @@
 ``use_rslora``, ``use_dora``, ``rank_pattern``, ``alpha_pattern``,
 ``layers_to_transform``, ``layers_pattern``, ``exclude_modules``,
 ``target_modules`` as list, regex or ``"all-linear"``, ``fan_in_fan_out``),
-VeRA, MiSS (and the older Bone), SHiRA and RandLoRA formats, frozen buffers
-included (projections, indices). A field that would change the maths and that
+VeRA, MiSS (and the older Bone), SHiRA, RandLoRA and Uni-LoRA formats, frozen
+buffers included (projections, indices). A field that would change the maths and that
 lorajax does not implement (``lora_bias``, ``modules_to_save``,
 ``layer_replication``, ``use_qalora``, ...) raises: never a silent difference.
 `save(adapter_dir, spec, adapters, params)` writes files that
-``peft.PeftModel.from_pretrained`` loads. Uni-LoRA is not read yet: PEFT
-stores only its vector and re-derives the indices from the torch module
-order, which a Flax params tree does not carry.
+``peft.PeftModel.from_pretrained`` loads.
+
+Uni-LoRA: PEFT lays the factors of all targets out in the torch module
+registration order and, unless saved with ``save_indices=True``, stores only
+``θ_d`` and re-derives the indices from that order, which a Flax params tree
+does not carry. `load` imports saved indices when the file has them;
+otherwise it regenerates them in the order given by ``unilora_order`` (module
+name suffixes in registration order; default `TORCH_MODULE_ORDER`, the
+order of Hugging Face's Llama- and BERT-style layers) and raises if a target
+matches none. `save` always writes the indices (``save_indices=True``).
 
 Names: a lorajax module name (the params path joined by dots, e.g.
 ``model.layers.0.self_attn.q_proj`` for `lorajax.models` built from HF
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import safetensors.flax
 from safetensors import SafetensorError
 
@@ -49,7 +57,15 @@ from lorajax import targets as targets_lib
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY
 
-__all__ = ["load", "save", "spec_from_config", "config_from_spec"]
+__all__ = ["load", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE_ORDER"]
+
+#: Registration order of the linear layers in Hugging Face's Llama- and
+#: BERT-style blocks (PEFT's ``model.modules()`` order within a layer). BERT's
+#: ``attention.output.dense`` precedes ``intermediate.dense`` and ``output.dense``.
+TORCH_MODULE_ORDER = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+)
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -60,7 +76,7 @@ _IGNORED = {
     "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
     "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "miss_dropout", "bone_dropout",
     "randlora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying",
-    "fan_in_fan_out", "save_projection", "random_seed", "init_theta_d_bound",
+    "fan_in_fan_out", "save_projection", "random_seed", "unilora_dropout", "save_indices",
 }
 _SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
 # config fields each PEFT type reads (beyond the selection ones)
@@ -71,6 +87,7 @@ _USED = {
     "BONE": {"init_weights"},
     "SHIRA": {"mask_type"},
     "RANDLORA": {"randlora_alpha", "projection_prng_key", "sparse", "very_sparse"},
+    "UNILORA": {"theta_d_length", "proj_seed", "init_theta_d_bound", "init_weights"},
 }
 
 # per-target tensors: (lorajax leaf, PEFT suffix, transform) with transform "T" (2-D transpose),
@@ -83,6 +100,7 @@ _TENSORS = {
     "miss": [("miss_block", "miss_block", None)],
     "shira": [("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")],
     "randlora": [("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)],
+    "unilora": [],  # everything is model-level: see _load_unilora / save
 }
 # model-level tensors under ``base_model.``: (lorajax _shared leaf, PEFT name, transform)
 _SHARED = {
@@ -122,8 +140,10 @@ def _effective_targets(target_modules: Any, params: Any) -> Any:
     return kept
 
 
-def spec_from_config(config: dict, params: Any | None = None) -> Spec:
+def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: Any = TORCH_MODULE_ORDER) -> Spec:
     """A `Spec` equal in meaning to a PEFT ``adapter_config.json`` dict.
+
+    ``unilora_order`` becomes a Uni-LoRA Spec's ``target_order``.
 
     Raises ValueError for an unsupported PEFT type or a field that lorajax
     does not implement with a non-default value.
@@ -158,6 +178,13 @@ def spec_from_config(config: dict, params: Any | None = None) -> Spec:
         return Spec("miss", **common, init_weights=config.get("init_weights", True), **extra)
     if peft_type == "SHIRA":
         return Spec("shira", **common, mask_type=config.get("mask_type", "random"))
+    if peft_type == "UNILORA":
+        if config.get("init_weights", True) is not True:
+            raise ValueError("unsupported PEFT field init_weights=False for Uni-LoRA (θ_d ~ N(0, 1))")
+        return Spec("unilora", **common, theta_d_length=int(config.get("theta_d_length", 256)),
+                    proj_seed=int(config.get("proj_seed", 42)),
+                    init_theta_d_bound=float(config.get("init_theta_d_bound", 0.02)),
+                    target_order=None if unilora_order is None else tuple(unilora_order))
     if peft_type == "RANDLORA":
         return Spec("randlora", alpha=float(config.get("randlora_alpha", 640)), **common,
                     projection_prng_key=int(config.get("projection_prng_key", 0)),
@@ -194,7 +221,8 @@ def _put(name: str, tensors: dict, leaf: str, like: Any, kind: str | None) -> An
     return jnp.asarray(arr, dtype=like.dtype)
 
 
-def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None) -> tuple[Spec, dict]:
+def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
+         unilora_order: Any = TORCH_MODULE_ORDER) -> tuple[Spec, dict]:
     """Read a PEFT adapter folder into ``(spec, adapters)`` for ``params``.
 
     Args:
@@ -202,18 +230,25 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None) -> t
       params: the base params the adapter is for (HF-named, e.g. from
         `lorajax.models.from_pretrained`).
       dtype: adapter dtype (default float32, or the weight's if wider).
+      unilora_order: for Uni-LoRA files saved without indices: the torch
+        registration order of the adapted modules (name suffixes, see
+        `TORCH_MODULE_ORDER`); ignored when the file has the indices.
 
     Raises:
       FileNotFoundError / ValueError naming the missing file, the missing,
       unknown or wrongly shaped tensor, or the unsupported config field.
     """
     adapter_dir = Path(adapter_dir)
-    spec = spec_from_config(_read_config(adapter_dir), params)
+    config = _read_config(adapter_dir)
+    tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
+    has_indices = any(k.endswith(".unilora_indices_A") for k in tensors)
+    spec = spec_from_config(config, params, unilora_order=None if has_indices else unilora_order)
     if dtype is not None:
         spec = spec.replace(dtype=jnp.dtype(dtype).name)
-    tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
-    template = adapters_lib.init(spec, params, 0)
     selected = targets_lib.select(spec, params)
+    if spec.variant == "unilora":
+        return spec, _load_unilora(spec, params, selected, tensors, has_indices)
+    template = adapters_lib.init(spec, params, 0)
     flat = {}
     for t in selected:
         node = template
@@ -249,6 +284,49 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None) -> t
     return spec, out
 
 
+def _load_unilora(spec: Spec, params: Any, selected: list, tensors: dict, has_indices: bool) -> dict:
+    """θ_d from the file; the index blocks imported (``save_indices=True``) or regenerated."""
+    try:
+        template = adapters_lib.init(spec, params, 0)
+    except ValueError as e:
+        raise ValueError(f"{e}. The Uni-LoRA file has no indices: pass unilora_order=[...] (the torch "
+                         "registration order of the adapted modules) or save it with save_indices=True") from e
+    shared = dict(template[SHARED_KEY])
+    like = shared["unilora_theta_d"]
+    shared["unilora_theta_d"] = _put("base_model.unilora_theta_d", tensors, "_shared/unilora_theta_d", like, None)
+    d = like.shape[0]
+    if has_indices:
+        blocks, scales = {}, {}
+        for t in selected:
+            old = shared["unilora_indices"][t.name]
+            pre = f"{PREFIX}{t.name}.unilora_"
+            blocks[t.name] = {f"unilora_indices_{x}": _put(pre + f"indices_{x}", tensors, f"{t.name}/indices_{x}",
+                                                          old[f"unilora_indices_{x}"], "T") for x in "AB"}
+            scales[t.name] = {x: tensors.pop(pre + f"scales_{x}", None) for x in "AB"}
+        flat_idx = np.concatenate([np.asarray(b[k]).ravel() for b in blocks.values() for k in sorted(b)])
+        if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= d):
+            raise ValueError(f"Uni-LoRA indices out of range [0, {d}) (theta_d_length={d})")
+        counts = np.bincount(flat_idx, minlength=d)
+        norm = np.zeros(d, np.float64)
+        norm[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
+        for name, per in scales.items():
+            for x, saved in per.items():
+                if saved is None:
+                    continue
+                want = norm[np.asarray(blocks[name][f"unilora_indices_{x}"])].T
+                if saved.shape != want.shape or not np.allclose(np.asarray(saved, np.float64), want, rtol=1e-5):
+                    raise ValueError(f"{PREFIX}{name}.unilora_scales_{x} disagrees with 1/sqrt(count) of the "
+                                     "saved indices: the file is inconsistent")
+        shared["unilora_indices"] = blocks
+        shared["unilora_norm"] = jnp.asarray(norm, like.dtype)
+    if tensors:
+        extra = sorted(tensors)
+        raise ValueError(f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]}")
+    out = {k: v for k, v in template.items() if k != SHARED_KEY}
+    out[SHARED_KEY] = shared
+    return out
+
+
 def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | None = None,
                      task_type: str | None = None) -> dict:
     """The PEFT ``adapter_config.json`` dict for ``spec`` on ``params``."""
@@ -279,9 +357,13 @@ def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | Non
         return {**common, "peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
                 "projection_prng_key": opts["projection_prng_key"], "sparse": opts["sparse"],
                 "very_sparse": opts["very_sparse"], "randlora_dropout": 0.0}
+    if variant == "unilora":
+        return {**common, "peft_type": "UNILORA", "theta_d_length": opts["theta_d_length"],
+                "proj_seed": opts["proj_seed"], "init_theta_d_bound": opts["init_theta_d_bound"],
+                "save_indices": True, "unilora_dropout": 0.0, "init_weights": True}
     if variant not in ("lora", "dora"):
         raise ValueError(f"lorajax.peft has no PEFT format for variant {spec.variant!r} "
-                         f"(supported: lora, dora, vera, miss, shira, randlora)")
+                         f"(supported: lora, dora, vera, miss, shira, randlora, unilora)")
     rank_pattern = {re.escape(t.name): t.rank for t in selected if t.rank != spec.rank}
     alpha_pattern = {re.escape(t.name): t.alpha for t in selected if t.alpha != spec.alpha}
     return {**common, "peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(opts["use_rslora"]),
@@ -309,6 +391,14 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
             tensors[f"{PREFIX}{t.name}.{leaf}"] = jnp.asarray(shared[leaf])
     for leaf, name, kind in _SHARED.get(variant, []):
         tensors[name] = _transform(jnp.asarray(shared[leaf]), kind)
+    if variant == "unilora":
+        tensors["base_model.unilora_theta_d"] = jnp.asarray(shared["unilora_theta_d"])
+        norm = jnp.asarray(shared["unilora_norm"], jnp.float32)
+        for t in selected:
+            for x in "AB":
+                idx = jnp.asarray(shared["unilora_indices"][t.name][f"unilora_indices_{x}"])
+                tensors[f"{PREFIX}{t.name}.unilora_indices_{x}"] = idx.T.astype(jnp.int32)
+                tensors[f"{PREFIX}{t.name}.unilora_scales_{x}"] = norm[idx].T
     adapter_dir.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]
     if bad:

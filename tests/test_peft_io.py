@@ -72,7 +72,7 @@ def base():
 
 
 def _randomise(model, names=("lora_B", "vera_lambda_b", "vera_lambda_d", "lora_magnitude_vector", "miss_block",
-                              "shira_weight", "randlora_lambda", "randlora_gamma")):
+                              "shira_weight", "randlora_lambda", "randlora_gamma", "unilora_theta_d")):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -98,6 +98,10 @@ CONFIGS = {
     "miss-mini": lambda: peft.MissConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights="mini", mini_r=4),
     "shira": lambda: peft.ShiraConfig(r=1, target_modules=["q_proj", "o_proj"]),
     "randlora": lambda: peft.RandLoraConfig(r=4, target_modules=["q_proj", "o_proj"], save_projection=True),
+    # indices regenerated from the torch module order (lorajax.peft.TORCH_MODULE_ORDER) / imported
+    "unilora": lambda: peft.UniLoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"], theta_d_length=40),
+    "unilora-indices": lambda: peft.UniLoraConfig(r=3, target_modules=["o_proj", "q_proj"], theta_d_length=32,
+                                                  proj_seed=3, save_indices=True),
 }
 
 
@@ -126,6 +130,7 @@ def test_peft_made_adapter_loads_exactly(base, tmp_path, name):
     ("miss", dict(rank=4, targets=["q_proj", "o_proj"], init_weights="mini", mini_r=4)),
     ("shira", dict(rank=1, targets=["v_proj", "o_proj"])),
     ("randlora", dict(rank=4, alpha=16.0, targets=["q_proj", "v_proj"])),
+    ("unilora", dict(rank=2, targets=["q_proj", "v_proj", "o_proj"], theta_d_length=48)),
 ])
 def test_lorajax_made_adapter_loads_in_peft(base, tmp_path, variant, kwargs):
     net, x = base
@@ -219,3 +224,31 @@ def test_target_absent_from_model_raises(saved):
     _edit_config(path, target_modules=["query", "value"])
     with pytest.raises(ValueError, match="match no weight"):
         lorajax.peft.load(path, params)
+
+
+def test_unilora_without_indices_needs_a_known_order(base, tmp_path):
+    """A Uni-LoRA file without indices on modules whose torch order lorajax cannot know: clear error."""
+    net, _ = base
+    model = peft.get_peft_model(net, peft.UniLoraConfig(r=2, target_modules=["q_proj", "lm_head"], theta_d_length=16))
+    model.save_pretrained(tmp_path)
+    params = flax_params(Net())
+    with pytest.raises(ValueError, match="unilora_order"):
+        lorajax.peft.load(tmp_path, params)
+    # with the order given explicitly it loads
+    spec, adapters = lorajax.peft.load(tmp_path, params, unilora_order=["q_proj", "lm_head"])
+    assert spec.options["target_order"] == ("q_proj", "lm_head")
+
+
+def test_unilora_inconsistent_scales_raise(base, tmp_path):
+    net, _ = base
+    model = peft.get_peft_model(net, CONFIGS["unilora-indices"]())
+    model.save_pretrained(tmp_path)
+
+    def bump(t):
+        key = next(k for k in t if k.endswith("unilora_scales_A"))
+        t[key] = t[key] * 2
+        return t
+
+    _edit_tensors(tmp_path, bump)
+    with pytest.raises(ValueError, match="inconsistent"):
+        lorajax.peft.load(tmp_path, flax_params(Net()))

@@ -173,11 +173,22 @@ def test_save_pretrained_loads_in_transformers(tmp_path, model_type):
     np.testing.assert_array_equal(got.pooler_output.numpy(), want.pooler_output.numpy())
 
 
-def test_peft_lora_on_query_value_matches(tmp_path):
+PEFT_BERT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False),
+    # no saved indices: regenerated in HF BERT's module order (attention.output.dense before output.dense)
+    "unilora": lambda: peft.UniLoraConfig(r=2, target_modules=["query", "value", "dense"], theta_d_length=50,
+                                          layers_to_transform=[0, 1], layers_pattern="layer"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_BERT_CONFIGS))
+def test_peft_adapters_on_bert_match(tmp_path, name):
     net = _tiny()
     net.save_pretrained(tmp_path / "base", safe_serialization=True)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
-    pm = peft.get_peft_model(net, config).eval()
+    pm = peft.get_peft_model(net, PEFT_BERT_CONFIGS[name]()).eval()
+    if name == "unilora":
+        with torch.no_grad():
+            pm.base_model.unilora_theta_d["default"].normal_(0.0, 0.3)
     pm.save_pretrained(tmp_path / "adapter")
     ids, mask, tt = _inputs(pad=0)
     want = _torch_hidden(pm, ids, mask, tt).last_hidden_state.numpy()
@@ -188,7 +199,7 @@ def test_peft_lora_on_query_value_matches(tmp_path):
     peft_names = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
                         if hasattr(m, "base_layer") and not n.endswith("base_layer"))
     assert sorted(t.name for t in lorajax.select(spec, variables)) == peft_names
-    assert len(peft_names) == 4
+    assert len(peft_names) == (4 if name == "lora" else 10)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
     got = fwd(variables, adapters, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
               jnp.asarray(tt, jnp.int32))

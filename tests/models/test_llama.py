@@ -463,6 +463,11 @@ PEFT_CONFIGS = {
         r=2, target_modules=["k_proj", "gate_proj"], layers_to_transform=[1], exclude_modules=r".*gate_proj",
         init_lora_weights=False),
     "vera": lambda peft: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=True),
+    "miss": lambda peft: peft.MissConfig(r=4, target_modules=["q_proj", "o_proj", "up_proj"]),
+    "shira": lambda peft: peft.ShiraConfig(r=2, target_modules=["k_proj", "down_proj"]),
+    "randlora": lambda peft: peft.RandLoraConfig(r=4, target_modules=["v_proj", "gate_proj"], save_projection=True),
+    # no saved indices: lorajax regenerates them in HF Llama's module order (lorajax.peft.TORCH_MODULE_ORDER)
+    "unilora": lambda peft: peft.UniLoraConfig(r=2, target_modules="all-linear", theta_d_length=64),
 }
 
 
@@ -476,7 +481,8 @@ def test_peft_variants_on_llama(ckpt, tmp_path, name):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if any(k in n for k in ("lora_B", "lora_magnitude_vector", "vera_lambda")):
+            if any(k in n for k in ("lora_B", "lora_magnitude_vector", "vera_lambda", "miss_block", "shira_weight",
+                                    "randlora_lambda", "randlora_gamma", "unilora_theta_d")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     pm.eval().save_pretrained(tmp_path)
     want = hf_logits(pm, IDS, PAD_MASK)
