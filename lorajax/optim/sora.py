@@ -1,0 +1,160 @@
+"""SoRA's gate optimiser: AdamW then a proximal soft-threshold step; pruning to plain LoRA.
+
+SoRA (the ``sora`` variant: ``W' = W + s · A diag(g) B``) trains A and B with
+the main optimiser and the gate ``g`` with its own AdamW, after whose every
+step a proximal step sparsifies ``g``::
+
+    g ← T_ξ(g + Δ_adam),     T_ξ(x) = sign(x) · max(|x| − ξ, 0)
+
+(``ξ = threshold``; the official ``SparseAdamW`` does not multiply ξ by the
+learning rate, ``threshold_times_lr=True`` does, as the unused
+``sparse_optimizer_multiply_lr.py``). The loss gets ``λ · Σ|g| / N_g``
+(`gate_penalty`). Gate entries that reach exactly 0 stay 0 while the Adam step
+is smaller than ξ; `prune` then deletes them, giving a plain LoRA of rank
+``nnz(g)`` per target with the same weights.
+
+The official operator applies three masked in-place updates in sequence, so
+entries with ``ξ < |g| < 2ξ`` end at 0 instead of ``|g| − ξ``
+(`quirk_threshold`); ``official_quirk=True`` reproduces it for parity.
+
+Defaults follow the official code: gate AdamW with β = (0.9, 0.999),
+ε = 1e-6, no weight decay, bias correction; scripts use ξ = 3e-4, λ = 10.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, lorajax
+  >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
+  >>> spec = lorajax.Spec("sora", rank=2, alpha=4, targets=["dense"])
+  >>> adapters = lorajax.init(spec, params, 0)
+  >>> tx = lorajax.optim.sora(optax.adamw(1e-3), gate_lr=1e-3, threshold=1e-4)
+  >>> state = tx.init(adapters)
+
+References:
+  Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models",
+  EMNLP 2023, arXiv:2311.11696. Official code TsinghuaC3I/SoRA:
+  ``src/sparse_optimizer.py`` (``SparseAdamW``: AdamW + threshold),
+  ``src/trainer.py`` (the L1 term ``sparse_lambda``), ``run_glue.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorajax import adapters as adapters_lib
+from lorajax.optim.labels import leaf_labels, leaf_name
+from lorajax.spec import Spec
+
+__all__ = ["soft_threshold", "quirk_threshold", "proximal", "sora_gate_optimizer", "sora", "gate_penalty", "prune"]
+
+
+def soft_threshold(x: jax.Array, xi: Any) -> jax.Array:
+    """``sign(x) · max(|x| − ξ, 0)``."""
+    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - xi, 0.0)
+
+
+def quirk_threshold(x: jax.Array, xi: Any) -> jax.Array:
+    """The official three-step operator: shrink where ``x > ξ`` or ``x < −ξ``, then zero ``|·| < ξ``."""
+    y = jnp.where(x > xi, x - xi, x)
+    y = jnp.where(y < -xi, y + xi, y)
+    return jnp.where(jnp.abs(y) < xi, 0.0, y)
+
+
+class ProximalState(NamedTuple):
+    count: jax.Array
+
+
+def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: bool = False
+             ) -> optax.GradientTransformation:
+    """Turn an update ``u`` into ``T_ξ(p + u) − p`` (needs ``params`` in ``update``).
+
+    With ``learning_rate`` (float or schedule), ``ξ = threshold · lr(step)``.
+    """
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    op = quirk_threshold if official_quirk else soft_threshold
+
+    def init(params):
+        del params
+        return ProximalState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the SoRA proximal step needs params: call tx.update(grads, state, params)")
+        xi = threshold
+        if learning_rate is not None:
+            xi = threshold * (learning_rate(state.count) if callable(learning_rate) else learning_rate)
+        new = jax.tree.map(lambda u, p: (op(p + u, xi) - p).astype(u.dtype), updates, params)
+        return new, ProximalState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def sora_gate_optimizer(learning_rate: Any, threshold: float, *, b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-6, threshold_times_lr: bool = False,
+                        official_quirk: bool = False) -> optax.GradientTransformation:
+    """The official ``SparseAdamW`` for gates: Adam (no weight decay), then the proximal step."""
+    return optax.chain(
+        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+        proximal(threshold, learning_rate=learning_rate if threshold_times_lr else None,
+                 official_quirk=official_quirk),
+    )
+
+
+def sora(main: optax.GradientTransformation, gate_lr: Any, threshold: float, **gate_kwargs
+         ) -> optax.GradientTransformation:
+    """``main`` for every leaf except the ``gate`` leaves, which get `sora_gate_optimizer`."""
+
+    def labels(params):
+        return jax.tree.map(lambda r: "gate" if r == "gate" else "main", leaf_labels(params))
+
+    return optax.multi_transform({"main": main, "gate": sora_gate_optimizer(gate_lr, threshold, **gate_kwargs)},
+                                 labels)
+
+
+def gate_penalty(adapters: Any, lam: float) -> jax.Array:
+    """``λ · Σ|g| / N_g`` over every ``gate`` leaf (add it to the task loss)."""
+    gates = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]
+             if leaf_name(path) == "gate"]
+    if not gates:
+        raise ValueError("gate_penalty: the tree has no 'gate' leaves (is it a SoRA adapters tree?)")
+    total = sum(jnp.sum(jnp.abs(g)) for g in gates)
+    return lam * total / sum(g.size for g in gates)
+
+
+def prune(spec: Spec, params: Any, adapters: Any) -> tuple[Spec, dict]:
+    """Delete zero gate entries: ``(lora_spec, lora_adapters)`` with the same adapted weights.
+
+    Target ``i`` becomes a plain LoRA of rank ``nnz(g_i)`` with ``α = rank``
+    (scale 1) and ``lora_A = s · A[:, S] · g_S``, ``lora_B = B[S, :]`` where
+    ``S`` is the support of its gate. Targets whose gate is all zero are
+    dropped (their update is zero). Runs on concrete arrays (not under jit):
+    the new ranks are data-dependent.
+    """
+    if spec.variant != "sora":
+        raise ValueError(f"prune needs SoRA adapters, got variant {spec.variant!r}")
+    selected, index, _ = adapters_lib.resolve(spec, params, adapters)
+    kept, flat, ranks = [], {}, {}
+    for t in selected:
+        a = index[t.keys]
+        g = jax.device_get(a["gate"])
+        support = [i for i in range(g.shape[0]) if g[i] != 0]
+        if not support:
+            continue
+        s = t.alpha / t.rank
+        idx = jnp.asarray(support)
+        flat[t.keys] = {"lora_A": a["lora_A"][:, idx] * (s * a["gate"][idx])[None, :], "lora_B": a["lora_B"][idx, :]}
+        kept.append(t)
+        ranks[t.name] = len(support)
+    if not kept:
+        raise ValueError("every gate entry is zero: the SoRA update is zero, nothing to keep")
+    names = [t.name for t in kept]
+    top = max(ranks.values())
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
+    new_spec = Spec("lora", rank=top, alpha=float(top), targets="|".join(re.escape(n) for n in names),
+                    rank_pattern=pattern or None, alpha_pattern={k: float(v) for k, v in pattern.items()} or None,
+                    dtype=spec.options.get("dtype"))
+    return new_spec, adapters_lib._nest(flat)
