@@ -100,7 +100,7 @@ def test_train_step_refreshes_frozen_state():
 
     tx = optax.sgd(0.1)
     trainable, frozen = lorajax.partition(spec, adapters)
-    step = lorajax.train.make_lora_step(loss_fn, tx, state_spec=spec)
+    step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec))
     opt = tx.init(trainable)
     seen0 = np.asarray(frozen["params"]["d"]["kernel"]["seen"]).copy()
     trainable, frozen, opt, loss = step(variables, trainable, frozen, opt, x)
@@ -113,3 +113,26 @@ def test_train_step_refreshes_frozen_state():
 def test_has_aux_needs_apply_and_update():
     with pytest.raises(ValueError, match="has_aux"):
         Variant(name="bad", init=_init, adapted=None, apply=_apply, has_aux=True)
+
+
+def test_fit_checkpoints_the_refreshed_state(tmp_path):
+    """fit with state_update: buffers evolve, are checkpointed, and a resumed run ends identical."""
+    model, x, variables, spec, adapters = _setup()
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+    def loss_fn(params, adapters, batch):
+        out, aux = fwd(params, adapters, batch, adapter_aux=True)
+        return jnp.mean(out ** 2), aux
+
+    trainable, frozen = lorajax.partition(spec, adapters)
+    batch_fn = lambda step: x * (1.0 + 0.1 * step)  # noqa: E731
+    kw = dict(state_update=lorajax.train.refresh_state(spec), progress=False, ckpt_every=2, log_every=2)
+    (tr_full, fr_full), _ = lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 6,
+                                              out_dir=str(tmp_path / "a"), **kw)
+    lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 4,
+                      out_dir=str(tmp_path / "b"), **kw)
+    (tr_res, fr_res), _ = lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 6,
+                                            out_dir=str(tmp_path / "b"), **kw)
+    assert float(fr_full["params"]["d"]["kernel"]["seen"].sum()) > 0
+    for a, b in zip(jax.tree.leaves((tr_full, fr_full)), jax.tree.leaves((tr_res, fr_res))):
+        np.testing.assert_array_equal(a, b)

@@ -43,7 +43,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, trainable: Any, frozen: Any,
         batch_fn: Callable[[int], Any], steps: int, *, out_dir: str | None = None, ckpt_every: int = 100,
         keep: int = 3, log_every: int = 10, eval_fn: Callable[[Any], dict] | None = None,
-        eval_every: int | None = None, progress: bool = True, desc: str = "train") -> tuple[Any, list[dict]]:
+        eval_every: int | None = None, progress: bool = True, desc: str = "train",
+        state_update: Callable | None = None) -> tuple[Any, list[dict]]:
     """Train ``trainable`` for ``steps`` steps; resume from ``out_dir`` if it has checkpoints.
 
     Args:
@@ -58,14 +59,21 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
       ckpt_every, keep: checkpoint period and how many to keep.
       log_every: metrics period (loss averaged over the period).
       eval_fn: ``eval_fn(trainable) -> {name: float}``, run every ``eval_every`` steps and at the end.
+      state_update: for variants with load-balancing buffers (see
+        `make_lora_step`): ``loss_fn`` returns ``(loss, aux)``, the frozen
+        buffers are refreshed every step and checkpointed, ``eval_fn`` gets
+        ``(trainable, frozen)`` and `fit` returns ``((trainable, frozen), history)``.
 
     Returns:
       ``(trainable, history)``, history being the logged metric dicts of this call.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    step_fn = make_lora_step(loss_fn, tx)  # donates its inputs: work on a copy, the caller's arrays survive
+    step_fn = make_lora_step(loss_fn, tx, state_update=state_update)  # donates its inputs: work on copies
     trainable = jax.tree.map(jnp.copy, trainable)
+    stateful = state_update is not None
+    if stateful:
+        frozen = jax.tree.map(jnp.copy, frozen)
     opt_state = tx.init(trainable)
     start, ckpt, writer, jsonl = 0, None, None, None
     pending: list[float] = []  # losses since the last log line (kept in checkpoints: logs resume exactly)
@@ -75,7 +83,10 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
         ckpt = Checkpointer(out / "checkpoints", keep=keep)
         jsonl = out / "metrics.jsonl"
         if ckpt.latest_step() is not None:
-            (trainable, opt_state), meta = ckpt.restore((trainable, opt_state))
+            if stateful:
+                (trainable, opt_state, frozen), meta = ckpt.restore((trainable, opt_state, frozen))
+            else:
+                (trainable, opt_state), meta = ckpt.restore((trainable, opt_state))
             start = int(meta["step"])
             pending = [float(x) for x in meta.get("pending_losses", [])]
         _truncate_jsonl(jsonl, start)
@@ -91,7 +102,10 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
     t_last, n_last = time.perf_counter(), start
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False)
     for step in bar:
-        trainable, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch_fn(step))
+        if stateful:
+            trainable, frozen, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch_fn(step))
+        else:
+            trainable, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch_fn(step))
         losses.append(float(loss))
         done = step + 1
         record = None
@@ -102,7 +116,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
             losses, t_last, n_last = [], now, done
             bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
         if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == steps):
-            record = {**(record or {"step": done}), **{f"eval/{k}": float(v) for k, v in eval_fn(trainable).items()}}
+            record = {**(record or {"step": done}), **{f"eval/{k}": float(v) for k, v in eval_fn((trainable, frozen) if stateful else trainable).items()}}
         if record is not None:
             history.append(record)
             if jsonl is not None:
@@ -113,9 +127,12 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
                     if k != "step":
                         writer.add_scalar(k, v, done)
         if ckpt is not None and (done % ckpt_every == 0 or done == steps):
-            ckpt.save(done, (trainable, opt_state), {"step": done, "pending_losses": losses})
+            ckpt.save(done, (trainable, opt_state, frozen) if stateful else (trainable, opt_state),
+                      {"step": done, "pending_losses": losses})
     if writer is not None:
         writer.close()
     if ckpt is not None:
         ckpt.close()
+    if stateful:
+        return jax.block_until_ready((trainable, frozen)), history
     return jax.block_until_ready(trainable), history
