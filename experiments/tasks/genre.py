@@ -27,6 +27,7 @@ import safetensors.numpy
 
 import lorajax
 from experiments.config import RunConfig
+from experiments.optimizers import extra_loss, make_tx
 from experiments.report import loss_plot, markdown_table
 from lorajax.data import speeches
 from lorajax.models import bert
@@ -76,18 +77,6 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
     return batch
 
 
-def make_tx(cfg: RunConfig, lr: float) -> optax.GradientTransformation:
-    o = cfg.optim
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup, max(cfg.steps - 1, 1)), max(cfg.steps, 2))
-    if o.name == "adamw":
-        return optax.adamw(sched, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return optax.adam(sched)
-    if o.name == "sgd":
-        return optax.sgd(sched, momentum=0.9)
-    raise SystemExit(f"unknown optimiser {o.name!r}: adamw | adam | sgd")
-
-
 def head_logits(head: dict, pooled_BxD: jax.Array) -> jax.Array:
     return pooled_BxD @ head["kernel"] + head["bias"][None, :]
 
@@ -125,7 +114,7 @@ def run(cfg: RunConfig) -> dict:
             logits = head_logits(trainable["head"], batch["pooled"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-        head, hist = lorajax.train.fit(base_loss, make_tx(cfg, cfg.optim.head_lr), None, {"head": head0},
+        head, hist = lorajax.train.fit(base_loss, make_tx(cfg, cfg.optim.head_lr, adapters=False), None, {"head": head0},
                                        {"head": jax.tree.map(lambda _: None, head0)},
                                        batch_fn_for(feats["train"], cfg.batch_size, cfg.seed), cfg.steps,
                                        progress=cfg.progress, desc="baseline: frozen encoder + head")
@@ -158,7 +147,8 @@ def run(cfg: RunConfig) -> dict:
 
     def loss_fn(variables, comb, batch):
         logits = head_logits(comb["head"], pooled(variables, comb, batch, train=True))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return ce + extra_loss(cfg, comb["adapters"])
 
     predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)), -1))
 
@@ -170,7 +160,7 @@ def run(cfg: RunConfig) -> dict:
         return float(np.mean(np.concatenate(preds) == d["label"]))
 
     labels = {"adapters": jax.tree.map(lambda _: "adapters", tr), "head": jax.tree.map(lambda _: "head", head0)}
-    tx = optax.multi_transform({"adapters": make_tx(cfg, cfg.optim.lr), "head": make_tx(cfg, cfg.optim.head_lr)},
+    tx = optax.multi_transform({"adapters": make_tx(cfg, cfg.optim.lr), "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)},
                                labels)
     t0 = time.perf_counter()
     trainable, hist = lorajax.train.fit(loss_fn, tx, variables, trainable, frozen,

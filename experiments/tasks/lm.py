@@ -22,7 +22,7 @@ import optax
 import lorajax
 from experiments.config import RunConfig
 from experiments.report import loss_plot, markdown_table
-from experiments.tasks.genre import make_tx
+from experiments.optimizers import extra_loss, make_tx
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
 from lorajax.models import llama
@@ -82,6 +82,9 @@ def run(cfg: RunConfig) -> dict:
     def loss_fn(v, a, batch):
         return lm_loss(fwd(v, a, batch[:, :-1]), batch)
 
+    def train_loss(v, a, batch):
+        return loss_fn(v, a, batch) + extra_loss(cfg, a)
+
     eval_loss = jax.jit(loss_fn)
     test = ids["adapt_test"]
     n = (len(test) - 1) // (seq + 1)
@@ -93,7 +96,7 @@ def run(cfg: RunConfig) -> dict:
 
     before = held_out(adapters)
     trainable, hist = lorajax.train.fit(
-        loss_fn, make_tx(cfg, cfg.optim.lr), variables, trainable, frozen,
+        train_loss, make_tx(cfg, cfg.optim.lr), variables, trainable, frozen,
         window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2), steps,
         out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
         eval_fn=lambda t: {"held_out_loss": held_out(lorajax.combine(t, frozen))}, eval_every=cfg.eval_every,
