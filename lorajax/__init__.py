@@ -12,15 +12,15 @@ from lorajax.adapters import (
     unmerge,
     update_state,
 )
-from lorajax.rank_tools import truncate
+from lorajax.rank_tools import squeeze, truncate
 from lorajax.registry import list_variants
 from lorajax.spec import Spec
 from lorajax.targets import select
-from lorajax import inits, models, peft, train
+from lorajax import inits, models, optim, peft, train
 
 __all__ = [
-    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate",
-    "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "inits", "models", "peft", "train",
+    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
+    "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "inits", "models", "optim", "peft", "train",
 ]
 
 __version__ = "0.1.0"
