@@ -3,3 +3,6 @@
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# fixture generators import the official (torch) code from a scratch checkout: never collect them
+collect_ignore_glob = ["tests/fixtures/*"]
