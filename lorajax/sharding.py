@@ -1,0 +1,272 @@
+"""Place params, adapters, optimiser state and batches on a device mesh (XLA SPMD).
+
+lorajax does not partition anything itself: it puts every array on a
+``jax.sharding.NamedSharding`` and lets XLA's SPMD partitioner propagate the
+shardings through the unchanged, single-device code (a jitted train step, the
+adapted forward, generation). The mesh uses **Auto axes**
+(``jax.sharding.AxisType.Auto``) deliberately: jax 0.10's explicit-sharding
+mode (``AxisType.Explicit``, sharding in types) would require ``out_sharding``
+annotations at the model's reshapes and einsums; with Auto axes the same model
+code runs on one device and on a pod. ``jax.set_mesh(mesh)`` is not needed
+(shardings come from the placed inputs) but is harmless.
+
+Mesh axes (any subset, any order): ``data`` (batch), ``fsdp`` (batch and one
+axis of every large weight: ZeRO-3 style), ``tensor`` (Megatron column/row
+splits of attention and MLP).
+
+Rules are an ordered list of ``(regex, PartitionSpec)``; a leaf's name is its
+dict path joined by dots without the ``params`` collection, the same grammar
+as `lorajax.Spec` targets plus the leaf name, e.g.
+``model.layers.0.self_attn.q_proj.kernel``; ``re.fullmatch``, first rule wins.
+Mesh axes a spec names but the mesh lacks are dropped, so one rule set serves
+every mesh. Leaves no rule matches are replicated.
+
+Adapters follow the weight they adapt (a rule on ``…q_proj.kernel`` also
+places ``…q_proj.kernel.lora_A``): a factor axis of the weight's input size
+(axis 0) takes the weight's input sharding, an axis of the output size (last)
+its output sharding, the rank axis and everything else (vectors, VeRA's shared
+projections) are replicated; a factor axis that the mesh does not divide is
+replicated rather than an error (factors are small). Optimiser state leaves
+(Adam's ``mu``/``nu``) carry the same dict path as their parameter and so get
+the same sharding; counters are replicated.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lorajax import sharding
+  >>> mesh = sharding.make_mesh("data=1,fsdp=-1")
+  >>> mesh.axis_names
+  ('data', 'fsdp')
+  >>> params = {"model": {"layers": {"0": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 8))}}}}}}
+  >>> placed = sharding.shard(params, mesh)
+  >>> placed["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].sharding.spec
+  PartitionSpec('fsdp', None)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = [
+    "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",
+    "shard_batch", "batch_sharding", "leaf_name",
+]
+
+#: mesh axis names lorajax's rules use
+AXES = ("data", "fsdp", "tensor")
+
+#: Llama-style decoders (lorajax.models.llama): FSDP over one axis of every matrix,
+#: tensor parallelism column-wise for q/k/v/gate/up and row-wise for o/down.
+LLAMA_RULES: tuple = (
+    (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel", P("fsdp", "tensor")),
+    (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias", P("tensor")),
+    (r".*(o_proj|down_proj)\.kernel", P("tensor", "fsdp")),
+    (r".*embed_tokens\.embedding", P("tensor", "fsdp")),
+    (r".*lm_head\.kernel", P("fsdp", "tensor")),
+)
+
+#: BERT-style encoders (lorajax.models.bert).
+BERT_RULES: tuple = (
+    (r".*attention\.self\.(query|key|value)\.kernel", P("fsdp", "tensor")),
+    (r".*attention\.self\.(query|key|value)\.bias", P("tensor")),
+    (r".*intermediate\.dense\.kernel", P("fsdp", "tensor")),
+    (r".*intermediate\.dense\.bias", P("tensor")),
+    (r".*(attention\.output|layer\.\d+\.output)\.dense\.kernel", P("tensor", "fsdp")),
+    (r".*word_embeddings\.embedding", P("tensor", "fsdp")),
+)
+
+
+def parse_mesh(axes: str | dict[str, int]) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` (or a dict) -> ``{"data": 2, "fsdp": 4}``; one size may be -1 (the rest)."""
+    if isinstance(axes, str):
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in axes.split(","))):
+            name, sep, size = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"mesh {axes!r}: expected 'name=size,...', got {part!r}")
+            try:
+                out[name.strip()] = int(size)
+            except ValueError:
+                raise ValueError(f"mesh {axes!r}: size of axis {name.strip()!r} must be an int, got {size!r}") from None
+        axes = out
+    if not isinstance(axes, dict) or not axes:
+        raise ValueError(f"mesh must be 'name=size,...' or a non-empty dict, got {axes!r}")
+    for name, size in axes.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise ValueError(f"mesh axis name {name!r} is not an identifier")
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r}: size must be a positive int or -1, got {size!r}")
+    if sum(1 for s in axes.values() if s == -1) > 1:
+        raise ValueError(f"mesh {axes}: at most one axis may be -1")
+    return dict(axes)
+
+
+def make_mesh(axes: str | dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with Auto axes over ``devices`` (default: all, e.g. every host's in a multi-host job).
+
+    ``axes``: ``"data=2,fsdp=4"`` or ``{"data": 2, "fsdp": 4}``; one size may
+    be ``-1`` (whatever is left). The sizes must multiply to the device count.
+    """
+    sizes = parse_mesh(axes)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+        if n % known:
+            raise ValueError(f"mesh {sizes}: {n} devices are not a multiple of {known}")
+        sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {n} "
+                         f"({jax.process_count()} process(es)); use -1 for one axis to fill")
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes),
+                         devices=devices)
+
+
+def leaf_name(path: tuple) -> str:
+    """Dotted dict path of a leaf (attribute and sequence keys of optax states skipped, no ``params``)."""
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names and names[0] == "params":
+        names = names[1:]
+    return ".".join(names)
+
+
+def default_rules(tree: Any) -> tuple:
+    """`LLAMA_RULES` or `BERT_RULES` by the names found in ``tree``, else no rules (replicate)."""
+    names = [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    for rules in (LLAMA_RULES, BERT_RULES):
+        if any(re.fullmatch(rx, n) for rx, _ in rules for n in names):
+            return rules
+    return ()
+
+
+def _fit(spec: P, mesh: Mesh, ndim: int) -> tuple:
+    """The spec's entries with axes the mesh lacks dropped, padded to ``ndim``."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    if len(entries) > ndim:
+        raise ValueError(f"PartitionSpec {spec} has more entries than the array has axes ({ndim})")
+    out = []
+    for e in entries:
+        axes = (e,) if isinstance(e, str) else tuple(e or ())
+        kept = tuple(a for a in axes if a in mesh.shape)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return tuple(out)
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    if entry is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry))
+
+
+def _derived(weight_entries: tuple, weight_shape: tuple, leaf_shape: tuple, mesh: Mesh) -> tuple:
+    """An adapter leaf's spec from its weight's: input axis first, output axis last, rest replicated."""
+    if len(weight_shape) < 2 or len(leaf_shape) < 2:
+        return (None,) * len(leaf_shape)
+    out = [None] * len(leaf_shape)
+    n_in, n_out = weight_shape[0], weight_shape[-1]
+    if leaf_shape[0] == n_in and weight_entries[0] is not None:
+        out[0] = weight_entries[0]
+    if leaf_shape[-1] == n_out and weight_entries[-1] is not None:
+        out[-1] = weight_entries[-1]
+    return tuple(e if leaf_shape[i] % _axis_size(mesh, e) == 0 else None for i, e in enumerate(out))
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    return {leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any = None,
+              strict: bool | None = None) -> Any:
+    """A tree of ``NamedSharding`` like ``tree`` (arrays or ``ShapeDtypeStruct``s).
+
+    Args:
+      tree: params, adapters, optimiser state, or a tuple/dict of them.
+      mesh: from `make_mesh`.
+      rules: ordered ``(regex, PartitionSpec)`` pairs; None = `default_rules`
+        (of ``like`` when given, else of ``tree``).
+      like: the base params, when ``tree`` holds adapters (or their optimiser
+        state) without the weights: adapter factors then follow their weight.
+      strict: raise if a rule matches no leaf (default: True for rules you pass).
+
+    Raises:
+      ValueError naming the leaf when a rule's mesh axes do not divide its
+      dimension, or (strict) naming a rule that matches nothing.
+    """
+    if rules is None:
+        rules, strict = default_rules(tree if like is None else like), bool(strict)
+    elif strict is None:
+        strict = True
+    rules = [(re.compile(rx), spec if isinstance(spec, P) else P(*spec)) for rx, spec in rules]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    weights = _shapes(tree) if like is None else {**_shapes(like), **_shapes(tree)}
+    used = [False] * len(rules)
+
+    def rule_for(name: str):
+        for i, (rx, spec) in enumerate(rules):
+            if rx.fullmatch(name):
+                used[i] = True
+                return spec
+        return None
+
+    out = []
+    for path, leaf in leaves:
+        name, shape = leaf_name(path), tuple(np.shape(leaf))
+        spec = rule_for(name) if name else None
+        entries = (None,) * len(shape)
+        if spec is not None:
+            entries = _fit(spec, mesh, len(shape))
+            for dim, (size, e) in enumerate(zip(shape, entries)):
+                if size % _axis_size(mesh, e):
+                    raise ValueError(f"{name}: dimension {dim} of shape {shape} is not divisible by mesh axis "
+                                     f"{e} of size {_axis_size(mesh, e)} (rule {spec})")
+        else:  # an adapter leaf (or its optimiser state) under a weight: follow the weight
+            parts = name.split(".")
+            for cut in range(len(parts) - 1, 0, -1):
+                parent = ".".join(parts[:cut])
+                if parent in weights and parent != name:
+                    spec_w = rule_for(parent)
+                    if spec_w is not None:
+                        w_shape = weights[parent]
+                        entries = _derived(_fit(spec_w, mesh, len(w_shape)), w_shape, shape, mesh)
+                    break
+        out.append(NamedSharding(mesh, P(*entries)))
+    if strict:
+        unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
+        if unused:
+            raise ValueError(f"sharding rule(s) {unused} match no leaf (leaf names look like "
+                             f"{list(weights)[:3]})")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def shard(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any = None) -> Any:
+    """``jax.device_put`` every leaf of ``tree`` with `shardings` (same arguments)."""
+    return jax.device_put(tree, shardings(tree, mesh, rules, like=like))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over the mesh's ``data`` and ``fsdp`` axes, the rest replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Put a (global) batch with its leading axis split over ``data`` × ``fsdp``.
+
+    Raises ValueError when the batch size is not divisible by that product.
+    """
+    n = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by data x fsdp = {n}")
+        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree.map(put, batch)
