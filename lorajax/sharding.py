@@ -39,7 +39,7 @@ Example:
   >>> params = {"model": {"layers": {"0": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 8))}}}}}}
   >>> placed = sharding.shard(params, mesh)
   >>> placed["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].sharding.spec
-  PartitionSpec('fsdp', None)
+  P('fsdp', None)
 """
 
 from __future__ import annotations
