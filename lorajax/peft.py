@@ -77,6 +77,7 @@ _IGNORED = {
     "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "miss_dropout", "bone_dropout",
     "randlora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying",
     "fan_in_fan_out", "save_projection", "random_seed", "unilora_dropout", "save_indices",
+    "lora_ga_config", "corda_config", "eva_config",  # describe the init only (the base it expects: see the warning)
 }
 _SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
 # config fields each PEFT type reads (beyond the selection ones)
