@@ -25,6 +25,10 @@ _MODULES = {
     "miss": "miss",
     "bone": "miss",  # alias: PEFT's removed BoneConfig is MiSS's default and "bat" modes
     "shira": "shira",
+    "loldu": "loldu",
+    "tera": "tera",
+    "flylora": "flylora",
+    "smora": "smora",
 }
 
 
