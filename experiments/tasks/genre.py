@@ -137,23 +137,31 @@ def run(cfg: RunConfig) -> dict:
     trainable = {"adapters": tr, "head": head0}
     frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    # routing variants (FlyLoRA, SMoRA) return load statistics that refresh their bias every step
+    stateful = lorajax.registry.get(spec.variant).has_aux
 
     def pooled(variables, comb, batch, train=False):
         # variants that sample in training (DyLoRA's rank) draw from a key derived from the step
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 2), batch["step"]) if train else None
-        hidden = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
-                     batch["token_type_ids"], adapter_rng=rng, adapter_train=train)
-        return bert.mean_pool(hidden, batch["attention_mask"])
+        out = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
+                  batch["token_type_ids"], adapter_rng=rng, adapter_train=train, adapter_aux=True)
+        hidden, aux = out
+        return bert.mean_pool(hidden, batch["attention_mask"]), aux
 
     def loss_fn(variables, comb, batch):
-        logits = head_logits(comb["head"], pooled(variables, comb, batch, train=True))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return ce + extra_loss(cfg, comb["adapters"])
+        features, aux = pooled(variables, comb, batch, train=True)
+        logits = head_logits(comb["head"], features)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        loss = loss + extra_loss(cfg, comb["adapters"])
+        return (loss, aux) if stateful else loss
 
-    predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)), -1))
+    def refresh(variables, comb, aux):
+        return {**comb, "adapters": lorajax.update_state(spec, variables, comb["adapters"], aux)}
 
-    def accuracy(trainable) -> float:
-        comb = lorajax.combine(trainable, frozen)
+    predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)[0]), -1))
+
+    def accuracy(state) -> float:
+        comb = lorajax.combine(*state) if stateful else lorajax.combine(state, frozen)
         d = data["test"]
         preds = [np.asarray(predict(variables, comb, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items()}))
                  for i in range(0, len(d["label"]), 64)]
@@ -163,14 +171,17 @@ def run(cfg: RunConfig) -> dict:
     tx = optax.multi_transform({"adapters": make_tx(cfg, cfg.optim.lr), "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)},
                                labels)
     t0 = time.perf_counter()
-    trainable, hist = lorajax.train.fit(loss_fn, tx, variables, trainable, frozen,
-                                        batch_fn_for(data["train"], cfg.batch_size, cfg.seed), cfg.steps,
-                                        out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-                                        eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
-                                        progress=cfg.progress, desc=f"{spec.variant} + head")
+    state, hist = lorajax.train.fit(loss_fn, tx, variables, trainable, frozen,
+                                    batch_fn_for(data["train"], cfg.batch_size, cfg.seed), cfg.steps,
+                                    out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+                                    eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
+                                    progress=cfg.progress, desc=f"{spec.variant} + head",
+                                    state_update=refresh if stateful else None)
     wall = time.perf_counter() - t0
+    trainable, frozen = state if stateful else (state, frozen)
     comb = lorajax.combine(trainable, frozen)
-    results["test_acc"] = [h for h in hist if "eval/test_acc" in h][-1]["eval/test_acc"] if hist else accuracy(trainable)
+    results["test_acc"] = [h for h in hist if "eval/test_acc" in h][-1]["eval/test_acc"] if hist else \
+        accuracy(state)
     counts = lorajax.count_params(spec, variables, comb["adapters"])
     results["trainable"] = int(counts["trainable"] + results.get("baseline_trainable", dim * n_classes + n_classes))
     results["total"] = int(counts["total"] + dim * n_classes + n_classes)
@@ -182,7 +193,7 @@ def run(cfg: RunConfig) -> dict:
 
     # artefacts: orbax + PEFT adapters, the head
     ckpt = Checkpointer(out / "adapters_orbax", keep=1)
-    ckpt.save(cfg.steps, trainable, {"spec": repr(spec)})
+    ckpt.save(cfg.steps, comb, {"spec": repr(spec)})  # trainable leaves and frozen buffers
     ckpt.close()
     try:
         lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,

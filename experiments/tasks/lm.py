@@ -79,11 +79,15 @@ def run(cfg: RunConfig) -> dict:
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
 
+    stateful = lorajax.registry.get(spec.variant).has_aux  # FlyLoRA, SMoRA: routing-bias statistics
+
     def loss_fn(v, a, batch):
         return lm_loss(fwd(v, a, batch[:, :-1]), batch)
 
     def train_loss(v, a, batch):
-        return loss_fn(v, a, batch) + extra_loss(cfg, a)
+        logits, aux = fwd(v, a, batch[:, :-1], adapter_aux=True)
+        loss = lm_loss(logits, batch) + extra_loss(cfg, a)
+        return (loss, aux) if stateful else loss
 
     eval_loss = jax.jit(loss_fn)
     test = ids["adapt_test"]
@@ -95,22 +99,27 @@ def run(cfg: RunConfig) -> dict:
                               for i in range(0, n, cfg.batch_size)]))
 
     before = held_out(adapters)
-    trainable, hist = lorajax.train.fit(
+    state, hist = lorajax.train.fit(
         train_loss, make_tx(cfg, cfg.optim.lr), variables, trainable, frozen,
         window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2), steps,
         out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-        eval_fn=lambda t: {"held_out_loss": held_out(lorajax.combine(t, frozen))}, eval_every=cfg.eval_every,
-        progress=cfg.progress, desc=f"{spec.variant} on comedies")
+        eval_fn=lambda t: {"held_out_loss": held_out(lorajax.combine(*t) if stateful else lorajax.combine(t, frozen))},
+        eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{spec.variant} on comedies",
+        state_update=lorajax.train.refresh_state(spec) if stateful else None)
+    trainable, frozen = state if stateful else (state, frozen)
     adapters = lorajax.combine(trainable, frozen)
     after = held_out(adapters)
     counts = lorajax.count_params(spec, variables, adapters)
     rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
     step_ms = 1e3 / float(np.median(rates)) if rates else float("nan")
 
-    merged = lorajax.merge(spec, variables, adapters)["params"]
     prompt = jnp.asarray(tok.encode("Viola: ")[None, :])
-    sample = tok.decode(np.asarray(llama.generate(model, merged, prompt, 120, temperature=0.8, top_p=0.95,
-                                                  key=jax.random.key(cfg.seed)))[0])
+    if lorajax.registry.get(spec.variant).mergeable:
+        merged = lorajax.merge(spec, variables, adapters)["params"]
+        sample = tok.decode(np.asarray(llama.generate(model, merged, prompt, 120, temperature=0.8, top_p=0.95,
+                                                      key=jax.random.key(cfg.seed)))[0])
+    else:  # input-dependent routing cannot be merged into the weights the KV-cache generator uses
+        sample = f"(no sample: variant {spec.variant} is not mergeable)"
     try:
         lorajax.peft.save(out / "peft_adapter", spec, adapters, variables, base_model_name_or_path=str(base_dir))
     except ValueError as e:  # a variant PEFT has no format for
