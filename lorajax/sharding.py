@@ -54,7 +54,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",
-    "shard_batch", "batch_sharding", "leaf_name",
+    "shard_batch", "batch_sharding", "leaf_name", "initialize",
 ]
 
 #: mesh axis names lorajax's rules use
@@ -243,9 +243,21 @@ def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Place ``x`` (the same global value on every process) with ``sharding``, multi-host too."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # each process supplies the slices its own devices hold
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any = None) -> Any:
-    """``jax.device_put`` every leaf of ``tree`` with `shardings` (same arguments)."""
-    return jax.device_put(tree, shardings(tree, mesh, rules, like=like))
+    """Place every leaf of ``tree`` with `shardings` (same arguments).
+
+    In a multi-host job every process passes the same (global) values, e.g.
+    the params each host loaded from the checkpoint; each keeps only its shards.
+    """
+    return jax.tree.map(_put, tree, shardings(tree, mesh, rules, like=like))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -254,19 +266,45 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put a (global) batch with its leading axis split over ``data`` × ``fsdp``.
+def shard_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:
+    """Put a batch with its leading axis split over ``data`` × ``fsdp``.
 
-    Raises ValueError when the batch size is not divisible by that product.
+    ``local=False``: ``batch`` is the global batch (the same on every process).
+    ``local=True`` (multi-host data loading): each process passes only its own
+    rows, ``global batch / process_count`` of them, and the global array is
+    assembled with ``jax.make_array_from_process_local_data``.
+    Raises ValueError when the batch size is not divisible by data × fsdp.
     """
     n = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
 
     def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x is None:
+            return None
+        if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+            x = np.asarray(x)
         if x.ndim == 0:
-            return jax.device_put(x, NamedSharding(mesh, P()))
-        if x.shape[0] % n:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by data x fsdp = {n}")
-        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+            return _put(x, NamedSharding(mesh, P()))
+        rows = x.shape[0] * (jax.process_count() if local else 1)
+        if rows % n:
+            raise ValueError(f"batch size {rows} is not divisible by data x fsdp = {n}")
+        if local:
+            return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), np.asarray(x))
+        return _put(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree.map(put, batch)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, cpu_collectives: str = "gloo") -> None:
+    """Start a multi-host job: ``jax.distributed.initialize`` (once, before any other jax call).
+
+    On TPU pods and under SLURM (and other clusters jax detects) call it with
+    no arguments; elsewhere give the coordinator ``host:port``, the number of
+    processes and this process's id. On CPU hosts the cross-process
+    collectives use ``cpu_collectives`` (gloo). After it, ``jax.devices()``
+    lists every process's devices and `make_mesh` spans them all.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                ("process_id", process_id)) if v is not None}
+    jax.distributed.initialize(**kwargs)

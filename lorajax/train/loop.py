@@ -27,6 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lorajax.train.checkpoint import Checkpointer
+from lorajax import sharding
 from lorajax.train.step import make_lora_step
 
 __all__ = ["fit"]
@@ -44,7 +45,8 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
         batch_fn: Callable[[int], Any], steps: int, *, out_dir: str | None = None, ckpt_every: int = 100,
         keep: int = 3, log_every: int = 10, eval_fn: Callable[[Any], dict] | None = None,
         eval_every: int | None = None, progress: bool = True, desc: str = "train",
-        state_update: Callable | None = None) -> tuple[Any, list[dict]]:
+        state_update: Callable | None = None, mesh: Any = None,
+        local_batches: bool = False) -> tuple[Any, list[dict]]:
     """Train ``trainable`` for ``steps`` steps; resume from ``out_dir`` if it has checkpoints.
 
     Args:
@@ -59,6 +61,11 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
       ckpt_every, keep: checkpoint period and how many to keep.
       log_every: metrics period (loss averaged over the period).
       eval_fn: ``eval_fn(trainable) -> {name: float}``, run every ``eval_every`` steps and at the end.
+      mesh: a `lorajax.sharding` mesh: every batch is placed with its leading
+        axis over ``data`` × ``fsdp`` (place params/trainable/frozen with
+        `lorajax.sharding.shard` first; the optimiser state follows them).
+      local_batches: with ``mesh`` in a multi-host job: ``batch_fn`` returns
+        this process's rows only (see `lorajax.sharding.shard_batch`).
       state_update: for variants with load-balancing buffers (see
         `make_lora_step`): ``loss_fn`` returns ``(loss, aux)``, the frozen
         buffers are refreshed every step and checkpointed, ``eval_fn`` gets
@@ -81,7 +88,8 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpointer(out / "checkpoints", keep=keep)
-        jsonl = out / "metrics.jsonl"
+        main = jax.process_index() == 0  # multi-host: every process checkpoints, one writes metrics
+        jsonl = out / "metrics.jsonl" if main else None
         if ckpt.latest_step() is not None:
             if stateful:
                 (trainable, opt_state, frozen), meta = ckpt.restore((trainable, opt_state, frozen))
@@ -89,11 +97,12 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
                 (trainable, opt_state), meta = ckpt.restore((trainable, opt_state))
             start = int(meta["step"])
             pending = [float(x) for x in meta.get("pending_losses", [])]
-        _truncate_jsonl(jsonl, start)
+        if main:
+            _truncate_jsonl(jsonl, start)
         try:
             from tensorboardX import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
+            writer = SummaryWriter(str(out / "tb"), purge_step=start + 1) if main else None
         except ImportError:  # optional: JSONL is always written
             writer = None
 
@@ -102,10 +111,13 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
     t_last, n_last = time.perf_counter(), start
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, leave=False)
     for step in bar:
+        batch = batch_fn(step)
+        if mesh is not None:
+            batch = sharding.shard_batch(batch, mesh, local=local_batches)
         if stateful:
-            trainable, frozen, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch_fn(step))
+            trainable, frozen, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch)
         else:
-            trainable, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch_fn(step))
+            trainable, opt_state, loss = step_fn(params, trainable, frozen, opt_state, batch)
         losses.append(float(loss))
         done = step + 1
         record = None
