@@ -48,3 +48,4 @@ class RunConfig:
     baseline: bool = True                 # also train the frozen-encoder + head baseline
     out_dir: str = "experiments/runs/genre"  # checkpoints, metrics, adapters, results.md, plots
     progress: bool = True                 # tqdm progress bars
+    mesh: str = ""                        # device mesh, e.g. "data=2,fsdp=4" or "fsdp=-1" ("" = one device)

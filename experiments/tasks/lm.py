@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import lorajax
+from lorajax import sharding
 from experiments.config import RunConfig
 from experiments.report import loss_plot, markdown_table
 from experiments.optimizers import extra_loss, make_tx
@@ -76,6 +77,11 @@ def run(cfg: RunConfig) -> dict:
                         targets=s.targets if isinstance(s.targets, str) else list(s.targets),
                         exclude=list(s.exclude) or None, **({"use_rslora": True} if s.use_rslora else {}))
     adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
+    mesh = None
+    if cfg.mesh:  # weights split by lorajax.sharding's Llama rules, adapters follow, batches over data x fsdp
+        mesh = sharding.make_mesh(cfg.mesh)
+        adapters = sharding.shard(adapters, mesh, like=variables)
+        variables = sharding.shard(variables, mesh)
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
 
@@ -100,11 +106,11 @@ def run(cfg: RunConfig) -> dict:
 
     before = held_out(adapters)
     state, hist = lorajax.train.fit(
-        train_loss, make_tx(cfg, cfg.optim.lr), variables, trainable, frozen,
+        train_loss, make_tx(cfg, cfg.optim.lr, spec=spec), variables, trainable, frozen,
         window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2), steps,
         out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
         eval_fn=lambda t: {"held_out_loss": held_out(lorajax.combine(*t) if stateful else lorajax.combine(t, frozen))},
-        eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{spec.variant} on comedies",
+        eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{spec.variant} on comedies", mesh=mesh,
         state_update=lorajax.train.refresh_state(spec) if stateful else None)
     trainable, frozen = state if stateful else (state, frozen)
     adapters = lorajax.combine(trainable, frozen)

