@@ -470,16 +470,23 @@ class DecoderLayer(nn.Module):
 
 
 class Layers(nn.Module):
-    """The ``layers`` container: children named ``"0"``, ``"1"``, ... like HF's ModuleList."""
+    """The ``layers`` container: children named ``"0"``, ``"1"``, ... like HF's ModuleList.
+
+    ``remat=True`` recomputes each layer in the backward pass (``nn.remat``):
+    only the layer inputs are kept, and under FSDP the all-gathered weights are
+    gathered again instead of living from the forward to the backward pass.
+    """
 
     cfg: Config
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x_TxD, cos, sin, masks: dict, cache=None, cache_index=None):
         new_cache = []
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(self.cfg.num_hidden_layers):
-            x_TxD, c = DecoderLayer(self.cfg, self.param_dtype, name=str(i))(
+            x_TxD, c = layer_cls(self.cfg, self.param_dtype, name=str(i))(
                 x_TxD, cos, sin, masks[self.cfg.window(i)], None if cache is None else cache[i], cache_index)
             new_cache.append(c)
         return x_TxD, (None if cache is None else tuple(new_cache))
@@ -490,12 +497,13 @@ class LlamaModel(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.layers = Layers(cfg, self.param_dtype)
+        self.layers = Layers(cfg, self.param_dtype, self.remat)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
@@ -552,12 +560,14 @@ class LlamaForCausalLM(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
+    #: recompute each decoder layer in the backward pass (activation checkpointing; see `Layers`)
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         cfg = self.cfg
         B, S = input_ids.shape
-        model = LlamaModel(cfg, self.param_dtype, name="model")
+        model = LlamaModel(cfg, self.param_dtype, self.remat, name="model")
         h_TxD, new_cache = model(input_ids, attention_mask, position_ids, cache, cache_index)
         if cfg.tie_word_embeddings:
             logits_TxV = model.attend(h_TxD)

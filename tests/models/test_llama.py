@@ -495,3 +495,22 @@ def test_peft_variants_on_llama(ckpt, tmp_path, name):
         got = lorajax.adapt(c.model.apply, spec, mode=mode)({"params": c.params}, adapters, jnp.asarray(IDS),
                                                             attention_mask=jnp.asarray(PAD_MASK))
         assert max_diff(got, want, PAD_MASK) <= TOL, mode
+
+
+def test_remat_same_outputs_and_adapter_gradients():
+    """remat=True (activation checkpointing per decoder layer) changes memory, not maths."""
+    cfg = llama.Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, architectures=("LlamaForCausalLM",))
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
+    plain, remat = llama.LlamaForCausalLM(cfg), llama.LlamaForCausalLM(cfg, remat=True)
+    variables = plain.init(jax.random.key(0), ids)
+    spec = lorajax.Spec("lora", rank=2, targets="all-linear", init_weights=False)
+    adapters = lorajax.init(spec, variables, 1)
+    outs = []
+    for model in (plain, remat):
+        fwd = jax.jit(lorajax.adapt(model.apply, spec, mode="factored"))
+        loss, grads = jax.value_and_grad(lambda a: jnp.sum(fwd(variables, a, ids) ** 2))(adapters)
+        outs.append((loss, grads))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):  # XLA fuses the recompute
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5  # differently: f32 rounding only
