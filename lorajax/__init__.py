@@ -12,6 +12,7 @@ from lorajax.adapters import (
     unmerge,
     update_state,
 )
+from lorajax.multi_adapter import adapt_multi, stack_adapters
 from lorajax.rank_tools import squeeze, truncate
 from lorajax.registry import list_variants
 from lorajax.spec import Spec
@@ -20,7 +21,7 @@ from lorajax import inits, models, optim, peft, train
 
 __all__ = [
     "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
-    "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "inits", "models", "optim", "peft", "train",
+    "stack_adapters", "adapt_multi", "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "inits", "models", "optim", "peft", "train",
 ]
 
 __version__ = "0.1.0"

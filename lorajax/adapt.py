@@ -13,6 +13,10 @@ that calls ``apply_fn(params, *args, **kw)`` with every targeted weight adapted.
   is formed. Every adapter must be reached by an intercepted call; otherwise
   it raises (use ``merged`` for NNX models or custom layers).
 
+``kernel="pallas"`` (factored mode, ``lora`` variant only) computes each
+adapted layer with the fused Pallas kernel `pallas_kernels.lora_linear`
+(interpret mode on CPU: for correctness, not speed).
+
 Both modes give the same outputs and adapter gradients (tested). Differentiate
 only the adapters (``jax.grad`` over the ``adapters`` argument): frozen
 weights outside the differentiated argument get no weight-gradient matmul.
@@ -31,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -44,13 +49,16 @@ import opt_einsum
 from lorajax import registry
 from lorajax.adapters import _nest, as_matrix, call_variant, check_finite, merge, resolve, target_key
 from lorajax.spec import Spec
+from lorajax.variants import lora
 
 __all__ = ["adapt"]
 
 MODES = ("merged", "factored")
+KERNELS = (None, "pallas")
 
 
-def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False) -> Callable:
+def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False,
+          kernel: str | None = None) -> Callable:
     """Wrap ``apply_fn(params, *a, **kw)`` as ``fn(params, adapters, *a, **kw)``.
 
     Args:
@@ -58,6 +66,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
       spec: the `Spec` the adapters were made with.
       mode: ``"factored"`` (default) or ``"merged"``.
       debug: check adapters for NaN/Inf on every call (raises FloatingPointError).
+      kernel: ``None`` (jnp) or ``"pallas"``: the fused `pallas_kernels.lora_linear`
+        kernel (factored mode and the ``lora`` variant only).
 
     The returned function also takes keyword-only ``adapter_rng`` (a PRNG key;
     folded per target) and ``adapter_train`` (bool) for variants that sample in
@@ -73,6 +83,13 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
     variant = registry.get(spec.variant)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "pallas":
+        if mode != "factored" or spec.variant != "lora":
+            raise ValueError(f"kernel='pallas' is the fused LoRA kernel: it needs mode='factored' and the 'lora' "
+                             f"variant, got mode={mode!r}, variant={spec.variant!r}; use kernel=None")
+        variant = dataclasses.replace(variant, apply=_pallas_lora_apply)
     if mode == "merged":
         if not variant.mergeable:
             raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: use mode='factored'")
@@ -112,6 +129,12 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         return out, _nest({table[name][0].keys: stats for name, stats in sink.items()})
 
     return factored_fn
+
+
+def _pallas_lora_apply(x: jax.Array, w: jax.Array, adapter: dict, t) -> jax.Array:
+    from pallas_kernels import lora_linear  # imported only when asked for
+
+    return lora_linear(x, w, adapter["lora_A"], adapter["lora_B"], lora.scaling(t))
 
 
 def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:

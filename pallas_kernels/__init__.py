@@ -1,0 +1,32 @@
+"""Pallas kernels for LoRA, each beside the pure-jnp reference it is tested against.
+
+Layout follows ``jax/experimental/pallas/ops``: one module per kernel holding
+the kernel body, its ``pallas_call`` wrapper, a ``BlockSizes`` dataclass, the
+``custom_vjp`` where it is differentiated, and the ``*_reference`` in jnp.
+
+* `lora_linear`: fused ``x W + s (x A) B``, forward kernel plus custom_vjp
+  (``dx`` by the same kernel, ``dA`` / ``dB`` as jnp matmuls, no ``dW``).
+  Used by ``lorajax.adapt(..., mode="factored", kernel="pallas")``.
+* `multi_lora`: a batch whose rows use different adapters from a stacked pool
+  (Punica SGMV / S-LoRA), forward only; XLA baselines `multi_lora_reference`
+  (gather + batched matmul) and `multi_lora_ragged_dot`. Used by
+  ``lorajax.multi_adapter``.
+* `lora_attention`: Flash-LoRA-Attention (LRAgent), K/V = base cache + low-rank
+  cache, never materialised per adapter; forward only.
+
+Every kernel takes ``interpret=None`` (interpret mode on CPU, compiled on
+GPU/TPU), falls back to its reference with a one-time warning where no Pallas
+lowering exists, and checks shapes, dtypes and adapter ids before launching.
+Only interpret mode has been run here (no GPU/TPU was available); see
+``pallas_kernels/_common.py`` for the backend rules.
+"""
+
+from pallas_kernels.lora_attention import lora_attention, lora_attention_reference
+from pallas_kernels.lora_linear import lora_linear, lora_linear_reference
+from pallas_kernels.multi_lora import multi_lora, multi_lora_ragged_dot, multi_lora_reference
+
+__all__ = [
+    "lora_linear", "lora_linear_reference",
+    "multi_lora", "multi_lora_reference", "multi_lora_ragged_dot",
+    "lora_attention", "lora_attention_reference",
+]
