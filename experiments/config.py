@@ -49,3 +49,4 @@ class RunConfig:
     out_dir: str = "experiments/runs/genre"  # checkpoints, metrics, adapters, results.md, plots
     progress: bool = True                 # tqdm progress bars
     mesh: str = ""                        # device mesh, e.g. "data=2,fsdp=4" or "fsdp=-1" ("" = one device)
+    distributed: bool = False             # multi-host: jax.distributed.initialize() first (TPU pods, SLURM: auto)

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse(sys.argv[1:] if argv is None else argv)
     if cfg.task not in TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}; choose from {sorted(TASKS)}")
+    if cfg.distributed:  # before any other jax call: every host runs this same command
+        from lorajax import sharding
+
+        sharding.initialize()
     task = importlib.import_module(TASKS[cfg.task])
     return task.run(cfg)
 
