@@ -136,3 +136,25 @@ def test_fit_checkpoints_the_refreshed_state(tmp_path):
     assert float(fr_full["params"]["d"]["kernel"]["seen"].sum()) > 0
     for a, b in zip(jax.tree.leaves((tr_full, fr_full)), jax.tree.leaves((tr_res, fr_res))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fit_survives_an_optimiser_whose_state_aliases_one_array():
+    """An init that returns the same array twice must not make the donating step fail."""
+    def init(params):
+        z = jax.tree.map(jnp.zeros_like, params)
+        return (z, z)  # aliased on purpose
+
+    def update(g, state, params=None):
+        return jax.tree.map(lambda x: -0.1 * x, g), (g, g)
+
+    tx = optax.GradientTransformation(init, update)
+    params = {"d": {"kernel": jnp.ones((4, 3))}}
+    spec = lorajax.Spec("lora", rank=2, targets=["d"], init_weights=False)
+    trainable, frozen = lorajax.partition(spec, lorajax.init(spec, params, 0))
+
+    def loss_fn(p, a, x):
+        return jnp.sum((x @ lorajax.merge(spec, p, a)["d"]["kernel"]) ** 2)
+
+    out, hist = lorajax.train.fit(loss_fn, tx, params, trainable, frozen, lambda s: jnp.ones((2, 4)), 3,
+                                  progress=False, log_every=1)
+    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]

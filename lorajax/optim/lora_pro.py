@@ -425,7 +425,8 @@ def scale_by_lora_pro(spec: Any, b1: float = 0.9, b2: float = 0.999, eps: float 
             scale_of(p.keys, a)  # a missing scale raises here, naming the pair
             dt = moment_dtype or _compute_dtype(a, b)
             zeros[_path_str(p.keys)] = jnp.zeros((a.shape[0], b.shape[1]), dt)
-        return ScaleByLoraProState(jnp.zeros([], jnp.int32), zeros, dict(zeros))
+        # mu and nu get their own buffers: a train step that donates the state must not see one array twice
+        return ScaleByLoraProState(jnp.zeros([], jnp.int32), zeros, {k: jnp.zeros_like(v) for k, v in zeros.items()})
 
     def update(updates, state, params=None):
         if params is None:

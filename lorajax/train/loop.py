@@ -41,6 +41,20 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _unaliased(tree: Any) -> Any:
+    """``tree`` with every leaf its own buffer: the jitted step donates its state, and an optimiser
+    whose ``init`` returns one array at two places would make XLA donate a buffer twice."""
+    seen: set[int] = set()
+
+    def one(x):
+        if isinstance(x, jax.Array) and id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, trainable: Any, frozen: Any,
         batch_fn: Callable[[int], Any], steps: int, *, out_dir: str | None = None, ckpt_every: int = 100,
         keep: int = 3, log_every: int = 10, eval_fn: Callable[[Any], dict] | None = None,
@@ -81,7 +95,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, traina
     stateful = state_update is not None
     if stateful:
         frozen = jax.tree.map(jnp.copy, frozen)
-    opt_state = tx.init(trainable)
+    opt_state = _unaliased(tx.init(trainable))
     start, ckpt, writer, jsonl = 0, None, None, None
     pending: list[float] = []  # losses since the last log line (kept in checkpoints: logs resume exactly)
     if out_dir is not None:

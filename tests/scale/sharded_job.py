@@ -26,7 +26,15 @@ ckpt_dir, out_dir, meshes = sys.argv[1], sys.argv[2], sys.argv[3:]
 assert len(jax.devices()) == 8, jax.devices()
 model, params = lorajax.models.from_pretrained(ckpt_dir)
 spec = lorajax.Spec("lora", rank=4, alpha=8, targets="all-linear", init_weights=False)
-tx = optax.sgd(0.1, momentum=0.9)  # linear in the gradient: Adam would magnify rounding in ~0 entries
+OPTIM = os.environ.get("OPTIM", "sgd")
+if OPTIM == "sgd":
+    tx = optax.sgd(0.1, momentum=0.9)  # linear in the gradient: Adam would magnify rounding in ~0 entries
+elif OPTIM == "loraplus":
+    tx = lorajax.optim.loraplus(0.05, lr_ratio=4.0, optimizer=optax.sgd)
+elif OPTIM == "lora_pro":  # Adam on the full equivalent gradient: eps large so ~0 entries do not magnify rounding
+    tx = lorajax.optim.lora_pro(spec, 1e-3, eps=1e-3)
+else:
+    raise SystemExit(f"unknown OPTIM {OPTIM}")
 tokens = np.repeat(np.random.default_rng(0).integers(0, 128, (1, 8, 17)), 5, axis=0)  # one batch, 5 times: loss falls
 
 

@@ -85,3 +85,14 @@ def test_resume_on_another_mesh(ckpt, tmp_path, results):
     np.testing.assert_allclose(info["losses"], results["1"][0]["losses"][3:], rtol=1e-5)
     for k, v in results["1"][1].items():
         assert rel_err(got[k], v) <= 1e-5, (k, rel_err(got[k], v))
+
+
+@pytest.mark.parametrize("optim", ["loraplus", "lora_pro"])
+def test_lorajax_optim_transforms_sharded(ckpt, tmp_path, optim):
+    """lorajax.optim transforms (their state placed by the same rules) give the single-device result."""
+    res = run_job(ckpt, tmp_path, ["1", "fsdp=2,tensor=4"], OPTIM=optim)
+    (ref_info, ref), (info, got) = res["1"], res["fsdp=2,tensor=4"]
+    np.testing.assert_allclose(info["losses"], ref_info["losses"], rtol=1e-5)
+    assert ref_info["losses"][-1] < ref_info["losses"][0]
+    for k in ref:
+        assert rel_err(got[k], ref[k]) <= 1e-5, (k, rel_err(got[k], ref[k]))
