@@ -145,7 +145,7 @@ def test_fit_survives_an_optimiser_whose_state_aliases_one_array():
         return (z, z)  # aliased on purpose
 
     def update(g, state, params=None):
-        return jax.tree.map(lambda x: -0.1 * x, g), (g, g)
+        return jax.tree.map(lambda x: -1e-3 * x, g), (g, g)
 
     tx = optax.GradientTransformation(init, update)
     params = {"d": {"kernel": jnp.ones((4, 3))}}
