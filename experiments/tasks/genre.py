@@ -6,11 +6,14 @@ Model: a BERT-style encoder from a HF folder (default all-MiniLM-L6-v2 from the
 
 Two runs with the same optimiser, steps and batches:
 1. baseline: frozen encoder + trained head (features computed once);
-2. LoRA (or any variant) on the encoder + trained head, resumable (`lorajax.train.fit`).
+2. LoRA (or any variant) on the encoder + trained head, resumable (`lorajax.train.fit`);
+   or, with ``--spec.variant full``, full fine-tuning: every encoder weight + head,
+   no adapters, through the same loop (``--optim.name adamw`` or ``galore``).
 
 Artefacts in ``out_dir``: ``lora/`` (checkpoints, metrics.jsonl, TensorBoard),
 ``adapters_orbax/``, ``peft_adapter/`` (PEFT format), ``head.safetensors``,
-``results.md``, ``loss.png``.
+``results.md``, ``loss.png``; full fine-tuning: ``full/`` and ``model/`` (HF
+format: config.json + model.safetensors) instead of the adapter folders.
 """
 
 from __future__ import annotations
@@ -122,25 +125,37 @@ def run(cfg: RunConfig) -> dict:
         results["baseline_test_acc"] = float(np.mean(pred == feats["test"]["label"]))
         results["baseline_trainable"] = int(dim * n_classes + n_classes)
         results["baseline_loss_curve"] = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+        results["baseline_final_loss"] = results["baseline_loss_curve"][-1][1]
 
     if cfg.spec.variant == "none":
         return _finish(cfg, out, results)
 
-    # 2. adapters on the encoder + head
+    # 2. adapters on the encoder + head, or (variant "full") every encoder weight + head
     s = cfg.spec
-    options = {"use_rslora": True} if s.use_rslora else {}
-    spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
-                        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-                        exclude=list(s.exclude) or None, **options)
-    adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
-    tr, fr = lorajax.partition(spec, adapters)
-    trainable = {"adapters": tr, "head": head0}
-    frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
-    fwd = lorajax.adapt(model.apply, spec, mode="factored")
-    # routing variants (FlyLoRA, SMoRA) return load statistics that refresh their bias every step
-    stateful = lorajax.registry.get(spec.variant).has_aux
+    full = s.variant == "full"
+    if full:  # the encoder's params are the trainable tree; nothing is frozen, no base params are passed
+        spec, stateful, body, base = None, False, "encoder", None
+        trainable = {"encoder": params, "head": head0}
+        frozen = jax.tree.map(lambda _: None, trainable)
+    else:
+        options = {"use_rslora": True} if s.use_rslora else {}
+        spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
+                            targets=s.targets if isinstance(s.targets, str) else list(s.targets),
+                            exclude=list(s.exclude) or None, **options)
+        adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
+        tr, fr = lorajax.partition(spec, adapters)
+        trainable = {"adapters": tr, "head": head0}
+        frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
+        fwd = lorajax.adapt(model.apply, spec, mode="factored")
+        # routing variants (FlyLoRA, SMoRA) return load statistics that refresh their bias every step
+        stateful = lorajax.registry.get(spec.variant).has_aux
+        body, base = "adapters", variables
 
     def pooled(variables, comb, batch, train=False):
+        if full:  # the plain encoder with the trained weights
+            hidden = model.apply({"params": comb["encoder"]}, batch["input_ids"], batch["attention_mask"],
+                                 batch["token_type_ids"])
+            return bert.mean_pool(hidden, batch["attention_mask"]), None
         # variants that sample in training (DyLoRA's rank) draw from a key derived from the step
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 2), batch["step"]) if train else None
         out = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
@@ -152,7 +167,7 @@ def run(cfg: RunConfig) -> dict:
         features, aux = pooled(variables, comb, batch, train=True)
         logits = head_logits(comb["head"], features)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        loss = loss + extra_loss(cfg, comb["adapters"])
+        loss = loss + extra_loss(cfg, comb.get("adapters"))
         return (loss, aux) if stateful else loss
 
     def refresh(variables, comb, aux):
@@ -163,33 +178,45 @@ def run(cfg: RunConfig) -> dict:
     def accuracy(state) -> float:
         comb = lorajax.combine(*state) if stateful else lorajax.combine(state, frozen)
         d = data["test"]
-        preds = [np.asarray(predict(variables, comb, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items()}))
+        preds = [np.asarray(predict(base, comb, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items()}))
                  for i in range(0, len(d["label"]), 64)]
         return float(np.mean(np.concatenate(preds) == d["label"]))
 
-    labels = {"adapters": jax.tree.map(lambda _: "adapters", tr), "head": jax.tree.map(lambda _: "head", head0)}
-    tx = optax.multi_transform({"adapters": make_tx(cfg, cfg.optim.lr), "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)},
-                               labels)
+    labels = {body: jax.tree.map(lambda _: body, trainable[body]), "head": jax.tree.map(lambda _: "head", head0)}
+    body_tx = make_tx(cfg, cfg.optim.lr, adapters=not full, spec=spec, full=params if full else None)
+    tx = optax.multi_transform({body: body_tx, "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)}, labels)
+    train_dir = out / ("full" if full else "lora")
+    results["opt_state_mb"] = lorajax.optim.state_bytes(tx, trainable) / 2**20  # shapes only, nothing allocated
     t0 = time.perf_counter()
-    state, hist = lorajax.train.fit(loss_fn, tx, variables, trainable, frozen,
+    state, hist = lorajax.train.fit(loss_fn, tx, base, trainable, frozen,
                                     batch_fn_for(data["train"], cfg.batch_size, cfg.seed), cfg.steps,
-                                    out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+                                    out_dir=str(train_dir), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
                                     eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
-                                    progress=cfg.progress, desc=f"{spec.variant} + head",
+                                    progress=cfg.progress, desc=f"{'full fine-tuning' if full else spec.variant} + head",
                                     state_update=refresh if stateful else None)
     wall = time.perf_counter() - t0
     trainable, frozen = state if stateful else (state, frozen)
     comb = lorajax.combine(trainable, frozen)
     results["test_acc"] = [h for h in hist if "eval/test_acc" in h][-1]["eval/test_acc"] if hist else \
         accuracy(state)
-    counts = lorajax.count_params(spec, variables, comb["adapters"])
+    if full:
+        n_encoder = sum(x.size for x in jax.tree.leaves(params))
+        counts = {"trainable": n_encoder, "total": n_encoder}
+    else:
+        counts = lorajax.count_params(spec, variables, comb["adapters"])
     results["trainable"] = int(counts["trainable"] + results.get("baseline_trainable", dim * n_classes + n_classes))
     results["total"] = int(counts["total"] + dim * n_classes + n_classes)
     rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
     results["step_ms"] = 1e3 / float(np.median(rates)) if rates else float("nan")
     results["train_wall_s"] = wall
-    lines = [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     results["loss_curve"] = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    results["final_loss"] = results["loss_curve"][-1][1] if results["loss_curve"] else float("nan")
+    safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
+    if full:  # the fine-tuned encoder in HF format (transformers' from_pretrained loads it); no adapters to export
+        lorajax.models.save_pretrained(out / "model", model, comb["encoder"])
+        results["spec"] = f"full fine-tuning ({cfg.optim.name})"
+        return _finish(cfg, out, results)
 
     # artefacts: orbax + PEFT adapters, the head
     ckpt = Checkpointer(out / "adapters_orbax", keep=1)
@@ -202,7 +229,6 @@ def run(cfg: RunConfig) -> dict:
         results["peft_export"] = True
     except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
         print(f"no PEFT export: {e}", flush=True)
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
     results["spec"] = f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}"
     return _finish(cfg, out, results)
 
@@ -219,7 +245,8 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     table = markdown_table(["run", "test accuracy (unseen plays)", "trainable params", "total params",
                             "step time"], rows)
     curves = {k: v for k, v in (("frozen encoder + head", results.get("baseline_loss_curve")),
-                                ("adapters + head", results.get("loss_curve"))) if v}
+                                ("full fine-tuning + head" if cfg.spec.variant == "full" else "adapters + head",
+                                 results.get("loss_curve"))) if v}
     if curves:
         loss_plot(curves, out / "loss.png", title=f"genre task, {cfg.model}")
     text = (f"# Genre classification of Shakespeare speeches\n\nModel {cfg.model}; {results['n_train']} train / "
@@ -235,6 +262,8 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     results["table"] = table
     results["out_dir"] = str(out)
     peft_dir = "peft_adapter/ (PEFT format), " if results.get("peft_export") else ""
-    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, {peft_dir}adapters_orbax/, "
-          "head.safetensors, lora/ (checkpoints, metrics.jsonl, TensorBoard)", flush=True)
+    kept = ("model/ (HF format), head.safetensors, full/" if cfg.spec.variant == "full" else
+            f"{peft_dir}adapters_orbax/, head.safetensors, lora/")
+    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, {kept} (checkpoints, metrics.jsonl, TensorBoard)",
+          flush=True)
     return results

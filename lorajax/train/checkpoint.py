@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer"]
@@ -51,7 +54,7 @@ class Checkpointer:
         self._mgr.reload()
         if step in self._mgr.all_steps():
             self._mgr.delete(step)
-        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
                                                      meta=ocp.args.JsonSave(meta or {})), force=True)
         self._mgr.wait_until_finished()
 
@@ -60,9 +63,24 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like),
+        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(like)),
                                                               meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+        return _with_empty(out["state"], like), dict(out["meta"])
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _is_empty(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and int(np.prod(x.shape)) == 0
+
+
+def _without_empty(tree: Any) -> Any:
+    """Zero-size arrays (e.g. optax GaLore's placeholders) as None: orbax refuses to save them."""
+    return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+
+
+def _with_empty(tree: Any, like: Any) -> Any:
+    """Put the zero-size arrays of ``like`` back where `_without_empty` left None."""
+    return jax.tree.map(lambda l, x: jnp.zeros(l.shape, l.dtype) if _is_empty(l) else x, like, tree,
+                        is_leaf=lambda x: x is None)
