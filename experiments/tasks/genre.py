@@ -29,6 +29,7 @@ import optax
 import safetensors.numpy
 
 import lorajax
+from lorajax import sharding
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
 from experiments.report import loss_plot, markdown_table
@@ -182,6 +183,17 @@ def run(cfg: RunConfig) -> dict:
                  for i in range(0, len(d["label"]), 64)]
         return float(np.mean(np.concatenate(preds) == d["label"]))
 
+    mesh = None
+    if cfg.mesh:  # BERT rules for the encoder weights, adapters follow them, the head is replicated
+        mesh = sharding.make_mesh(cfg.mesh)
+        if full:
+            trainable = {"encoder": sharding.shard(params, mesh), "head": sharding.shard(head0, mesh, rules=[])}
+        else:
+            trainable = {"adapters": sharding.shard(trainable["adapters"], mesh, like=variables),
+                         "head": sharding.shard(head0, mesh, rules=[])}
+            frozen = {"adapters": sharding.shard(frozen["adapters"], mesh, like=variables), "head": frozen["head"]}
+            base = sharding.shard(variables, mesh)
+
     labels = {body: jax.tree.map(lambda _: body, trainable[body]), "head": jax.tree.map(lambda _: "head", head0)}
     body_tx = make_tx(cfg, cfg.optim.lr, adapters=not full, spec=spec, full=params if full else None)
     tx = optax.multi_transform({body: body_tx, "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)}, labels)
@@ -193,7 +205,7 @@ def run(cfg: RunConfig) -> dict:
                                     out_dir=str(train_dir), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
                                     eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
                                     progress=cfg.progress, desc=f"{'full fine-tuning' if full else spec.variant} + head",
-                                    state_update=refresh if stateful else None)
+                                    state_update=refresh if stateful else None, mesh=mesh)
     wall = time.perf_counter() - t0
     trainable, frozen = state if stateful else (state, frozen)
     comb = lorajax.combine(trainable, frozen)

