@@ -54,7 +54,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",
-    "shard_batch", "batch_sharding", "leaf_name", "initialize",
+    "shard_batch", "batch_sharding", "token_sharding", "leaf_name", "initialize",
 ]
 
 #: mesh axis names lorajax's rules use
@@ -264,6 +264,15 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over the mesh's ``data`` and ``fsdp`` axes, the rest replicated."""
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
     return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def token_sharding(mesh: Mesh) -> NamedSharding:
+    """``[tokens, features]`` activations: tokens over ``data`` × ``fsdp``, features replicated.
+
+    Pass it to a model's ``token_sharding`` (`lorajax.models.llama`) so that
+    FSDP gathers weights, not activations.
+    """
+    return batch_sharding(mesh, 2)
 
 
 def shard_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:

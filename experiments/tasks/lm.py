@@ -80,6 +80,7 @@ def run(cfg: RunConfig) -> dict:
     mesh = None
     if cfg.mesh:  # weights split by lorajax.sharding's Llama rules, adapters follow, batches over data x fsdp
         mesh = sharding.make_mesh(cfg.mesh)
+        model = model.clone(token_sharding=sharding.token_sharding(mesh))  # FSDP gathers weights, not tokens
         adapters = sharding.shard(adapters, mesh, like=variables)
         variables = sharding.shard(variables, mesh)
     trainable, frozen = lorajax.partition(spec, adapters)

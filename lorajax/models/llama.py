@@ -469,23 +469,33 @@ class DecoderLayer(nn.Module):
         return x_TxD + MLP(cfg, self.param_dtype, name="mlp")(h), new_cache
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class Layers(nn.Module):
     """The ``layers`` container: children named ``"0"``, ``"1"``, ... like HF's ModuleList.
 
     ``remat=True`` recomputes each layer in the backward pass (``nn.remat``):
     only the layer inputs are kept, and under FSDP the all-gathered weights are
     gathered again instead of living from the forward to the backward pass.
+    ``token_sharding`` (a ``jax.sharding.Sharding`` of the ``[B·S, D]`` hidden
+    states, e.g. `lorajax.sharding.token_sharding`) pins the token axis to the
+    batch mesh axes at every layer boundary, so that XLA's propagation gathers
+    FSDP-sharded weights instead of the activations.
     """
 
     cfg: Config
     param_dtype: Any = jnp.float32
     remat: bool = False
+    token_sharding: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, cos, sin, masks: dict, cache=None, cache_index=None):
         new_cache = []
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(self.cfg.num_hidden_layers):
+            x_TxD = _constrain(x_TxD, self.token_sharding)
             x_TxD, c = layer_cls(self.cfg, self.param_dtype, name=str(i))(
                 x_TxD, cos, sin, masks[self.cfg.window(i)], None if cache is None else cache[i], cache_index)
             new_cache.append(c)
@@ -498,12 +508,13 @@ class LlamaModel(nn.Module):
     cfg: Config
     param_dtype: Any = jnp.float32
     remat: bool = False
+    token_sharding: Any = None
 
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.layers = Layers(cfg, self.param_dtype, self.remat)
+        self.layers = Layers(cfg, self.param_dtype, self.remat, self.token_sharding)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
@@ -540,7 +551,7 @@ class LlamaModel(nn.Module):
         cos, sin = _rope_tables(cfg, position_ids, x_BxSxD.dtype)
         x_TxD = x_BxSxD.reshape(B * S, cfg.hidden_size)
         x_TxD, new_cache = self.layers(x_TxD, cos, sin, masks, cache, cache_index)
-        return self.norm(x_TxD), new_cache
+        return _constrain(self.norm(x_TxD), self.token_sharding), new_cache
 
     def attend(self, h_TxD: jax.Array) -> jax.Array:
         """Tied output head: ``h @ embed_tokens.embeddingᵀ``."""
@@ -562,12 +573,14 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     #: recompute each decoder layer in the backward pass (activation checkpointing; see `Layers`)
     remat: bool = False
+    #: sharding of the [B·S, D] hidden states at layer boundaries (see `Layers`); None = XLA decides
+    token_sharding: Any = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         cfg = self.cfg
         B, S = input_ids.shape
-        model = LlamaModel(cfg, self.param_dtype, self.remat, name="model")
+        model = LlamaModel(cfg, self.param_dtype, self.remat, self.token_sharding, name="model")
         h_TxD, new_cache = model(input_ids, attention_mask, position_ids, cache, cache_index)
         if cfg.tie_word_embeddings:
             logits_TxV = model.attend(h_TxD)
