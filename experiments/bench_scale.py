@@ -172,10 +172,9 @@ def extrapolate(runs: list[list[dict]], depth: int) -> list[dict]:
     for a, b in zip(*runs):
         la, lb = a["layers"], b["layers"]
         row = dict(b, layers=depth, extrapolated_from=(la, lb))
-        for k in ("measured_gib", "temp_gib", "args_gib"):
+        # measured bytes, and the formula's terms (also linear in depth)
+        for k in ("measured_gib", "temp_gib", "args_gib", "formula_gib", "weights_gib", "state_gib", "acts_gib"):
             row[k] = a[k] + (depth - la) * (b[k] - a[k]) / (lb - la)
-        for k in ("formula_gib", "weights_gib", "state_gib", "acts_gib"):
-            row[k] = a[k] + (depth - la) * (b[k] - a[k]) / (lb - la)  # the formula is linear in depth too
         row["compile_s"] = a["compile_s"] + b["compile_s"]
         out.append(row)
     return out

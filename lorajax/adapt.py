@@ -116,14 +116,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         interceptor = _make_interceptor(variant, table, used, sink)
         with nn.intercept_methods(interceptor):
             out = apply_fn(params, *args, **kwargs)
-        missing = sorted(set(table) - used)
-        if missing and not used:
-            raise ValueError(
-                "factored mode reached none of the adapted weights (is apply_fn a linen model using "
-                f"nn.Dense / nn.DenseGeneral / nn.Einsum?). Not reached: {missing[:5]}. Use mode='merged'."
-            )
-        if missing:
-            warnings.warn(f"factored mode: adapters never used by apply_fn: {missing[:5]}", stacklevel=2)
+        check_reached(table, used, "factored mode", "nn.Dense / nn.DenseGeneral / nn.Einsum",
+                      " Use mode='merged'.")
         if not adapter_aux:
             return out
         return out, _nest({table[name][0].keys: stats for name, stats in sink.items()})
@@ -135,6 +129,19 @@ def _pallas_lora_apply(x: jax.Array, w: jax.Array, adapter: dict, t) -> jax.Arra
     from pallas_kernels import lora_linear  # imported only when asked for
 
     return lora_linear(x, w, adapter["lora_A"], adapter["lora_B"], lora.scaling(t))
+
+
+def check_reached(table: dict, used: set, what: str, layers: str, hint: str = "") -> None:
+    """After an intercepted call: raise if no adapted weight was reached, warn for the ones that were not.
+
+    Call it from the wrapper the user calls: the warning points at the user's line.
+    """
+    missing = sorted(set(table) - used)
+    if missing and not used:
+        raise ValueError(f"{what} reached none of the adapted weights (is apply_fn a linen model using {layers}?). "
+                         f"Not reached: {missing[:5]}.{hint}")
+    if missing:
+        warnings.warn(f"{what}: adapters never used by apply_fn: {missing[:5]}", stacklevel=3)
 
 
 def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:

@@ -55,6 +55,7 @@ from lorajax import registry
 from lorajax.jsonfile import read_object
 from lorajax import targets as targets_lib
 from lorajax.spec import Spec
+from lorajax.variants import unilora
 from lorajax.variants.base import SHARED_KEY
 
 __all__ = ["load", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE_ORDER"]
@@ -307,9 +308,7 @@ def _load_unilora(spec: Spec, params: Any, selected: list, tensors: dict, has_in
         flat_idx = np.concatenate([np.asarray(b[k]).ravel() for b in blocks.values() for k in sorted(b)])
         if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= d):
             raise ValueError(f"Uni-LoRA indices out of range [0, {d}) (theta_d_length={d})")
-        counts = np.bincount(flat_idx, minlength=d)
-        norm = np.zeros(d, np.float64)
-        norm[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
+        norm = unilora.column_scale(flat_idx, d)
         for name, per in scales.items():
             for x, saved in per.items():
                 if saved is None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -53,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import targets as _targets
+from lorajax.adapt import check_reached
 from lorajax.adapters import resolve
 from lorajax.spec import Spec
 from lorajax.variants import lora
@@ -166,8 +166,7 @@ def _make_interceptor(table: dict, used: set, compute_dtype: Any) -> Callable:
         if entry is not None:
             used.add(name)
             t, adapter = entry
-            a, b = adapter["lora_A"], adapter["lora_B"]
-            y = y + lora.scaling(t) * ((x2d.astype(a.dtype) @ a) @ b).astype(y.dtype)
+            y = y + lora.low_rank(x2d, adapter, t).astype(y.dtype)
         if bias is not None:
             y = y + bias.astype(y.dtype)[None, :]
         return y.astype(out_dtype).reshape(*batch, y.shape[-1])
@@ -211,11 +210,7 @@ def adapt(apply_fn: Callable, spec: Spec, *, compute_dtype: Any = None) -> Calla
         used: set = set()
         with nn.intercept_methods(_make_interceptor(table, used, compute_dtype)):
             out = apply_fn(qparams, *args, **kwargs)
-        missing = sorted(set(table) - used)
-        if missing and not used:
-            raise ValueError(f"no adapted weight was reached through an nn.Dense call; not reached: {missing[:5]}")
-        if missing:
-            warnings.warn(f"adapters never used by apply_fn: {missing[:5]}", stacklevel=2)
+        check_reached(table, used, "lorajax.es.quant.adapt", "nn.Dense")
         return out
 
     return fn

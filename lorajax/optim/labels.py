@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 
+from lorajax.targets import _key_name
+
 __all__ = ["ROLES", "leaf_labels", "leaf_name"]
 
 #: leaf name -> role
@@ -27,13 +29,7 @@ ROLES = {"lora_A": "A", "lora_B": "B", "gate": "gate"}
 
 def leaf_name(path: tuple) -> str:
     """The last key of a pytree path as a string."""
-    if not path:
-        return ""
-    k = path[-1]
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    return _key_name(path[-1]) if path else ""
 
 
 def leaf_labels(tree: Any, *, one_d_as: str | None = None) -> Any:

@@ -101,12 +101,16 @@ def delta(adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(lambda w, adapter, t: delta(adapter, t))
 
 
+def low_rank(x: jax.Array, adapter: dict, t: Target) -> jax.Array:
+    """``s · (x A) B: [T, out]`` for ``x: [T, in]``, in the adapter's dtype; never forms ``A B``."""
+    a, b = adapter["lora_A"], adapter["lora_B"]
+    return scaling(t) * ((x.astype(a.dtype) @ a) @ b)
+
+
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     """``x W + s · (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
-    a, b = adapter["lora_A"], adapter["lora_B"]
     y = x @ w
-    h = x.astype(a.dtype) @ a
-    return y + (scaling(t) * (h @ b)).astype(y.dtype)
+    return y + low_rank(x, adapter, t).astype(y.dtype)
 
 
 VARIANT = Variant(

