@@ -90,6 +90,9 @@ def run(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = model_path(cfg.model)
     model, params = lorajax.models.from_pretrained(path)
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
+    if mesh is not None:
+        model = model.clone(token_sharding=sharding.token_sharding(mesh))  # FSDP gathers weights, not tokens
     tok = Tokenizer.from_pretrained(path)
     data = load_data(cfg, tok)
     n_classes = len(speeches.GENRES)
@@ -183,9 +186,7 @@ def run(cfg: RunConfig) -> dict:
                  for i in range(0, len(d["label"]), 64)]
         return float(np.mean(np.concatenate(preds) == d["label"]))
 
-    mesh = None
-    if cfg.mesh:  # BERT rules for the encoder weights, adapters follow them, the head is replicated
-        mesh = sharding.make_mesh(cfg.mesh)
+    if mesh is not None:  # BERT rules for the encoder weights, adapters follow them, the head is replicated
         if full:
             trainable = {"encoder": sharding.shard(params, mesh), "head": sharding.shard(head0, mesh, rules=[])}
         else:

@@ -288,24 +288,37 @@ class Layer(nn.Module):
         return DenseLayerNorm(self.cfg, name="output")(h_TxI, x_TxD)
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class Layers(nn.Module):
-    """HF's ``encoder.layer`` ModuleList: children named ``"0"``, ``"1"``, ..."""
+    """HF's ``encoder.layer`` ModuleList: children named ``"0"``, ``"1"``, ...
+
+    ``remat`` and ``token_sharding``: as `BertModel`'s.
+    """
 
     cfg: Config
+    remat: bool = False
+    token_sharding: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
+        layer_cls = nn.remat(Layer) if self.remat else Layer
         for i in range(self.cfg.num_hidden_layers):
-            x_TxD = Layer(self.cfg, name=str(i))(x_TxD, keep_Bx1x1xS)
-        return x_TxD
+            x_TxD = _constrain(x_TxD, self.token_sharding)
+            x_TxD = layer_cls(self.cfg, name=str(i))(x_TxD, keep_Bx1x1xS)
+        return _constrain(x_TxD, self.token_sharding)
 
 
 class Encoder(nn.Module):
     cfg: Config
+    remat: bool = False
+    token_sharding: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
-        return Layers(self.cfg, name="layer")(x_TxD, keep_Bx1x1xS)
+        return Layers(self.cfg, self.remat, self.token_sharding, name="layer")(x_TxD, keep_Bx1x1xS)
 
 
 class Pooler(nn.Module):
@@ -326,9 +339,19 @@ def make_position_ids(cfg: Config, input_ids: jax.Array) -> jax.Array:
 
 
 class BertModel(nn.Module):
-    """The encoder: ``input_ids [B, S]`` -> last hidden states ``[B, S, D]`` (see the module docstring)."""
+    """The encoder: ``input_ids [B, S]`` -> last hidden states ``[B, S, D]`` (see the module docstring).
+
+    ``remat=True`` recomputes each layer in the backward pass (``nn.remat``).
+    ``token_sharding`` (a ``jax.sharding.Sharding`` of the ``[B·S, D]`` hidden
+    states, e.g. `lorajax.sharding.token_sharding`) pins the token axis to the
+    batch mesh axes at every layer boundary, so that under FSDP XLA gathers the
+    weights instead of the activations (as in `lorajax.models.llama`). Neither
+    changes the params tree or the result.
+    """
 
     cfg: Config
+    remat: bool = False
+    token_sharding: Any = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -353,7 +376,7 @@ class BertModel(nn.Module):
             position_ids = make_position_ids(cfg, input_ids)
         x_TxD = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids)
         keep_Bx1x1xS = (attention_mask != 0).reshape(B, 1, 1, S)
-        x_TxD = Encoder(cfg, name="encoder")(x_TxD, keep_Bx1x1xS)
+        x_TxD = Encoder(cfg, self.remat, self.token_sharding, name="encoder")(x_TxD, keep_Bx1x1xS)
         hidden = x_TxD.reshape(B, S, cfg.hidden_size)
         if cfg.add_pooling_layer and (output_pooled or self.is_initializing()):
             pooled = Pooler(cfg, name="pooler")(hidden[:, 0])
