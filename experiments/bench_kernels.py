@@ -9,14 +9,18 @@ baselines are real on any backend; on CPU the multi-adapter section compares
 the XLA forms of a heterogeneous batch (per-sequence gather + batched matmul,
 per-token gather, ``lax.ragged_dot``, a loop over adapters).
 
+The LoRA linear's forward+backward row runs every product as a Pallas kernel
+(forward emitting ``x A``; ``dx`` by the fused kernel emitting ``dy Bᵀ``; the
+``dA`` and ``dB`` reductions), no ``dW``.
+
 Shapes (performance.md §2.4, §5.2): LoRA linear T=2048 x 512 -> 512, r=16;
 multi-adapter T=2048 tokens = 64 requests x 32, d=512, r=16, 64 adapters;
 Flash-LoRA-Attention 4 agents sharing one base cache, 256 queries and keys,
 8 heads of 64, r=8. float32. Median of ``--reps`` calls after one warm-up
 (compile time excluded).
 
-Command: ``python -m experiments.bench_kernels [--reps 10]`` (~1-2 min on 2
-CPU cores). Writes ``experiments/results/bench_kernels.md``.
+Command: ``python -m experiments.bench_kernels [--reps 10]`` (~20 s - 2 min on 2
+CPU cores, by load). Writes ``experiments/results/bench_kernels.md``.
 """
 
 from __future__ import annotations
@@ -86,9 +90,10 @@ def main(argv=None) -> None:
         return jax.jit(jax.grad(lambda x, a, b: jnp.sum(fn(x, w, a, b, 2.0) ** 2), argnums=(0, 1, 2)))
 
     ref_bwd, ker_bwd = grad_of(pk.lora_linear_reference), grad_of(pk.lora_linear)
-    for what, rf, kf in (("fwd", ref_fwd, ker_fwd), ("fwd+bwd (dx, dA, dB)", ref_bwd, ker_bwd)):
+    for what, base, rf, kf in (("fwd", "x W + s (x A) B (jnp)", ref_fwd, ker_fwd),
+                               ("fwd+bwd (dx, dA, dB)", "jax.grad of the same (jnp)", ref_bwd, ker_bwd)):
         xla_ms, ker_ms = median_ms(lambda: rf(x, a, b), args.reps), median_ms(lambda: kf(x, a, b), args.reps)
-        rows.append([f"lora_linear {what}", f"{T}x{D}->{D}, r={R}", "x W + s (x A) B (jnp)", f"{xla_ms:.2f}",
+        rows.append([f"lora_linear {what}", f"{T}x{D}->{D}, r={R}", base, f"{xla_ms:.2f}",
                      f"{ker_ms:.2f}", ratio(xla_ms, ker_ms), f"{max_rel_err(kf(x, a, b), rf(x, a, b)):.1e}"])
 
     # --- 2. multi-adapter batch: 64 requests x 32 tokens, 64 distinct adapters

@@ -5,7 +5,7 @@ the kernel body, its ``pallas_call`` wrapper, a ``BlockSizes`` dataclass, the
 ``custom_vjp`` where it is differentiated, and the ``*_reference`` in jnp.
 
 * `lora_linear`: fused ``x W + s (x A) B``, forward kernel plus custom_vjp
-  (``dx`` by the same kernel, ``dA`` / ``dB`` as jnp matmuls, no ``dW``).
+  (``dx``, ``dA``, ``dB`` as Pallas kernels, no ``dW``).
   Used by ``lorajax.adapt(..., mode="factored", kernel="pallas")``.
 * `multi_lora`: a batch whose rows use different adapters from a stacked pool
   (Punica SGMV / S-LoRA), forward only; XLA baselines `multi_lora_reference`

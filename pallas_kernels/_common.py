@@ -53,8 +53,13 @@ def resolve_mode(kernel: str, interpret: bool | None) -> str:
     return "reference"
 
 
-def compiler_params(dims: int) -> Any:
-    """Backend compiler params for a compiled call with ``dims`` parallel grid axes."""
+def compiler_params(dims: int, sequential: Sequence[int] = ()) -> Any:
+    """Backend compiler params for a compiled call with ``dims`` grid axes.
+
+    Every axis is ``"parallel"`` except those in ``sequential`` (``"arbitrary"``
+    on TPU: needed where programs along an axis share an output block that only
+    one of them writes). Triton runs every program independently either way.
+    """
     backend = jax.default_backend()
     if backend == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -63,7 +68,8 @@ def compiler_params(dims: int) -> Any:
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * dims)
+        return pltpu.CompilerParams(dimension_semantics=tuple(
+            "arbitrary" if i in sequential else "parallel" for i in range(dims)))
     return None
 
 

@@ -7,18 +7,37 @@ program walks the contraction axis in ``block_k`` steps, accumulating
 column block and writes ``y`` once. ``x A`` never goes to memory (it is
 recomputed per column block: ``r / block_n`` extra work).
 
-Backward (`jax.custom_vjp`; ``jax.grad`` through a raw ``pallas_call`` fails):
+Backward (`jax.custom_vjp`; ``jax.grad`` through a raw ``pallas_call`` fails),
+every product a Pallas kernel:
 
+* Residual: when ``B`` is differentiated the forward kernel also writes
+  ``h = x A`` (``[M, r]``, adapter dtype; written once per row block by its
+  first column block, so that grid axis is sequential on TPU), so the
+  backward does not recompute it.
 * ``dx = dy Wᵀ + s (dy Bᵀ) Aᵀ`` is the same fused kernel run on ``dy`` with
-  ``W`` read transposed (no copy of ``W``), ``A := Bᵀ`` and ``B := Aᵀ``.
-* ``dA = s xᵀ (dy Bᵀ)`` and ``dB = s (x A)ᵀ dy`` are thin jnp matmuls.
-* ``dW = xᵀ dy`` is computed only when ``W`` is differentiated (symbolic
-  zeros): LoRA training never forms it. ``dx`` is likewise skipped when ``x``
-  is not differentiated.
+  ``W`` read transposed (no copy of ``W``), ``A := Bᵀ`` and ``B := Aᵀ``. Its
+  rank-``r`` intermediate is ``g = dy Bᵀ``, which it emits the same way when
+  ``A`` is differentiated. When ``dx`` is not needed (``x`` not
+  differentiated) a small kernel (`_project`, grid over row blocks, walking
+  ``N``) computes ``g`` alone.
+* ``dA = s xᵀ g`` (`_grad_a`): grid over ``K / block_k``; each program keeps
+  its ``[block_k, r]`` float32 accumulator on chip and walks ``M`` in
+  ``block_m`` tiles of ``x`` and ``g``.
+* ``dB = s hᵀ dy`` (`_grad_b`): grid over ``N / block_n``; each program keeps
+  its ``[r, block_n]`` float32 accumulator on chip and walks ``M`` in tiles of
+  ``h`` and ``dy``. Both reduce over ``M`` inside the kernel (no cross-program
+  accumulation, which Triton cannot do); with few ``K`` / ``N`` blocks that is
+  little parallelism for a long ``M`` (a split-``M`` partial-sum pass is the
+  known next step, not done).
+* ``dW = xᵀ dy`` (jnp) is computed only when ``W`` is differentiated
+  (symbolic zeros): LoRA training never forms it. ``dx``, ``dA`` and ``dB``
+  are likewise skipped when ``x``, ``A`` or ``B`` is not differentiated.
 
 Dtypes follow `lorajax.variants.lora.apply`: ``x`` and ``W`` share one dtype
 (the output's), ``A`` and ``B`` share one (often float32); ``x A`` is
-computed in the adapter dtype, every product accumulates in float32.
+computed in the adapter dtype, every product accumulates in float32. ``h``,
+``g``, ``dA`` and ``dB`` come out in the adapter dtype (``x`` and ``dy`` are
+cast to it tile by tile inside the kernels), ``dx`` in ``x``'s.
 """
 
 from __future__ import annotations
@@ -53,7 +72,7 @@ def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
     return y + (scale * (h @ b)).astype(y.dtype)
 
 
-def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *, scale: float, block_k: int, w_transposed: bool):
+def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *h_ref, scale: float, block_k: int, w_transposed: bool):
     block_m, block_n = o_ref.shape
     rank = a_ref.shape[1]
 
@@ -75,13 +94,23 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *, scale: float, block_k: int, w_
     h = jnp.zeros((block_m, rank), jnp.float32)
     acc, h = jax.lax.fori_loop(0, n_k, body, (acc, h))
     b = b_ref[...]
-    lora = jnp.dot(h.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    h = h.astype(b.dtype)
+    lora = jnp.dot(h, b, preferred_element_type=jnp.float32)
     o_ref[...] = (acc + scale * lora).astype(o_ref.dtype)
+    if h_ref:  # every column block holds the same h: the first one writes it
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            h_ref[0][...] = h.astype(h_ref[0].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "w_transposed"))
-def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bool, w_transposed: bool = False):
-    """The kernel on 2-D ``x: [M, K]``; ``w: [K, N]`` (or ``[N, K]`` with ``w_transposed``)."""
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "w_transposed", "emit_h"))
+def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bool, w_transposed: bool = False,
+             emit_h: bool = False):
+    """The kernel on 2-D ``x: [M, K]``; ``w: [K, N]`` (or ``[N, K]`` with ``w_transposed``).
+
+    Returns ``y``, or ``(y, h)`` with ``emit_h``: ``h = x A`` (``[M, r]``, the
+    adapter dtype), written once per row block by its first column block.
+    """
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     r = a.shape[1]
@@ -94,10 +123,15 @@ def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bo
     b = c.pad_to(b, (rp, np_))
     w_spec = (pl.BlockSpec((bn, kp), lambda i, j: (j, 0)) if w_transposed
               else pl.BlockSpec((kp, bn), lambda i, j: (0, j)))
+    out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
+    out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))]
+    if emit_h:  # one [bm, r] block per row block, shared by its column blocks (sequential on TPU)
+        out_shape.append(jax.ShapeDtypeStruct((mp, rp), a.dtype))
+        out_specs.append(pl.BlockSpec((bm, rp), lambda i, j: (i, 0)))
     itemsize = x.dtype.itemsize
     out = pl.pallas_call(
         functools.partial(_kernel, scale=scale, block_k=bk, w_transposed=w_transposed),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        out_shape=out_shape,
         grid=(mp // bm, np_ // bn),
         in_specs=[
             pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
@@ -105,15 +139,126 @@ def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bo
             pl.BlockSpec((kp, rp), lambda i, j: (0, 0)),
             pl.BlockSpec((rp, bn), lambda i, j: (0, j)),
         ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        compiler_params=None if interpret else c.compiler_params(2),
+        out_specs=out_specs,
+        compiler_params=None if interpret else c.compiler_params(2, sequential=(1,) if emit_h else ()),
         cost_estimate=pl.CostEstimate(
             flops=2 * mp * kp * np_ + 2 * mp * rp * (kp * (np_ // bn) + np_), transcendentals=0,
-            bytes_accessed=itemsize * (mp * kp * (np_ // bn) + kp * np_ + mp * np_)),
+            bytes_accessed=itemsize * (mp * kp * (np_ // bn) + kp * np_ + mp * np_)
+            + (a.dtype.itemsize * mp * rp if emit_h else 0)),
         interpret=interpret,
         name="lora_linear",
     )(x, w, a, b)
-    return out[:m, :n]
+    if emit_h:
+        return out[0][:m, :n], out[1][:m, :r]
+    return out[0][:m, :n]
+
+
+def _project_kernel(x_ref, a_ref, h_ref, *, block_k: int):
+    """``h = x A`` for one row block, walking the contraction axis (f32 accumulation)."""
+    block_m, rank = h_ref.shape
+
+    def body(k, h):
+        ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        a = a_ref[ks, :]
+        return h + jnp.dot(x_ref[:, ks].astype(a.dtype), a, preferred_element_type=jnp.float32)
+
+    h = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((block_m, rank), jnp.float32))
+    h_ref[...] = h.astype(h_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def _project(x, a, *, block_sizes: BlockSizes, interpret: bool):
+    """``x A`` (``x: [M, K]``, ``A: [K, r]``) in A's dtype: grid over row blocks of ``x``.
+
+    The backward's ``g = dy Bᵀ`` when ``dx`` (whose kernel emits ``g``) is not needed.
+    """
+    m, k = x.shape
+    r = a.shape[1]
+    bm, bk = c.fit_block(m, block_sizes.block_m), c.fit_block(k, block_sizes.block_k)
+    mp, kp, rp = c.round_up(m, bm), c.round_up(k, bk), c.whole(r)
+    out = pl.pallas_call(
+        functools.partial(_project_kernel, block_k=bk),
+        out_shape=jax.ShapeDtypeStruct((mp, rp), a.dtype),
+        grid=(mp // bm,),
+        in_specs=[pl.BlockSpec((bm, kp), lambda i: (i, 0)), pl.BlockSpec((kp, rp), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((bm, rp), lambda i: (i, 0)),
+        compiler_params=None if interpret else c.compiler_params(1),
+        cost_estimate=pl.CostEstimate(flops=2 * mp * kp * rp, transcendentals=0,
+                                      bytes_accessed=x.dtype.itemsize * mp * kp + a.dtype.itemsize * rp * (kp + mp)),
+        interpret=interpret,
+        name="lora_linear_project",
+    )(c.pad_to(x, (mp, kp)), c.pad_to(a, (kp, rp)))
+    return out[:m, :r]
+
+
+def _tn_kernel(p_ref, q_ref, o_ref, *, scale: float, block_m: int):
+    """``o = s pᵀ q`` for one output block, reducing over the rows in ``block_m`` tiles.
+
+    Both operands are cast to the output (adapter) dtype tile by tile; f32 accumulation.
+    """
+    dt = o_ref.dtype
+
+    def body(i, acc):
+        ms = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
+        return acc + jax.lax.dot_general(p_ref[ms, :].astype(dt), q_ref[ms, :].astype(dt),
+                                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, p_ref.shape[0] // block_m, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = (scale * acc).astype(dt)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
+def _grad_a(x, g, *, scale: float, block_sizes: BlockSizes, interpret: bool):
+    """``dA = s xᵀ g`` (``x: [M, K]``, ``g = dy Bᵀ: [M, r]``) in g's dtype.
+
+    Grid over ``K / block_k``; each program holds its ``[block_k, r]`` f32
+    accumulator and walks ``M`` in ``block_m`` tiles of ``x`` and ``g``.
+    """
+    m, k = x.shape
+    r = g.shape[1]
+    bm, bk = c.fit_block(m, block_sizes.block_m), c.fit_block(k, block_sizes.block_k)
+    mp, kp, rp = c.round_up(m, bm), c.round_up(k, bk), c.whole(r)
+    out = pl.pallas_call(
+        functools.partial(_tn_kernel, scale=scale, block_m=bm),
+        out_shape=jax.ShapeDtypeStruct((kp, rp), g.dtype),
+        grid=(kp // bk,),
+        in_specs=[pl.BlockSpec((mp, bk), lambda i: (0, i)), pl.BlockSpec((mp, rp), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((bk, rp), lambda i: (i, 0)),
+        compiler_params=None if interpret else c.compiler_params(1),
+        cost_estimate=pl.CostEstimate(flops=2 * mp * kp * rp, transcendentals=0,
+                                      bytes_accessed=x.dtype.itemsize * mp * kp
+                                      + g.dtype.itemsize * rp * (mp * (kp // bk) + kp)),
+        interpret=interpret,
+        name="lora_linear_grad_a",
+    )(c.pad_to(x, (mp, kp)), c.pad_to(g, (mp, rp)))
+    return out[:k, :r]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
+def _grad_b(h, dy, *, scale: float, block_sizes: BlockSizes, interpret: bool):
+    """``dB = s hᵀ dy`` (``h = x A: [M, r]``, ``dy: [M, N]``) in h's dtype.
+
+    Grid over ``N / block_n``; each program holds its ``[r, block_n]`` f32
+    accumulator and walks ``M`` in ``block_m`` tiles of ``h`` and ``dy``.
+    """
+    m, n = dy.shape
+    r = h.shape[1]
+    bm, bn = c.fit_block(m, block_sizes.block_m), c.fit_block(n, block_sizes.block_n)
+    mp, np_, rp = c.round_up(m, bm), c.round_up(n, bn), c.whole(r)
+    out = pl.pallas_call(
+        functools.partial(_tn_kernel, scale=scale, block_m=bm),
+        out_shape=jax.ShapeDtypeStruct((rp, np_), h.dtype),
+        grid=(np_ // bn,),
+        in_specs=[pl.BlockSpec((mp, rp), lambda j: (0, 0)), pl.BlockSpec((mp, bn), lambda j: (0, j))],
+        out_specs=pl.BlockSpec((rp, bn), lambda j: (0, j)),
+        compiler_params=None if interpret else c.compiler_params(1),
+        cost_estimate=pl.CostEstimate(flops=2 * mp * np_ * rp, transcendentals=0,
+                                      bytes_accessed=dy.dtype.itemsize * mp * np_
+                                      + h.dtype.itemsize * rp * (mp * (np_ // bn) + np_)),
+        interpret=interpret,
+        name="lora_linear_grad_b",
+    )(c.pad_to(h, (mp, rp)), c.pad_to(dy, (mp, np_)))
+    return out[:r, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -122,24 +267,27 @@ def _lora_linear(x, w, a, b, scale, block_sizes, interpret):
 
 
 def _fwd(x, w, a, b, scale, block_sizes, interpret):
-    y = _forward(x.value, w.value, a.value, b.value, scale=scale, block_sizes=block_sizes, interpret=interpret)
-    return y, (x.value, w.value, a.value, b.value, x.perturbed, w.perturbed)
+    need = (x.perturbed, w.perturbed, a.perturbed, b.perturbed)
+    out = _forward(x.value, w.value, a.value, b.value, scale=scale, block_sizes=block_sizes, interpret=interpret,
+                   emit_h=b.perturbed)  # h = x A is dB's residual
+    y, h = out if b.perturbed else (out, None)
+    return y, (x.value, w.value, a.value, b.value, h, need)
 
 
 def _bwd(scale, block_sizes, interpret, res, dy):
-    x, w, a, b, need_dx, need_dw = res
+    x, w, a, b, h, (need_dx, need_dw, need_da, need_db) = res
     if isinstance(dy, SymbolicZero):
         return None, None, None, None
-    f32 = jnp.float32
-    # dx = dy Wᵀ + s (dy Bᵀ) Aᵀ: the forward kernel with W read transposed, A := Bᵀ, B := Aᵀ
-    dx = _forward(dy, w, b.T, a.T, scale=scale, block_sizes=block_sizes, interpret=interpret,
-                  w_transposed=True) if need_dx else None
-    dy_a = dy.astype(a.dtype)
-    dh = scale * jnp.dot(dy_a, b.T, preferred_element_type=f32)          # [M, r]
-    h = jnp.dot(x.astype(a.dtype), a, preferred_element_type=f32)        # [M, r]
-    da = jnp.dot(x.astype(a.dtype).T, dh.astype(a.dtype), preferred_element_type=f32).astype(a.dtype)
-    db = (scale * jnp.dot(h.astype(a.dtype).T, dy_a, preferred_element_type=f32)).astype(b.dtype)
-    dw = jnp.dot(x.T, dy, preferred_element_type=f32).astype(w.dtype) if need_dw else None
+    kw = dict(block_sizes=block_sizes, interpret=interpret)
+    dx = g = None
+    if need_dx:  # dx = dy Wᵀ + s (dy Bᵀ) Aᵀ: the forward kernel with W read transposed, A := Bᵀ, B := Aᵀ
+        out = _forward(dy, w, b.T, a.T, scale=scale, w_transposed=True, emit_h=need_da, **kw)
+        dx, g = out if need_da else (out, None)  # ... which also emits g = dy Bᵀ
+    elif need_da:
+        g = _project(dy, b.T, **kw)
+    da = _grad_a(x, g, scale=scale, **kw) if need_da else None
+    db = _grad_b(h, dy, scale=scale, **kw) if need_db else None
+    dw = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(w.dtype) if need_dw else None
     return dx, dw, da, db
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from pallas_kernels import _common
 from pallas_kernels.lora_linear import BlockSizes, lora_linear, lora_linear_reference
+from pallas_kernels.lora_linear import _forward, _grad_a, _grad_b, _project  # the backward's kernels, one by one
 
 SMALL = BlockSizes(16, 16, 16)
 
@@ -42,27 +43,84 @@ def test_forward_matches_reference(case, interpret, close):
     close(y, jax.jit(lora_linear_reference, static_argnums=4)(x, w, a, b, 2.0))
 
 
+# (x shape, out, rank, x/W dtype, adapter dtype, blocks): M=1, rank 1/7/128, dims off the blocks, bf16
 GRAD_CASES = {
-    "f32_awkward": ((37, 50), 33, 3, jnp.float32, jnp.float32),
-    "bf16_all": ((1, 40), 24, 8, jnp.bfloat16, jnp.bfloat16),
+    "f32_awkward": ((37, 50), 33, 3, jnp.float32, jnp.float32, SMALL),
+    "bf16_all": ((1, 40), 24, 8, jnp.bfloat16, jnp.bfloat16, SMALL),
+    "m1_rank1": ((1, 24), 40, 1, jnp.float32, jnp.float32, None),
+    "bf16_f32_adapters_rank7_3d": ((3, 13, 50), 33, 7, jnp.bfloat16, jnp.float32, SMALL),
+    "rank128": ((20, 136), 72, 128, jnp.float32, jnp.float32, BlockSizes(16, 32, 64)),
 }
+
+
+def _loss(fn, ct):
+    return lambda *args: jnp.sum(fn(*args).astype(jnp.float32) * ct)
 
 
 @pytest.mark.parametrize("case", list(GRAD_CASES))
 def test_grads_match_reference(case, interpret, close):
-    x_shape, n, r, dt, adt = GRAD_CASES[case]
+    x_shape, n, r, dt, adt, bs = GRAD_CASES[case]
     x, w, a, b = make(x_shape, n, r, dt, adt, seed=1)
     ct = jnp.asarray(np.random.default_rng(9).standard_normal(x_shape[:-1] + (n,)), jnp.float32)
-
-    def loss(fn):  # x, W, A, B all differentiated: W's gradient path runs too
-        return lambda *args: jnp.sum(fn(*args).astype(jnp.float32) * ct)
-
-    kernel = lambda x, w, a, b: lora_linear(x, w, a, b, 0.5, block_sizes=SMALL, interpret=interpret)  # noqa: E731
-    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2, 3)))(x, w, a, b)
-    want = jax.jit(jax.grad(loss(lambda *z: lora_linear_reference(*z, 0.5)), argnums=(0, 1, 2, 3)))(x, w, a, b)
+    # x, W, A, B all differentiated: W's gradient path runs too
+    kernel = lambda x, w, a, b: lora_linear(x, w, a, b, 0.5, block_sizes=bs, interpret=interpret)  # noqa: E731
+    got = jax.jit(jax.grad(_loss(kernel, ct), argnums=(0, 1, 2, 3)))(x, w, a, b)
+    want = jax.jit(jax.grad(_loss(lambda *z: lora_linear_reference(*z, 0.5), ct), argnums=(0, 1, 2, 3)))(x, w, a, b)
     for g, ref, name in zip(got, want, "xWAB"):
         assert g.dtype == ref.dtype, name
         close(g, ref, dtype=dt)
+
+
+@pytest.mark.parametrize("argnums", [(2, 3), (0, 2), (0, 3)], ids=["A_B", "x_A", "x_B"])
+def test_grads_of_a_subset_match_reference(argnums, interpret, close):
+    """Symbolic zeros: g = dy Bᵀ by its own kernel (no dx), or dx without g / without the h residual."""
+    x, w, a, b = make((21, 40), 24, 5, jnp.bfloat16, jnp.float32, seed=2)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal((21, 24)), jnp.float32)
+    kernel = lambda x, w, a, b: lora_linear(x, w, a, b, 2.0, block_sizes=SMALL, interpret=interpret)  # noqa: E731
+    got = jax.jit(jax.grad(_loss(kernel, ct), argnums=argnums))(x, w, a, b)
+    want = jax.jit(jax.grad(_loss(lambda *z: lora_linear_reference(*z, 2.0), ct), argnums=argnums))(x, w, a, b)
+    for g, ref in zip(got, want):
+        assert g.dtype == ref.dtype
+        close(g, ref, dtype=jnp.bfloat16)
+
+
+# (M, K, N, rank, x/W dtype, adapter dtype, blocks)
+KERNEL_CASES = {
+    "m1_rank1": (1, 24, 40, 1, jnp.float32, jnp.float32, BlockSizes()),
+    "bf16_f32_adapters_rank7": (37, 50, 33, 7, jnp.bfloat16, jnp.float32, SMALL),
+    "rank128_bf16": (20, 136, 72, 128, jnp.bfloat16, jnp.bfloat16, BlockSizes(16, 32, 64)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_backward_kernels_match_their_formulas(case, interpret, close):
+    """Each backward kernel alone against its jnp formula (f32 accumulation, adapter-dtype output)."""
+    m, k, n, r, dt, adt, bs = KERNEL_CASES[case]
+    x, w, a, b = make((m, k), n, r, dt, adt, seed=4)
+    dy = jnp.asarray(np.random.default_rng(5).standard_normal((m, n)), dt)
+    f32, s = jnp.float32, 0.5
+    kw = dict(block_sizes=bs, interpret=interpret)
+
+    @jax.jit
+    def kernels(x, w, a, b, dy):
+        y, h = _forward(x, w, a, b, scale=s, emit_h=True, **kw)
+        dx, g = _forward(dy, w, b.T, a.T, scale=s, w_transposed=True, emit_h=True, **kw)
+        return (y, h, dx, g, _project(dy, b.T, **kw), _grad_a(x, g, scale=s, **kw),
+                _grad_b(h, dy, scale=s, **kw))
+
+    y, h, dx, g, g2, da, db = kernels(x, w, a, b, dy)
+    h_ref = jnp.dot(x.astype(adt), a, preferred_element_type=f32)
+    g_ref = jnp.dot(dy.astype(adt), b.T, preferred_element_type=f32)
+    for out, ref, dtype in ((y, lora_linear_reference(x, w, a, b, s), dt), (h, h_ref, adt), (g, g_ref, adt),
+                            (g2, g_ref, adt), (dx, lora_linear_reference(dy, w.T, b.T, a.T, s), dt)):
+        assert out.dtype == dtype and out.shape == ref.shape
+        close(out, ref, dtype=dtype)
+    # dA = s xᵀ g and dB = s hᵀ dy on the kernels' own g and h: only the reduction is under test
+    da_ref = s * jnp.dot(x.astype(adt).T, g, preferred_element_type=f32)
+    db_ref = s * jnp.dot(h.T, dy.astype(adt), preferred_element_type=f32)
+    for out, ref in ((da, da_ref), (db, db_ref)):
+        assert out.dtype == adt and out.shape == ref.shape
+        close(out, ref, dtype=adt)
 
 
 def _dot_shapes(jaxpr):
@@ -78,14 +136,35 @@ def _dot_shapes(jaxpr):
     return out
 
 
+def _pallas_names(jaxpr):
+    """Names of every pallas_call, sub-jaxprs included."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            out.append(e.params["name"])
+            continue
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None:
+                out += _pallas_names(getattr(inner, "jaxpr", inner))
+    return out
+
+
 def test_no_weight_gradient_matmul_when_only_adapters_are_differentiated():
     x, w, a, b = make((32, 48), 64, 4, jnp.float32)
     f = lambda w, a, b: lora_linear(x, w, a, b, interpret=True).sum()  # noqa: E731
     adapters_only = jax.make_jaxpr(jax.grad(f, argnums=(1, 2)))(w, a, b)
-    assert "pallas_call" in str(adapters_only)
-    assert (48, 64) not in _dot_shapes(adapters_only.jaxpr)  # no dW = xᵀ dy
+    # every product is a kernel: forward (+ h), g = dy Bᵀ (x not differentiated: no dx), dA, dB
+    assert sorted(_pallas_names(adapters_only.jaxpr)) == [
+        "lora_linear", "lora_linear_grad_a", "lora_linear_grad_b", "lora_linear_project"]
+    assert _dot_shapes(adapters_only.jaxpr) == []  # no jnp matmul, so no dW = xᵀ dy
     with_w = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(w, a, b)
     assert (48, 64) in _dot_shapes(with_w.jaxpr)  # ... which is formed when W is differentiated
+    with_x = jax.make_jaxpr(jax.grad(lambda x, a, b: lora_linear(x, w, a, b, interpret=True).sum(),
+                                     argnums=(0, 1, 2)))(x, a, b)
+    assert sorted(_pallas_names(with_x.jaxpr)) == [  # dx's kernel emits g: no separate projection
+        "lora_linear", "lora_linear", "lora_linear_grad_a", "lora_linear_grad_b"]
+    assert _dot_shapes(with_x.jaxpr) == []
 
 
 def test_bad_input_raises_before_launch():
