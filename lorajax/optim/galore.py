@@ -55,12 +55,24 @@ basis of ``G₀``'s range, and Adam run in that rotated basis differs from Adam
 (Adam is not rotation-invariant). It equals the base optimiser exactly for a
 rotation-invariant base (SGD, momentum) on square weights, or with ``T = 1``.
 
-8-bit states (the official ``GaLoreAdamW8bit``, bitsandbytes' block-wise
-dynamic quantisation) are **not provided**: optax has no 8-bit Adam, and a
-faithful port (dynamic quantisation maps, 2048-element blocks, the 4096-size
-32-bit fallback) is a separate optimiser with no reference to test against
-here. Any params-free base optimiser, an 8-bit one included, plugs in as
-``base_optimizer``, and `state_bytes` reports its size exactly.
+8-bit states (the official ``GaLoreAdamW8bit``): ``optim_bits=8`` runs
+`lorajax.optim.scale_by_adam_8bit` — bitsandbytes' block-wise dynamically
+quantised Adam (one ``uint8`` code per element and one float32 absmax per
+256-element block for each moment; tensors with fewer than ``min_8bit_size``
+= 4096 elements keep float32 moments) — in the subspace and on every other
+leaf, as the official optimiser runs bitsandbytes' ``Optimizer2State("adam",
+optim_bits=8)`` on all parameters. bitsandbytes' ε is outside the
+bias-corrected ``√V̂`` (as optax's), so only the side and the weight-decay
+order differ from the official 8-bit optimiser (tests/parity/test_galore_torch.py;
+there also: galore-torch 1.0 on bitsandbytes ≥ 0.50 passes ``percentile_clipping``
+and ``block_wise`` into bnb's ``max_unorm`` and ``skip_zeros``, which freezes
+GaLore weights whose projected gradient is on bnb's 32-bit path).
+Note that optax's side keeps the moments small: a weight's projected gradient
+``min(a, b)·r`` must reach 4096 elements to be stored in 8 bits. A non-finite
+gradient is skipped by the 8-bit base (state unchanged), but at a refresh step
+optax's SVD of it still makes the projector — and so that step's update —
+NaN; wrap the whole transform in `lorajax.optim.skip_nonfinite` to skip such
+steps entirely. `state_bytes` = ``galore_state_formula(..., optim_bits=8)``.
 
 Example:
   >>> import jax, jax.numpy as jnp, lorajax
@@ -75,6 +87,12 @@ Example:
   >>> lorajax.optim.galore_mask(params, ["q", "o"], rank=4)["emb"]["embedding"]
   False
   >>> lorajax.optim.state_bytes(tx, params) == lorajax.optim.galore_state_formula(params, ["q", "o"], rank=4).total
+  True
+  >>> tx8 = lorajax.optim.galore(1e-3, targets=["q", "o"], rank=4, optim_bits=8, min_8bit_size=16)
+  >>> tx8.init(params)[0].base_optimizer_state.inner_state.mu["q"]["kernel"].codes.dtype   # 4x8 = 32 >= 16
+  dtype('uint8')
+  >>> lorajax.optim.state_bytes(tx8, params) == lorajax.optim.galore_state_formula(
+  ...     params, ["q", "o"], rank=4, optim_bits=8, min_8bit_size=16).total
   True
 
 References:
@@ -95,6 +113,7 @@ import numpy as np
 import optax
 from optax.contrib import GaLoreDimensionNumbers
 
+from lorajax.optim.adam8bit import _check_block_size, moment_bytes, scale_by_adam_8bit
 from lorajax.spec import Spec
 from lorajax.targets import key_names, select
 from lorajax.variants.base import Target
@@ -200,6 +219,7 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
            update_proj_gap: int = 200, scale: float = 1.0, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Any = None, weight_decay: float = 0.0,
            weight_decay_mask: Any = None, base_optimizer: optax.GradientTransformation | None = None,
+           optim_bits: int = 32, block_size: int = 256, min_8bit_size: int = 4096,
            exclude: Any = None, layers_to_transform: Any = None, layers_pattern: Any = None,
            in_axes: int | dict = 1, params: Any = None) -> optax.GradientTransformation:
     """GaLore-Adam on the selected kernels, Adam on every other leaf (`optax.contrib.galore`).
@@ -219,6 +239,11 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
       weight_decay_mask: optax ``mask`` for the decay (a bool tree or callable).
       base_optimizer: a params-free gradient transformation run in the
         subspace (and on untargeted leaves); default ``scale_by_adam``.
+      optim_bits: 32, or 8 for the official ``GaLoreAdamW8bit``'s state:
+        `scale_by_adam_8bit` (``b1``, ``b2``, ``eps``) as the base, with
+        ``block_size`` (bitsandbytes ≥ 0.44: 256; 2048 before) and
+        ``min_8bit_size`` (4096). Not with ``base_optimizer``, ``mu_dtype``
+        or ``eps_root``.
       exclude, layers_to_transform, layers_pattern, in_axes: as `lorajax.Spec`.
       params: optional; when given, the selection is validated now. Otherwise
         it is resolved (and validated) on the tree passed to ``init`` and
@@ -239,6 +264,17 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
     def dimension_numbers(tree: Any) -> Any:
         return galore_dimension_numbers(tree, targets, rank=rank, **selection)
 
+    if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
+        raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+    if optim_bits == 32 and (block_size, min_8bit_size) != (256, 4096):
+        raise ValueError("block_size and min_8bit_size only apply to optim_bits=8")
+    if optim_bits == 8:
+        given = [n for n, v in (("base_optimizer", base_optimizer), ("mu_dtype", mu_dtype)) if v is not None]
+        given += ["eps_root"] if eps_root != 0.0 else []
+        if given:
+            raise ValueError(f"optim_bits=8 chooses the base optimiser (scale_by_adam_8bit); {given} cannot be "
+                             f"combined with it (pass base_optimizer=scale_by_adam_8bit(...) instead)")
+        base_optimizer = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
     if params is not None:
         dimension_numbers(params)
     if base_optimizer is None:
@@ -267,9 +303,9 @@ class GaLoreStateSize(NamedTuple):
     """Optimiser-state bytes by part (see `galore_state_formula`)."""
 
     projector: int          # Σ_targets max(a, b)·r  (official "std": min(a, b)·r)
-    low_rank_moments: int   # Σ_targets 2·min(a, b)·r (official "std": 2·max(a, b)·r)
-    full_moments: int       # Σ_other leaves 2·size (Adam's m, v)
-    scalars: int            # int32 step counts
+    low_rank_moments: int   # Σ_targets 2·min(a, b)·r (official "std": 2·max(a, b)·r); 8-bit: see moment_bytes
+    full_moments: int       # Σ_other leaves 2·size (Adam's m, v); 8-bit: see moment_bytes
+    scalars: int            # int32 step counts (8-bit: + the skipped-steps count)
 
     @property
     def total(self) -> int:
@@ -277,7 +313,8 @@ class GaLoreStateSize(NamedTuple):
 
 
 def galore_state_formula(params: Any, targets: Any = "all-linear", *, rank: int = 128, mu_dtype: Any = None,
-                         schedule: bool = False, side: str = "optax", **selection) -> GaLoreStateSize:
+                         schedule: bool = False, side: str = "optax", optim_bits: int = 32, block_size: int = 256,
+                         min_8bit_size: int = 4096, **selection) -> GaLoreStateSize:
     """Analytic state size of `galore` with the default Adam base, in bytes.
 
     For each selected kernel viewed as ``a×b``: projector ``max(a, b)·r`` and
@@ -290,9 +327,28 @@ def galore_state_formula(params: Any, targets: Any = "all-linear", *, rank: int 
     ``side="official-std"`` gives instead the official ``galore-torch``
     default (projector ``min(a, b)·r``, moments ``2·max(a, b)·r``), for
     comparison only (its scalar counts are Python ints, counted as 0).
+
+    ``optim_bits=8`` (`galore` with ``optim_bits=8``): each moment of ``n``
+    elements takes ``n`` bytes of codes plus ``4·⌈n / block_size⌉`` bytes of
+    float32 absmax if ``n ≥ min_8bit_size``, else ``4·n`` (float32 whatever the
+    weight dtype); scalars gain the 8-bit base's skipped-steps count. With
+    ``side="official-std"`` this is the official ``GaLoreAdamW8bit``'s state
+    (bitsandbytes' shared 256-entry maps not counted).
     """
     if side not in ("optax", "official-std"):
         raise ValueError(f"side must be 'optax' or 'official-std', got {side!r}")
+    if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
+        raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+    if optim_bits == 8:
+        _check_block_size(block_size)
+        if mu_dtype is not None:
+            raise ValueError("mu_dtype has no meaning with optim_bits=8")
+
+    def moments(n: int, item: int, mu_item: int) -> int:
+        if optim_bits == 8:
+            return 2 * moment_bytes(n, block_size=block_size, min_8bit_size=min_8bit_size)
+        return n * (mu_item + item)
+
     chosen = {tuple(t.keys): t for t in galore_targets(params, targets, rank=rank, **selection)}
     projector = low_rank = full = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -300,11 +356,11 @@ def galore_state_formula(params: Any, targets: Any = "all-linear", *, rank: int 
         mu_item = np.dtype(mu_dtype).itemsize if mu_dtype is not None else item
         t = chosen.get(key_names(path))
         if t is None:
-            full += math.prod(leaf.shape) * (mu_item + item)
+            full += moments(math.prod(leaf.shape), item, mu_item)
             continue
         a, b = t.matrix_shape
         proj_side, moment_side = (max(a, b), min(a, b)) if side == "optax" else (min(a, b), max(a, b))
         projector += proj_side * rank * item
-        low_rank += moment_side * rank * (mu_item + item)
-    scalars = 0 if side != "optax" else 4 * (2 + int(schedule))
+        low_rank += moments(moment_side * rank, item, mu_item)
+    scalars = 0 if side != "optax" else 4 * (2 + int(schedule) + int(optim_bits == 8))
     return GaLoreStateSize(projector, low_rank, full, scalars)

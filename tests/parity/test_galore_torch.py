@@ -35,6 +35,25 @@ What is matched, and how (see `lorajax.optim.galore`'s docstring):
 ``galore_torch/__init__.py`` imports bitsandbytes (for the 8-bit optimiser);
 the modules needed here (``adamw.py``, ``galore_projector.py``) are loaded
 under a private package name instead, so bitsandbytes is not needed.
+
+8-bit (``GaLoreAdamW8bit``, ``adamw8bit.py``; needs bitsandbytes, reference
+0.50.2 on CPU) against ``galore(..., optim_bits=8)``: tall 300×270 and wide
+270×300 kernels (projected moments 16×270 = 4320 elements: 8-bit, a partial
+last block), a 40×20 one (16×20: bnb's 32-bit fallback), an untargeted 70×100
+kernel (8-bit) and a 1-D scale; rank 16, gap 3, 7 steps. bnb's ε sits where
+optax's does, so no ε adjustment. To run on CPU torch: ``torch.cuda.synchronize``
+(called by the official ``step``) is made a no-op; bnb's CPU optimiser
+re-quantises through its exact ``default`` kernel instead of its 65536-bin
+lookup table (see tests/optim/test_adam8bit.py); the official code is given
+XLA's whole SVD (with r = 16 on Gaussian gradients two float32 SVDs differ by
+~1e-5, enough to move a few 8-bit codes). And the constructor needs
+``percentile_clipping=0, block_wise=False``: bitsandbytes 0.50 removed those two
+parameters from ``Optimizer2State`` (commit c27dc581, PR #1871), so galore-torch
+1.0 passes them positionally into ``max_unorm`` and ``skip_zeros``; with its
+defaults (100, True) every tensor on bnb's 32-bit path gets update-norm
+clipping against the norm of a parameter GaLore has zeroed, i.e. *no update*
+(shown by a test). The 0/False values restore the meaning they had (no
+clipping, no zero skipping).
 """
 
 from __future__ import annotations
@@ -256,3 +275,119 @@ def test_official_std_uses_other_side_and_more_state(problem):
     assert official.total == n
     ours = lorajax.optim.galore_state_formula(jparams, GALORE, rank=RANK)
     assert ours.total - ours.scalars < n  # optax's side is smaller
+
+
+# --- 8-bit: GaLoreAdamW8bit (bitsandbytes) ------------------------------------------------------------------------
+
+SHAPES8 = {"tall": (300, 270), "wide": (270, 300), "small": (40, 20), "head": (70, 100)}
+GALORE8, RANK8 = ["tall", "wide", "small"], 16
+
+
+def _official_8bit(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    cpu_ops = pytest.importorskip("bitsandbytes.backends.cpu.ops")
+    _official()
+    adamw8bit = importlib.import_module("_galore_torch_official.adamw8bit")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    # bnb's exact (device-independent "default" backend) quantiser, as lorajax's
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def exact(a, code, absmax_out, out_uint8, block_size):
+        q, absmax = op.redispatch(keys, a, code, block_size)
+        out_uint8.copy_(q)
+        absmax_out.copy_(absmax)
+
+    if not hasattr(cpu_ops, "_quant_blockwise_fp32_direct"):
+        pytest.skip("bitsandbytes' CPU optimiser has no _quant_blockwise_fp32_direct hook in this version")
+    monkeypatch.setattr(cpu_ops, "_quant_blockwise_fp32_direct", exact)
+
+    def xla_svd(a, full_matrices=True, **kw):
+        u, sv, vh = jnp.linalg.svd(jnp.asarray(a.detach().numpy()), full_matrices=False)
+        return tuple(torch.tensor(np.asarray(x)) for x in (u, sv, vh))
+
+    monkeypatch.setattr(torch.linalg, "svd", xla_svd)
+    return adamw8bit
+
+
+@pytest.fixture(scope="module")
+def problem8():
+    rng = np.random.default_rng(2)
+    params = {k: {"kernel": rng.standard_normal(s).astype(np.float32)} for k, s in SHAPES8.items()}
+    params["norm"] = {"scale": (1.0 + 0.1 * rng.standard_normal(10)).astype(np.float32)}
+    grads = [jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params) for _ in range(STEPS)]
+    return params, grads
+
+
+def run_official_8bit(adamw8bit, params, grads, *, restore_args=True):
+    tp = {k: torch.nn.Parameter(torch.tensor(_leaf(v))) for k, v in params.items()}
+    groups = [{"params": [tp[k] for k in tp if k not in GALORE8]},
+              {"params": [tp[k] for k in GALORE8], "rank": RANK8, "update_proj_gap": GAP, "scale": SCALE,
+               "proj_type": "reverse_std"}]
+    kw = dict(percentile_clipping=0.0, block_wise=False) if restore_args else {}
+    opt = adamw8bit.AdamW8bit(groups, lr=LR, weight_decay=0.0, **kw)
+    out = []
+    for g in grads:
+        for k, p in tp.items():
+            p.grad = torch.tensor(_leaf(g[k]))
+        opt.step()
+        out.append({k: p.detach().numpy().copy() for k, p in tp.items()})
+    return out, opt, tp
+
+
+def run_lorajax_8bit(params, grads):
+    tx = lorajax.optim.galore(LR, GALORE8, rank=RANK8, update_proj_gap=GAP, scale=SCALE, optim_bits=8, params=params)
+    p = jax.tree.map(jnp.asarray, params)
+    state, update, out = tx.init(p), jax.jit(tx.update), []
+    for g in grads:
+        u, state = update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, u)
+        out.append({k: np.asarray(_leaf(v)) for k, v in p.items()})
+    return out, state[0].base_optimizer_state.inner_state
+
+
+def test_8bit_trajectory(problem8, monkeypatch):
+    """7 steps with refreshes at 0, 3, 6: every parameter equal after every step; the same tensors are 8-bit."""
+    adamw8bit = _official_8bit(monkeypatch)
+    params, grads = problem8
+    ours, base = run_lorajax_8bit(params, grads)
+    theirs, opt, tp = run_official_8bit(adamw8bit, params, grads)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert_step_close(a, b, step)
+    for k in tp:
+        st, mu = opt.state[tp[k]], base.mu[k]["kernel" if k in SHAPES8 else "scale"]
+        eight = isinstance(mu, lorajax.optim.QuantizedMoment)
+        assert (st["state1"].dtype == torch.uint8) == eight == (k in ("tall", "wide", "head")), k
+        codes = np.asarray(mu.codes if eight else mu)
+        assert codes.shape == tuple(st["state1"].shape), k
+        if eight:  # the 8-bit codes themselves agree (float32 matmul rounding may move a rare one)
+            assert np.mean(codes == st["state1"].numpy()) > 0.999, k
+            np.testing.assert_allclose(np.asarray(mu.absmax), st["absmax1"].numpy(), rtol=1e-5, err_msg=k)
+
+
+def test_8bit_state_bytes_equal_official(problem8, monkeypatch):
+    """bnb's state (codes, absmax, 32-bit fallbacks) + the projectors = ``galore_state_formula(optim_bits=8)``."""
+    adamw8bit = _official_8bit(monkeypatch)
+    params, grads = problem8
+    _, opt, tp = run_official_8bit(adamw8bit, params, grads[:1])
+    n = 0
+    for k in tp:
+        st = opt.state[tp[k]]
+        n += sum(st[s].numel() * st[s].element_size() for s in ("state1", "state2", "absmax1", "absmax2") if s in st)
+        if "projector" in st:
+            n += 4 * st["projector"].ortho_matrix.numel()
+    f = lorajax.optim.galore_state_formula(jax.tree.map(jnp.asarray, params), GALORE8, rank=RANK8, optim_bits=8)
+    assert f.total - f.scalars == n
+
+
+def test_8bit_default_args_freeze_small_galore_weights(problem8, monkeypatch):
+    """galore-torch 1.0's defaults on bitsandbytes ≥ 0.50: a GaLore weight on bnb's 32-bit path never moves."""
+    import inspect
+
+    adamw8bit = _official_8bit(monkeypatch)
+    if "percentile_clipping" in inspect.signature(adamw8bit.Optimizer2State.__init__).parameters:
+        pytest.skip("this bitsandbytes still takes percentile_clipping/block_wise: the arguments line up")
+    params, grads = problem8
+    theirs, _, _ = run_official_8bit(adamw8bit, params, grads[:3], restore_args=False)
+    np.testing.assert_array_equal(theirs[-1]["small"], _leaf(params["small"]))
+    assert not np.allclose(theirs[-1]["tall"], _leaf(params["tall"]))
