@@ -35,6 +35,7 @@ class OptimConfig:
     galore_rank: int = 8                  # GaLore: projector rank r (official GLUE recipe: 4 or 8)
     galore_gap: int = 500                 # GaLore: steps between SVD refreshes of the projector (GLUE: 500)
     galore_scale: float = 4.0             # GaLore: scale of the projected-back update (GLUE: 4)
+    galore_bits: int = 32                 # GaLore: 32 or 8 (Adam moments in bitsandbytes' block-wise 8-bit)
 
 
 @dataclasses.dataclass

@@ -61,7 +61,7 @@ def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.S
     if name == "galore":
         targets = o.galore_targets if isinstance(o.galore_targets, str) else list(o.galore_targets)
         return lorajax.optim.galore(sched, targets=targets, rank=o.galore_rank,
-                                    update_proj_gap=o.galore_gap, scale=o.galore_scale,
+                                    update_proj_gap=o.galore_gap, scale=o.galore_scale, optim_bits=o.galore_bits,
                                     weight_decay=o.weight_decay,
                                     exclude=list(cfg.spec.exclude) or None, params=full)
     raise SystemExit(f"unknown optimiser {o.name!r}: {' | '.join(NAMES)}")
