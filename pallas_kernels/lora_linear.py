@@ -207,58 +207,53 @@ def _tn_kernel(p_ref, q_ref, o_ref, *, scale: float, block_m: int):
     o_ref[...] = (scale * acc).astype(dt)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_m", "block_split", "split", "interpret", "name"))
+def _tn(p, q, *, scale: float, block_m: int, block_split: int, split: int, interpret: bool, name: str):
+    """``s pᵀ q`` (``p: [M, P]``, ``q: [M, Q]``) in the dtype of the rank-sized operand, reduced over ``M``.
+
+    The wide operand (``p`` when ``split == 0``, else ``q``) is cut into
+    ``block_split``-column blocks, one program each; the narrow (rank-sized)
+    one is read whole. Each program holds its f32 accumulator and walks ``M``
+    in ``block_m`` tiles (`_tn_kernel`).
+    """
+    m = p.shape[0]
+    wide, narrow = (p, q) if split == 0 else (q, p)
+    r = narrow.shape[1]
+    bm, bs = c.fit_block(m, block_m), c.fit_block(wide.shape[1], block_split)
+    mp, sp, rp = c.round_up(m, bm), c.round_up(wide.shape[1], bs), c.whole(r)
+    wide_spec = pl.BlockSpec((mp, bs), lambda i: (0, i))
+    narrow_spec = pl.BlockSpec((mp, rp), lambda i: (0, 0))
+    if split == 0:
+        in_specs, shape, out_spec = [wide_spec, narrow_spec], (sp, rp), pl.BlockSpec((bs, rp), lambda i: (i, 0))
+    else:
+        in_specs, shape, out_spec = [narrow_spec, wide_spec], (rp, sp), pl.BlockSpec((rp, bs), lambda i: (0, i))
+    padded = [c.pad_to(wide, (mp, sp)), c.pad_to(narrow, (mp, rp))]
+    out = pl.pallas_call(
+        functools.partial(_tn_kernel, scale=scale, block_m=bm),
+        out_shape=jax.ShapeDtypeStruct(shape, narrow.dtype),
+        grid=(sp // bs,),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=None if interpret else c.compiler_params(1),
+        cost_estimate=pl.CostEstimate(flops=2 * mp * sp * rp, transcendentals=0,
+                                      bytes_accessed=wide.dtype.itemsize * mp * sp
+                                      + narrow.dtype.itemsize * rp * (mp * (sp // bs) + sp)),
+        interpret=interpret,
+        name=name,
+    )(*(padded if split == 0 else padded[::-1]))
+    return out[:wide.shape[1], :r] if split == 0 else out[:r, :wide.shape[1]]
+
+
 def _grad_a(x, g, *, scale: float, block_sizes: BlockSizes, interpret: bool):
-    """``dA = s xᵀ g`` (``x: [M, K]``, ``g = dy Bᵀ: [M, r]``) in g's dtype.
-
-    Grid over ``K / block_k``; each program holds its ``[block_k, r]`` f32
-    accumulator and walks ``M`` in ``block_m`` tiles of ``x`` and ``g``.
-    """
-    m, k = x.shape
-    r = g.shape[1]
-    bm, bk = c.fit_block(m, block_sizes.block_m), c.fit_block(k, block_sizes.block_k)
-    mp, kp, rp = c.round_up(m, bm), c.round_up(k, bk), c.whole(r)
-    out = pl.pallas_call(
-        functools.partial(_tn_kernel, scale=scale, block_m=bm),
-        out_shape=jax.ShapeDtypeStruct((kp, rp), g.dtype),
-        grid=(kp // bk,),
-        in_specs=[pl.BlockSpec((mp, bk), lambda i: (0, i)), pl.BlockSpec((mp, rp), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((bk, rp), lambda i: (i, 0)),
-        compiler_params=None if interpret else c.compiler_params(1),
-        cost_estimate=pl.CostEstimate(flops=2 * mp * kp * rp, transcendentals=0,
-                                      bytes_accessed=x.dtype.itemsize * mp * kp
-                                      + g.dtype.itemsize * rp * (mp * (kp // bk) + kp)),
-        interpret=interpret,
-        name="lora_linear_grad_a",
-    )(c.pad_to(x, (mp, kp)), c.pad_to(g, (mp, rp)))
-    return out[:k, :r]
+    """``dA = s xᵀ g`` (``x: [M, K]``, ``g = dy Bᵀ: [M, r]``) in g's dtype: grid over ``K / block_k``."""
+    return _tn(x, g, scale=scale, block_m=block_sizes.block_m, block_split=block_sizes.block_k, split=0,
+               interpret=interpret, name="lora_linear_grad_a")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def _grad_b(h, dy, *, scale: float, block_sizes: BlockSizes, interpret: bool):
-    """``dB = s hᵀ dy`` (``h = x A: [M, r]``, ``dy: [M, N]``) in h's dtype.
-
-    Grid over ``N / block_n``; each program holds its ``[r, block_n]`` f32
-    accumulator and walks ``M`` in ``block_m`` tiles of ``h`` and ``dy``.
-    """
-    m, n = dy.shape
-    r = h.shape[1]
-    bm, bn = c.fit_block(m, block_sizes.block_m), c.fit_block(n, block_sizes.block_n)
-    mp, np_, rp = c.round_up(m, bm), c.round_up(n, bn), c.whole(r)
-    out = pl.pallas_call(
-        functools.partial(_tn_kernel, scale=scale, block_m=bm),
-        out_shape=jax.ShapeDtypeStruct((rp, np_), h.dtype),
-        grid=(np_ // bn,),
-        in_specs=[pl.BlockSpec((mp, rp), lambda j: (0, 0)), pl.BlockSpec((mp, bn), lambda j: (0, j))],
-        out_specs=pl.BlockSpec((rp, bn), lambda j: (0, j)),
-        compiler_params=None if interpret else c.compiler_params(1),
-        cost_estimate=pl.CostEstimate(flops=2 * mp * np_ * rp, transcendentals=0,
-                                      bytes_accessed=dy.dtype.itemsize * mp * np_
-                                      + h.dtype.itemsize * rp * (mp * (np_ // bn) + np_)),
-        interpret=interpret,
-        name="lora_linear_grad_b",
-    )(c.pad_to(h, (mp, rp)), c.pad_to(dy, (mp, np_)))
-    return out[:r, :n]
+    """``dB = s hᵀ dy`` (``h = x A: [M, r]``, ``dy: [M, N]``) in h's dtype: grid over ``N / block_n``."""
+    return _tn(h, dy, scale=scale, block_m=block_sizes.block_m, block_split=block_sizes.block_n, split=1,
+               interpret=interpret, name="lora_linear_grad_b")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
