@@ -360,3 +360,28 @@ def test_old_gamma_beta_layernorm_names_load(tmp_path):
     ids, mask, tt = _inputs(pad=0)
     want = _torch_hidden(net, ids, mask, tt).last_hidden_state.numpy()
     np.testing.assert_allclose(_ours(model, params, ids, mask, tt), want, atol=ATOL, rtol=0)
+
+
+def test_remat_same_outputs_and_adapter_gradients():
+    """remat=True (activation checkpointing per encoder layer) changes memory, not maths; the params tree is the same."""
+    import jax
+
+    cfg = bert.Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=24, max_position_embeddings=16)
+    ids = jnp.array([[2, 7, 9, 3, 4, 8], [2, 5, 3, 0, 0, 0]])
+    mask = (ids != 0).astype(jnp.int32)
+    plain, remat = bert.BertModel(cfg), bert.BertModel(cfg, remat=True)
+    variables = plain.init(jax.random.key(0), ids)
+    assert jax.tree.structure(remat.init(jax.random.key(0), ids)) == jax.tree.structure(variables)
+    spec = lorajax.Spec("lora", rank=2, targets="all-linear", init_weights=False)
+    adapters = lorajax.init(spec, variables, 1)
+    probe = jax.random.normal(jax.random.key(2), (2, 6, 16))  # LayerNorm'd outputs: not a sum of squares
+    outs = []
+    for model in (plain, remat):
+        fwd = jax.jit(lorajax.adapt(model.apply, spec, mode="factored"))
+        loss, grads = jax.value_and_grad(lambda a: jnp.sum(fwd(variables, a, ids, mask) * probe))(adapters)
+        outs.append((loss, grads))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
+        if float(jnp.linalg.norm(b)) > 0:
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
