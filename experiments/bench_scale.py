@@ -6,16 +6,17 @@ partitioner for a fake CPU mesh (``--xla_force_host_platform_device_count``), an
 ``compiled.memory_analysis()`` reports the per-device bytes (arguments, outputs, temporaries).
 Beside it the analytic estimate: weights / fsdp + adapter and optimiser state + activations.
 
-Compiling 32 or 80 unrolled layers for 256 devices takes tens of minutes per step on 2 CPU cores,
-so by default each step is compiled with 2 and 4 layers and the per-device bytes are extrapolated
-linearly to the real depth (``measured(L) = m(2) + (L − 2)·(m(4) − m(2))/2``: a constant part —
-embedding, head, gathered weights in flight — plus a per-layer part); ``--layers-fit`` changes the
-two depths, ``--full-depth`` compiles the real model instead.
+The real depth (32 or 80 unrolled layers) is compiled: 20–110 s per step on 2 CPU cores for every
+mesh here, once XLA's propagation gathers weights rather than activations (``token_sharding``).
+``--extrapolate`` instead compiles 2 and 4 layers (``--layers-fit``) and extrapolates linearly
+(``m(L) = m(2) + (L − 2)·(m(4) − m(2))/2``), a quick look only: XLA:CPU's scheduler changes its
+decisions with depth, and with ``remat`` the extrapolation was wrong by far (even negative).
 
 Protocol: bf16 base weights, LoRA r=16 (alpha 32) on all seven projections with f32 factors and
 Adam (f32 moments), or full fine-tuning with Adam (moments in the params' bf16); one sequence
 of ``--seq`` tokens per device (global batch = devices), mesh ``fsdp=N`` (weights and batch over
-all devices; pure FSDP minimises memory); no activation checkpointing (lorajax's Llama has none).
+all devices; pure FSDP minimises memory); each step without and with ``remat`` (activation
+checkpointing per decoder layer).
 CPU compilation only: these are XLA's buffer-assignment numbers for the CPU backend, close to but
 not the same as a TPU/GPU compile; nothing here is timed.
 
@@ -141,8 +142,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--layers-fit", type=int, nargs=2, default=[2, 4], help="depths to compile and extrapolate from")
-    ap.add_argument("--full-depth", action="store_true", help="compile the real depth (slow)")
+    ap.add_argument("--extrapolate", action="store_true", help="compile --layers-fit depths and extrapolate (quick)")
+    ap.add_argument("--layers-fit", type=int, nargs=2, default=[2, 4], help="depths for --extrapolate")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "DEVICES"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="experiments/results/scale.md")
     args = ap.parse_args()
@@ -151,7 +152,7 @@ def main() -> None:
         print("ROWS " + json.dumps(rows))
         return
     rows = []
-    depths = [None] if args.full_depth else list(args.layers_fit)
+    depths = list(args.layers_fit) if args.extrapolate else [None]
     for name in args.models:
         for n in args.devices:
             runs = []
@@ -200,8 +201,9 @@ def write(rows: list[dict], out: Path, args) -> None:
     out.write_text(
         "# Sharded train steps of Llama-3 8B / 70B, AOT-compiled on fake CPU meshes\n\n"
         f"Command: `python -m experiments.bench_scale --devices {' '.join(map(str, args.devices))} --seq {args.seq}"
-        f"{' --full-depth' if args.full_depth else ''}` (2-core CPU, compile only; see the module docstring for the "
-        "depth extrapolation). "
+        f"{' --extrapolate' if args.extrapolate else ''}` (2-core CPU, compile only, "
+        f"{'depth extrapolated, see the module docstring' if args.extrapolate else 'the real depth'}; XLA:CPU's "
+        "memory-minimising scheduler, `SCHEDULER_FLAG`). "
         f"Mesh `fsdp=N`, one {args.seq}-token sequence per device, bf16 weights, LoRA r={RANK} on q,k,v,o,gate,up,down "
         "(f32 factors, f32 Adam) vs full fine-tuning (Adam, bf16 moments); '+ remat' rows recompute each "
         "decoder layer in the backward pass. Hidden states are pinned to the batch axes at every layer boundary "
