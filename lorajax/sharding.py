@@ -28,7 +28,10 @@ its output sharding, the rank axis and everything else (vectors, VeRA's shared
 projections) are replicated; a factor axis that the mesh does not divide is
 replicated rather than an error (factors are small). Optimiser state leaves
 (Adam's ``mu``/``nu``) carry the same dict path as their parameter and so get
-the same sharding; counters are replicated.
+the same sharding; counters are replicated. With ``like``, a state leaf whose
+shape differs from its parameter's (GaLore's projector and low-rank moments,
+8-bit Adam's per-block scales) is placed as an adapter factor of that weight
+rather than by the weight's rule, which does not fit its shape.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -203,7 +206,8 @@ def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any
         strict = True
     rules = [(re.compile(rx), spec if isinstance(spec, P) else P(*spec)) for rx, spec in rules]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    weights = _shapes(tree) if like is None else {**_shapes(like), **_shapes(tree)}
+    like_shapes = {} if like is None else _shapes(like)
+    weights = _shapes(tree) if like is None else {**like_shapes, **_shapes(tree)}
     used = [False] * len(rules)
 
     def rule_for(name: str):
@@ -218,7 +222,12 @@ def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any
         name, shape = leaf_name(path), tuple(np.shape(leaf))
         spec = rule_for(name) if name else None
         entries = (None,) * len(shape)
-        if spec is not None:
+        if spec is not None and like_shapes.get(name, shape) != shape:
+            # optimiser state of another shape under a weight's path (GaLore's projector and low-rank
+            # moments, 8-bit Adam's block scales): follow the weight as an adapter factor does
+            w_shape = like_shapes[name]
+            entries = _derived(_fit(spec, mesh, len(w_shape)), w_shape, shape, mesh)
+        elif spec is not None:
             entries = _fit(spec, mesh, len(shape))
             for dim, (size, e) in enumerate(zip(shape, entries)):
                 if size % _axis_size(mesh, e):
