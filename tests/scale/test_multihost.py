@@ -1,17 +1,16 @@
 """Two processes on loopback (4 CPU devices each, gloo) end with the same adapters as one 8-device process."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import safetensors.numpy
+from test_sharded_training import rel_err
 
-from test_sharded_training import ckpt, rel_err  # noqa: F401  (fixture + helper)
+from tests import fake_devices
 
 JOB = Path(__file__).with_name("multihost_job.py")
 
@@ -22,25 +21,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env():
-    root = Path(__file__).resolve().parents[2]
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["JAX_PLATFORMS"] = "cpu"
-    e["PYTHONPATH"] = f"{root}:{e.get('PYTHONPATH', '')}"
-    return e
-
-
-def test_two_processes_match_one(ckpt, tmp_path):  # noqa: F811
+def test_two_processes_match_one(ckpt, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
-    proc = subprocess.run([sys.executable, str(JOB), "single", "0", str(ckpt), str(single)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fake_devices.run([JOB, "single", "0", ckpt, single], devices=None, timeout=300)  # the job sets its devices
 
     multi = tmp_path / "multi"
     multi.mkdir()
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(JOB), str(i), str(port), str(ckpt), str(multi)], env=_env(),
+    procs = [subprocess.Popen([sys.executable, str(JOB), str(i), str(port), str(ckpt), str(multi)],
+                              env=fake_devices.env(None),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     try:
         outs = [p.communicate(timeout=300) for p in procs]

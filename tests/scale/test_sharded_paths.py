@@ -2,13 +2,12 @@
 run sharded on 8 fake CPU devices (one subprocess, sharded_paths_job.py) and compared with one device."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import fake_devices
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -17,24 +16,9 @@ JOB = Path(__file__).with_name("sharded_paths_job.py")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def results(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("paths") / "results.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = f"{root}:{env.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, str(JOB), str(ckpt), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fake_devices.run([JOB, ckpt, out])
     return json.loads(out.read_text())
 
 

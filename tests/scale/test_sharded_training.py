@@ -1,14 +1,13 @@
 """Sharded LoRA training on 8 fake CPU devices (subprocess): same losses and adapters on every mesh."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
+
+from tests import fake_devices
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -23,24 +22,9 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def run_job(ckpt, out, meshes, **env):
     out.mkdir(parents=True, exist_ok=True)
-    e = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", **env}
-    root = Path(__file__).resolve().parents[2]
-    e["PYTHONPATH"] = f"{root}:{e.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, str(JOB), str(ckpt), str(out), *meshes], env=e, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fake_devices.run([JOB, ckpt, out, *meshes], **env)
     return {m: (json.loads((out / f"{m}.json").read_text()), safetensors.numpy.load_file(str(out / f"{m}.safetensors")))
             for m in meshes}
 
