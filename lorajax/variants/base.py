@@ -38,7 +38,9 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
-__all__ = ["Variant", "Target", "SHARED_KEY", "additive"]
+import jax.numpy as jnp
+
+__all__ = ["Variant", "Target", "SHARED_KEY", "additive", "balance_bias"]
 
 #: Key of model-level adapter state in an adapters tree.
 SHARED_KEY = "_shared"
@@ -124,3 +126,20 @@ def additive(delta: Callable) -> tuple[Callable, Callable]:
         return (w.astype(d.dtype) - d).astype(w.dtype)
 
     return adapted, unadapted
+
+
+def balance_bias(name: str, rate_option: str) -> Callable:
+    """``update`` of a load-balanced router: ``{name: b + u · sign(mean(c) − c)}``.
+
+    ``c = aux["counts"]`` (how often each rank was selected), ``u =
+    t.options[rate_option]``: the bias of an under-used rank rises by ``u``, of
+    an over-used one falls by ``u``. Float32 arithmetic; the bias keeps its dtype.
+    """
+
+    def update(adapter: dict, aux: dict, t: Target) -> dict:
+        c = aux["counts"].astype(jnp.float32)
+        b = adapter[name]
+        step = t.options[rate_option] * jnp.sign(jnp.mean(c) - c)
+        return {name: (b.astype(jnp.float32) + step).astype(b.dtype)}
+
+    return update

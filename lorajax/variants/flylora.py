@@ -95,7 +95,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants.base import Target, Variant, balance_bias
 
 #: Default ``k / r`` when ``top_k`` is None (the paper's 8 of 32).
 DEFAULT_RATIO = 4
@@ -173,12 +173,8 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Arr
     return out, {"counts": jnp.sum(m, axis=0).astype(jnp.float32)}
 
 
-def update(adapter: dict, aux: dict, t: Target) -> dict:
-    """``{"lora_topk_bias": d + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``."""
-    c = aux["counts"].astype(jnp.float32)
-    d = adapter["lora_topk_bias"]
-    step = t.options["bias_u"] * jnp.sign(jnp.mean(c) - c)
-    return {"lora_topk_bias": (d.astype(jnp.float32) + step).astype(d.dtype)}
+#: ``{"lora_topk_bias": d + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``, ``u = bias_u``
+update = balance_bias("lora_topk_bias", "bias_u")
 
 
 VARIANT = Variant(

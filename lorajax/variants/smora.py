@@ -100,7 +100,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants.base import Target, Variant, balance_bias
 
 #: Official default number of active ranks.
 DEFAULT_ACTIVE = 8
@@ -196,12 +196,8 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Arr
     return out, {"counts": _counts(idx, t.rank)}
 
 
-def update(adapter: dict, aux: dict, t: Target) -> dict:
-    """``{"lora_biases": β + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``."""
-    c = aux["counts"].astype(jnp.float32)
-    beta = adapter["lora_biases"]
-    step = t.options["bias_update_rate"] * jnp.sign(jnp.mean(c) - c)
-    return {"lora_biases": (beta.astype(jnp.float32) + step).astype(beta.dtype)}
+#: ``{"lora_biases": β + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``, ``u = bias_update_rate``
+update = balance_bias("lora_biases", "bias_update_rate")
 
 
 VARIANT = Variant(
