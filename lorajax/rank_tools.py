@@ -108,6 +108,18 @@ SQUEEZABLE = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnit
 SQUEEZE_METHODS = ("qr", "rsvd")
 
 
+def _factors(fn: str, path: str, adapter: dict, entries: tuple) -> tuple[jax.Array, jax.Array, int]:
+    """``(lora_A [in, r], lora_B [r, out], r)`` of one adapter holding exactly ``entries``; else a clear error."""
+    if set(adapter) != set(entries):
+        raise ValueError(f"{fn}: adapter at {path} has entries {sorted(adapter)}, expected {list(entries)}")
+    a, b = adapter["lora_A"], adapter["lora_B"]
+    r = a.shape[-1]
+    if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r:
+        raise ValueError(f"{fn}: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; "
+                         "expected [in, r] and [r, out]")
+    return a, b, r
+
+
 def _nest_like(adapters: dict, new: dict[tuple, dict]) -> dict:
     """``adapters`` with the adapter dict at each path in ``new`` replaced."""
 
@@ -149,13 +161,7 @@ def truncate(spec: Spec, adapters: dict, rank: int) -> tuple[Spec, dict]:
     new_alpha: dict[str, float] = {}
     for keys, adapter in index.items():
         path = "/".join(keys)
-        if set(adapter) != {"lora_A", "lora_B"}:
-            raise ValueError(f"truncate: adapter at {path} has entries {sorted(adapter)}, expected lora_A and lora_B")
-        a, b = adapter["lora_A"], adapter["lora_B"]
-        r = a.shape[-1]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r:
-            raise ValueError(f"truncate: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; "
-                             "expected [in, r] and [r, out]")
+        a, b, r = _factors("truncate", path, adapter, ("lora_A", "lora_B"))
         if rank > r:
             raise ValueError(f"truncate: rank {rank} is larger than the rank {r} of the adapter at {path}")
         new[keys] = {"lora_A": a[:, :rank], "lora_B": b[:rank]}
@@ -316,13 +322,7 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
     new: dict[tuple, dict] = {}
     for keys, adapter in index.items():
         path = "/".join(keys)
-        if set(adapter) != set(entries):
-            raise ValueError(f"squeeze: adapter at {path} has entries {sorted(adapter)}, expected {list(entries)}")
-        a, b = adapter["lora_A"], adapter["lora_B"]
-        r = a.shape[-1]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r:
-            raise ValueError(f"squeeze: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; "
-                             "expected [in, r] and [r, out]")
+        a, b, r = _factors("squeeze", path, adapter, entries)
         if rank >= r:
             raise ValueError(f"squeeze: rank {rank} is not below the rank {r} of the adapter at {path}")
         name = targets.module_name(keys)
