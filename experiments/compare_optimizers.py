@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from experiments.genre_runs import genre_run
 from experiments.report import markdown_table
 
 LORA_LR, FULL_LR = 1e-3, 1e-4
@@ -67,18 +67,10 @@ def main(argv=None) -> None:
     fill = {"lr": f"{args.lr:g}", "full_lr": f"{args.full_lr:g}", "lr16": f"{args.lr / 16:g}"}
 
     def run(extra: list[str], out: Path, baseline: bool = False) -> dict:
-        cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py",
-               *[a.format(**fill) for a in extra], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--max-train", str(args.max_train), "--max-test",
-               str(args.max_test), "--seed", str(args.seed), "--eval-every", str(args.steps), "--out-dir", str(out),
-               "--no-progress", "--data", args.data]
-        if not baseline:
-            cmd.append("--no-baseline")  # the frozen-encoder baseline runs once, on its own
-        done = out / "results.json"
-        if args.rerun or not done.exists():  # finished runs are reused
-            print(" ".join(cmd[2:]), flush=True)
-            subprocess.run(cmd, check=True)
-        return json.loads(done.read_text())
+        return genre_run([*[a.format(**fill) for a in extra], "--steps", str(args.steps), "--batch-size",
+                          str(args.batch_size), "--max-length", str(args.max_length), "--max-train",
+                          str(args.max_train), "--max-test", str(args.max_test), "--seed", str(args.seed),
+                          "--eval-every", str(args.steps)], out, data=args.data, rerun=args.rerun, baseline=baseline)
 
     root = Path(args.out)
     base = run(["--spec.variant", "none"], root / "baseline", baseline=True)

@@ -12,12 +12,11 @@ far from it (VeRA's shared random projections are meant to be wide: rank 256, as
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import lorajax
+from experiments.genre_runs import genre_run
 from experiments.report import markdown_table
 from lorajax import registry
 
@@ -39,18 +38,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def run(variant: str, optim: str, out: Path) -> dict:
-        cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/genre_minilm.py",
-               "--spec.variant", variant, "--spec.rank", str(RANK_OVERRIDE.get(variant, args.rank)),
-               "--optim.name", optim, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-train", str(args.max_train), "--max-test", str(args.max_test),
-               "--eval-every", str(args.steps), "--out-dir", str(out), "--no-progress", "--data", args.data]
-        if variant != "none":
-            cmd.append("--no-baseline")  # the frozen-encoder baseline runs once, on its own
-        done = out / "results.json"
-        if args.rerun or not done.exists():  # finished runs are reused
-            print(" ".join(cmd[2:]), flush=True)
-            subprocess.run(cmd, check=True)
-        return json.loads(done.read_text())
+        return genre_run(["--spec.variant", variant, "--spec.rank", str(RANK_OVERRIDE.get(variant, args.rank)),
+                          "--optim.name", optim, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                          "--max-train", str(args.max_train), "--max-test", str(args.max_test),
+                          "--eval-every", str(args.steps)], out, data=args.data, rerun=args.rerun,
+                         baseline=variant == "none")
 
     base = run("none", args.optims[0], Path(args.out) / "baseline")
     # aliases (e.g. "bone" for "miss") would only repeat a row
