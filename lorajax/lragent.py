@@ -27,7 +27,9 @@ for ``n = 3``, ``r = 8``, ``W = 1024``: 0.671.
 Adapters come as the value projection's entry of a `lorajax.stack_adapters`
 pool (e.g. ``pool["params"]["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"]``
 = ``{"lora_A": [G, in, R], "lora_B": [G, R, Hkv·D], "scale": [G]}``) and
-``agent_ids`` pick an adapter per agent; each scale is folded into its ``B``.
+``agent_ids`` (host integers, checked before anything runs; under ``jax.jit``
+pass them as a static argument) pick an adapter per agent; each scale is
+folded into its ``B``.
 This module is the per-layer cache and attention; driving a whole model's
 decode through it (each layer's ``X`` from one shared prefill, LRAgent's
 approximation, since adapters upstream make agents' hidden states differ) is
