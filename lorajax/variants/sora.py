@@ -39,22 +39,25 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 
-from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import lora, options
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 
-def validate(options: dict) -> None:
-    dtype = options.get("dtype")
-    if dtype is not None:
-        jnp.dtype(dtype)  # raises TypeError on an unknown dtype
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def scaling(t: Target) -> float:
     """``α / r``."""
-    return t.alpha / t.rank
+    return base_scaling(t.alpha, t.rank)
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -74,7 +77,7 @@ def delta(adapter: dict) -> jax.Array:
 adapted, unadapted = additive(lambda w, adapter, t: scaling(t) * delta(adapter))
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s · ((x A) ⊙ g) B`` for ``x: [T, in]``; never forms ``A B``."""
     a, b = adapter["lora_A"], adapter["lora_B"]
     y = x @ w
@@ -82,13 +85,20 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (scaling(t) * (h @ b)).astype(y.dtype)
 
 
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · (in + out) + r`` (``A``, ``B`` and the gate)."""
+    return sum(t.rank * (sum(t.matrix_shape) + 1) for t in targets)
+
+
+# No `Factors`: the gate sits between A and B (W' = W + s·A diag(g) B), so the update
+# depends on A and B through A diag(g) B, not through s·A·B alone.
 VARIANT = Variant(
     name="sora",
     init=init,
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    options={"dtype": None},
-    validate=validate,
+    options=Options,
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -128,3 +128,15 @@ def test_bad_dtype_option():
         _spec(dtype="float77")
     with pytest.raises(TypeError, match="unknown option"):
         _spec(gate_init="zeros")
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank_pattern": {"b": 2}, "dtype": "bfloat16"}])
+def test_trainable_count_formula(kw):
+    """The declared ``trainable_count`` is ``Σ r · (in + out) + r``, as counted on the adapters."""
+    params = {"a": {"kernel": jnp.zeros((7, 5))}, "b": {"kernel": jnp.zeros((4, 9))}}
+    spec = lorajax.Spec("sora", rank=3, targets=["a", "b"], **kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    ts = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert lorajax.registry.get("sora").trainable_count(ts) == want
+    assert want == sum(t.rank * (sum(t.matrix_shape) + 1) for t in ts)
