@@ -54,38 +54,49 @@ References:
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import lora, options
+from lorajax.variants.base import EVAL, Context, Factors, Target, Variant, additive
+from lorajax.variants.options import checks, option
 
 INIT_CHOICES = (True, False, "gaussian")
 
 
-def validate(options: dict) -> None:
-    top_k, energy = options["top_k"], options["energy"]
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be None (= the rank) or an int >= 0, got {top_k!r}")
-    if energy is not None:
-        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy < 1:
-            raise ValueError(f"energy must be None or a fraction in (0, 1), got {energy!r}")
-        if top_k is not None:
-            raise ValueError(f"give top_k or energy, not both (got top_k={top_k!r}, energy={energy!r})")
-    if options["init_weights"] not in INIT_CHOICES:
-        raise ValueError(f"init_weights must be one of {INIT_CHOICES}, got {options['init_weights']!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+def _check_energy(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+        raise ValueError(f"{name} must be None or a fraction in (0, 1), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: size ``k`` of the frozen principal subspace; None: the adapter rank ``r``; 0: plain LoRA
+    top_k: int | None = option(None, checks.optional(checks.nonneg_int))
+    #: instead of ``top_k``: the smallest ``k`` whose singular values hold this share of ``Σ σ²``
+    #: (a fraction in (0, 1); needs concrete weights at init)
+    energy: float | None = option(None, _check_energy)
+    #: scale ``α/√r`` (rsLoRA) instead of ``α/r``
+    use_rslora: bool = option(False, checks.boolean)
+    #: LoRA's init of ``A``, ``B``: True (``B = 0``), ``"gaussian"`` or False (both random; for tests)
+    init_weights: Any = option(True, checks.one_of(*INIT_CHOICES))
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
+
+    def check(self) -> None:
+        if self.top_k is not None and self.energy is not None:
+            raise ValueError(f"give top_k or energy, not both (got top_k={self.top_k!r}, energy={self.energy!r})")
 
 
 def subspace_size(sv: jax.Array, t: Target) -> int:
     """``k`` from ``top_k`` / ``energy`` (default: the rank), given the singular values ``sv``."""
-    energy = t.options.get("energy")
+    energy = t.options.energy
     if energy is None:
-        top_k = t.options.get("top_k")
+        top_k = t.options.top_k
         return t.rank if top_k is None else top_k
     try:
         sv2 = np.asarray(sv, np.float64) ** 2
@@ -137,7 +148,7 @@ def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(delta)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s · (x Ã) B̃`` for ``x: [T, in]``; never forms ``ΔW`` or a projector."""
     a, b = projected(w, adapter)
     y = x @ w
@@ -151,8 +162,10 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    frozen=frozenset({"comp_U", "comp_V"}),
-    options={"top_k": None, "energy": None, "use_rslora": False, "init_weights": True, "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("comp_U", "comp_V"),
+    # ΔW = P (s·A B) Q with fixed projectors: A, B enter only through s·A·B (other entries act on it)
+    factors=Factors("lora_A", "lora_B", scale=lora.scaling, exact=False),
+    trainable_count=lora.trainable_count,
     doc=__doc__,
 )

@@ -253,3 +253,32 @@ def test_mismatched_buffers_name_the_path():
     ad["v"]["kernel"]["comp_V"] = jnp.zeros((D_IN + 1, K))
     with pytest.raises(ValueError, match=r"v/kernel.*comp_V: \[out, k\]"):
         lorajax.merge(spec, params, ad)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank_pattern": {"v": 2}, "top_k": None, "energy": 0.5}])
+def test_trainable_count_formula(kw):
+    """The declared ``trainable_count`` is ``Σ r · (in + out)``, as counted on the adapters."""
+    params = _params()
+    spec = _spec(**kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    ts = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert lorajax.registry.get("comp_lora").trainable_count(ts) == want
+    assert want == sum(t.rank * sum(t.matrix_shape) for t in ts)
+
+
+def test_update_depends_on_the_factors_only_through_their_product():
+    """The declared `Factors` (exact=False): ``(A T, T⁻¹ B)`` gives the same adapted weight."""
+    v = lorajax.registry.get("comp_lora")
+    assert v.factors.a == "lora_A" and v.factors.b == "lora_B" and not v.factors.exact
+    params = _params()
+    spec = _spec()
+    ad = _randomize(spec, lorajax.init(spec, params, jax.random.key(0)))
+    t = next(t for t in lorajax.select(spec, params) if t.name == "q")
+    assert v.factors.scale(t) == S
+    m = jax.random.normal(jax.random.key(9), (R, R)) + 3 * jnp.eye(R)
+    leaf = ad["q"]["kernel"]
+    moved = {**leaf, "lora_A": leaf["lora_A"] @ m, "lora_B": jnp.linalg.solve(m, leaf["lora_B"])}
+    w = params["q"]["kernel"]
+    np.testing.assert_allclose(np.asarray(v.adapted(w, moved, t)), np.asarray(v.adapted(w, leaf, t)),
+                               rtol=1e-4, atol=1e-4)
