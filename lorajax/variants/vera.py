@@ -40,12 +40,26 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.options import checks, option
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: initial value of every entry of ``d = vera_lambda_d``
+    d_initial: float = option(0.1, checks.finite)
+    #: seed of the shared projections ``A_sh``, ``B_sh`` (not the init key), as PEFT's
+    projection_prng_key: int = option(0, checks.integer)
+    #: adapter dtype; None: float32
+    dtype: str | None = option(None, checks.dtype)
 
 
 def init_shared(key: jax.Array, targets: list[Target]) -> dict:
@@ -58,8 +72,8 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     opts = targets[0].options
     in_max = max(t.matrix_shape[0] for t in targets)
     out_max = max(t.matrix_shape[1] for t in targets)
-    key_a, key_b = jax.random.split(jax.random.key(opts["projection_prng_key"]))
-    dtype = jnp.dtype(opts.get("dtype") or jnp.float32)
+    key_a, key_b = jax.random.split(jax.random.key(opts.projection_prng_key))
+    dtype = jnp.dtype(opts.dtype or jnp.float32)
     bound_a, bound_b = math.sqrt(6.0 / in_max), math.sqrt(6.0 / r)
     return {
         "vera_A": jax.random.uniform(key_a, (in_max, r), dtype, -bound_a, bound_a),
@@ -70,9 +84,9 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     """``{"vera_lambda_d": [r] = d_initial, "vera_lambda_b": [out] = 0}``."""
     del key
-    dtype = jnp.dtype(t.options.get("dtype") or jnp.float32)
+    dtype = jnp.dtype(t.options.dtype or jnp.float32)
     return {
-        "vera_lambda_d": jnp.full((t.rank,), t.options["d_initial"], dtype),
+        "vera_lambda_d": jnp.full((t.rank,), t.options.d_initial, dtype),
         "vera_lambda_b": jnp.zeros((w.shape[1],), dtype),
     }
 
@@ -97,7 +111,7 @@ def delta(w: jax.Array, adapter: dict) -> jax.Array:
 adapted, unadapted = additive(lambda w, adapter, t: delta(w, adapter))
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + (((x A) ⊙ d) B) ⊙ b`` for ``x: [T, in]``."""
     a, b = _slices(w, adapter)
     y = x @ w
@@ -105,9 +119,31 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + ((h @ b) * adapter["vera_lambda_b"][None, :]).astype(y.dtype)
 
 
-def validate(options: dict) -> None:
-    if not isinstance(options["projection_prng_key"], int):
-        raise ValueError(f"projection_prng_key must be an int, got {options['projection_prng_key']!r}")
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r + out`` (the shared projections are buffers)."""
+    return sum(t.rank + t.matrix_shape[1] for t in targets)
+
+
+# ----------------------------------------------------------------------------- PEFT format (VeraConfig)
+
+
+def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
+    from lorajax.spec import Spec
+
+    return Spec("vera", **common, projection_prng_key=int(config.get("projection_prng_key", 0)),
+                d_initial=float(config.get("d_initial", 0.1)))
+
+
+def peft_to_config(spec: Any, targets: list[Target]) -> dict:
+    return {"peft_type": "VERA", "projection_prng_key": spec.options.projection_prng_key,
+            "d_initial": spec.options.d_initial, "save_projection": True, "vera_dropout": 0.0}
+
+
+def peft_shared_fits(entry: str, array: Any, like: Any) -> bool:
+    """PEFT's projections may be larger than needed (sliced per weight); the rank axis must match."""
+    rank_axis = 1 if entry == "vera_A" else 0
+    return array.ndim == 2 and all(a >= b for a, b in zip(array.shape, like.shape)) \
+        and array.shape[rank_axis] == like.shape[rank_axis]
 
 
 VARIANT = Variant(
@@ -117,9 +153,13 @@ VARIANT = Variant(
     apply=apply,
     unadapted=unadapted,
     init_shared=init_shared,
-    frozen=frozenset({"vera_A", "vera_B"}),
-    options={"d_initial": 0.1, "projection_prng_key": 0, "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("vera_A", "vera_B"),
     rank_limited=False,
+    peft=PeftFormat(("VERA",), fields=frozenset({"projection_prng_key", "d_initial"}),
+                    tensors=(("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)),
+                    shared=(("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")),
+                    from_config=peft_from_config, to_config=peft_to_config, shared_fits=peft_shared_fits),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -188,3 +188,19 @@ def test_bf16_weights_keep_dtype():
 def test_bad_projection_key_rejected():
     with pytest.raises(ValueError, match="projection_prng_key"):
         _spec(projection_prng_key="0")
+
+
+@pytest.mark.parametrize("rank", [2, 16])
+def test_trainable_count_is_r_plus_out(rank):
+    params, spec = _params(), _spec(rank=rank)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    targets = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert lorajax.registry.get("vera").trainable_count(targets) == want == (rank + 9) + (rank + 4)
+
+
+def test_options_are_typed():
+    spec = _spec(d_initial=0.5)
+    assert spec.options.d_initial == 0.5 and spec.options.projection_prng_key == 0
+    with pytest.raises(ValueError, match="d_initial"):
+        _spec(d_initial=float("nan"))
