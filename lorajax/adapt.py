@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import opt_einsum
 
 from lorajax import registry
-from lorajax.adapters import _nest, as_matrix, call_variant, check_finite, merge, resolve, target_key
+from lorajax.adapters import _nest, as_matrix, call_variant, check_finite, merge, resolve, target_context
+from lorajax.variants.base import Context
 from lorajax.spec import Spec
 from lorajax.variants import lora
 
@@ -108,9 +109,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         if debug:
             check_finite(adapters)
         selected, index, shared = resolve(spec, params, adapters)
-        table = {t.name: (t, {**index[t.keys], **shared},
-                          {"rng": None if adapter_rng is None else target_key(adapter_rng, t),
-                           "step_rng": adapter_rng, "train": adapter_train}) for t in selected}
+        table = {t.name: (t, {**index[t.keys], **shared}, target_context(t, adapter_rng, adapter_train))
+                 for t in selected}
         used: set[str] = set()
         sink: dict[str, dict] = {}
         interceptor = _make_interceptor(variant, table, used, sink)
@@ -155,25 +155,30 @@ def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
             return next_fun(*args, **kwargs)
         used.add(name)
         t, adapter, ctx = entry
-        ctx = {**ctx, "_sink": sink, "_name": name}
         inputs = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]
             einsum_str = kwargs.get("einsum_str", einsum_str)
-            return _einsum(module, variant, t, adapter, ctx, inputs, einsum_str)
-        return _dense(module, variant, t, adapter, ctx, inputs)
+            return _einsum(module, variant, t, adapter, _sowing(ctx, sink, name), inputs, einsum_str)
+        return _dense(module, variant, t, adapter, _sowing(ctx, sink, name), inputs)
 
     return interceptor
 
 
-def _forward(variant, t, adapter, ctx, x2d: jax.Array, w: jax.Array) -> jax.Array:
+def _sowing(ctx: Context, sink: dict, name: str) -> Context:
+    """``ctx`` whose `Context.sow` adds statistics up in ``sink[name]`` (a layer may be called more than once)."""
+
+    def sow(stats: dict) -> None:
+        sink[name] = jax.tree_util.tree_map(jnp.add, sink[name], stats) if name in sink else stats
+
+    return dataclasses.replace(ctx, sink=sow)
+
+
+def _forward(variant, t, adapter, ctx: Context, x2d: jax.Array, w: jax.Array) -> jax.Array:
     """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
-    sink, name = ctx.pop("_sink"), ctx.pop("_name")
-    if variant.has_aux:
+    if variant.has_aux:  # v1 protocol: apply returns (y, stats)
         y, stats = call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
-        if name in sink:  # a layer called more than once: statistics add up
-            stats = jax.tree_util.tree_map(jnp.add, sink[name], stats)
-        sink[name] = stats
+        ctx.sow(stats)
         return y
     if variant.apply is not None:
         return call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)

@@ -21,7 +21,7 @@ import numpy as np
 from lorajax import registry, targets
 from lorajax.spec import Spec
 from lorajax.variants import lora
-from lorajax.variants.base import SHARED_KEY, Target, Variant
+from lorajax.variants.base import EVAL, SHARED_KEY, Context, Target, Variant
 
 __all__ = [
     "init", "merge", "unmerge", "partition", "combine", "trainable_mask",
@@ -144,11 +144,23 @@ def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict,
 EVAL_CONTEXT = {"rng": None, "step_rng": None, "train": False}
 
 
-def call_variant(variant: Variant, fn: Any, *args: Any, ctx: dict | None = None) -> Any:
-    """Call a variant function, adding ``ctx`` for variants that use it."""
+def call_variant(variant: Variant, fn: Any, *args: Any, ctx: Context | None = None) -> Any:
+    """Call a variant function with the context ``ctx`` (default: evaluation).
+
+    A v1 variant gets a dict context, and only when it declares ``uses_context``
+    (removed with the last v1 variant).
+    """
+    ctx = EVAL if ctx is None else ctx
+    if variant.v2:
+        return fn(*args, ctx)
     if variant.uses_context:
-        return fn(*args, ctx if ctx is not None else EVAL_CONTEXT)
+        return fn(*args, {"rng": ctx.rng, "step_rng": ctx.step_rng, "train": ctx.train})
     return fn(*args)
+
+
+def target_context(t: Target, rng: jax.Array | None, train: bool, sink: Any = None) -> Context:
+    """The `Context` of one target: its own key folded from ``rng``, and ``rng`` itself as the step key."""
+    return Context(rng=None if rng is None else target_key(rng, t), step_rng=rng, train=train, sink=sink)
 
 
 def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, contexts: dict | None = None) -> Any:
@@ -189,11 +201,9 @@ def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = Non
     ``rng`` / ``train`` reach variants that use them (e.g. DyLoRA's sampled rank);
     the default is evaluation. Input-dependent variants cannot be merged (raises).
     """
-    variant = registry.get(spec.variant)
     contexts = None
-    if variant.uses_context:
-        contexts = {t.keys: {"rng": None if rng is None else target_key(rng, t), "step_rng": rng, "train": train}
-                    for t in targets.select(spec, params)}
+    if rng is not None or train:
+        contexts = {t.keys: target_context(t, rng, train) for t in targets.select(spec, params)}
     return _map_weights(spec, params, adapters, "adapted", contexts)
 
 
@@ -207,7 +217,7 @@ def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:
     """
     variant = registry.get(spec.variant)
     flat_aux = _adapter_paths(aux) if aux else {}
-    if flat_aux and not variant.has_aux:
+    if flat_aux and variant.update is None:
         raise ValueError(f"variant {spec.variant!r} keeps no routing state; aux must be empty")
     if not flat_aux:
         return adapters
@@ -238,7 +248,7 @@ def unmerge(spec: Spec, merged_params: Any, adapters: Any) -> Any:
 
 def _is_frozen(variant: Variant, path: tuple) -> bool:
     names = targets.key_names(path)
-    return bool(names) and names[-1] in variant.frozen
+    return bool(names) and variant.is_buffer(names[-1])
 
 
 def trainable_mask(spec: Spec, adapters: Any) -> Any:

@@ -48,6 +48,7 @@ import numpy as np
 
 from lorajax import targets
 from lorajax.adapt import _make_interceptor
+from lorajax.variants.base import EVAL
 from lorajax.adapters import _adapter_paths, _nest, resolve
 from lorajax.spec import Spec
 from lorajax.variants import lora
@@ -61,10 +62,10 @@ KERNELS = (None, "pallas")
 def _target(spec: Spec, keys: tuple, rank: int) -> Target:
     """The `Target` (for its scale) of an adapter found at ``keys`` with rank ``rank``."""
     name = targets.module_name(keys)
-    want = targets._pattern_value(spec.rank_pattern, name, spec.rank)
+    want = targets.pattern_value(spec.rank_pattern, name, spec.rank)
     if rank != want:
         raise ValueError(f"stack_adapters: adapter at {'/'.join(keys)} has rank {rank} but its spec says {want}")
-    alpha = float(targets._pattern_value(spec.alpha_pattern, name, spec.alpha))
+    alpha = float(targets.pattern_value(spec.alpha_pattern, name, spec.alpha))
     return Target(keys=keys, name=name, shape=(), in_axes=1, rank=rank, alpha=alpha, options=spec.options)
 
 
@@ -180,8 +181,7 @@ def adapt_multi(apply_fn: Callable, spec: Spec, *, kernel: str | None = None) ->
                 raise ValueError(f"adapt_multi: adapter_ids[{bad[0]}] = {int(np.asarray(ids)[bad[0]])} is out of "
                                  f"range for a pool of {g} adapters")
         variant = dataclasses.replace(lora.VARIANT, apply=functools.partial(_multi_apply, ids=ids, kernel=kernel))
-        ctx = {"rng": None, "step_rng": None, "train": False}
-        table = {t.name: (t, index[t.keys], ctx) for t in selected}
+        table = {t.name: (t, index[t.keys], EVAL) for t in selected}
         used: set[str] = set()
         with nn.intercept_methods(_make_interceptor(variant, table, used, {})):
             out = apply_fn(params, *args, **kwargs)

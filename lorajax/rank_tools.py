@@ -89,30 +89,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax import targets
+from lorajax import registry, targets
 from lorajax.adapters import _adapter_paths
 from lorajax.spec import Spec
-from lorajax.variants.base import SHARED_KEY
+from lorajax.variants.base import SHARED_KEY, Factors, Target
 
 __all__ = [
-    "truncate", "TRUNCATABLE", "squeeze", "squeeze_factors", "squeeze_schedule", "squeeze_opt_state",
-    "SQUEEZABLE",
+    "truncate", "squeeze", "squeeze_factors", "squeeze_schedule", "squeeze_opt_state",
 ]
 
-#: Variants whose adapters are ``{"lora_A": [in, r], "lora_B": [r, out]}`` with nested ranks.
-TRUNCATABLE = ("lora", "dylora")
-
-#: Variants `squeeze` supports, with the adapter entries it expects.
-SQUEEZABLE = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude")}
 
 SQUEEZE_METHODS = ("qr", "rsvd")
 
 
-def _factors(fn: str, path: str, adapter: dict, entries: tuple) -> tuple[jax.Array, jax.Array, int]:
-    """``(lora_A [in, r], lora_B [r, out], r)`` of one adapter holding exactly ``entries``; else a clear error."""
-    if set(adapter) != set(entries):
+def _factors(fn: str, path: str, adapter: dict, entries: tuple, exact: bool = True,
+             ab: tuple[str, str] = ("lora_A", "lora_B")) -> tuple[jax.Array, jax.Array, int]:
+    """``(A [in, r], B [r, out], r)`` of one adapter holding ``entries`` (exactly, or at least); else a clear error."""
+    if (set(adapter) != set(entries)) if exact else not set(entries) <= set(adapter):
         raise ValueError(f"{fn}: adapter at {path} has entries {sorted(adapter)}, expected {list(entries)}")
-    a, b = adapter["lora_A"], adapter["lora_B"]
+    a, b = adapter[ab[0]], adapter[ab[1]]
     r = a.shape[-1]
     if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r:
         raise ValueError(f"{fn}: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; "
@@ -149,40 +144,25 @@ def truncate(spec: Spec, adapters: dict, rank: int) -> tuple[Spec, dict]:
       ValueError: another variant, a bad ``rank``, or ``rank`` larger than the
         rank of the adapter at some path (named).
     """
-    if spec.variant not in TRUNCATABLE:
-        raise ValueError(f"truncate supports the variants {TRUNCATABLE}, got {spec.variant!r}")
+    variant = registry.get(spec.variant)
+    if variant.truncate is None:
+        raise ValueError(f"truncate supports the variants with nested ranks {registry.with_capability('truncate')}, "
+                         f"got {spec.variant!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     index = _adapter_paths(adapters)
     if not index:
         raise ValueError("truncate: the adapters tree holds no adapter")
-    rslora = spec.variant == "lora" and spec.options.get("use_rslora", False)
     new: dict[tuple, dict] = {}
-    new_alpha: dict[str, float] = {}
+    ranks: dict[str, int] = {}
     for keys, adapter in index.items():
         path = "/".join(keys)
         a, b, r = _factors("truncate", path, adapter, ("lora_A", "lora_B"))
         if rank > r:
             raise ValueError(f"truncate: rank {rank} is larger than the rank {r} of the adapter at {path}")
         new[keys] = {"lora_A": a[:, :rank], "lora_B": b[:rank]}
-        if spec.variant == "lora":
-            name = targets.module_name(keys)
-            alpha = float(targets._pattern_value(spec.alpha_pattern, name, spec.alpha))
-            ratio = math.sqrt(rank / r) if rslora else rank / r
-            new_alpha[name] = alpha * ratio
-
-    if spec.variant == "dylora":
-        spec2 = spec.replace(rank=rank, rank_pattern={}, eval_rank=None)
-    else:
-        values = set(new_alpha.values())
-        if len(values) == 1:
-            spec2 = spec.replace(rank=rank, rank_pattern={}, alpha=values.pop(), alpha_pattern={})
-        else:
-            # most specific names first: a pattern key also matches names that end with ".<key>"
-            pattern = {re.escape(n): new_alpha[n] for n in sorted(new_alpha, key=lambda n: (-len(n), n))}
-            ratio = math.sqrt(rank / spec.rank) if rslora else rank / spec.rank
-            spec2 = spec.replace(rank=rank, rank_pattern={}, alpha=spec.alpha * ratio,
-                                 alpha_pattern=pattern)
+        ranks[targets.module_name(keys)] = r
+    spec2 = variant.truncate(spec, ranks, rank)
     return spec2, _nest_like(adapters, new)
 
 
@@ -264,8 +244,13 @@ def squeeze_factors(a: jax.Array, b: jax.Array, rank: int, *, scale: float = 1.0
     return a_new.astype(a.dtype), b_new.astype(b.dtype)
 
 
-def _scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+def _target_scale(factors: Factors, spec: Spec, keys: tuple, a: jax.Array, b: jax.Array, rank: int) -> float:
+    """The variant's ``s`` for the adapter at ``keys`` under ``spec`` at ``rank`` (alpha patterns applied)."""
+    name = targets.module_name(keys)
+    alpha = float(targets.pattern_value(spec.alpha_pattern, name, spec.alpha))
+    t = Target(keys=keys, name=name, shape=(a.shape[0], b.shape[-1]), in_axes=1, rank=rank, alpha=alpha,
+               options=spec.options)
+    return factors.scale(t)
 
 
 def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any = None, *,
@@ -275,7 +260,7 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
     See the module docstring for the maths and the decisions taken.
 
     Args:
-      spec: the `Spec` the adapters were made with (a variant in `SQUEEZABLE`).
+      spec: the `Spec` the adapters were made with (a variant that declares ``factors``).
       adapters: the adapters tree (`lorajax.init` layout).
       rank: the new rank ``b``; ``1 <= b <`` every target's rank.
       method: ``"qr"`` (exact, QR-core route) or ``"rsvd"`` (randomized SVD).
@@ -295,8 +280,10 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
         ``rank`` / ``method`` / ``alpha``, or ``rank`` not below the rank of
         the adapter at some path (named).
     """
-    if spec.variant not in SQUEEZABLE:
-        raise ValueError(f"squeeze supports the variants {tuple(SQUEEZABLE)}, got {spec.variant!r}")
+    factors = registry.get(spec.variant).factors
+    if factors is None:
+        raise ValueError(f"squeeze supports the variants with an s·A·B term {registry.with_capability('factors')}, "
+                         f"got {spec.variant!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"squeeze: rank must be an int >= 1, got {rank!r}")
     if method not in SQUEEZE_METHODS:
@@ -313,26 +300,24 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
         spec2 = spec.replace(rank=rank, rank_pattern={})
     else:
         spec2 = spec.replace(rank=rank, rank_pattern={}, alpha=float(alpha), alpha_pattern={})
-    rslora = spec.options.get("use_rslora", False)
     if key is None:
         key = jax.random.key(0)
     elif isinstance(key, int):
         key = jax.random.key(key)
-    entries = SQUEEZABLE[spec.variant]
     new: dict[tuple, dict] = {}
     for keys, adapter in index.items():
         path = "/".join(keys)
-        a, b, r = _factors("squeeze", path, adapter, entries)
+        a, b, r = _factors("squeeze", path, adapter, (factors.a, factors.b), exact=factors.exact,
+                           ab=(factors.a, factors.b))
         if rank >= r:
             raise ValueError(f"squeeze: rank {rank} is not below the rank {r} of the adapter at {path}")
-        name = targets.module_name(keys)
-        s_old = _scale(float(targets._pattern_value(spec.alpha_pattern, name, spec.alpha)), r, rslora)
-        s_new = _scale(float(targets._pattern_value(spec2.alpha_pattern, name, spec2.alpha)), rank, rslora)
+        s_old = _target_scale(factors, spec, keys, a, b, r)
+        s_new = _target_scale(factors, spec2, keys, a, b, rank)
         tkeys = keys[1:] if keys[0] == "params" else keys
         tkey = jax.random.fold_in(key, zlib.crc32(".".join(tkeys).encode()) & 0x7FFFFFFF)
         a2, b2 = squeeze_factors(a, b, rank, scale=s_old, new_scale=s_new, method=method, key=tkey,
                                  niter=niter, oversample=oversample)
-        new[keys] = {**adapter, "lora_A": a2, "lora_B": b2}
+        new[keys] = {**adapter, factors.a: a2, factors.b: b2}
     return spec2, _nest_like(adapters, new)
 
 
@@ -411,17 +396,16 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
     old_index, new_index = _adapter_paths(adapters), _adapter_paths(new_adapters)
     if set(old_index) != set(new_index):
         raise ValueError("squeeze_opt_state: adapters and new_adapters have different targets")
-    rslora = spec.options.get("use_rslora", False)
-
     maps: dict[tuple, tuple] = {}
     if mode == "project":
+        factors = registry.get(spec.variant).factors
+        if factors is None:
+            raise ValueError(f"squeeze_opt_state: mode='project' needs a variant with an s·A·B term "
+                             f"{registry.with_capability('factors')}, got {spec.variant!r}")
         for keys, ad in old_index.items():
             nd = new_index[keys]
-            name = targets.module_name(keys)
-            s_old = _scale(float(targets._pattern_value(spec.alpha_pattern, name, spec.alpha)),
-                           ad["lora_A"].shape[1], rslora)
-            s_new = _scale(float(targets._pattern_value(new_spec.alpha_pattern, name, new_spec.alpha)),
-                           nd["lora_A"].shape[1], new_spec.options.get("use_rslora", False))
+            s_old = _target_scale(factors, spec, keys, ad[factors.a], ad[factors.b], ad[factors.a].shape[1])
+            s_new = _target_scale(factors, new_spec, keys, nd[factors.a], nd[factors.b], nd[factors.a].shape[1])
             f32 = jnp.promote_types(ad["lora_A"].dtype, jnp.float32)
             t_a = jnp.linalg.lstsq(ad["lora_A"].astype(f32), nd["lora_A"].astype(f32))[0]          # [r, b]
             t_b_t = jnp.linalg.lstsq(ad["lora_B"].T.astype(f32), nd["lora_B"].T.astype(f32))[0]   # [r, b] = T_Bᵀ

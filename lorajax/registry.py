@@ -7,7 +7,7 @@ import importlib
 
 from lorajax.variants.base import Variant
 
-__all__ = ["get", "list_variants"]
+__all__ = ["get", "list_variants", "with_capability"]
 
 # name -> module under lorajax.variants that defines VARIANT
 _MODULES = {
@@ -45,3 +45,12 @@ def get(name: str) -> Variant:
         raise ValueError(f"unknown variant {name!r}.{hint} Registered: {list_variants()}")
     module = importlib.import_module(f"lorajax.variants.{_MODULES[name]}")
     return module.VARIANT
+
+
+def with_capability(name: str) -> tuple[str, ...]:
+    """The registered variant names whose `Variant` declares ``name`` (e.g. ``"factors"``), sorted.
+
+    Aliases of one variant are listed once, under the variant's own name.
+    """
+    found = {get(n).name for n in _MODULES if getattr(get(n), name, None) is not None}
+    return tuple(sorted(found))

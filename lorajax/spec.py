@@ -26,7 +26,6 @@ names made by joining a Flax parameter path with dots (the collection name
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -35,15 +34,6 @@ __all__ = ["Spec", "HEAD_NAMES"]
 
 #: Last name components treated as the output head by ``targets="all-linear"``.
 HEAD_NAMES = ("lm_head", "embed_out", "classifier", "score", "head")
-
-
-def _freeze(value: Any) -> Any:
-    """Turn dicts/lists into sorted tuples so that a Spec can be hashed."""
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
 
 
 def _check_targets(value: Any, what: str) -> Any:
@@ -99,7 +89,7 @@ class Spec:
     rank_pattern: tuple
     alpha_pattern: tuple
     in_axes: Any
-    _options: tuple
+    _options: Any
 
     def __init__(
         self,
@@ -148,18 +138,7 @@ class Spec:
         elif isinstance(in_axes, bool) or not isinstance(in_axes, int) or in_axes < 1:
             raise ValueError(f"in_axes must be an int >= 1 or a {{regex: int}} dict, got {in_axes!r}")
 
-        known = dict(variant_obj.options)
-        for key in options:
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=3)
-                hint = f" Did you mean {close}?" if close else ""
-                raise TypeError(
-                    f"unknown option {key!r} for variant {variant!r}.{hint} "
-                    f"Options of {variant!r}: {sorted(known) or 'none'}"
-                )
-        merged = {**known, **options}
-        if variant_obj.validate is not None:
-            variant_obj.validate(merged)
+        built = variant_obj.build_options(**options)
 
         set_ = object.__setattr__
         set_(self, "variant", variant)
@@ -173,12 +152,14 @@ class Spec:
         set_(self, "rank_pattern", tuple((str(k), v) for k, v in (rank_pattern or {}).items()))
         set_(self, "alpha_pattern", tuple((str(k), float(v)) for k, v in (alpha_pattern or {}).items()))
         set_(self, "in_axes", tuple(in_axes.items()) if isinstance(in_axes, Mapping) else in_axes)
-        set_(self, "_options", _freeze(merged))
+        set_(self, "_options", built)
 
     @property
-    def options(self) -> dict[str, Any]:
-        """The variant's options, defaults filled in."""
-        return dict(self._options)
+    def options(self) -> Any:
+        """The variant's options (its `Options` dataclass; it reads like a dict too), defaults filled in."""
+        if isinstance(self._options, tuple):  # a variant on the v1 contract
+            return dict(self._options)
+        return self._options
 
     def replace(self, **changes: Any) -> "Spec":
         """A copy with some fields or options changed (validated again)."""

@@ -22,7 +22,7 @@ from lorajax import registry
 from lorajax.spec import HEAD_NAMES, Spec
 from lorajax.variants.base import Target
 
-__all__ = ["select", "key_names", "weight_leaves", "module_name"]
+__all__ = ["select", "key_names", "weight_leaves", "module_name", "pattern_value", "layer_index"]
 
 WEIGHT_NAMES = ("kernel",)
 
@@ -80,7 +80,7 @@ def _matches(rule: Any, name: str, ndim: int) -> bool:
     return any(_suffix_match(name, e) for e in rule)
 
 
-def _pattern_value(pattern: tuple, name: str, default: Any) -> Any:
+def pattern_value(pattern: tuple, name: str, default: Any) -> Any:
     """PEFT's rule: the first key with ``re.match(rf"(.*\\.)?({key})$", name)``."""
     for key, value in pattern:
         if re.match(rf"(.*\.)?({key})$", name):
@@ -150,9 +150,9 @@ def select(spec: Spec, params: Any) -> list[Target]:
             idx = layer_index(name, spec.layers_pattern)
             if idx is None or idx not in spec.layers_to_transform:
                 continue
-        rank = _pattern_value(spec.rank_pattern, name, spec.rank)
-        alpha = float(_pattern_value(spec.alpha_pattern, name, spec.alpha))
-        in_axes = spec.in_axes if isinstance(spec.in_axes, int) else _pattern_value(spec.in_axes, name, 1)
+        rank = pattern_value(spec.rank_pattern, name, spec.rank)
+        alpha = float(pattern_value(spec.alpha_pattern, name, spec.alpha))
+        in_axes = spec.in_axes if isinstance(spec.in_axes, int) else pattern_value(spec.in_axes, name, 1)
         if in_axes >= leaf.ndim:
             raise ValueError(
                 f"in_axes={in_axes} leaves no output axis for {name!r} with kernel shape {tuple(leaf.shape)}"

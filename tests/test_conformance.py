@@ -275,7 +275,8 @@ def test_factored_equals_merged(variant):
             lorajax.adapt(MODEL.apply, spec, mode="merged")
         return
     y_m = np.asarray(fwds["merged"](variables, adapters, x))
-    np.testing.assert_allclose(y_f, y_m, rtol=1e-5, atol=1e-5)
+    # f32 round-off grows with the outputs' scale (|y| ~ 30 here): an absolute tolerance of a few ulps of it
+    np.testing.assert_allclose(y_f, y_m, rtol=1e-5, atol=2e-6 * float(np.abs(y_m).max()))
 
 
 @parametrize

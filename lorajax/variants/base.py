@@ -1,46 +1,51 @@
-"""The `Variant` record every variant module ends with, and `Target`, its per-weight config.
+"""The variant contract: `Variant` (what a variant is and can do), `Target`, `Context`.
 
 A variant works on one weight viewed as a matrix ``w: [in, out]`` (Flax
-orientation; N-D kernels are reshaped by the caller). It provides pure
-functions:
+orientation; N-D kernels are reshaped by the caller). Its file defines pure
+functions and ends with ``VARIANT = Variant(...)``; one line in
+`lorajax.registry` registers it. The call protocol is the same for every
+variant (``ctx`` is a `Context`):
 
 * ``init(key, w, t) -> adapter``: a dict of arrays for one target.
-* ``adapted(w, adapter, t) -> w'``: the merged weight, same shape and dtype.
-* ``apply(x, w, adapter, t) -> y``: optional factored forward for 2-D
+* ``adapted(w, adapter, t, ctx) -> w'``: the merged weight, same shape and
+  dtype. ``None`` for input-dependent variants (routing): they run only in
+  the factored mode and cannot be merged.
+* ``apply(x, w, adapter, t, ctx) -> y``: optional factored forward for 2-D
   ``x: [T, in]`` giving ``y: [T, out]`` without a bias and without forming the
   full-size update. Without it the factored mode uses ``x @ adapted(w)``.
-* ``unadapted(w', adapter, t) -> w``: optional inverse of ``adapted``.
-* Input-dependent variants (routing, token-level experts) set
-  ``adapted=None``: they run only in the factored mode and cannot be merged.
-* Variants with ``uses_context=True`` get a last argument ``ctx`` in
-  ``adapted`` / ``apply``: ``{"rng": a per-target PRNG key or None,
-  "step_rng": the same key for every target (one draw per step, e.g.
-  DyLoRA's rank), "train": bool}``. The caller of
-  `lorajax.adapt`'s function passes ``adapter_rng=`` / ``adapter_train=``;
-  `lorajax.merge` uses ``{"rng": None, "train": False}``.
-* Variants with ``has_aux=True`` (load-balanced routing: FlyLoRA, SMoRA) return
-  ``(y, aux)`` from ``apply``: ``aux`` is a dict of arrays that add up over
-  calls and batches (e.g. how often each rank was selected). ``update(adapter,
-  aux, t) -> dict`` gives new values for non-trained entries (a routing bias);
-  `lorajax.update_state` applies it per target.
+  Statistics for a state update (how often a router picked each rank) are
+  handed to ``ctx.sow(stats)``; they add up over calls and batches.
+* ``unadapted(w', adapter, t, ctx) -> w``: optional inverse of ``adapted``.
+* ``update(adapter, stats, t) -> dict``: optional; new values for buffers from
+  the sown statistics (a routing bias); `lorajax.update_state` applies it.
 * ``init_shared(key, targets) -> dict``: optional state shared by all targets
-  (VeRA's random projections). It is stored once under ``adapters["_shared"]``
-  and passed to the per-target functions merged into ``adapter``.
+  (VeRA's random projections), stored once under ``adapters["_shared"]`` and
+  passed to the per-target functions merged into ``adapter``.
 
-``frozen`` names adapter entries that are buffers, never trained (per target
-or under ``_shared``; other ``_shared`` entries, e.g. Uni-LoRA's one vector,
-are trainable).
+What generic code needs to know is declared, never looked up by name:
+
+* ``options``: the variant's `Options` dataclass (typed, documented, checked).
+* ``buffers``: regexes (``re.fullmatch``) of adapter entry names that are never
+  trained (per target or under ``_shared``); all other entries are trainable.
+* ``factors``: a `Factors` record where the update holds an ``s·A·B`` term
+  (LoRA+, LoRA-Pro, squeeze, multi-adapter, ESSA, the Pallas path use it).
+* ``truncate``: nested ranks (DyLoRA, LoRA): the spec of the adapter cut to
+  its first ``b`` components.
+* ``peft``: a `PeftFormat` (PEFT's tensor names and config) or ``None``.
+* ``trainable_count(targets) -> int``: the number of trained entries, by formula.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
-__all__ = ["Variant", "Target", "SHARED_KEY", "additive", "balance_bias"]
+__all__ = ["Variant", "Target", "Context", "EVAL", "Factors", "PeftFormat", "SHARED_KEY", "scaling", "additive",
+           "balance_bias"]
 
 #: Key of model-level adapter state in an adapters tree.
 SHARED_KEY = "_shared"
@@ -77,6 +82,95 @@ class Target:
         return hash((self.keys, self.shape, self.rank, self.alpha))
 
 
+def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's scale: ``α / r``, or ``α / √r`` with rsLoRA. The one place it is written."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a call of ``adapted`` / ``apply`` may use beyond the weight and adapter.
+
+    Attributes:
+      rng: a per-target PRNG key (``fold_in(adapter_rng, crc32(path))``) or None.
+      step_rng: the caller's key itself, the same for every target (one draw
+        per step, e.g. DyLoRA's sampled rank), or None.
+      train: True in training (sampling, dropout), False in evaluation.
+      sink: where `sow` sends statistics; None drops them.
+    """
+
+    rng: Any = None
+    step_rng: Any = None
+    train: bool = False
+    sink: Callable[[dict], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def sow(self, stats: dict) -> None:
+        """Hand statistics (a dict of arrays that add up over calls) to the caller, like linen's ``sow``."""
+        if self.sink is not None:
+            self.sink(stats)
+
+
+#: The evaluation context: no randomness, no statistics (`lorajax.merge`'s default).
+EVAL = Context()
+
+
+@dataclasses.dataclass(frozen=True)
+class Factors:
+    """Where a variant's update holds an ``s·A·B`` term, and what that term means.
+
+    Attributes:
+      a, b: adapter entry names of ``A: [in, r]`` and ``B: [r, out]``.
+      scale: ``scale(t) -> s`` for a target.
+      exact: True when the adapter is exactly ``{a, b}`` and ``W' = W + s·A·B``
+        (plain LoRA algebra: what multi-adapter pools, ESSA, the Pallas kernel and
+        LoRA-Pro's equations assume); False when other entries act on the result
+        (DoRA's magnitude) but the update depends on ``A``, ``B`` only through
+        ``s·A·B`` (so LoRA+ and LoRA-Squeeze still apply).
+    """
+
+    a: str = "lora_A"
+    b: str = "lora_B"
+    scale: Callable[["Target"], float] | None = None
+    exact: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    """How a variant is stored in PEFT's adapter folder (``adapter_config.json`` + safetensors).
+
+    Attributes:
+      peft_types: the ``peft_type`` values this variant reads (``("MISS", "BONE")``).
+      fields: config fields it reads beyond the selection ones (``r``, ``target_modules``, …).
+      tensors: per-target tensors ``(entry, PEFT suffix, transform)``; the
+        transform is ``"T"`` (2-D transpose), ``"swap"`` (reverse the rows) or None.
+      shared: model-level tensors under ``base_model.``: ``(entry, PEFT name, transform)``.
+      duplicates: shared entries PEFT also writes per module (dropped on load).
+      accepts: ``accepts(config) -> bool`` when two variants share a type
+        (LoRA and DoRA: ``use_dora``); None accepts every config of the types.
+      from_config: ``from_config(config, common) -> Spec`` where ``common`` has
+        the selection keywords (rank, targets, exclude, layers).
+      to_config: ``to_config(spec, targets) -> dict`` of the type's fields.
+      shared_fits: ``shared_fits(entry, array, like) -> bool`` for shared tensors
+        that may be larger than needed (VeRA); None: shapes must be equal.
+      load_extra / save_extra: hooks for formats that keep more than tensors
+        per target (Uni-LoRA's indices): ``load_extra(spec, params, targets,
+        tensors, template, options) -> adapters`` replaces the generic loading;
+        ``save_extra(spec, targets, index, shared) -> {name: array}``.
+    """
+
+    peft_types: tuple[str, ...]
+    fields: frozenset = frozenset()
+    tensors: tuple = ()
+    shared: tuple = ()
+    duplicates: tuple = ()
+    accepts: Callable[[dict], bool] | None = None
+    from_config: Callable | None = None
+    to_config: Callable | None = None
+    shared_fits: Callable | None = None
+    load_extra: Callable | None = None
+    save_extra: Callable | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A registered LoRA variant (see the module docstring for the contract)."""
@@ -87,41 +181,81 @@ class Variant:
     apply: Callable | None = None
     unadapted: Callable | None = None
     init_shared: Callable | None = None
-    frozen: frozenset = frozenset()
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    validate: Callable | None = None
+    update: Callable | None = None
+    #: the `Options` dataclass (a legacy variant gives a dict of defaults and ``validate``)
+    options: Any = dataclasses.field(default_factory=dict)
+    #: regexes of adapter entries that are buffers, never trained
+    buffers: tuple = ()
     #: False where the rank may exceed min(in, out) (VeRA's shared projections).
     rank_limited: bool = True
-    #: True where adapted/apply take a last ``ctx`` argument ({"rng", "train"}).
+    factors: Factors | None = None
+    truncate: Callable | None = None
+    peft: PeftFormat | None = None
+    trainable_count: Callable | None = None
+    doc: str = ""
+    # --- legacy (contract v1), removed once every variant is ported
+    frozen: frozenset = frozenset()
+    validate: Callable | None = None
     uses_context: bool = False
-    #: True where ``apply`` returns ``(y, aux)`` and ``update(adapter, aux, t)`` refreshes buffers.
     has_aux: bool = False
-    update: Callable | None = None
 
     def __post_init__(self):
         if self.adapted is None and self.apply is None:
             raise ValueError(f"variant {self.name!r} needs adapted (mergeable) or apply (factored) or both")
         if self.has_aux and (self.apply is None or self.update is None):
             raise ValueError(f"variant {self.name!r}: has_aux needs both apply (returning (y, aux)) and update")
+        if self.v2:
+            object.__setattr__(self, "_buffer_res", tuple(re.compile(p) for p in self.buffers))
+
+    @property
+    def v2(self) -> bool:
+        """True for a variant on the v2 contract (typed options, one call protocol)."""
+        return isinstance(self.options, type)
 
     @property
     def mergeable(self) -> bool:
         return self.adapted is not None
-    doc: str = ""
+
+    def is_buffer(self, entry: str) -> bool:
+        """True when the adapter entry ``entry`` is a buffer (never trained)."""
+        if self.v2:
+            return any(p.fullmatch(entry) for p in self._buffer_res)  # type: ignore[attr-defined]
+        return entry in self.frozen
+
+    def build_options(self, **values: Any) -> Any:
+        """The variant's options from keywords (defaults filled in, checked)."""
+        if self.v2:
+            return self.options.build(self.name, **values)
+        import difflib
+
+        from lorajax.variants.options import freeze
+
+        known = dict(self.options)
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=3)
+                hint = f" Did you mean {close}?" if close else ""
+                raise TypeError(f"unknown option {key!r} for variant {self.name!r}.{hint} "
+                                f"Options of {self.name!r}: {sorted(known) or 'none'}")
+        merged = {**known, **values}
+        if self.validate is not None:
+            self.validate(merged)
+        return freeze(merged)
 
 
 def additive(delta: Callable) -> tuple[Callable, Callable]:
     """``(adapted, unadapted)`` for an additive variant ``W' = W ± delta(w, adapter, t)``.
 
     The update is computed in its own dtype (the adapter's, usually float32)
-    and the result cast back to the weight's dtype.
+    and the result cast back to the weight's dtype. The returned functions take
+    (and ignore) the context: a delta that depends on it is written out instead.
     """
 
-    def adapted(w, adapter, t):
+    def adapted(w, adapter, t, ctx=EVAL):
         d = delta(w, adapter, t)
         return (w.astype(d.dtype) + d).astype(w.dtype)
 
-    def unadapted(w, adapter, t):
+    def unadapted(w, adapter, t, ctx=EVAL):
         d = delta(w, adapter, t)
         return (w.astype(d.dtype) - d).astype(w.dtype)
 

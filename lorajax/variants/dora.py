@@ -28,11 +28,13 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant
+from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant
 
 
 def _norm(w: jax.Array, delta: jax.Array) -> jax.Array:
@@ -47,14 +49,14 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     return adapter
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``(W + s A B) · m / ‖W + s A B‖`` (norm detached)."""
     d = lora.delta(adapter, t)
     scale = (adapter["magnitude"] / _norm(w, d))[None, :]
     return ((w.astype(d.dtype) + d) * scale).astype(w.dtype)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``(x W + s (x A) B) · m / n`` for ``x: [T, in]``."""
     d = lora.delta(adapter, t)
     scale = (adapter["magnitude"] / _norm(w, d))[None, :]
@@ -62,12 +64,23 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return (y.astype(scale.dtype) * scale).astype(y.dtype)
 
 
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · (in + out) + out``."""
+    return sum(t.rank * sum(t.matrix_shape) + t.matrix_shape[1] for t in targets)
+
+
 VARIANT = Variant(
     name="dora",
     init=init,
     adapted=adapted,
     apply=apply,
-    options={"use_rslora": False, "init_weights": True, "dtype": None},
-    validate=lora.validate,
+    options=lora.Options,
+    factors=Factors("lora_A", "lora_B", scale=lora.scaling, exact=False),
+    peft=PeftFormat(("LORA",), fields=lora.PEFT_FIELDS,
+                    tensors=lora.PEFT_TENSORS + (("magnitude", "lora_magnitude_vector", None),),
+                    accepts=lambda config: bool(config.get("use_dora")),
+                    from_config=functools.partial(lora.peft_from_config, variant="dora"),
+                    to_config=functools.partial(lora.peft_to_config, use_dora=True)),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

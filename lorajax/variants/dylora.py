@@ -63,22 +63,25 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant
+from lorajax.variants import lora, options
+from lorajax.variants.base import EVAL, Context, Target, Variant
+from lorajax.variants.options import checks, option
 
 
-def validate(options: dict) -> None:
-    rank = options.get("eval_rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"eval_rank must be None (the full rank) or a positive int, got {rank!r}")
-    if not isinstance(options.get("freeze_lower_ranks"), bool):
-        raise ValueError(f"freeze_lower_ranks must be a bool, got {options.get('freeze_lower_ranks')!r}")
-    dtype = options.get("dtype")
-    if dtype is not None:
-        jnp.dtype(dtype)  # raises TypeError on an unknown dtype
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: the rank ``b`` used in evaluation and merging; None: the full rank ``r``
+    eval_rank: int | None = option(None, checks.optional(checks.positive_int))
+    #: train only component ``b − 1`` (the official callback); False: all of the first ``b``
+    freeze_lower_ranks: bool = option(True, checks.boolean)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -91,24 +94,22 @@ def sample_rank(key: jax.Array, r: int) -> jax.Array:
     return jax.random.randint(key, (), 0, r) + 1
 
 
-def _factors(adapter: dict, t: Target, ctx: dict) -> tuple[jax.Array, jax.Array, jax.Array | float]:
+def _factors(adapter: dict, t: Target, ctx: Context) -> tuple[jax.Array, jax.Array, jax.Array | float]:
     """``(A_b, B_b, α/b)`` for this call: sliced at eval, masked in training."""
     a, b_mat = adapter["lora_A"], adapter["lora_B"]
     r = a.shape[1]
-    if not ctx.get("train", False):
-        b = t.options.get("eval_rank") or r
+    if not ctx.train:
+        b = t.options.eval_rank or r
         if b > r:
             raise ValueError(f"{t.name}: eval_rank={b} is larger than the adapter's rank {r}")
         return a[:, :b], b_mat[:b], t.alpha / b
-    key = ctx.get("step_rng")
-    if key is None:
-        key = ctx.get("rng")
+    key = ctx.step_rng if ctx.step_rng is not None else ctx.rng
     if key is None:
         raise ValueError(f"{t.name}: DyLoRA samples its rank in training; pass adapter_rng= with adapter_train=True")
     b = sample_rank(key, r)
     j = jnp.arange(r)
     keep = j < b
-    if t.options.get("freeze_lower_ranks", True):
+    if t.options.freeze_lower_ranks:
         live = j == b - 1
         a = jnp.where(live[None, :], a, jax.lax.stop_gradient(a))
         b_mat = jnp.where(live[:, None], b_mat, jax.lax.stop_gradient(b_mat))
@@ -117,30 +118,35 @@ def _factors(adapter: dict, t: Target, ctx: dict) -> tuple[jax.Array, jax.Array,
     return a, b_mat, t.alpha / b.astype(a.dtype)
 
 
-def delta(adapter: dict, t: Target, ctx: dict) -> jax.Array:
+def delta(adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``(α/b) · A[:, :b] B[:b]: [in, out]``."""
     a, b_mat, scale = _factors(adapter, t, ctx)
     return scale * (a @ b_mat)
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target, ctx: dict) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W + (α/b) · A[:, :b] B[:b]`` in the weight's dtype."""
     d = delta(adapter, t, ctx)
     return (w.astype(d.dtype) + d).astype(w.dtype)
 
 
-def unadapted(w: jax.Array, adapter: dict, t: Target, ctx: dict) -> jax.Array:
+def unadapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """Inverse of `adapted` for the same ``b``."""
     d = delta(adapter, t, ctx)
     return (w.astype(d.dtype) - d).astype(w.dtype)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: dict) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + (α/b) · (x A[:, :b]) B[:b]`` for ``x: [T, in]``."""
     a, b_mat, scale = _factors(adapter, t, ctx)
     y = x @ w
     h = x.astype(a.dtype) @ a
     return y + (scale * (h @ b_mat)).astype(y.dtype)
+
+
+def truncate(spec: Any, ranks: dict[str, int], rank: int) -> Any:
+    """The first ``b`` components are the rank-``b`` DyLoRA (its scale ``α/b`` needs no new α)."""
+    return spec.replace(rank=rank, rank_pattern={}, eval_rank=None)
 
 
 VARIANT = Variant(
@@ -149,8 +155,8 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    options={"eval_rank": None, "freeze_lower_ranks": True, "dtype": None},
-    validate=validate,
-    uses_context=True,
+    options=Options,
+    truncate=truncate,
+    trainable_count=lora.trainable_count,
     doc=__doc__,
 )

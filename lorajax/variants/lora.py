@@ -37,31 +37,43 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 
 
+def _check_init(name: str, value: Any) -> None:
+    ok = any(value == c and type(value) is type(c) for c in INIT_CHOICES) or (
+        isinstance(value, str) and value.startswith("pissa_niter_"))
+    if not ok:
+        raise ValueError(f"{name} must be one of {INIT_CHOICES} or 'pissa_niter_K', got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: scale ``α/√r`` (rsLoRA) instead of ``α/r``
+    use_rslora: bool = option(False, checks.boolean)
+    #: True: ``A ~ U(±1/√in)``, ``B = 0``; ``"gaussian"``: ``A ~ N(0, 1/r²)``; False: both random;
+    #: ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"``: use `lorajax.inits` (they change the base)
+    init_weights: Any = option(True, _check_init)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
+
+
 def scaling(t: Target) -> float:
     """``α / r``, or ``α / √r`` with ``use_rslora``."""
-    if t.options.get("use_rslora", False):
-        return t.alpha / math.sqrt(t.rank)
-    return t.alpha / t.rank
-
-
-def validate(options: dict) -> None:
-    init = options.get("init_weights", True)
-    ok = init in INIT_CHOICES or (isinstance(init, str) and init.startswith("pissa_niter_"))
-    if not ok:
-        raise ValueError(f"init_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}")
-    dtype = options.get("dtype")
-    if dtype is not None:
-        jnp.dtype(dtype)  # raises TypeError on an unknown dtype
+    return base_scaling(t.alpha, t.rank, t.options.get("use_rslora", False))
 
 
 def adapter_dtype(t: Target, w: jax.Array):
@@ -107,11 +119,61 @@ def low_rank(x: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return scaling(t) * ((x.astype(a.dtype) @ a) @ b)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s · (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
     y = x @ w
     return y + low_rank(x, adapter, t).astype(y.dtype)
 
+
+def truncate(spec: Any, ranks: dict[str, int], rank: int) -> Any:
+    """The spec of the adapters cut to their first ``rank`` components (``ranks``: module name -> old rank).
+
+    ``s·A[:, :b] B[:b]`` keeps each component's scale when ``α`` shrinks with the
+    rank: ``α_b = α · b/r`` (``α · √(b/r)`` with rsLoRA), per module.
+    """
+    from lorajax.targets import pattern_value
+
+    rslora = spec.options.get("use_rslora", False)
+
+    def ratio(r: int) -> float:
+        return math.sqrt(rank / r) if rslora else rank / r
+
+    new_alpha = {name: float(pattern_value(spec.alpha_pattern, name, spec.alpha)) * ratio(r)
+                 for name, r in ranks.items()}
+    values = set(new_alpha.values())
+    if len(values) == 1:
+        return spec.replace(rank=rank, rank_pattern={}, alpha=values.pop(), alpha_pattern={})
+    # most specific names first: a pattern key also matches names that end with ".<key>"
+    pattern = {re.escape(n): new_alpha[n] for n in sorted(new_alpha, key=lambda n: (-len(n), n))}
+    return spec.replace(rank=rank, rank_pattern={}, alpha=spec.alpha * ratio(spec.rank), alpha_pattern=pattern)
+
+
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · (in + out)``."""
+    return sum(t.rank * sum(t.matrix_shape) for t in targets)
+
+
+# ----------------------------------------------------------------------------- PEFT format (LoraConfig)
+
+
+def peft_from_config(config: dict, common: dict, *, variant: str = "lora") -> Any:
+    from lorajax.spec import Spec
+
+    return Spec(variant, alpha=float(config.get("lora_alpha", 8)), **common,
+                rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None,
+                use_rslora=bool(config.get("use_rslora", False)))
+
+
+def peft_to_config(spec: Any, targets: list[Target], *, use_dora: bool = False) -> dict:
+    rank_pattern = {re.escape(t.name): t.rank for t in targets if t.rank != spec.rank}
+    alpha_pattern = {re.escape(t.name): t.alpha for t in targets if t.alpha != spec.alpha}
+    return {"peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(spec.options["use_rslora"]),
+            "use_dora": use_dora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "lora_dropout": 0.0, "init_lora_weights": True, "exclude_modules": None}
+
+
+PEFT_FIELDS = frozenset({"lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"})
+PEFT_TENSORS = (("lora_A", "lora_A.weight", "T"), ("lora_B", "lora_B.weight", "T"))
 
 VARIANT = Variant(
     name="lora",
@@ -119,7 +181,12 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    options={"use_rslora": False, "init_weights": True, "dtype": None},
-    validate=validate,
+    options=Options,
+    factors=Factors("lora_A", "lora_B", scale=scaling, exact=True),
+    truncate=truncate,
+    peft=PeftFormat(("LORA",), fields=PEFT_FIELDS, tensors=PEFT_TENSORS,
+                    accepts=lambda config: not config.get("use_dora"),
+                    from_config=peft_from_config, to_config=peft_to_config),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -21,6 +21,7 @@ import pytest
 import lorajax
 from lorajax import registry
 from lorajax.variants import dylora
+from lorajax.variants.base import Context
 
 D_IN, D_OUT, R, ALPHA = 7, 5, 4, 6.0
 V = registry.get("dylora")
@@ -96,7 +97,7 @@ def test_init_is_lora_and_identity_for_every_rank():
     t = _target(_spec(), params)
     w = params["dense"]["kernel"]
     for key in range(6):
-        ctx = {"rng": jax.random.key(key), "train": True}
+        ctx = Context(rng=jax.random.key(key), train=True)
         np.testing.assert_array_equal(np.asarray(V.adapted(w, ad, t, ctx)), np.asarray(w))
 
 
@@ -116,8 +117,8 @@ def test_training_forward_uses_the_sampled_rank_in_both_forms():
     x = jax.random.normal(jax.random.key(5), (3, D_IN))
     seen = set()
     for key in range(12):
-        ctx = {"rng": jax.random.key(key), "train": True}
-        b = int(dylora.sample_rank(ctx["rng"], R))
+        ctx = Context(rng=jax.random.key(key), train=True)
+        b = int(dylora.sample_rank(ctx.rng, R))
         seen.add(b)
         want = _ref_official(w, ad["lora_A"], ad["lora_B"], R, b, ALPHA)
         np.testing.assert_allclose(np.asarray(V.adapted(w, ad, t, ctx)), want, rtol=1e-5, atol=1e-5)
@@ -135,8 +136,8 @@ def test_gradients_reach_the_right_rows(freeze):
     x = jax.random.normal(jax.random.key(5), (3, D_IN))
     g_out = jax.random.normal(jax.random.key(6), (3, D_OUT))
     for key in range(8):
-        ctx = {"rng": jax.random.key(key), "train": True}
-        b = int(dylora.sample_rank(ctx["rng"], R))
+        ctx = Context(rng=jax.random.key(key), train=True)
+        b = int(dylora.sample_rank(ctx.rng, R))
         for fn in (lambda a: jnp.sum((x @ V.adapted(w, a, t, ctx)) * g_out),
                    lambda a: jnp.sum(V.apply(x, w, a, t, ctx) * g_out)):
             g = jax.grad(fn)(ad)
@@ -156,7 +157,7 @@ def test_training_needs_a_key():
     params, ad = _params(), _adapter()
     t = _target(_spec(), params)
     with pytest.raises(ValueError, match="adapter_rng"):
-        V.adapted(params["dense"]["kernel"], ad, t, {"rng": None, "train": True})
+        V.adapted(params["dense"]["kernel"], ad, t, Context(rng=None, train=True))
 
 
 def test_step_rng_is_shared_by_all_targets():
@@ -168,7 +169,7 @@ def test_step_rng_is_shared_by_all_targets():
     b = int(dylora.sample_rank(step, R))
     want = _ref_official(w, ad["lora_A"], ad["lora_B"], R, b, ALPHA)
     for layer_key in range(4):
-        ctx = {"rng": jax.random.key(100 + layer_key), "step_rng": step, "train": True}
+        ctx = Context(rng=jax.random.key(100 + layer_key), step_rng=step, train=True)
         np.testing.assert_allclose(np.asarray(V.adapted(w, ad, t, ctx)), want, rtol=1e-5, atol=1e-5)
 
 
