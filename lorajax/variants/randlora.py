@@ -87,14 +87,43 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 SCALINGS = ("peft", "official")
+
+
+def _check_scaling(name: str, value: Any) -> None:
+    if value not in SCALINGS:
+        raise ValueError(f"{name} must be one of {SCALINGS} ('peft': alpha/r; 'official': alpha/r/sqrt(nb)), "
+                         f"got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: seed of the shared bases ``randlora_A``, ``randlora_B`` (not the init key), as PEFT's
+    projection_prng_key: int = option(0, checks.integer)
+    #: ternary bases with ``P(±1) = 1/6`` each (PEFT's ``sparse``)
+    sparse: bool = option(False, checks.boolean)
+    #: ternary bases with ``P(±1) = 1/(2√D_min)`` each (PEFT's ``very_sparse``)
+    very_sparse: bool = option(False, checks.boolean)
+    #: ``"peft"``: ``s = α/r``; ``"official"``: ``s = α/r/√nb`` (the authors' code)
+    scaling: str = option("peft", _check_scaling)
+    #: adapter dtype; None: float32, or the weight's dtype if wider (bases: float32)
+    dtype: str | None = option(None, checks.dtype)
+
+    def check(self) -> None:
+        if self.sparse and self.very_sparse:
+            raise ValueError("sparse and very_sparse are exclusive: set one of them")
 
 
 def num_bases(d_min: int, r: int) -> int:
@@ -108,8 +137,8 @@ def _dims(shape: tuple[int, int]) -> tuple[int, int]:
 
 def scaling(t: Target) -> float:
     """``α / r`` (``"peft"``) or ``α / r / √nb`` (``"official"``)."""
-    s = t.alpha / t.rank
-    if t.options["scaling"] == "official":
+    s = base_scaling(t.alpha, t.rank)
+    if t.options.scaling == "official":
         s /= math.sqrt(num_bases(min(t.matrix_shape), t.rank))
     return s
 
@@ -145,12 +174,12 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     d_min, d_max = _dims((in_max, out_max))
     n = num_bases(d_min, r)
     sparsity = None
-    if opts["very_sparse"]:
+    if opts.very_sparse:
         sparsity = math.sqrt(d_min)
-    elif opts["sparse"]:
+    elif opts.sparse:
         sparsity = 3.0
-    dtype = jnp.dtype(opts.get("dtype") or jnp.float32)
-    key_a, key_b = jax.random.split(jax.random.key(opts["projection_prng_key"]))
+    dtype = jnp.dtype(opts.dtype or jnp.float32)
+    key_a, key_b = jax.random.split(jax.random.key(opts.projection_prng_key))
     return {
         "randlora_A": _basis(key_a, (r, 1, d_min), sparsity, dtype),
         "randlora_B": _basis(key_b, (d_max, n, r), sparsity, dtype),
@@ -162,7 +191,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     del key
     d_min, _ = _dims(w.shape)
     nb = num_bases(d_min, t.rank)
-    dtype = jnp.dtype(t.options.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    dtype = jnp.dtype(t.options.dtype or jnp.promote_types(w.dtype, jnp.float32))
     return {
         "randlora_lambda": jnp.zeros((t.rank, nb), dtype),
         "randlora_gamma": jnp.full((nb, d_min), 1.0 / max(nb, d_min), dtype),
@@ -202,7 +231,7 @@ def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(delta)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s (x Ã_fᵀ) B_fᵀ`` (in ≤ out) or ``x W + s (x B_f) Ã_f`` for ``x: [T, in]``."""
     a_f, b_f = factors(w, adapter, t)
     d_in, d_out = w.shape
@@ -212,22 +241,33 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (scaling(t) * h).astype(y.dtype)
 
 
-def validate(options: dict) -> None:
-    key = options["projection_prng_key"]
-    if isinstance(key, bool) or not isinstance(key, int):
-        raise ValueError(f"projection_prng_key must be an int, got {key!r}")
-    for name in ("sparse", "very_sparse"):
-        if not isinstance(options[name], bool):
-            raise ValueError(f"{name} must be a bool, got {options[name]!r}")
-    if options["sparse"] and options["very_sparse"]:
-        raise ValueError("sparse and very_sparse are exclusive: set one of them")
-    if options["scaling"] not in SCALINGS:
-        raise ValueError(
-            f"scaling must be one of {SCALINGS} ('peft': alpha/r; 'official': alpha/r/sqrt(nb)), "
-            f"got {options['scaling']!r}"
-        )
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ nb · (r + d_min)`` (the shared bases are buffers)."""
+    total = 0
+    for t in targets:
+        d_min = min(t.matrix_shape)
+        total += num_bases(d_min, t.rank) * (t.rank + d_min)
+    return total
+
+
+# ----------------------------------------------------------------------------- PEFT format (RandLoraConfig)
+
+
+def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
+    from lorajax.spec import Spec
+
+    return Spec("randlora", alpha=float(config.get("randlora_alpha", 640)), **common,
+                projection_prng_key=int(config.get("projection_prng_key", 0)),
+                sparse=bool(config.get("sparse", False)), very_sparse=bool(config.get("very_sparse", False)))
+
+
+def peft_to_config(spec: Any, targets: list[Target]) -> dict:
+    opts = spec.options
+    if opts.scaling != "peft":
+        raise ValueError("PEFT's RandLoRA format uses scaling='peft' (alpha / r)")
+    return {"peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
+            "projection_prng_key": opts.projection_prng_key, "sparse": opts.sparse,
+            "very_sparse": opts.very_sparse, "randlora_dropout": 0.0}
 
 
 VARIANT = Variant(
@@ -237,9 +277,16 @@ VARIANT = Variant(
     apply=apply,
     unadapted=unadapted,
     init_shared=init_shared,
-    frozen=frozenset({"randlora_A", "randlora_B"}),
-    options={"projection_prng_key": 0, "sparse": False, "very_sparse": False, "scaling": "peft", "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("randlora_A", "randlora_B"),
     rank_limited=False,
+    peft=PeftFormat(("RANDLORA",), fields=frozenset({"randlora_alpha", "projection_prng_key", "sparse",
+                                                     "very_sparse"}),
+                    tensors=(("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)),
+                    shared=(("randlora_A", "base_model.randlora_A", None),
+                            ("randlora_B", "base_model.randlora_B", None)),
+                    duplicates=("randlora_A", "randlora_B"),  # PEFT also writes the bases per module
+                    from_config=peft_from_config, to_config=peft_to_config),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -253,3 +253,13 @@ def test_bf16_weights_keep_dtype():
 
 def test_num_bases():
     assert [randlora.num_bases(d, 4) for d in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("rank", [R, 8])
+def test_trainable_count_is_nb_r_plus_d_min(rank):
+    params, spec = _params(), _spec(rank=rank)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    got = lorajax.registry.get("randlora").trainable_count(lorajax.select(spec, params))
+    assert got == lorajax.count_params(spec, params, ad)["trainable"]
+    if rank == 8:  # nb = 1 for both weights
+        assert got == (8 + 7) + (8 + 5)
