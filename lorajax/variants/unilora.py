@@ -81,14 +81,41 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, SHARED_KEY, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.options import checks, option
+
+
+def _check_order(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(e, str) and e for e in value):
+        raise ValueError(f"{name} must be None or a non-empty list of module-name suffixes, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``d``: length of the one trained vector ``θ_d`` (PEFT's default 256)
+    theta_d_length: int = option(256, checks.positive_int)
+    #: seed of the index vector (``numpy.random.default_rng(proj_seed)``, as PEFT)
+    proj_seed: int = option(42, checks.nonneg_int)
+    #: ``θ_d ~ U(±init_theta_d_bound)`` (> 0: ``θ_d = 0`` gets no gradient)
+    init_theta_d_bound: float = option(0.02, checks.positive)
+    #: layout order of the targets' factors in ``θ_D``: None (lorajax's target order) or module-name
+    #: suffixes in torch registration order, e.g. ``("q_proj", "k_proj", "v_proj", "o_proj")``
+    target_order: tuple[str, ...] | None = option(None, _check_order)
+    #: adapter dtype; None: float32
+    dtype: str | None = option(None, checks.dtype)
+
 
 def generate_index(lora_param_count: int, theta_d_length: int, proj_seed: int) -> np.ndarray:
     """The index vector ``[D]`` (int64): each of ``d`` indices ``q`` or ``q+1`` times, shuffled.
@@ -144,10 +171,10 @@ def layout_order(targets: list[Target], order: Sequence[str] | None) -> list[Tar
 def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     """``θ_d ~ U(±bound)``, ``c = 1/√count`` and every target's index blocks (PEFT's layout)."""
     opts = targets[0].options
-    d = opts["theta_d_length"]
-    ordered = layout_order(targets, opts["target_order"])
+    d = opts.theta_d_length
+    ordered = layout_order(targets, opts.target_order)
     sizes = [t.rank * sum(t.matrix_shape) for t in ordered]
-    idx = generate_index(sum(sizes), d, opts["proj_seed"])
+    idx = generate_index(sum(sizes), d, opts.proj_seed)
     norm = column_scale(idx, d)
     blocks, pos = {}, 0
     for t in ordered:
@@ -160,8 +187,8 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
             "unilora_indices_A": jnp.asarray(idx_a, jnp.int32),
             "unilora_indices_B": jnp.asarray(idx_b, jnp.int32),
         }
-    dtype = jnp.dtype(opts.get("dtype") or jnp.float32)
-    bound = opts["init_theta_d_bound"]
+    dtype = jnp.dtype(opts.dtype or jnp.float32)
+    bound = opts.init_theta_d_bound
     return {
         "unilora_theta_d": jax.random.uniform(key, (d,), dtype, -bound, bound),
         "unilora_norm": jnp.asarray(norm, dtype),
@@ -205,7 +232,7 @@ def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(delta)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
     a, b = factors(w, adapter, t)
     y = x @ w
@@ -213,25 +240,97 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (h @ b).astype(y.dtype)
 
 
-def validate(options: dict) -> None:
-    d = options["theta_d_length"]
-    if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-        raise ValueError(f"theta_d_length must be a positive int, got {d!r}")
-    seed = options["proj_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"proj_seed must be a non-negative int (numpy default_rng seed), got {seed!r}")
-    bound = options["init_theta_d_bound"]
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not np.isfinite(bound) or bound <= 0:
-        raise ValueError(f"init_theta_d_bound must be a finite number > 0 (θ_d = 0 gets no gradient), got {bound!r}")
-    order = options["target_order"]
-    if order is not None:
-        if isinstance(order, str) or not isinstance(order, (list, tuple)) or not order \
-                or not all(isinstance(e, str) and e for e in order):
-            raise ValueError(
-                f"target_order must be None or a non-empty list of module-name suffixes, got {order!r}"
-            )
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+def trainable_count(targets: list[Target]) -> int:
+    """``d``, once for the whole model (the per-target entries are buffers)."""
+    return targets[0].options.theta_d_length if targets else 0
+
+
+# ----------------------------------------------------------------------------- PEFT format (UniLoraConfig)
+#
+# PEFT lays the factors of all targets out in the torch module registration order and, unless saved with
+# ``save_indices=True``, stores only θ_d and re-derives the indices from that order, which a Flax params tree
+# does not carry. Loading imports saved indices when the file has them; otherwise it regenerates them in the
+# order of the load option ``module_order`` (`lorajax.peft.load`'s ``unilora_order``). Saving always writes
+# the indices (and PEFT's per-target scales).
+
+_INDICES_SUFFIX = ".unilora_indices_A"
+
+
+def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
+    from lorajax.spec import Spec
+
+    options = options or {}
+    if config.get("init_weights", True) is not True:
+        raise ValueError("unsupported PEFT field init_weights=False for Uni-LoRA (θ_d ~ N(0, 1))")
+    order = options.get("module_order")
+    if any(k.endswith(_INDICES_SUFFIX) for k in options.get("tensor_names", ())):
+        order = None  # the file's own indices fix the layout
+    return Spec("unilora", **common, theta_d_length=int(config.get("theta_d_length", 256)),
+                proj_seed=int(config.get("proj_seed", 42)),
+                init_theta_d_bound=float(config.get("init_theta_d_bound", 0.02)),
+                target_order=None if order is None else tuple(order))
+
+
+def peft_to_config(spec: Any, targets: list[Target]) -> dict:
+    opts = spec.options
+    return {"peft_type": "UNILORA", "theta_d_length": opts.theta_d_length, "proj_seed": opts.proj_seed,
+            "init_theta_d_bound": opts.init_theta_d_bound, "save_indices": True, "unilora_dropout": 0.0,
+            "init_weights": True}
+
+
+def peft_load(spec: Any, params: Any, targets: list[Target], tensors: dict, template: Any, options: dict) -> dict:
+    """θ_d from the file; the index blocks imported (``save_indices=True``) or regenerated."""
+    from lorajax.peft import PREFIX, read_tensor
+
+    has_indices = any(k.endswith(_INDICES_SUFFIX) for k in tensors)
+    try:
+        adapters = template()
+    except ValueError as e:
+        raise ValueError(f"{e}. The Uni-LoRA file has no indices: pass unilora_order=[...] (the torch "
+                         "registration order of the adapted modules) or save it with save_indices=True") from e
+    shared = dict(adapters[SHARED_KEY])
+    like = shared["unilora_theta_d"]
+    shared["unilora_theta_d"] = read_tensor(tensors, "base_model.unilora_theta_d", "_shared/unilora_theta_d",
+                                            like, None)
+    d = like.shape[0]
+    if has_indices:
+        blocks, scales = {}, {}
+        for t in targets:
+            old = shared["unilora_indices"][t.name]
+            pre = f"{PREFIX}{t.name}.unilora_"
+            blocks[t.name] = {f"unilora_indices_{x}": read_tensor(tensors, pre + f"indices_{x}",
+                                                                  f"{t.name}/indices_{x}",
+                                                                  old[f"unilora_indices_{x}"], "T") for x in "AB"}
+            scales[t.name] = {x: tensors.pop(pre + f"scales_{x}", None) for x in "AB"}
+        flat_idx = np.concatenate([np.asarray(b[k]).ravel() for b in blocks.values() for k in sorted(b)])
+        if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= d):
+            raise ValueError(f"Uni-LoRA indices out of range [0, {d}) (theta_d_length={d})")
+        norm = column_scale(flat_idx, d)
+        for name, per in scales.items():
+            for x, saved in per.items():
+                if saved is None:
+                    continue
+                want = norm[np.asarray(blocks[name][f"unilora_indices_{x}"])].T
+                if saved.shape != want.shape or not np.allclose(np.asarray(saved, np.float64), want, rtol=1e-5):
+                    raise ValueError(f"{PREFIX}{name}.unilora_scales_{x} disagrees with 1/sqrt(count) of the "
+                                     "saved indices: the file is inconsistent")
+        shared["unilora_indices"] = blocks
+        shared["unilora_norm"] = jnp.asarray(norm, like.dtype)
+    return {**{k: v for k, v in adapters.items() if k != SHARED_KEY}, SHARED_KEY: shared}
+
+
+def peft_save(spec: Any, targets: list[Target], index: dict, shared: dict) -> dict:
+    """θ_d, and every target's indices and scales (PEFT's ``save_indices=True`` layout)."""
+    from lorajax.peft import PREFIX
+
+    out = {"base_model.unilora_theta_d": jnp.asarray(shared["unilora_theta_d"])}
+    norm = jnp.asarray(shared["unilora_norm"], jnp.float32)
+    for t in targets:
+        for x in "AB":
+            idx = jnp.asarray(shared["unilora_indices"][t.name][f"unilora_indices_{x}"])
+            out[f"{PREFIX}{t.name}.unilora_indices_{x}"] = idx.T.astype(jnp.int32)
+            out[f"{PREFIX}{t.name}.unilora_scales_{x}"] = norm[idx].T
+    return out
 
 
 VARIANT = Variant(
@@ -241,14 +340,12 @@ VARIANT = Variant(
     apply=apply,
     unadapted=unadapted,
     init_shared=init_shared,
-    frozen=frozenset({"unilora_size", "unilora_norm", "unilora_indices_A", "unilora_indices_B"}),
-    options={
-        "theta_d_length": 256,
-        "proj_seed": 42,
-        "init_theta_d_bound": 0.02,
-        "target_order": None,
-        "dtype": None,
-    },
-    validate=validate,
+    options=Options,
+    buffers=("unilora_size", "unilora_norm", r"unilora_indices_[AB]"),
+    peft=PeftFormat(("UNILORA",), fields=frozenset({"theta_d_length", "proj_seed", "init_theta_d_bound",
+                                                    "init_weights"}),
+                    from_config=peft_from_config, to_config=peft_to_config,
+                    load_extra=peft_load, save_extra=peft_save),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

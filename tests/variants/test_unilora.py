@@ -256,3 +256,11 @@ def test_unmerge_roundtrip_and_bf16():
     ad16 = lorajax.init(spec, p16, jax.random.key(0))
     assert ad16["_shared"]["unilora_theta_d"].dtype == jnp.float32
     assert lorajax.merge(spec, p16, ad16)["q"]["kernel"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(theta_d_length=7, rank_pattern={"v": 3})])
+def test_trainable_count_is_d_once(kw):
+    params, spec = _params(), _spec(**kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    got = lorajax.registry.get("unilora").trainable_count(lorajax.select(spec, params))
+    assert got == lorajax.count_params(spec, params, ad)["trainable"] == spec.options.theta_d_length
