@@ -31,8 +31,8 @@ Shapes and init (``init``):
 * ``lora_B: [r, out]`` zeros, trainable, so the model is unchanged at init.
 * ``lora_topk_bias: [r]`` zeros, frozen (float32), refreshed by `update`.
 
-``apply`` returns ``(y, {"counts": float32[r]})``; ``counts`` adds up over
-calls and batches. Get it with ``lorajax.adapt(...)(params, adapters, x,
+``apply`` returns ``y`` and hands ``{"counts": float32[r]}`` to
+``ctx.sow``; ``counts`` adds up over calls and batches. Get it with ``lorajax.adapt(...)(params, adapters, x,
 adapter_aux=True) -> (out, aux)``; `lorajax.update_state` applies ``update``
 (in training: ``lorajax.train.make_lora_step(..., state_update=
 lorajax.train.refresh_state(spec))``).
@@ -71,9 +71,11 @@ Example:
   >>> [int(n) for n in (ad["lora_A"] != 0).sum(axis=0)]  # p = 16 // (8 // 2)
   [4, 4, 4, 4, 4, 4, 4, 4]
   >>> from lorajax.variants import flylora
+  >>> from lorajax.variants.base import Context
   >>> t = lorajax.select(spec, params)[0]
-  >>> y, aux = flylora.apply(jnp.ones((3, 16)), params["dense"]["kernel"], ad, t)
-  >>> y.shape, float(aux["counts"].sum())  # 3 tokens x k = 2 ranks
+  >>> stats = []
+  >>> y = flylora.apply(jnp.ones((3, 16)), params["dense"]["kernel"], ad, t, Context(sink=stats.append))
+  >>> y.shape, float(stats[0]["counts"].sum())  # 3 tokens x k = 2 ranks
   ((3, 12), 6.0)
 
 References:
@@ -90,20 +92,36 @@ References:
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, balance_bias
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Target, Variant, balance_bias
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 #: Default ``k / r`` when ``top_k`` is None (the paper's 8 of 32).
 DEFAULT_RATIO = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``k``, the active ranks per token; None: ``max(1, r // 4)`` (the paper's 8 of 32);
+    #: an explicit value must be ``<= r`` for every target (checked at init)
+    top_k: int | None = option(None, checks.optional(checks.positive_int))
+    #: ``u``, the routing bias step of the load balancing (the paper's MMLU script; the fork's config: 0.01)
+    bias_u: float = option(0.001, checks.nonneg)
+    #: scale ``α/√r`` (rsLoRA) instead of ``α/r``
+    use_rslora: bool = option(False, checks.boolean)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
+
+
 def top_k(t: Target) -> int:
     """The number of active ranks ``k`` for target ``t`` (validated against its rank)."""
-    k = t.options.get("top_k")
+    k = t.options.top_k
     if k is None:
         return max(1, t.rank // DEFAULT_RATIO)
     if k > t.rank:
@@ -118,22 +136,7 @@ def nonzeros_per_rank(d_in: int, t: Target) -> int:
 
 def scaling(t: Target) -> float:
     """``α / r``, or ``α / √r`` with ``use_rslora``."""
-    if t.options.get("use_rslora", False):
-        return t.alpha / math.sqrt(t.rank)
-    return t.alpha / t.rank
-
-
-def validate(options: dict) -> None:
-    k = options.get("top_k")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"flylora: top_k must be None or an int >= 1, got {k!r}")
-    u = options.get("bias_u")
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or u < 0:
-        raise ValueError(f"flylora: bias_u must be a finite number >= 0, got {u!r}")
-    if not isinstance(options.get("use_rslora"), bool):
-        raise ValueError(f"flylora: use_rslora must be a bool, got {options.get('use_rslora')!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+    return base_scaling(t.alpha, t.rank, t.options.use_rslora)
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -141,7 +144,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     d_in, d_out = w.shape
     r = t.rank
     p = nonzeros_per_rank(d_in, t)
-    dtype = jnp.dtype(t.options.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    dtype = jnp.dtype(t.options.dtype or jnp.promote_types(w.dtype, jnp.float32))
     key_pos, key_val = jax.random.split(key)
     # p distinct input positions per rank: the first p of a random permutation of each column
     order = jnp.argsort(jax.random.uniform(key_pos, (d_in, r)), axis=0)
@@ -163,18 +166,23 @@ def route(a: jax.Array, bias: jax.Array, k: int) -> jax.Array:
     return jnp.zeros(a.shape, a.dtype).at[rows, idx].set(1)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, dict]:
-    """``(x W + s · (a ⊙ m) B, {"counts": [r]})`` for ``x: [T, in]``, ``a = stop_gradient(x A)``."""
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x W + s · (a ⊙ m) B`` for ``x: [T, in]``, ``a = stop_gradient(x A)``; sows ``{"counts": [r]}``."""
     a_k, b_k = adapter["lora_A"], adapter["lora_B"]
     y = x @ w
     a = jax.lax.stop_gradient(x.astype(a_k.dtype) @ a_k)
     m = route(a, adapter["lora_topk_bias"], top_k(t))
-    out = y + (scaling(t) * ((a * m) @ b_k)).astype(y.dtype)
-    return out, {"counts": jnp.sum(m, axis=0).astype(jnp.float32)}
+    ctx.sow({"counts": jnp.sum(m, axis=0).astype(jnp.float32)})
+    return y + (scaling(t) * ((a * m) @ b_k)).astype(y.dtype)
 
 
 #: ``{"lora_topk_bias": d + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``, ``u = bias_u``
 update = balance_bias("lora_topk_bias", "bias_u")
+
+
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · out`` (``B`` only)."""
+    return sum(t.rank * t.matrix_shape[1] for t in targets)
 
 
 VARIANT = Variant(
@@ -182,10 +190,10 @@ VARIANT = Variant(
     init=init,
     adapted=None,
     apply=apply,
-    frozen=frozenset({"lora_A", "lora_topk_bias"}),
-    options={"top_k": None, "bias_u": 0.001, "use_rslora": False, "dtype": None},
-    validate=validate,
-    has_aux=True,
     update=update,
+    options=Options,
+    buffers=("lora_A", "lora_topk_bias"),
+    # no `Factors`: the routing mask depends on A (and A is a buffer)
+    trainable_count=trainable_count,
     doc=__doc__,
 )

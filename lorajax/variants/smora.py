@@ -37,8 +37,8 @@ Shapes and init (``init``), PEFT-style ``[out, in]`` weights transposed:
 * ``lora_router: [in, r/p]`` ~ ``U(±1/√in)`` (``nn.Linear``'s default), trainable.
 * ``lora_biases: [r]`` zeros (float32), frozen, refreshed by `update`.
 
-``apply`` returns ``(y, {"counts": float32[r]})``; ``counts`` adds up over
-calls and batches. Get it with ``lorajax.adapt(...)(params, adapters, x,
+``apply`` returns ``y`` and hands ``{"counts": float32[r]}`` to
+``ctx.sow``; ``counts`` adds up over calls and batches. Get it with ``lorajax.adapt(...)(params, adapters, x,
 adapter_aux=True) -> (out, aux)``; `lorajax.update_state` applies ``update``
 (in training: ``lorajax.train.make_lora_step(..., state_update=
 lorajax.train.refresh_state(spec))``).
@@ -77,9 +77,11 @@ Example:
   >>> ad = adapters["dense"]["kernel"]
   >>> {k: v.shape for k, v in sorted(ad.items())}
   {'lora_A': (16, 4), 'lora_B': (4, 6), 'lora_biases': (4,), 'lora_router': (16, 4)}
+  >>> from lorajax.variants.base import Context
   >>> t = lorajax.select(spec, params)[0]
-  >>> y, aux = smora.apply(jnp.ones((3, 16)), params["dense"]["kernel"], ad, t)
-  >>> y.shape, float(aux["counts"].sum())  # 3 tokens x k = 2 ranks
+  >>> stats = []
+  >>> y = smora.apply(jnp.ones((3, 16)), params["dense"]["kernel"], ad, t, Context(sink=stats.append))
+  >>> y.shape, float(stats[0]["counts"].sum())  # 3 tokens x k = 2 ranks
   ((3, 6), 6.0)
 
 References:
@@ -95,20 +97,38 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, balance_bias
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Target, Variant, balance_bias
+from lorajax.variants.options import checks, option
 
 #: Official default number of active ranks.
 DEFAULT_ACTIVE = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``k``, the active ranks per token; None: ``min(8, r)`` (the official 8 where the rank allows);
+    #: an explicit value must be ``<= r`` for every target (checked at init)
+    activate_r: int | None = option(None, checks.optional(checks.positive_int))
+    #: ``p``, adjacent ranks per router entry (1: every rank its own expert); must divide every rank
+    rank_partition: int = option(1, checks.positive_int)
+    #: ``u``, the routing bias step of the load balancing (official)
+    bias_update_rate: float = option(1e-5, checks.nonneg)
+    #: True: two dense matmuls with the ``[T, r]`` gates; False: gather the ``k`` ranks per token
+    dense_compute: bool = option(True, checks.boolean)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
+
+
 def activate_r(t: Target) -> int:
     """``k`` for target ``t`` (validated against its rank)."""
-    k = t.options.get("activate_r")
+    k = t.options.activate_r
     if k is None:
         return min(DEFAULT_ACTIVE, t.rank)
     if k > t.rank:
@@ -118,26 +138,10 @@ def activate_r(t: Target) -> int:
 
 def rank_partition(t: Target) -> int:
     """``p`` for target ``t``: it must divide the rank."""
-    p = t.options.get("rank_partition", 1)
+    p = t.options.rank_partition
     if t.rank % p:
         raise ValueError(f"smora at {t.name}: rank_partition={p} must divide rank {t.rank}")
     return p
-
-
-def validate(options: dict) -> None:
-    k = options.get("activate_r")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"smora: activate_r must be None or an int >= 1, got {k!r}")
-    p = options.get("rank_partition")
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"smora: rank_partition must be an int >= 1, got {p!r}")
-    u = options.get("bias_update_rate")
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) or u < 0:
-        raise ValueError(f"smora: bias_update_rate must be a finite number >= 0, got {u!r}")
-    if not isinstance(options.get("dense_compute"), bool):
-        raise ValueError(f"smora: dense_compute must be a bool, got {options.get('dense_compute')!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -145,7 +149,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     d_in, d_out = w.shape
     r, p = t.rank, rank_partition(t)
     activate_r(t)  # validate k against the rank now
-    dtype = jnp.dtype(t.options.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    dtype = jnp.dtype(t.options.dtype or jnp.promote_types(w.dtype, jnp.float32))
     key_a, key_g = jax.random.split(key)
     bound = 1.0 / math.sqrt(d_in)
     return {
@@ -177,13 +181,13 @@ def _counts(idx: jax.Array, r: int) -> jax.Array:
     return jnp.zeros((r,), jnp.float32).at[idx.reshape(-1)].add(1.0)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, dict]:
-    """``(x W + α · ((x A) ⊙ ĝ) B, {"counts": [r]})`` for ``x: [T, in]``."""
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x W + α · ((x A) ⊙ ĝ) B`` for ``x: [T, in]``; sows ``{"counts": [r]}``."""
     a_k, b_k = adapter["lora_A"], adapter["lora_B"]
     y = x @ w
     xa = x.astype(a_k.dtype)
     g_sel, idx = select(x, adapter, t)
-    if t.options.get("dense_compute", True):
+    if t.options.dense_compute:
         rows = jnp.arange(x.shape[0])[:, None]
         g = jnp.zeros((x.shape[0], t.rank), g_sel.dtype).at[rows, idx].set(g_sel)
         delta = ((xa @ a_k) * g) @ b_k
@@ -192,12 +196,18 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Arr
         b_sel = jnp.take(b_k, idx, axis=0)  # [T, k, out]
         h = jnp.einsum("ti,tki->tk", xa, a_sel)
         delta = jnp.einsum("tk,tko->to", h * g_sel, b_sel)
-    out = y + (t.alpha * delta).astype(y.dtype)
-    return out, {"counts": _counts(idx, t.rank)}
+    ctx.sow({"counts": _counts(idx, t.rank)})
+    return y + (t.alpha * delta).astype(y.dtype)
 
 
 #: ``{"lora_biases": β + u · sign(mean(c) − c)}`` with ``c = aux["counts"]``, ``u = bias_update_rate``
 update = balance_bias("lora_biases", "bias_update_rate")
+
+
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · (in + out) + (r / p) · in`` (``A``, ``B`` and the router)."""
+    return sum(t.rank * sum(t.matrix_shape) + (t.rank // t.options.rank_partition) * t.matrix_shape[0]
+               for t in targets)
 
 
 VARIANT = Variant(
@@ -205,11 +215,10 @@ VARIANT = Variant(
     init=init,
     adapted=None,
     apply=apply,
-    frozen=frozenset({"lora_biases"}),
-    options={"activate_r": None, "rank_partition": 1, "bias_update_rate": 1e-5,
-             "dense_compute": True, "dtype": None},
-    validate=validate,
-    has_aux=True,
     update=update,
+    options=Options,
+    buffers=("lora_biases",),
+    # no `Factors`: the per-token gates sit between A and B
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -21,6 +21,7 @@ import pytest
 
 import lorajax
 from lorajax.variants import flylora
+from lorajax.variants.base import Context
 
 D_IN, D_OUT, R, K = 24, 16, 8, 2
 
@@ -37,6 +38,14 @@ def _spec(**kw):
 def _target(spec, params):
     (t,) = lorajax.select(spec, params)
     return t
+
+
+def _apply(x, w, ad, t):
+    """``(y, stats)``: the output and the statistics `flylora.apply` sows."""
+    stats = []
+    y = flylora.apply(x, w, ad, t, Context(sink=stats.append))
+    (aux,) = stats
+    return y, aux
 
 
 def _random_adapter(spec, params, key=1, bias_scale=0.3):
@@ -75,7 +84,7 @@ def test_identity_when_b_is_zero():
     ad = {**ad, "lora_topk_bias": jnp.arange(R, dtype=jnp.float32)}
     x = jax.random.normal(jax.random.key(5), (7, D_IN))
     w = params["proj"]["kernel"]
-    y, aux = flylora.apply(x, w, ad, _target(spec, params))
+    y, aux = _apply(x, w, ad, _target(spec, params))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x @ w))
     assert float(aux["counts"].sum()) == 7 * K
 
@@ -86,7 +95,7 @@ def test_forward_equation(use_rslora):
     ad = _random_adapter(spec, params)
     w = params["proj"]["kernel"]
     x = jax.random.normal(jax.random.key(6), (9, D_IN))
-    y, aux = flylora.apply(x, w, ad, _target(spec, params))
+    y, aux = _apply(x, w, ad, _target(spec, params))
     s = 16.0 / (math.sqrt(R) if use_rslora else R)
     # numpy reference: per token, the k largest signed scores a + d
     xn, an, bn, dn = (np.asarray(v, np.float64) for v in (x, ad["lora_A"], ad["lora_B"], ad["lora_topk_bias"]))
@@ -106,11 +115,11 @@ def test_routing_uses_the_signed_score():
     spec = lorajax.Spec("flylora", rank=4, targets=["proj"], top_k=1)
     ad = {"lora_A": jnp.eye(4), "lora_B": jnp.eye(4), "lora_topk_bias": jnp.zeros(4)}
     x = jnp.array([[-5.0, 1.0, 0.5, 0.0]])
-    y, aux = flylora.apply(x, params["proj"]["kernel"], ad, _target(spec, params))
+    y, aux = _apply(x, params["proj"]["kernel"], ad, _target(spec, params))
     np.testing.assert_array_equal(np.asarray(aux["counts"]), [0, 1, 0, 0])
     np.testing.assert_allclose(np.asarray(y), [[0.0, spec.alpha / 4, 0.0, 0.0]])
     # the bias shifts the choice
-    y, aux = flylora.apply(x, params["proj"]["kernel"], {**ad, "lora_topk_bias": jnp.array([0, 0, 0.6, 0])},
+    y, aux = _apply(x, params["proj"]["kernel"], {**ad, "lora_topk_bias": jnp.array([0, 0, 0.6, 0])},
                            _target(spec, params))
     np.testing.assert_array_equal(np.asarray(aux["counts"]), [0, 0, 1, 0])
 
@@ -121,9 +130,9 @@ def test_no_gradient_into_x_through_the_adapter():
     t = _target(spec, params)
     w = params["proj"]["kernel"]
     x = jax.random.normal(jax.random.key(7), (5, D_IN))
-    g = jax.grad(lambda x: jnp.sum(flylora.apply(x, w, ad, t)[0] - x @ w))(x)
+    g = jax.grad(lambda x: jnp.sum(flylora.apply(x, w, ad, t) - x @ w))(x)
     np.testing.assert_array_equal(np.asarray(g), 0.0)
-    g_b = jax.grad(lambda b: jnp.sum(flylora.apply(x, w, {**ad, "lora_B": b}, t)[0]))(ad["lora_B"])
+    g_b = jax.grad(lambda b: jnp.sum(flylora.apply(x, w, {**ad, "lora_B": b}, t)))(ad["lora_B"])
     assert float(jnp.abs(g_b).max()) > 0
 
 
@@ -162,6 +171,20 @@ def test_not_mergeable_and_trainable_count():
     counts = lorajax.count_params(spec, params, adapters)
     assert counts["trainable"] == D_OUT * R  # B only
     assert counts["frozen_adapter"] == D_IN * R + R
+    assert flylora.VARIANT.trainable_count(lorajax.select(spec, params)) == counts["trainable"]
+    assert flylora.VARIANT.is_buffer("lora_A") and flylora.VARIANT.is_buffer("lora_topk_bias")
+    assert not flylora.VARIANT.is_buffer("lora_B")
+
+
+def test_trainable_count_formula_over_targets():
+    """``Σ r · out`` over targets of different ranks, as counted on the adapters."""
+    params = {"proj": {"kernel": jnp.zeros((D_IN, D_OUT))}, "up": {"kernel": jnp.zeros((D_OUT, 12))}}
+    for kw in ({}, {"rank_pattern": {"up": 4}, "top_k": 1, "use_rslora": True}):
+        spec = lorajax.Spec("flylora", rank=R, targets=["proj", "up"], **kw)
+        adapters = lorajax.init(spec, params, jax.random.key(0))
+        want = lorajax.count_params(spec, params, adapters)["trainable"]
+        assert flylora.VARIANT.trainable_count(lorajax.select(spec, params)) == want
+        assert want == sum(t.rank * t.matrix_shape[1] for t in lorajax.select(spec, params))
 
 
 class Net(nn.Module):

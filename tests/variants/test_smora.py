@@ -20,9 +20,19 @@ import pytest
 
 import lorajax
 from lorajax.variants import smora
+from lorajax.variants.base import Context
+
+
+def _apply(x, w, ad, t):
+    """``(y, stats)``: the output and the statistics `smora.apply` sows."""
+    stats = []
+    y = smora.apply(x, w, ad, t, Context(sink=stats.append))
+    (aux,) = stats
+    return y, aux
+
 
 #: jitted (the target, a hashable dataclass, is static): op-by-op dispatch is slow on a busy CPU
-apply_jit = jax.jit(smora.apply, static_argnums=3)
+apply_jit = jax.jit(_apply, static_argnums=3)
 
 D_IN, D_OUT, R, K = 24, 16, 8, 3
 
@@ -129,7 +139,7 @@ def test_dense_and_gather_paths_agree(p):
     trainable = {k: ad[k] for k in ("lora_A", "lora_B", "lora_router")}
 
     def loss(tr, x, t):
-        return jnp.sum(jnp.sin(smora.apply(x, w, {**ad, **tr}, t)[0]))
+        return jnp.sum(jnp.sin(smora.apply(x, w, {**ad, **tr}, t)))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
     g_d, g_g = grad(trainable, x, t_d), grad(trainable, x, t_g)  # x: the batch of 9
@@ -146,7 +156,7 @@ def test_router_gets_gradient_except_with_one_active_rank():
         ad = _random_adapter(spec, params)
         t = _target(spec, params)
         g = jax.jit(jax.grad(lambda gk: jnp.sum(smora.apply(x, params["proj"]["kernel"],
-                                                             {**ad, "lora_router": gk}, t)[0])))(ad["lora_router"])
+                                                             {**ad, "lora_router": gk}, t))))(ad["lora_router"])
         size[k] = float(jnp.abs(g).max())
     assert size[K] > 1e-2
     assert size[1] < 1e-5 * size[K]  # with k = 1 the single gate v / v is always 1: only rounding is left
@@ -161,7 +171,7 @@ def test_bias_update_on_crafted_counts():
     np.testing.assert_allclose(np.asarray(new["lora_biases"]),
                                np.asarray(beta) + 1e-3 * np.array([-1, 0, 1, 0, 0, 0, 0, 1]), rtol=1e-6)
     assert set(new) == {"lora_biases"}
-    assert smora.VARIANT.options["bias_update_rate"] == 1e-5
+    assert smora.Options().bias_update_rate == 1e-5
 
 
 def test_options_validated():
@@ -187,6 +197,18 @@ def test_not_mergeable_and_trainable_count(p):
     counts = lorajax.count_params(spec, params, adapters)
     assert counts["trainable"] == R * (D_IN + D_OUT) + (R // p) * D_IN
     assert counts["frozen_adapter"] == R
+    assert smora.VARIANT.trainable_count(lorajax.select(spec, params)) == counts["trainable"]
+    assert smora.VARIANT.is_buffer("lora_biases") and not smora.VARIANT.is_buffer("lora_router")
+
+
+def test_trainable_count_formula_over_targets():
+    """``Σ r · (in + out) + (r / p) · in`` over targets of different ranks, as counted on the adapters."""
+    params = {"proj": {"kernel": jnp.zeros((D_IN, D_OUT))}, "up": {"kernel": jnp.zeros((D_OUT, 12))}}
+    for kw in ({}, {"rank_pattern": {"up": 4}, "rank_partition": 2, "activate_r": 2}):
+        spec = lorajax.Spec("smora", rank=R, targets=["proj", "up"], **kw)
+        adapters = lorajax.init(spec, params, jax.random.key(0))
+        want = lorajax.count_params(spec, params, adapters)["trainable"]
+        assert smora.VARIANT.trainable_count(lorajax.select(spec, params)) == want
 
 
 class Net(nn.Module):
