@@ -67,30 +67,38 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant
+from lorajax.variants.options import checks, option
 
 MODES = (True, False, "bat", "mini")
 
 
-def validate(options: dict) -> None:
-    mode = options.get("init_weights", True)
-    if not any(mode is m or (isinstance(mode, str) and mode == m) for m in MODES):
-        raise ValueError(f"MiSS init_weights must be one of {MODES}, got {mode!r}")
-    mini_r = options.get("mini_r", 1)
-    if isinstance(mini_r, bool) or not isinstance(mini_r, int) or mini_r < 1:
-        raise ValueError(f"MiSS mini_r must be a positive int, got {mini_r!r}")
-    dtype = options.get("dtype")
-    if dtype is not None:
-        jnp.dtype(dtype)  # raises TypeError on an unknown dtype
+def _check_mode(name: str, value: Any) -> None:
+    if not any(value is m or (isinstance(value, str) and value == m) for m in MODES):
+        raise ValueError(f"MiSS {name} must be one of {MODES}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: the mode (PEFT's ``init_weights``): True (default, ``D: [r, out]`` = 0), ``"mini"`` (``D: [r, mini_r]``),
+    #: ``"bat"`` (block-affine, ``D: [out/r, r, r]``), False (default mode, ``D ~ U(±1/√out)``; tests)
+    init_weights: Any = option(True, _check_mode)
+    #: columns of the mini block (``"mini"`` mode; ``out`` must be divisible by it)
+    mini_r: int = option(1, checks.positive_int)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def _mode(t: Target):
-    return t.options.get("init_weights", True)
+    return t.options.init_weights
 
 
 def _check(d_in: int, d_out: int, t: Target) -> None:
@@ -100,8 +108,8 @@ def _check(d_in: int, d_out: int, t: Target) -> None:
         raise ValueError(f"{where}: rank r={r} must be <= in={d_in}")
     if mode == "bat" and (d_in % r or d_out % r):
         raise ValueError(f"{where}: init_weights='bat' needs in and out divisible by r={r} ([r, r] blocks)")
-    if mode == "mini" and d_out % t.options["mini_r"]:
-        raise ValueError(f"{where}: init_weights='mini' needs out divisible by mini_r={t.options['mini_r']}")
+    if mode == "mini" and d_out % t.options.mini_r:
+        raise ValueError(f"{where}: init_weights='mini' needs out divisible by mini_r={t.options.mini_r}")
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -109,11 +117,11 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     d_in, d_out = w.shape
     _check(d_in, d_out, t)
     r, mode = t.rank, _mode(t)
-    dtype = jnp.dtype(t.options.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    dtype = jnp.dtype(t.options.dtype or jnp.promote_types(w.dtype, jnp.float32))
     if mode == "bat":
         return {"miss_block": jnp.zeros((d_out // r, r, r), dtype)}
     if mode == "mini":
-        return {"miss_block": jnp.zeros((r, t.options["mini_r"]), dtype)}
+        return {"miss_block": jnp.zeros((r, t.options.mini_r), dtype)}
     if mode is False:
         bound = 1.0 / math.sqrt(d_out)
         return {"miss_block": jax.random.uniform(key, (r, d_out), dtype, -bound, bound)}
@@ -174,7 +182,7 @@ def _bat_unadapted(w: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.transpose(sol, (2, 1, 0, 3)).reshape(w.shape)
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W + ΔW`` (default / mini) or the block-affine ``W'`` (bat), in ``w``'s dtype."""
     d = adapter["miss_block"]
     if _mode(t) == "bat":
@@ -182,7 +190,7 @@ def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return (w.astype(d.dtype) + delta(w, adapter, t)).astype(w.dtype)
 
 
-def unadapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def unadapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """Inverse of `adapted`."""
     d = adapter["miss_block"]
     if _mode(t) == "bat":
@@ -199,7 +207,7 @@ def fold(x: jax.Array, r: int) -> jax.Array:
     return x.reshape(n_tok, n, r).sum(axis=1)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + fold(x) D`` for ``x: [T, in]`` (bat: ``x W'``, formed as PEFT does)."""
     if _mode(t) == "bat":
         return x @ adapted(w, adapter, t)
@@ -208,13 +216,40 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (fold(x.astype(d.dtype), d.shape[0]) @ d).astype(y.dtype)
 
 
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · out`` (default and bat) or ``Σ r · mini_r`` (mini)."""
+    return sum(t.rank * (t.options.mini_r if _mode(t) == "mini" else t.matrix_shape[1]) for t in targets)
+
+
+# ----------------------------------------------------------------------------- PEFT format (MissConfig, BoneConfig)
+
+
+def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
+    from lorajax.spec import Spec
+
+    extra = {}
+    if config["peft_type"] == "MISS":
+        extra["mini_r"] = int(config.get("mini_r", 1))
+    elif config.get("mini_r") is not None:  # BoneConfig had no mini mode
+        raise ValueError(f"unsupported PEFT field mini_r={config['mini_r']!r}: BONE has no mini mode")
+    return Spec("miss", **common, init_weights=config.get("init_weights", True), **extra)
+
+
+def peft_to_config(spec: Any, targets: list[Target]) -> dict:
+    return {"peft_type": "MISS", "init_weights": spec.options.init_weights, "mini_r": spec.options.mini_r,
+            "miss_dropout": 0.0}
+
+
 VARIANT = Variant(
     name="miss",
     init=init,
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    options={"init_weights": True, "mini_r": 1, "dtype": None},
-    validate=validate,
+    options=Options,
+    peft=PeftFormat(("MISS", "BONE"), fields=frozenset({"init_weights", "mini_r"}),
+                    tensors=(("miss_block", "miss_block", None),),
+                    from_config=peft_from_config, to_config=peft_to_config),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

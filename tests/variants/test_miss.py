@@ -52,6 +52,7 @@ def test_init_shapes_zeros_and_count(mode, shape):
     np.testing.assert_array_equal(np.asarray(d), 0.0)
     # r·out (default), r·mini_r (mini), (out/r)·r·r = out·r (bat)
     assert lorajax.count_params(spec, params, ad)["trainable"] == {True: 4 * 12, "mini": 4 * 3, "bat": 12 * 4}[mode]
+    assert registry.get("miss").trainable_count(lorajax.select(spec, params)) == d.size
     np.testing.assert_array_equal(_merged(spec, params, ad), np.asarray(params["dense"]["kernel"]))
 
 
