@@ -53,26 +53,31 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant
+from lorajax.variants import lora, options
+from lorajax.variants.base import EVAL, Context, Target, Variant
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 SELECTIONS = ("random", "norm_top", "norm_bottom")
 
 
-def validate(options: dict) -> None:
-    if options.get("selection") not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {options.get('selection')!r}")
-    dtype = options.get("dtype")
-    if dtype is not None:
-        jnp.dtype(dtype)  # raises TypeError on an unknown dtype
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: which ``r`` input features: ``"random"`` (official ``randperm``), ``"norm_top"`` / ``"norm_bottom"``
+    #: (largest / smallest kernel-row L2 norm)
+    selection: str = option("random", checks.one_of(*SELECTIONS))
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def scaling(t: Target) -> float:
     """``α / r``."""
-    return t.alpha / t.rank
+    return base_scaling(t.alpha, t.rank)
 
 
 def select_indices(key: jax.Array, w: jax.Array, r: int, selection: str = "random") -> jax.Array:
@@ -92,7 +97,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     d_in = w.shape[0]
     if t.rank > d_in:
         raise ValueError(f"{t.name}: PaCA rank {t.rank} is larger than the {d_in} input features")
-    idx = select_indices(key, w, t.rank, t.options.get("selection", "random"))
+    idx = select_indices(key, w, t.rank, t.options.selection)
     dtype = lora.adapter_dtype(t, w)
     return {"paca_w": w[idx].astype(dtype) / scaling(t), "paca_indices": idx}
 
@@ -104,13 +109,13 @@ def _rows(w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, jax.Array]
     return idx, scaling(t) * p
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W`` with rows ``idx`` replaced by ``s · w``, in the weight's dtype."""
     idx, rows = _rows(w, adapter, t)
     return w.at[idx].set(rows.astype(w.dtype))
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + x[:, idx] (s · w − W[idx])`` for ``x: [T, in]``; saves only ``x[:, idx]``."""
     idx, rows = _rows(w, adapter, t)
     y = x @ w
@@ -118,13 +123,19 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (x[:, idx].astype(rows.dtype) @ correction).astype(y.dtype)
 
 
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r · out`` (the trained rows)."""
+    return sum(t.rank * t.matrix_shape[1] for t in targets)
+
+
+# No `Factors`: rows of W are replaced, there is no s·A·B term.
 VARIANT = Variant(
     name="paca",
     init=init,
     adapted=adapted,
     apply=apply,
-    frozen=frozenset({"paca_indices"}),
-    options={"selection": "random", "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("paca_indices",),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -224,3 +224,15 @@ def test_no_unmerge():
 def test_bad_selection_raises():
     with pytest.raises(ValueError, match="selection"):
         _spec(selection="gradient")
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank_pattern": {"up": 2}, "selection": "norm_top"}])
+def test_trainable_count_formula(kw):
+    """The declared ``trainable_count`` is ``Σ r · out``, as counted on the adapters."""
+    params = {"dense": {"kernel": jnp.ones((7, 5))}, "up": {"kernel": jnp.ones((5, 9))}}
+    spec = lorajax.Spec("paca", rank=3, targets=["dense", "up"], **kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    ts = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert registry.get("paca").trainable_count(ts) == want
+    assert want == sum(t.rank * t.matrix_shape[1] for t in ts)
