@@ -60,7 +60,7 @@ Example:
   >>> ad = lorajax.init(spec, params, jax.random.key(0))["dense"]["kernel"]
   >>> ad["shira_weight"].shape, ad["shira_indices"].shape, ad["shira_indices"].dtype
   ((32,), (2, 32), dtype('int32'))
-  >>> "shira_indices" in lorajax.registry.get("shira").frozen
+  >>> lorajax.registry.get("shira").is_buffer("shira_indices")
   True
 
 References:
@@ -73,12 +73,16 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant
+from lorajax.variants.options import checks, option
 
 MASK_TYPES = ("random", "wm")
 #: Elements of one ``[tokens, K]`` chunk in the backward pass (64 MiB in float32).
@@ -86,21 +90,20 @@ CHUNK_ELEMENTS = 1 << 24
 BACKWARDS = ("sampled", "dense")
 
 
-def validate(options: dict) -> None:
-    if options["mask_type"] not in MASK_TYPES:
-        raise ValueError(f"SHiRA mask_type must be one of {MASK_TYPES}, got {options['mask_type']!r}")
-    seed = options["random_seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"SHiRA random_seed must be None or an int, got {seed!r}")
-    if options["init_weights"] not in (True, False):
-        raise ValueError(f"SHiRA init_weights must be True or False, got {options['init_weights']!r}")
-    if options["backward"] not in BACKWARDS:
-        raise ValueError(f"SHiRA backward must be one of {BACKWARDS}, got {options['backward']!r}")
-    scale = options["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"SHiRA scale must be a number, got {scale!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``"random"`` (K distinct uniform positions, PEFT's mask) or ``"wm"`` (the K largest ``|W|``)
+    mask_type: str = option("random", checks.one_of(*MASK_TYPES))
+    #: None: each target draws its random mask from its own init key; an int: every target from this seed
+    random_seed: int | None = option(None, checks.optional(checks.integer))
+    #: True: ``v = 0`` (identity at init); False: ``v ~ N(0, 1)`` (tests)
+    init_weights: bool = option(True, checks.boolean)
+    #: ``c`` in ``W' = W + c · S`` (PEFT's ``set_scale``)
+    scale: float = option(1.0, checks.finite)
+    #: the factored mode's ``v``-gradient: ``"sampled"`` (chunked, no weight-sized array) or ``"dense"``
+    backward: str = option("sampled", checks.one_of(*BACKWARDS))
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def num_entries(d_in: int, d_out: int, r: int) -> int:
@@ -140,14 +143,14 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
         raise ValueError(f"SHiRA target {t.name!r}: in·out = {d_in * d_out} does not fit int32 indices")
     opts = t.options
     key_mask, key_val = jax.random.split(key)
-    if opts["mask_type"] == "wm":
+    if opts.mask_type == "wm":
         idx = topk_indices(jnp.abs(w.astype(jnp.float32)), k)
     else:
-        if opts["random_seed"] is not None:
-            key_mask = jax.random.key(opts["random_seed"])
+        if opts.random_seed is not None:
+            key_mask = jax.random.key(opts.random_seed)
         idx = random_indices(key_mask, d_in, d_out, k)
-    dtype = jnp.dtype(opts.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
-    if opts["init_weights"]:
+    dtype = jnp.dtype(opts.dtype or jnp.promote_types(w.dtype, jnp.float32))
+    if opts.init_weights:
         values = jnp.zeros((k,), dtype)
     else:
         values = jax.random.normal(key_val, (k,), dtype)
@@ -171,16 +174,16 @@ def densify(values: jax.Array, idx: jax.Array, shape: tuple) -> jax.Array:
 def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     """``c · S: [in, out]``."""
     v, idx = _check(w.shape, adapter)
-    return t.options["scale"] * densify(v, idx, w.shape)
+    return t.options.scale * densify(v, idx, w.shape)
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W + c · S`` in ``w``'s dtype."""
     d = delta(w, adapter, t)
     return (w.astype(d.dtype) + d).astype(w.dtype)
 
 
-def unadapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def unadapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W' − c · S``."""
     d = delta(w, adapter, t)
     return (w.astype(d.dtype) - d).astype(w.dtype)
@@ -242,12 +245,32 @@ def _sparse_matmul_bwd(d_out, backward, res, g):
 sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + c · (x S)`` for ``x: [T, in]``."""
     v, idx = _check(w.shape, adapter)
     y = x @ w
-    h = sparse_matmul(x.astype(v.dtype), v, idx, w.shape[1], t.options["backward"])
-    return y + (t.options["scale"] * h).astype(y.dtype)
+    h = sparse_matmul(x.astype(v.dtype), v, idx, w.shape[1], t.options.backward)
+    return y + (t.options.scale * h).astype(y.dtype)
+
+
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ K = Σ r · (in + out)`` (the indices are buffers)."""
+    return sum(num_entries(*t.matrix_shape, t.rank) for t in targets)
+
+
+# ----------------------------------------------------------------------------- PEFT format (ShiraConfig)
+
+
+def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
+    from lorajax.spec import Spec
+
+    return Spec("shira", **common, mask_type=config.get("mask_type", "random"))
+
+
+def peft_to_config(spec: Any, targets: list[Target]) -> dict:
+    if spec.options.scale != 1.0:
+        raise ValueError("PEFT's SHiRA format has no scale: save with scale=1.0")
+    return {"peft_type": "SHIRA", "mask_type": "random", "random_seed": None}
 
 
 VARIANT = Variant(
@@ -256,9 +279,12 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    frozen=frozenset({"shira_indices"}),
-    options={"mask_type": "random", "random_seed": None, "init_weights": True, "scale": 1.0,
-             "backward": "sampled", "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("shira_indices",),
+    peft=PeftFormat(("SHIRA",), fields=frozenset({"mask_type"}),
+                    # PEFT's [2, K] indices are (out, in): the rows swapped
+                    tensors=(("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")),
+                    from_config=peft_from_config, to_config=peft_to_config),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

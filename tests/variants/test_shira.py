@@ -57,6 +57,11 @@ def test_init_count_indices_and_zero_values():
     assert np.all(np.diff(flat) > 0), "indices must be unique and sorted by (out, in)"
     counts = lorajax.count_params(spec, params, ad)
     assert counts["trainable"] == k and counts["frozen_adapter"] == 2 * k
+    assert lorajax.registry.get("shira").trainable_count(lorajax.select(spec, params)) == k
+    spec3 = _spec(3, mask_type="wm")
+    ad3 = lorajax.init(spec3, params, jax.random.key(0))
+    assert lorajax.registry.get("shira").trainable_count(lorajax.select(spec3, params)) \
+        == lorajax.count_params(spec3, params, ad3)["trainable"] == 3 * (10 + 7)
 
 
 def test_indices_are_frozen_and_optimisers_never_see_them():
