@@ -57,29 +57,32 @@ References:
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``σ``, the std of R's Gaussian init (official 1e-5); 0: ``R = 0``, an exact identity at init
+    r_init_std: float = option(1e-5, checks.nonneg)
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def scaling(t: Target) -> float:
     """``α / r``."""
-    return t.alpha / t.rank
-
-
-def validate(options: dict) -> None:
-    std = options["r_init_std"]
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
-        raise ValueError(f"r_init_std must be a finite number >= 0 (the std of R's Gaussian init), got {std!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+    return base_scaling(t.alpha, t.rank)
 
 
 def _dtype(t: Target, w: jax.Array):
-    return jnp.dtype(t.options.get("dtype") or jnp.promote_types(w.dtype, jnp.float32))
+    return jnp.dtype(t.options.dtype or jnp.promote_types(w.dtype, jnp.float32))
 
 
 def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
@@ -90,7 +93,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     return {
         "lora_A": u[:, :r] * sv[None, :r],
         "lora_B": vt[:r],
-        "lora_R": t.options["r_init_std"] * jax.random.normal(key, (r, r), dtype),
+        "lora_R": t.options.r_init_std * jax.random.normal(key, (r, r), dtype),
     }
 
 
@@ -114,7 +117,7 @@ def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(delta)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s · ((x A) R) B`` for ``x: [T, in]``; never forms ``A R B``."""
     _check(w, adapter)
     a = adapter["lora_A"]
@@ -123,14 +126,21 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (scaling(t) * (h @ adapter["lora_B"])).astype(y.dtype)
 
 
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r²`` (the core ``R``)."""
+    return sum(t.rank * t.rank for t in targets)
+
+
+# No `Factors`: A and B are frozen and the trained core R sits between them (A R B is not a
+# function of A B).
 VARIANT = Variant(
     name="lora_xs",
     init=init,
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    frozen=frozenset({"lora_A", "lora_B"}),
-    options={"r_init_std": 1e-5, "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("lora_A", "lora_B"),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

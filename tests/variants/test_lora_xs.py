@@ -223,3 +223,15 @@ def test_mismatched_adapter_names_the_path_and_the_rule():
     ad["v"]["kernel"]["lora_R"] = jnp.zeros((R + 1, R + 1))
     with pytest.raises(ValueError, match=r"v/kernel.*lora_R: \[r, r\]"):
         lorajax.merge(spec, params, ad)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank_pattern": {"v": 2}, "r_init_std": 0.0}])
+def test_trainable_count_formula(kw):
+    """The declared ``trainable_count`` is ``Σ r²``, as counted on the adapters."""
+    params = _params()
+    spec = _spec(**kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    ts = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert registry.get("lora_xs").trainable_count(ts) == want
+    assert want == sum(t.rank ** 2 for t in ts)
