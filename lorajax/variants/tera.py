@@ -78,18 +78,22 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
 import zlib
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.options import checks, option
 
-#: Largest number of tensor modes (frozen entry names are listed up to it).
+#: Largest number of tensor modes (einsum letters are provided up to it).
 MAX_MODES = 8
 _R, _I, _O = "abcdefgh", "ijklmnpq", "stuvwxyz"  # einsum letters for r_k, i_k, o_k; "T" for tokens
 
@@ -151,11 +155,42 @@ def _check_pair(pair, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return f_in, f_out
 
 
+def _check_n_modes(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MODES:
+        raise ValueError(f"{name} must be an int in [1, {MAX_MODES}], got {value!r}")
+
+
+def _check_factors(name: str, value: Any) -> None:
+    for k, pair in _factor_table(value) or ():
+        where = name if k is None else f"{name}[{k!r}]"
+        if k is not None:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"{where}: key is not a valid regex: {e}") from None
+        _check_pair(pair, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: number of tensor modes ``N`` of the automatic tensorisation (``factors=None``)
+    n_modes: int = option(3, _check_n_modes)
+    #: None (split ``in`` and ``out`` into ``n_modes`` near-equal factors), a pair
+    #: ``((i_1..i_N), (o_1..o_N))`` for every target, or ``{module-name regex: pair}``
+    factors: Any = option(None, _check_factors)
+    #: initial value of ``λ_1..λ_{N-1}`` (non-zero: 0 would leave every λ without a gradient); ``λ_N = 0``
+    lambda_init: float = option(1.0, checks.nonzero)
+    #: seed of the shared random core and factors (not the init key), as VeRA's projections
+    projection_prng_key: int = option(0, checks.integer)
+    #: adapter dtype; None: float32
+    dtype: str | None = option(None, checks.dtype)
+
+
 def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
     """``(in factors, out factors, shared key)`` of a target; raises naming the module if they do not fit."""
     d_in, d_out = t.matrix_shape
     pair = None
-    table = _factor_table(t.options["factors"])
+    table = _factor_table(t.options.factors)
     if table is not None:
         hits = {tuple(map(tuple, v)) for k, v in table
                 if k is None or re.match(rf"(.*\.)?({k})$", t.name)}
@@ -163,7 +198,7 @@ def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
             raise ValueError(f"TeRA at {t.name!r}: several factors keys match with different tensorisations {sorted(hits)}")
         pair = hits.pop() if hits else None
     if pair is None:
-        n = t.options["n_modes"]
+        n = t.options.n_modes
         f_in, f_out = split(d_in, n), split(d_out, n)
     else:
         f_in, f_out = _check_pair(pair, f"TeRA at {t.name!r}")
@@ -183,7 +218,7 @@ def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
 
 
 def _dtype(t: Target):
-    return jnp.dtype(t.options.get("dtype") or jnp.float32)
+    return jnp.dtype(t.options.dtype or jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -214,7 +249,7 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     for t in targets:
         f_in, f_out, name = plan(t)
         if name not in bases:
-            bases[name] = draw_base(t.options["projection_prng_key"], name, f_in, f_out, t.rank, _dtype(t).name)
+            bases[name] = draw_base(t.options.projection_prng_key, name, f_in, f_out, t.rank, _dtype(t).name)
     return {"tera_bases": bases}
 
 
@@ -223,7 +258,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     del key, w
     f_in, _, _ = plan(t)
     n = len(f_in)
-    out = {f"tera_lambda_{k}": jnp.full((t.rank,), t.options["lambda_init"], _dtype(t)) for k in range(n - 1)}
+    out = {f"tera_lambda_{k}": jnp.full((t.rank,), t.options.lambda_init, _dtype(t)) for k in range(n - 1)}
     out[f"tera_lambda_{n - 1}"] = jnp.zeros((t.rank,), _dtype(t))
     return out
 
@@ -291,35 +326,16 @@ def factored_update(x: jax.Array, f_in, f_out, core: jax.Array, scaled: list[jax
     return y.reshape(tokens, math.prod(f_out))
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x K + x ΔK`` for ``x: [T, in]``; never forms ``ΔK`` (see `factored_update`)."""
     f_in, f_out, core, scaled = _operands(w, adapter, t)
     y = x @ w
     return y + factored_update(x.astype(core.dtype), f_in, f_out, core, scaled).astype(y.dtype)
 
 
-def validate(options: dict) -> None:
-    n = options["n_modes"]
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MODES:
-        raise ValueError(f"n_modes must be an int in [1, {MAX_MODES}], got {n!r}")
-    table = _factor_table(options["factors"])
-    for k, pair in table or ():
-        where = "factors" if k is None else f"factors[{k!r}]"
-        if k is not None:
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise ValueError(f"{where}: key is not a valid regex: {e}") from None
-        _check_pair(pair, where)
-    lam = options["lambda_init"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam == 0:
-        raise ValueError(f"lambda_init must be a finite non-zero number (0 would leave every λ without a gradient), "
-                         f"got {lam!r}")
-    seed = options["projection_prng_key"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"projection_prng_key must be an int, got {seed!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ N · R`` (the shared core and factors are buffers)."""
+    return sum(len(plan(t)[0]) * t.rank for t in targets)
 
 
 VARIANT = Variant(
@@ -329,9 +345,9 @@ VARIANT = Variant(
     apply=apply,
     unadapted=unadapted,
     init_shared=init_shared,
-    frozen=frozenset({"tera_core", *(f"tera_factor_{k}" for k in range(MAX_MODES))}),
-    options={"n_modes": 3, "factors": None, "lambda_init": 1.0, "projection_prng_key": 0, "dtype": None},
-    validate=validate,
+    options=Options,
+    buffers=("tera_core", r"tera_factor_\d+"),
     rank_limited=False,
+    trainable_count=trainable_count,
     doc=__doc__,
 )

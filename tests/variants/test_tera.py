@@ -149,6 +149,11 @@ def test_counts_and_sharing():
     assert sorted(bases) == ["i3x2x2_o5x2x2_r3", "i3x2x2_o5x2x2_r4", "i5x2x2_o3x2x2_r4"]
     n = lorajax.count_params(spec, params, ad)
     assert n["trainable"] == 3 * 4 * 3 + 3 * 3  # q, v, o: N·R = 12; u: N·R = 9
+    assert lorajax.registry.get("tera").trainable_count(lorajax.select(spec, params)) == n["trainable"]
+    spec2 = spec.replace(n_modes=2)
+    ad2 = lorajax.init(spec2, params, jax.random.key(0))
+    assert lorajax.registry.get("tera").trainable_count(lorajax.select(spec2, params)) \
+        == lorajax.count_params(spec2, params, ad2)["trainable"] == 2 * 4 * 3 + 2 * 3
     frozen = sum(r ** 3 + r * (3 * 5 + 2 * 2 + 2 * 2) for r in (4, 3, 4))
     assert n["frozen_adapter"] == frozen
     b = bases["i3x2x2_o5x2x2_r4"]
