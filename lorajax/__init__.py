@@ -1,5 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
+from lorajax import es, inits, lragent, models, optim, peft, train
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -17,11 +18,11 @@ from lorajax.rank_tools import squeeze, truncate
 from lorajax.registry import list_variants
 from lorajax.spec import Spec
 from lorajax.targets import select
-from lorajax import es, inits, lragent, models, optim, peft, train
 
 __all__ = [
     "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
-    "stack_adapters", "adapt_multi", "partition", "combine", "trainable_mask", "count_params", "check_finite", "update_state", "es", "inits", "lragent", "models", "optim", "peft", "train",
+    "stack_adapters", "adapt_multi", "partition", "combine", "trainable_mask", "count_params", "check_finite",
+    "update_state", "es", "inits", "lragent", "models", "optim", "peft", "train",
 ]
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -47,10 +47,11 @@ import jax.numpy as jnp
 import opt_einsum
 
 from lorajax import registry
-from lorajax.adapters import _nest, as_matrix, call_variant, check_finite, merge, resolve, target_context
-from lorajax.variants.base import Context
+from lorajax.adapters import as_matrix, call_variant, check_finite, merge, target_context
+from lorajax.plan import make_plan, nest
 from lorajax.spec import Spec
 from lorajax.variants import lora
+from lorajax.variants.base import EVAL, Context
 
 __all__ = ["adapt"]
 
@@ -83,13 +84,14 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-    variant = registry.get(spec.variant)
+    variant = registered = registry.get(spec.variant)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "pallas":
-        if mode != "factored" or spec.variant != "lora":
-            raise ValueError(f"kernel='pallas' is the fused LoRA kernel: it needs mode='factored' and the 'lora' "
-                             f"variant, got mode={mode!r}, variant={spec.variant!r}; use kernel=None")
+        if mode != "factored":
+            raise ValueError(f"kernel='pallas' is the fused LoRA kernel: it needs mode='factored', got mode={mode!r}; "
+                             "use kernel=None")
+        registry.plain_lora(spec.variant, "kernel='pallas' (the fused LoRA kernel; else use kernel=None)")
         variant = dataclasses.replace(variant, apply=_pallas_lora_apply)
     if mode == "merged":
         if not variant.mergeable:
@@ -99,7 +101,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
             if debug:
                 check_finite(adapters)
-            out = apply_fn(merge(spec, params, adapters, rng=adapter_rng, train=adapter_train), *args, **kwargs)
+            merged = merge(spec, params, adapters, rng=adapter_rng, train=adapter_train, variant=variant)
+            out = apply_fn(merged, *args, **kwargs)
             return (out, {}) if adapter_aux else out
 
         return merged_fn
@@ -108,9 +111,8 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
     def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
         if debug:
             check_finite(adapters)
-        selected, index, shared = resolve(spec, params, adapters)
-        table = {t.name: (t, {**index[t.keys], **shared}, target_context(t, adapter_rng, adapter_train))
-                 for t in selected}
+        plan = make_plan(spec, params, adapters, registered)
+        table = {t.name: (t, plan.adapter(t), target_context(t, adapter_rng, adapter_train)) for t in plan.targets}
         used: set[str] = set()
         sink: dict[str, dict] = {}
         interceptor = _make_interceptor(variant, table, used, sink)
@@ -120,12 +122,12 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
                       " Use mode='merged'.")
         if not adapter_aux:
             return out
-        return out, _nest({table[name][0].keys: stats for name, stats in sink.items()})
+        return out, nest({table[name][0].keys: stats for name, stats in sink.items()})
 
     return factored_fn
 
 
-def _pallas_lora_apply(x: jax.Array, w: jax.Array, adapter: dict, t) -> jax.Array:
+def _pallas_lora_apply(x: jax.Array, w: jax.Array, adapter: dict, t, ctx: Context = EVAL) -> jax.Array:
     from pallas_kernels import lora_linear  # imported only when asked for
 
     return lora_linear(x, w, adapter["lora_A"], adapter["lora_B"], lora.scaling(t))

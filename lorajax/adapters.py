@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax import plan as plan_lib
 from lorajax import registry, targets
 from lorajax.spec import Spec
-from lorajax.variants import lora
 from lorajax.variants.base import EVAL, SHARED_KEY, Context, Target, Variant
 
 __all__ = [
@@ -44,14 +44,9 @@ def as_matrix(w: jax.Array, t: Target) -> jax.Array:
     return w.reshape(t.matrix_shape)
 
 
-def _nest(flat: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for keys, value in flat.items():
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return out
+#: internal names kept for modules not yet moved to `lorajax.plan`
+_nest = plan_lib.nest
+_adapter_paths = plan_lib.adapter_paths
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -87,58 +82,10 @@ def init(spec: Spec, params: Any, key: jax.Array | int) -> dict:
     return tree
 
 
-def _adapter_paths(adapters: Any) -> dict[tuple, dict]:
-    """``{target keys: adapter dict}`` from an adapters tree (without ``_shared``)."""
-    if not isinstance(adapters, dict):
-        raise TypeError(f"adapters must be the dict returned by lorajax.init, got {type(adapters).__name__}")
-    out: dict[tuple, dict] = {}
-
-    def walk(node: Any, prefix: tuple) -> None:
-        if isinstance(node, dict) and node and all(not isinstance(v, dict) for v in node.values()):
-            out[prefix] = node
-            return
-        if not isinstance(node, dict):
-            raise ValueError(f"adapters tree: expected a dict at {'/'.join(prefix) or '<root>'}, got {type(node).__name__}")
-        for k, v in node.items():
-            if prefix == () and k == SHARED_KEY:
-                continue
-            walk(v, prefix + (str(k),))
-
-    walk(adapters, ())
-    return out
-
-
 def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict, dict]:
-    """Check that ``adapters`` fits ``params`` under ``spec``.
-
-    Returns ``(targets, {keys: adapter}, shared)``. Raises ValueError naming the
-    first path that is missing or extra.
-    """
-    selected = targets.select(spec, params)
-    index = _adapter_paths(adapters)
-    # adapters made for bare params work with the variables dict {"params": params}, and vice versa
-    wrapped = targets._is_variables(params)
-    if index and wrapped and not all(k[0] == "params" for k in index):
-        index = {("params",) + k: v for k, v in index.items()}
-    elif index and not wrapped and all(k[0] == "params" for k in index):
-        index = {k[1:]: v for k, v in index.items()}
-    want = [t.keys for t in selected]
-    for keys in want:
-        if keys not in index:
-            raise ValueError(
-                f"adapters do not match params: no adapter for {'/'.join(keys)} "
-                f"(adapters has {['/'.join(k) for k in list(index)[:5]]}...)"
-            )
-    extra = [k for k in index if k not in set(want)]
-    if extra:
-        raise ValueError(
-            f"adapters do not match params: adapter at {'/'.join(extra[0])} has no targeted weight in params"
-        )
-    variant = registry.get(spec.variant)
-    shared = adapters.get(SHARED_KEY, {}) if variant.init_shared is not None else {}
-    if variant.init_shared is not None and not shared:
-        raise ValueError(f"adapters for variant {spec.variant!r} lack the shared state adapters[{SHARED_KEY!r}]")
-    return selected, index, shared
+    """``(targets, {keys: adapter}, shared)`` of `lorajax.plan.make_plan` (kept for existing callers)."""
+    p = plan_lib.make_plan(spec, params, adapters)
+    return p.targets, p.adapters, p.shared
 
 
 EVAL_CONTEXT = {"rng": None, "step_rng": None, "train": False}
@@ -163,9 +110,10 @@ def target_context(t: Target, rng: jax.Array | None, train: bool, sink: Any = No
     return Context(rng=None if rng is None else target_key(rng, t), step_rng=rng, train=train, sink=sink)
 
 
-def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, contexts: dict | None = None) -> Any:
-    selected, index, shared = resolve(spec, params, adapters)
-    variant = registry.get(spec.variant)
+def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, *, rng: jax.Array | None = None,
+                 train: bool = False, variant: Variant | None = None) -> Any:
+    plan = plan_lib.make_plan(spec, params, adapters, variant)
+    variant = plan.variant
     fn = getattr(variant, fn_name)
     if fn is None and fn_name == "adapted":
         raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: "
@@ -174,17 +122,16 @@ def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, contexts:
         raise NotImplementedError(
             f"variant {spec.variant!r} has no inverse: keep the original params instead of unmerging"
         )
-    by_keys = {t.keys: t for t in selected}
-    contexts = contexts or {}
+    by_keys = {t.keys: t for t in plan.targets}
 
     def one(path, w):
         keys = targets.key_names(path)
         t = by_keys.get(keys)
         if t is None:
             return w
-        adapter = {**index[keys], **shared}
+        ctx = target_context(t, rng, train) if (rng is not None or train) else EVAL
         try:
-            out = call_variant(variant, fn, as_matrix(w, t), adapter, t, ctx=contexts.get(keys))
+            out = call_variant(variant, fn, as_matrix(w, t), plan.adapter(t), t, ctx=ctx)
         except (TypeError, ValueError) as e:
             raise ValueError(f"adapter at {'/'.join(keys)} does not fit weight {tuple(w.shape)}: {e}") from e
         if out.shape != t.matrix_shape:
@@ -194,17 +141,16 @@ def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, contexts:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = None, train: bool = False) -> Any:
+def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = None, train: bool = False,
+          variant: Variant | None = None) -> Any:
     """``params`` with every targeted weight replaced by its adapted weight ``W'``.
 
     Returns a new tree of the same type (dict, FrozenDict, NNX State); nothing is mutated.
     ``rng`` / ``train`` reach variants that use them (e.g. DyLoRA's sampled rank);
     the default is evaluation. Input-dependent variants cannot be merged (raises).
+    ``variant``: the spec's `Variant` when the caller has looked it up already.
     """
-    contexts = None
-    if rng is not None or train:
-        contexts = {t.keys: target_context(t, rng, train) for t in targets.select(spec, params)}
-    return _map_weights(spec, params, adapters, "adapted", contexts)
+    return _map_weights(spec, params, adapters, "adapted", rng=rng, train=train, variant=variant)
 
 
 def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:

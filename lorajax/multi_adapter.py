@@ -46,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax import targets
+from lorajax import registry, targets
 from lorajax.adapt import _make_interceptor
-from lorajax.variants.base import EVAL
 from lorajax.adapters import _adapter_paths, _nest, resolve
 from lorajax.spec import Spec
 from lorajax.variants import lora
-from lorajax.variants.base import Target
+from lorajax.variants.base import EVAL, Target
 
 __all__ = ["stack_adapters", "adapt_multi"]
 
@@ -89,9 +88,9 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
     if len(specs) != len(adapters):
         raise ValueError(f"stack_adapters: {len(specs)} specs for {len(adapters)} adapters")
     for i, s in enumerate(specs):
-        if not isinstance(s, Spec) or s.variant != "lora":
-            raise ValueError(f"stack_adapters: adapter {i}: only the 'lora' variant can be pooled, got "
-                             f"{getattr(s, 'variant', s)!r}")
+        if not isinstance(s, Spec):
+            raise TypeError(f"stack_adapters: spec {i} must be a lorajax.Spec, got {type(s).__name__}")
+        registry.plain_lora(s.variant, f"stack_adapters (adapter {i})")
     paths = [_adapter_paths(a) for a in adapters]
     keys0 = list(paths[0])
     for i, p in enumerate(paths[1:], 1):
@@ -129,7 +128,8 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
     return _nest(flat)
 
 
-def _multi_apply(x2d: jax.Array, w: jax.Array, entry: dict, t, *, ids: jax.Array, kernel: str | None):
+def _multi_apply(x2d: jax.Array, w: jax.Array, entry: dict, t, ctx: Any = None, *, ids: jax.Array,
+                 kernel: str | None):
     a, b, s = entry["lora_A"], entry["lora_B"], entry["scale"]
     if a.ndim != 3 or a.shape[1] != w.shape[0] or b.shape != (a.shape[0], a.shape[2], w.shape[1]):
         raise ValueError(f"adapt_multi: pool at {'/'.join(t.keys)} has lora_A {a.shape}, lora_B {b.shape}; "
@@ -161,8 +161,7 @@ def adapt_multi(apply_fn: Callable, spec: Spec, *, kernel: str | None = None) ->
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if spec.variant != "lora":
-        raise ValueError(f"adapt_multi supports the 'lora' variant only, got {spec.variant!r}")
+    registry.plain_lora(spec.variant, "adapt_multi")
 
     @functools.wraps(apply_fn)
     def multi_fn(params, pool, adapter_ids, *args, **kwargs):

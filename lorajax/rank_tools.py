@@ -82,7 +82,6 @@ References:
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from typing import Any
 

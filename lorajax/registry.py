@@ -7,7 +7,7 @@ import importlib
 
 from lorajax.variants.base import Variant
 
-__all__ = ["get", "list_variants", "with_capability"]
+__all__ = ["get", "list_variants", "with_capability", "plain_lora"]
 
 # name -> module under lorajax.variants that defines VARIANT
 _MODULES = {
@@ -54,3 +54,18 @@ def with_capability(name: str) -> tuple[str, ...]:
     """
     found = {get(n).name for n in _MODULES if getattr(get(n), name, None) is not None}
     return tuple(sorted(found))
+
+
+def plain_lora(variant: str, who: str) -> Variant:
+    """The `Variant` named ``variant`` when its adapters are plain LoRA, ``W' = W + s·A·B``; else a ValueError.
+
+    Plain LoRA is declared by ``Variant(factors=Factors(..., exact=True))``; tools
+    built on its algebra (multi-adapter pools, ESSA, the fused kernel, the
+    data-aware inits) call this instead of checking a name.
+    """
+    v = get(variant)
+    if v.factors is None or not v.factors.exact:
+        plain = tuple(sorted({get(n).name for n in _MODULES if get(n).factors is not None and get(n).factors.exact}))
+        raise ValueError(f"{who} needs plain LoRA adapters W' = W + s·A·B (the variants {plain}), "
+                         f"got variant {variant!r}")
+    return v

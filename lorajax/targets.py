@@ -122,7 +122,7 @@ def _no_match_error(entry: str, names: list[str]) -> ValueError:
     return ValueError(f"target {entry!r} matches no weight.{hint} Weights found: {shown}")
 
 
-def select(spec: Spec, params: Any) -> list[Target]:
+def select(spec: Spec, params: Any, variant: Any = None) -> list[Target]:
     """The weights of ``params`` that ``spec`` adapts, in pytree order.
 
     Raises:
@@ -130,7 +130,7 @@ def select(spec: Spec, params: Any) -> list[Target]:
         closest module names; a rank larger than ``min(in, out)``; an
         ``in_axes`` that does not fit a kernel.
     """
-    variant = registry.get(spec.variant)
+    variant = registry.get(spec.variant) if variant is None else variant
     leaves = weight_leaves(params)
     names = [module_name(keys) for keys, _ in leaves]
     if not leaves:

@@ -54,7 +54,8 @@ population, whose activations no longer fit in cache; and with the member axis
 sharded over a device mesh, ``mesh``: members then run in parallel on the
 devices; the base params and the prompts are shared by all members; pass them
 uncommitted or replicated on the mesh). The distribution update after the
-evaluation runs replicated, so a sharded run gives the single-device result. ``fitness_fn(member, *args) -> scalar`` gets each
+evaluation runs replicated, so a sharded run gives the single-device result.
+``fitness_fn(member, *args) -> scalar`` gets each
 member as LoRA adapters (``fitness_input="adapters"``, default), as its SVD
 tree (``"svd"``) or as the raw genome vector (``"genome"``); ``args`` (base
 params, prompt batch) are passed through unchanged, so they are jit arguments,
@@ -93,7 +94,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lorajax.adapters import _adapter_paths, _nest
 from lorajax.es import svd as svd_lib

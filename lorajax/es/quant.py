@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorajax import registry
 from lorajax import targets as _targets
 from lorajax.adapt import check_reached
 from lorajax.adapters import resolve
@@ -200,8 +201,7 @@ def adapt(apply_fn: Callable, spec: Spec, *, compute_dtype: Any = None) -> Calla
     ``qparams`` may also be unquantised params (then this equals
     `lorajax.adapt` in factored mode for ``nn.Dense`` layers).
     """
-    if spec.variant != "lora":
-        raise ValueError(f"lorajax.es.quant.adapt supports plain LoRA adapters, got variant {spec.variant!r}")
+    registry.plain_lora(spec.variant, "lorajax.es.quant.adapt")
 
     @functools.wraps(apply_fn)
     def fn(qparams, adapters, *args, **kwargs):

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax import registry
 from lorajax.adapters import _adapter_paths, _nest, resolve
 from lorajax.spec import Spec
 from lorajax.variants import lora
@@ -76,10 +77,8 @@ def _check_form(form: str) -> None:
 def _check_spec(spec: Spec) -> None:
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a lorajax.Spec, got {type(spec).__name__}")
-    if spec.variant != "lora":
-        raise ValueError(
-            f"ESSA's SVD form is defined for plain LoRA adapters (variant 'lora'), got variant {spec.variant!r}. "
-            "Base-shifting inits (PiSSA, OLoRA, LoRA-GA) export to plain LoRA with lorajax.inits.to_plain_lora.")
+    registry.plain_lora(spec.variant, "ESSA's SVD form (base-shifting inits such as PiSSA, OLoRA, LoRA-GA export "
+                                      "to plain LoRA with lorajax.inits.to_plain_lora)")
 
 
 def _fix_signs(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -171,7 +170,8 @@ def to_svd(spec: Spec, params: Any, adapters: Any, form: str = "product") -> dic
         d_in, d_out = t.matrix_shape
         if a.shape != (d_in, t.rank) or b.shape != (t.rank, d_out):
             raise ValueError(f"adapter at {'/'.join(t.keys)}: lora_A {a.shape} / lora_B {b.shape} do not fit "
-                             f"weight {t.matrix_shape} at rank {t.rank} (expected {(d_in, t.rank)} / {(t.rank, d_out)})")
+                             f"weight {t.matrix_shape} at rank {t.rank} "
+                             f"(expected {(d_in, t.rank)} / {(t.rank, d_out)})")
         if not (np.all(np.isfinite(np.asarray(a))) and np.all(np.isfinite(np.asarray(b)))):
             raise ValueError(f"adapter at {'/'.join(t.keys)} has non-finite entries")
         out = _product(a, b, lora.scaling(t)) if form == "product" else _factor(a, b)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from lorajax import adapters as adapters_lib
 from lorajax import registry, targets
 from lorajax.spec import Spec
+from lorajax.variants import lora
 
 
 def init_with_residual(spec: Spec, params: Any, make: Callable, what: str) -> tuple[dict, Any]:
@@ -17,9 +18,7 @@ def init_with_residual(spec: Spec, params: Any, make: Callable, what: str) -> tu
 
     Returns ``(adapters, new_params)``; ``params`` itself is not changed.
     """
-    if spec.variant != "lora":
-        raise ValueError(f"{what} initialises LoRA adapters; got variant {spec.variant!r}")
-    registry.get(spec.variant)
+    registry.plain_lora(spec.variant, what)
     selected = targets.select(spec, params)
     weights = dict(targets.weight_leaves(params))
     flat, residual = {}, {}
@@ -28,7 +27,7 @@ def init_with_residual(spec: Spec, params: Any, make: Callable, what: str) -> tu
         if w.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
             raise TypeError(f"{what} needs a float32/float16/bfloat16 weight; {t.name} is {w.dtype}")
         adapter, w_res = make(adapters_lib.as_matrix(w, t).astype(jnp.float32), t)
-        dtype = adapters_lib.lora.adapter_dtype(t, w)
+        dtype = lora.adapter_dtype(t, w)
         flat[t.keys] = {k: v.astype(dtype) for k, v in adapter.items()}
         residual[t.keys] = w_res.reshape(w.shape).astype(w.dtype)
 

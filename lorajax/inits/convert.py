@@ -54,7 +54,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lorajax import adapters as adapters_lib
-from lorajax import targets
+from lorajax import registry, targets
 from lorajax.inits._svd import top_svd
 from lorajax.spec import Spec
 from lorajax.variants.lora import scaling
@@ -109,8 +109,7 @@ def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapt
       ValueError: neither or misfitting initial state; a non-"lora" Spec; a
       target where 2r exceeds min(in, out) (lorajax's "lora" caps the rank).
     """
-    if spec.variant != "lora":
-        raise ValueError(f"to_plain_lora converts 'lora' adapters; got variant {spec.variant!r}")
+    registry.plain_lora(spec.variant, "to_plain_lora")
     if initial_adapters is None and residual_params is None:
         raise ValueError("to_plain_lora needs initial_adapters (the adapters at init) or residual_params "
                          "(the shifted base the initialiser returned)")

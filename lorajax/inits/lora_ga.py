@@ -82,12 +82,13 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import adapters as adapters_lib
-from lorajax import targets
+from lorajax import registry, targets
 from lorajax.adapters import target_key
 from lorajax.inits._common import init_with_residual
 from lorajax.inits._svd import top_svd
 from lorajax.inits.gradients import lookup
 from lorajax.spec import Spec
+from lorajax.variants import lora
 from lorajax.variants.lora import scaling
 
 __all__ = ["lora_ga", "DIRECTIONS", "SCALES"]
@@ -158,8 +159,7 @@ def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *
         it); a missing or misshapen gradient (naming its path); a non-"lora" spec.
     """
     _check(direction, scale, stable_gamma, source, niter)
-    if spec.variant != "lora":
-        raise ValueError(f"LoRA-GA initialises LoRA adapters; got variant {spec.variant!r}")
+    registry.plain_lora(spec.variant, "LoRA-GA")
     key = jax.random.key(0) if key is None else key
     selected = targets.select(spec, params)
     weights = dict(targets.weight_leaves(params))
@@ -175,7 +175,7 @@ def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *
         m, n = w.shape
         r = t.rank
         w_dtype = jnp.asarray(weights[t.keys]).dtype
-        store = adapters_lib.lora.adapter_dtype(t, weights[t.keys])
+        store = lora.adapter_dtype(t, weights[t.keys])
         key_svd, key_dir, key_w = jax.random.split(target_key(key, t), 3)
         g = adapters_lib.as_matrix(g_by_keys[t.keys], t).astype(jnp.float32).T  # [out, in]
         u, s_g, vh = top_svd(g, 2 * r, niter=niter, q=min(4 * r, m, n), key=key_svd)

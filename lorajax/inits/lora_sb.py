@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import adapters as adapters_lib
-from lorajax import targets
+from lorajax import registry, targets
 from lorajax.adapters import target_key
 from lorajax.inits._svd import top_svd
 from lorajax.inits.gradients import lookup
@@ -114,7 +114,7 @@ def lora_sb(spec: Spec, params: Any, grads: Any, *, lr: float, niter: int | None
     Returns:
       The adapters tree ``{path: {"lora_A", "lora_R", "lora_B"}}``.
     """
-    if spec.variant != "lora_xs":
+    if registry.get(spec.variant).init is not lora_xs.init:  # the LoRA-XS architecture, under any alias
         raise ValueError(f"LoRA-SB initialises the 'lora_xs' architecture; got variant {spec.variant!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")

@@ -53,7 +53,7 @@ def test_adapt_pallas_kernel_flag_errors(net):
     spec = lorajax.Spec("lora", rank=2, targets=["hidden"])
     with pytest.raises(ValueError, match="kernel='pallas'.*mode='factored'"):
         lorajax.adapt(model.apply, spec, "merged", kernel="pallas")
-    with pytest.raises(ValueError, match="'lora' variant, got.*'dora'"):
+    with pytest.raises(ValueError, match="plain LoRA adapters.*got variant 'dora'"):
         lorajax.adapt(model.apply, lorajax.Spec("dora", rank=2, targets=["hidden"]), kernel="pallas")
     with pytest.raises(ValueError, match="kernel must be one of"):
         lorajax.adapt(model.apply, spec, kernel="triton")
@@ -94,11 +94,11 @@ def test_adapt_multi_bad_input(pool_setup):
         fn(variables, pool, jnp.array([0.0, 1.0, 1.0, 1.0]), x4)
     with pytest.raises(ValueError, match="not a multiple of the 3 requests"):
         fn(variables, pool, jnp.array([0, 1, 1]), x4[:2])
-    with pytest.raises(ValueError, match="only the 'lora' variant"):
+    with pytest.raises(ValueError, match="stack_adapters.*plain LoRA adapters"):
         stack_adapters(lorajax.Spec("dora", rank=2, targets=["hidden"]), adapters[:1])
     with pytest.raises(ValueError, match="differ in targets"):
         stack_adapters(specs[0], [adapters[0], {"params": {"hidden": adapters[0]["params"]["hidden"]}}])
     with pytest.raises(ValueError, match="has rank 3 but its spec says 2"):
         stack_adapters(specs[0], [adapters[0], adapters[1]])
-    with pytest.raises(ValueError, match="supports the 'lora' variant only"):
+    with pytest.raises(ValueError, match="adapt_multi needs plain LoRA adapters"):
         adapt_multi(model.apply, lorajax.Spec("dora", rank=2, targets=["hidden"]))
