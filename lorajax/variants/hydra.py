@@ -59,34 +59,40 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from lorajax.variants import lora
-from lorajax.variants.base import Target, Variant
+from lorajax.variants import lora, options
+from lorajax.variants.base import EVAL, Context, Target, Variant
+from lorajax.variants.options import checks, option
 
 INIT_CHOICES = ("xavier", "kaiming")
 NAMES = ("hydra_par_A", "hydra_par_B", "hydra_seq_A", "hydra_seq_B")
 
 
-def validate(options: dict) -> None:
-    seq = options["seq_rank"]
-    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq <= 0):
-        raise ValueError(f"seq_rank must be None (= the rank) or a positive int, got {seq!r}")
-    scale = options["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if options["init_weights"] not in INIT_CHOICES:
-        raise ValueError(f"init_weights must be one of {INIT_CHOICES}, got {options['init_weights']!r}")
-    if options.get("dtype") is not None:
-        jnp.dtype(options["dtype"])  # raises TypeError on an unknown dtype
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: ``r_s``, the rank of the sequential branch; None: the target's rank ``r_p``
+    seq_rank: int | None = option(None, checks.optional(checks.positive_int))
+    #: ``s``, the scale of both branches (the Spec's ``alpha`` is not used; NLU code: 1, VTAB: per data set)
+    scale: float = option(1.0, checks.finite)
+    #: init of the down-projections: ``"xavier"`` (VTAB) or ``"kaiming"`` (NLU); up-projections are zero
+    init_weights: str = option("xavier", checks.one_of(*INIT_CHOICES))
+    #: adapter dtype; None: float32, or the weight's dtype if wider
+    dtype: str | None = option(None, checks.dtype)
 
 
 def seq_rank(t: Target) -> int:
     """``r_s``: the ``seq_rank`` option, or the target's rank."""
-    return t.options.get("seq_rank") or t.rank
+    return t.options.seq_rank or t.rank
+
+
+def scale(t: Target) -> float:
+    """``s``: the ``scale`` option."""
+    return t.options.scale
 
 
 def _down(key: jax.Array, fan_in: int, r: int, mode: str, dtype) -> jax.Array:
@@ -103,7 +109,7 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
         raise ValueError(f"hydra: seq_rank {r_s} is larger than out = {d_out} for {t.name!r} "
                          f"(kernel viewed as {tuple(w.shape)}); lower seq_rank")
     dtype = lora.adapter_dtype(t, w)
-    mode = t.options.get("init_weights", "xavier")
+    mode = t.options.init_weights
     key_p, key_s = jax.random.split(key)
     return {
         "hydra_par_A": _down(key_p, d_in, r_p, mode, dtype),
@@ -127,18 +133,18 @@ def _factors(w: jax.Array, adapter: dict) -> tuple[jax.Array, ...]:
     return a_p, b_p, a_s, b_s
 
 
-def adapted(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W + s · (A_p B_p + W A_s B_s)`` in the weight's dtype."""
     a_p, b_p, a_s, b_s = _factors(w, adapter)
-    s = t.options["scale"]
+    s = scale(t)
     w32 = w.astype(a_p.dtype)
     return (w32 + s * (a_p @ b_p + (w32 @ a_s) @ b_s)).astype(w.dtype)
 
 
-def unadapted(w_merged: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def unadapted(w_merged: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``W = M − s (M A_s)(I + s B_s A_s)⁻¹ B_s`` with ``M = W' − s A_p B_p`` (Woodbury)."""
     a_p, b_p, a_s, b_s = _factors(w_merged, adapter)
-    s = t.options["scale"]
+    s = scale(t)
     m = w_merged.astype(a_p.dtype) - s * (a_p @ b_p)
     core = jnp.eye(a_s.shape[1], dtype=a_s.dtype) + s * (b_s @ a_s)  # [r_s, r_s]
     z = m @ a_s  # [in, r_s]
@@ -146,14 +152,19 @@ def unadapted(w_merged: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return (m - s * (zc @ b_s)).astype(w_merged.dtype)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x W + s (x A_p) B_p + s ((x W) A_s) B_s`` for ``x: [T, in]``; never forms a full-size product."""
     a_p, b_p, a_s, b_s = _factors(w, adapter)
-    s = t.options["scale"]
+    s = scale(t)
     y = x @ w
     par = (x.astype(a_p.dtype) @ a_p) @ b_p
     seq = (y.astype(a_s.dtype) @ a_s) @ b_s
     return y + (s * (par + seq)).astype(y.dtype)
+
+
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r_p · (in + out) + 2 · r_s · out``."""
+    return sum(t.rank * sum(t.matrix_shape) + 2 * seq_rank(t) * t.matrix_shape[1] for t in targets)
 
 
 VARIANT = Variant(
@@ -162,7 +173,9 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    options={"seq_rank": None, "scale": 1.0, "init_weights": "xavier", "dtype": None},
-    validate=validate,
+    options=Options,
+    # No `Factors` although A_p, B_p enter only through s·A_p·B_p: a squeeze replaces the Spec's rank,
+    # which is also the default seq_rank, so the squeezed Spec would no longer describe the adapters.
+    trainable_count=trainable_count,
     doc=__doc__,
 )

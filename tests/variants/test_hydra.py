@@ -240,3 +240,16 @@ def test_mismatched_adapter_names_the_path():
     ad["v"]["kernel"]["hydra_seq_A"] = jnp.zeros((D_OUT, R_S))  # v is [7, 9]: A_s must be [9, r_s]
     with pytest.raises(ValueError, match=r"v/kernel.*hydra_seq_A: \[out, r_s\]"):
         lorajax.merge(spec, params, ad)
+
+
+@pytest.mark.parametrize("kw", [{}, {"seq_rank": None, "rank_pattern": {"v": 1}, "init_weights": "kaiming"}])
+def test_trainable_count_formula(kw):
+    """The declared ``trainable_count`` is ``Σ r_p · (in + out) + 2 · r_s · out``, as counted on the adapters."""
+    params = _params()
+    spec = _spec(**kw)
+    ad = lorajax.init(spec, params, jax.random.key(0))
+    ts = lorajax.select(spec, params)
+    want = lorajax.count_params(spec, params, ad)["trainable"]
+    assert registry.get("hydra").trainable_count(ts) == want
+    r_s = spec.options["seq_rank"]
+    assert want == sum(t.rank * sum(t.matrix_shape) + 2 * (r_s or t.rank) * t.matrix_shape[1] for t in ts)
