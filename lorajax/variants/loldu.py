@@ -78,20 +78,33 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax.variants.base import Target, Variant, additive
+from lorajax.variants import options
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.base import scaling as base_scaling
+from lorajax.variants.options import checks, option
 
 INIT_METHODS = ("lu", "zeros", "ones", "constant", "uniform", "normal", "s_uniform", "s_normal")
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+    #: also train ``σ`` (init ``α/r``); False: only ``z`` trains (the official ``get_loldu_params``)
+    train_sigma: bool = option(False, checks.boolean)
+    #: init of ``z``: ``"lu"`` (``D_r``, identity at init) or one of the official alternatives
+    #: (``"zeros"``, ``"ones"``, ``"constant"``, ``"uniform"``, ``"normal"``, ``"s_uniform"``, ``"s_normal"``)
+    init_method: str = option("lu", checks.one_of(*INIT_METHODS))
+
+
 def sigma0(t: Target) -> float:
     """``σ₀ = α / r``."""
-    return t.alpha / t.rank
+    return base_scaling(t.alpha, t.rank)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -186,8 +199,8 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     perm, l_mat, d, u_tilde = ldu(w, dtype)
     d_r = d[:r]
     _check_pivots(d_r, t)
-    z = _init_z(key, d_r, t.options["init_method"], t)
-    sigma = sigma0(t) if t.options["train_sigma"] else None
+    z = _init_z(key, d_r, t.options.init_method, t)
+    sigma = sigma0(t) if t.options.train_sigma else None
     return from_ldu(perm, l_mat[:, :r], u_tilde[:r], d_r, z, sigma=sigma)
 
 
@@ -221,7 +234,7 @@ def delta(w: jax.Array, adapter: dict, t: Target) -> jax.Array:
 adapted, unadapted = additive(delta)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
     """``x K + ((x Ũ_rᵀ) ⊙ c) (P L_r)ᵀ`` for ``x: [T, in]``; never forms ``[in, out]``."""
     _check(w, adapter)
     u = adapter["loldu_U"]
@@ -230,11 +243,12 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target) -> jax.Array:
     return y + (h @ adapter["loldu_L"][:, adapter["loldu_perm"]]).astype(y.dtype)
 
 
-def validate(options: dict) -> None:
-    if not isinstance(options["train_sigma"], bool):
-        raise ValueError(f"train_sigma must be a bool, got {options['train_sigma']!r}")
-    if options["init_method"] not in INIT_METHODS:
-        raise ValueError(f"init_method must be one of {INIT_METHODS}, got {options['init_method']!r}")
+def trainable_count(targets: list[Target]) -> int:
+    """``Σ r`` (``z``), plus one ``σ`` per target with ``train_sigma``."""
+    return sum(t.rank + int(t.options.train_sigma) for t in targets)
+
+
+# No `Factors`: the trained z is a diagonal between the frozen Ũ_rᵀ and (P L_r)ᵀ; there is no trained s·A·B.
 
 
 VARIANT = Variant(
@@ -243,8 +257,8 @@ VARIANT = Variant(
     adapted=adapted,
     apply=apply,
     unadapted=unadapted,
-    frozen=frozenset({"loldu_d0", "loldu_U", "loldu_L", "loldu_perm"}),
-    options={"train_sigma": False, "init_method": "lu"},
-    validate=validate,
+    options=Options,
+    buffers=("loldu_d0", "loldu_U", "loldu_L", "loldu_perm"),
+    trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -182,6 +182,7 @@ def test_trainable_count(train_sigma, count):
     trainable, _ = lorajax.partition(spec, ad)
     leaves = jax.tree_util.tree_leaves(trainable["wide"])
     assert sum(x.size for x in leaves) == count
+    assert loldu.VARIANT.trainable_count(lorajax.select(spec, params)) == n["trainable"]
 
 
 def test_gradient_reaches_only_z_and_sigma():
