@@ -1,15 +1,30 @@
 """Hugging Face PEFT adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-`load(adapter_dir, params) -> (spec, adapters)` reads PEFT's LoRA (with
-``use_rslora``, ``use_dora``, ``rank_pattern``, ``alpha_pattern``,
-``layers_to_transform``, ``layers_pattern``, ``exclude_modules``,
-``target_modules`` as list, regex or ``"all-linear"``, ``fan_in_fan_out``),
-VeRA, MiSS (and the older Bone), SHiRA, RandLoRA and Uni-LoRA formats, frozen
-buffers included (projections, indices). A field that would change the maths and that
-lorajax does not implement (``lora_bias``, ``modules_to_save``,
-``layer_replication``, ``use_qalora``, ...) raises: never a silent difference.
-`save(adapter_dir, spec, adapters, params)` writes files that
-``peft.PeftModel.from_pretrained`` loads.
+`load(adapter_dir, params) -> (spec, adapters)` reads every PEFT format that a
+registered variant declares (``Variant(peft=PeftFormat(...))``: today PEFT's
+LoRA (with ``use_rslora``, ``use_dora``, ``rank_pattern``, ``alpha_pattern``),
+VeRA, MiSS (and the older Bone), SHiRA, RandLoRA and Uni-LoRA), with the
+selection fields ``layers_to_transform``, ``layers_pattern``,
+``exclude_modules``, ``target_modules`` as list, regex or ``"all-linear"``,
+and frozen buffers included (projections, indices). A field that would change
+the maths and that lorajax does not implement (``lora_bias``,
+``modules_to_save``, ``layer_replication``, ``use_qalora``, ...) raises:
+never a silent difference. `save(adapter_dir, spec, adapters, params)` writes
+files that ``peft.PeftModel.from_pretrained`` loads.
+
+Nothing here knows a variant by name. A variant's `PeftFormat` declares its
+``peft_types``, the config ``fields`` it reads, ``accepts(config)`` where two
+variants share a type (LoRA / DoRA: ``use_dora``), ``from_config(config,
+common, options)`` and ``to_config(spec, targets)``, its per-target
+``tensors`` and model-level ``shared`` tensors (name and transpose),
+``duplicates`` (shared tensors PEFT also writes per module), ``shared_fits``
+(shared tensors that may be larger than needed: VeRA) and ``load_extra`` /
+``save_extra`` for formats that keep more than tensors (Uni-LoRA's indices).
+`spec_from_config` picks the one registered variant whose format accepts the
+config. ``options`` handed to the hooks: ``module_order`` (``unilora_order``:
+the torch registration order of the adapted modules, for formats laid out in
+it), ``tensor_names`` (the file's tensor names; empty without a file) and
+``dtype``.
 
 Uni-LoRA: PEFT lays the factors of all targets out in the torch module
 registration order and, unless saved with ``save_indices=True``, stores only
@@ -38,25 +53,23 @@ Only safetensors and JSON are read; pickles (``adapter_model.bin``) are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 import safetensors.flax
 from safetensors import SafetensorError
 
 from lorajax import adapters as adapters_lib
 from lorajax import registry
-from lorajax.jsonfile import read_object
 from lorajax import targets as targets_lib
+from lorajax.jsonfile import read_object
 from lorajax.spec import Spec
-from lorajax.variants import unilora
-from lorajax.variants.base import SHARED_KEY
+from lorajax.variants.base import SHARED_KEY, PeftFormat, Variant
 
 __all__ = ["load", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE_ORDER"]
 
@@ -81,36 +94,13 @@ _IGNORED = {
     "lora_ga_config", "corda_config", "eva_config",  # describe the init only (the base it expects: see the warning)
 }
 _SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
-# config fields each PEFT type reads (beyond the selection ones)
-_USED = {
-    "LORA": {"lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"},
-    "VERA": {"projection_prng_key", "d_initial"},
-    "MISS": {"init_weights", "mini_r"},
-    "BONE": {"init_weights"},
-    "SHIRA": {"mask_type"},
-    "RANDLORA": {"randlora_alpha", "projection_prng_key", "sparse", "very_sparse"},
-    "UNILORA": {"theta_d_length", "proj_seed", "init_theta_d_bound", "init_weights"},
-}
+# initialisers whose adapter is a delta on the base they produced (PiSSA's residual, ...), not on the original
+_PLAIN_INITS = (True, False, "gaussian", None)
 
-# per-target tensors: (lorajax leaf, PEFT suffix, transform) with transform "T" (2-D transpose),
-# "swap" (reverse the rows: SHiRA's [2, K] (out, in) indices) or None (as is)
-_TENSORS = {
-    "lora": [("lora_A", "lora_A.weight", "T"), ("lora_B", "lora_B.weight", "T")],
-    "dora": [("lora_A", "lora_A.weight", "T"), ("lora_B", "lora_B.weight", "T"),
-             ("magnitude", "lora_magnitude_vector", None)],
-    "vera": [("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)],
-    "miss": [("miss_block", "miss_block", None)],
-    "shira": [("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")],
-    "randlora": [("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)],
-    "unilora": [],  # everything is model-level: see _load_unilora / save
-}
-# model-level tensors under ``base_model.``: (lorajax _shared leaf, PEFT name, transform)
-_SHARED = {
-    "vera": [("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")],
-    "randlora": [("randlora_A", "base_model.randlora_A", None), ("randlora_B", "base_model.randlora_B", None)],
-}
-# per-module copies of shared buffers that PEFT also writes (dropped on load)
-_DUPLICATES = {"randlora": ("randlora_A", "randlora_B")}
+
+def _peft_variants() -> list[Variant]:
+    """The registered variants that declare a PEFT format, aliases once, sorted by name."""
+    return [registry.get(name) for name in registry.with_capability("peft")]
 
 
 def _transform(arr: Any, kind: str | None) -> Any:
@@ -142,18 +132,37 @@ def _effective_targets(target_modules: Any, params: Any) -> Any:
     return kept
 
 
+def _format_for(config: dict) -> PeftFormat:
+    """The `PeftFormat` of the one registered variant that reads ``config``."""
+    peft_type = config.get("peft_type")
+    variants = _peft_variants()
+    of_type = [v for v in variants if peft_type in v.peft.peft_types]
+    if not of_type:
+        types = sorted({t for v in variants for t in v.peft.peft_types})
+        raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads {types} adapters")
+    accepted = [v for v in of_type if v.peft.accepts is None or v.peft.accepts(config)]
+    if len(accepted) != 1:
+        names = [v.name for v in (accepted or of_type)]
+        what = "several variants accept" if accepted else "no variant accepts"
+        raise ValueError(f"{what} this {peft_type} config (variants of {peft_type}: {names})")
+    return accepted[0].peft
+
+
 def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: Any = TORCH_MODULE_ORDER) -> Spec:
     """A `Spec` equal in meaning to a PEFT ``adapter_config.json`` dict.
 
-    ``unilora_order`` becomes a Uni-LoRA Spec's ``target_order``.
+    ``unilora_order`` is the torch registration order of the adapted modules
+    for formats laid out in it (a Uni-LoRA Spec's ``target_order``).
 
     Raises ValueError for an unsupported PEFT type or a field that lorajax
     does not implement with a non-default value.
     """
-    peft_type = config.get("peft_type")
-    if peft_type not in _USED:
-        raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads {sorted(_USED)} adapters")
-    used = _SELECTION | _USED[peft_type]
+    return _spec_from_config(config, params, {"module_order": unilora_order, "tensor_names": (), "dtype": None})
+
+
+def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
+    fmt = _format_for(config)
+    used = _SELECTION | fmt.fields
     for key, value in config.items():
         if key in used or key in _IGNORED or _is_default(value):
             continue
@@ -162,9 +171,9 @@ def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: 
         raise ValueError(f"unsupported PEFT field bias={config['bias']!r}: only 'none' is supported")
     if config.get("target_modules") is None:
         raise ValueError("adapter_config.json has no target_modules (target_parameters is not supported)")
-    if peft_type == "LORA" and config.get("init_lora_weights") not in (True, False, "gaussian", None):
+    if config.get("init_lora_weights") not in _PLAIN_INITS:
         warnings.warn(f"adapter made with init_lora_weights={config['init_lora_weights']!r}: it expects the "
-                      "base weights that initialiser produced (e.g. the PiSSA residual)", stacklevel=2)
+                      "base weights that initialiser produced (e.g. the PiSSA residual)", stacklevel=3)
     targets = config["target_modules"]
     if params is not None:
         targets = _effective_targets(targets, params)
@@ -172,30 +181,7 @@ def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: 
         rank=int(config["r"]), targets=targets, exclude=config.get("exclude_modules"),
         layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
     )
-    if peft_type == "VERA":
-        return Spec("vera", **common, projection_prng_key=int(config.get("projection_prng_key", 0)),
-                    d_initial=float(config.get("d_initial", 0.1)))
-    if peft_type in ("MISS", "BONE"):
-        extra = {"mini_r": int(config.get("mini_r", 1))} if peft_type == "MISS" else {}
-        return Spec("miss", **common, init_weights=config.get("init_weights", True), **extra)
-    if peft_type == "SHIRA":
-        return Spec("shira", **common, mask_type=config.get("mask_type", "random"))
-    if peft_type == "UNILORA":
-        if config.get("init_weights", True) is not True:
-            raise ValueError("unsupported PEFT field init_weights=False for Uni-LoRA (θ_d ~ N(0, 1))")
-        return Spec("unilora", **common, theta_d_length=int(config.get("theta_d_length", 256)),
-                    proj_seed=int(config.get("proj_seed", 42)),
-                    init_theta_d_bound=float(config.get("init_theta_d_bound", 0.02)),
-                    target_order=None if unilora_order is None else tuple(unilora_order))
-    if peft_type == "RANDLORA":
-        return Spec("randlora", alpha=float(config.get("randlora_alpha", 640)), **common,
-                    projection_prng_key=int(config.get("projection_prng_key", 0)),
-                    sparse=bool(config.get("sparse", False)), very_sparse=bool(config.get("very_sparse", False)))
-    return Spec(
-        "dora" if config.get("use_dora") else "lora", alpha=float(config.get("lora_alpha", 8)), **common,
-        rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None,
-        use_rslora=bool(config.get("use_rslora", False)),
-    )
+    return fmt.from_config(config, common, options)
 
 
 def _read_tensors(path: Path) -> dict:
@@ -210,10 +196,14 @@ def _read_tensors(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or malformed?): {e}") from e
 
 
-def _put(name: str, tensors: dict, leaf: str, like: Any, kind: str | None) -> Any:
+def read_tensor(tensors: dict, name: str, where: str, like: Any, kind: str | None) -> Any:
+    """Take tensor ``name`` out of ``tensors``, transformed (``kind``) and checked against ``like``'s shape/dtype.
+
+    ``where`` names the adapter entry in errors. Used by `load` and by formats' ``load_extra`` hooks.
+    """
     arr = tensors.pop(name, None)
     if arr is None:
-        raise ValueError(f"adapter file lacks tensor {name!r} (needed for {leaf})")
+        raise ValueError(f"adapter file lacks tensor {name!r} (needed for {where})")
     arr = _transform(arr, kind)
     if arr.shape != like.shape:
         raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, "
@@ -243,42 +233,17 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
     adapter_dir = Path(adapter_dir)
     config = _read_config(adapter_dir)
     tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
-    has_indices = any(k.endswith(".unilora_indices_A") for k in tensors)
-    spec = spec_from_config(config, params, unilora_order=None if has_indices else unilora_order)
+    options = {"module_order": unilora_order, "tensor_names": tuple(tensors), "dtype": dtype}
+    spec = _spec_from_config(config, params, options)
     if dtype is not None:
         spec = spec.replace(dtype=jnp.dtype(dtype).name)
+    fmt = registry.get(spec.variant).peft
     selected = targets_lib.select(spec, params)
-    if spec.variant == "unilora":
-        return spec, _load_unilora(spec, params, selected, tensors, has_indices)
-    template = adapters_lib.init(spec, params, 0)
-    flat = {}
-    for t in selected:
-        node = template
-        for k in t.keys:
-            node = node[k]
-        flat[t.keys] = {leaf: _put(f"{PREFIX}{t.name}.{suffix}", tensors, f"{t.name}/{leaf}", node[leaf], kind)
-                        for leaf, suffix, kind in _TENSORS[spec.variant]}
-    out = adapters_lib._nest(flat)
-    for leaf in _DUPLICATES.get(spec.variant, ()):
-        for t in selected:
-            tensors.pop(f"{PREFIX}{t.name}.{leaf}", None)
-    if spec.variant in _SHARED:
-        shared = {}
-        for leaf, name, kind in _SHARED[spec.variant]:
-            arr = tensors.pop(name, None)
-            if arr is None:
-                raise ValueError(f"adapter file lacks {name!r}: save the PEFT adapter with save_projection=True")
-            like = template[SHARED_KEY][leaf]
-            arr = _transform(arr, kind)
-            # VeRA's projections may be larger than needed (sliced per weight); the rank axis must match
-            ok = arr.shape == like.shape or (spec.variant == "vera" and arr.ndim == 2 and all(
-                a >= b for a, b in zip(arr.shape, like.shape)) and arr.shape[1 if leaf == "vera_A" else 0]
-                == like.shape[1 if leaf == "vera_A" else 0])
-            if not ok:
-                raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, expected "
-                                 f"{tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
-            shared[leaf] = jnp.asarray(arr, dtype=like.dtype)
-        out[SHARED_KEY] = shared
+    template = functools.partial(adapters_lib.init, spec, params, 0)
+    if fmt.load_extra is not None:
+        out = fmt.load_extra(spec, params, selected, tensors, template, options)
+    else:
+        out = _load_tensors(fmt, selected, tensors, template())
     if tensors:
         extra = sorted(tensors)
         raise ValueError(f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]} "
@@ -286,50 +251,48 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
     return spec, out
 
 
-def _load_unilora(spec: Spec, params: Any, selected: list, tensors: dict, has_indices: bool) -> dict:
-    """θ_d from the file; the index blocks imported (``save_indices=True``) or regenerated."""
-    try:
-        template = adapters_lib.init(spec, params, 0)
-    except ValueError as e:
-        raise ValueError(f"{e}. The Uni-LoRA file has no indices: pass unilora_order=[...] (the torch "
-                         "registration order of the adapted modules) or save it with save_indices=True") from e
-    shared = dict(template[SHARED_KEY])
-    like = shared["unilora_theta_d"]
-    shared["unilora_theta_d"] = _put("base_model.unilora_theta_d", tensors, "_shared/unilora_theta_d", like, None)
-    d = like.shape[0]
-    if has_indices:
-        blocks, scales = {}, {}
+def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict) -> dict:
+    """The declared per-target and shared tensors of ``fmt``, shaped as ``template``; taken out of ``tensors``."""
+    flat = {}
+    for t in selected:
+        node = template
+        for k in t.keys:
+            node = node[k]
+        flat[t.keys] = {entry: read_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", f"{t.name}/{entry}", node[entry],
+                                           kind)
+                        for entry, suffix, kind in fmt.tensors}
+    out = adapters_lib._nest(flat)
+    for entry in fmt.duplicates:
         for t in selected:
-            old = shared["unilora_indices"][t.name]
-            pre = f"{PREFIX}{t.name}.unilora_"
-            blocks[t.name] = {f"unilora_indices_{x}": _put(pre + f"indices_{x}", tensors, f"{t.name}/indices_{x}",
-                                                          old[f"unilora_indices_{x}"], "T") for x in "AB"}
-            scales[t.name] = {x: tensors.pop(pre + f"scales_{x}", None) for x in "AB"}
-        flat_idx = np.concatenate([np.asarray(b[k]).ravel() for b in blocks.values() for k in sorted(b)])
-        if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= d):
-            raise ValueError(f"Uni-LoRA indices out of range [0, {d}) (theta_d_length={d})")
-        norm = unilora.column_scale(flat_idx, d)
-        for name, per in scales.items():
-            for x, saved in per.items():
-                if saved is None:
-                    continue
-                want = norm[np.asarray(blocks[name][f"unilora_indices_{x}"])].T
-                if saved.shape != want.shape or not np.allclose(np.asarray(saved, np.float64), want, rtol=1e-5):
-                    raise ValueError(f"{PREFIX}{name}.unilora_scales_{x} disagrees with 1/sqrt(count) of the "
-                                     "saved indices: the file is inconsistent")
-        shared["unilora_indices"] = blocks
-        shared["unilora_norm"] = jnp.asarray(norm, like.dtype)
-    if tensors:
-        extra = sorted(tensors)
-        raise ValueError(f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]}")
-    out = {k: v for k, v in template.items() if k != SHARED_KEY}
-    out[SHARED_KEY] = shared
+            tensors.pop(f"{PREFIX}{t.name}.{entry}", None)
+    if fmt.shared:
+        shared = {}
+        for entry, name, kind in fmt.shared:
+            arr = tensors.pop(name, None)
+            if arr is None:
+                raise ValueError(f"adapter file lacks {name!r}: save the PEFT adapter with save_projection=True")
+            like = template[SHARED_KEY][entry]
+            arr = _transform(arr, kind)
+            fits = fmt.shared_fits is not None and fmt.shared_fits(entry, arr, like)
+            if arr.shape != like.shape and not fits:
+                raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, expected "
+                                 f"{tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
+            shared[entry] = jnp.asarray(arr, dtype=like.dtype)
+        out[SHARED_KEY] = shared
     return out
+
+
+def _no_format(variant: str) -> ValueError:
+    supported = ", ".join(v.name for v in _peft_variants())
+    return ValueError(f"lorajax.peft has no PEFT format for variant {variant!r} (supported: {supported})")
 
 
 def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | None = None,
                      task_type: str | None = None) -> dict:
     """The PEFT ``adapter_config.json`` dict for ``spec`` on ``params``."""
+    fmt = registry.get(spec.variant).peft  # aliases ("bone") share their variant's format
+    if fmt is None:
+        raise _no_format(spec.variant)
     selected = targets_lib.select(spec, params)
     names = [t.name for t in selected]
     if any(not n for n in names):
@@ -339,36 +302,7 @@ def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | Non
         "r": spec.rank, "target_modules": names, "bias": "none", "fan_in_fan_out": False,
         "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "revision": None,
     }
-    opts = spec.options
-    variant = registry.get(spec.variant).name  # aliases ("bone") share their variant's format
-    if variant == "vera":
-        return {**common, "peft_type": "VERA", "projection_prng_key": opts["projection_prng_key"],
-                "d_initial": opts["d_initial"], "save_projection": True, "vera_dropout": 0.0}
-    if variant == "miss":
-        return {**common, "peft_type": "MISS", "init_weights": opts["init_weights"], "mini_r": opts["mini_r"],
-                "miss_dropout": 0.0}
-    if variant == "shira":
-        if opts.get("scale", 1.0) != 1.0:
-            raise ValueError("PEFT's SHiRA format has no scale: save with scale=1.0")
-        return {**common, "peft_type": "SHIRA", "mask_type": "random", "random_seed": None}
-    if variant == "randlora":
-        if opts["scaling"] != "peft":
-            raise ValueError("PEFT's RandLoRA format uses scaling='peft' (alpha / r)")
-        return {**common, "peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
-                "projection_prng_key": opts["projection_prng_key"], "sparse": opts["sparse"],
-                "very_sparse": opts["very_sparse"], "randlora_dropout": 0.0}
-    if variant == "unilora":
-        return {**common, "peft_type": "UNILORA", "theta_d_length": opts["theta_d_length"],
-                "proj_seed": opts["proj_seed"], "init_theta_d_bound": opts["init_theta_d_bound"],
-                "save_indices": True, "unilora_dropout": 0.0, "init_weights": True}
-    if variant not in ("lora", "dora"):
-        raise ValueError(f"lorajax.peft has no PEFT format for variant {spec.variant!r} "
-                         f"(supported: lora, dora, vera, miss, shira, randlora, unilora)")
-    rank_pattern = {re.escape(t.name): t.rank for t in selected if t.rank != spec.rank}
-    alpha_pattern = {re.escape(t.name): t.alpha for t in selected if t.alpha != spec.alpha}
-    return {**common, "peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(opts["use_rslora"]),
-            "use_dora": spec.variant == "dora", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "lora_dropout": 0.0, "init_lora_weights": True, "exclude_modules": None}
+    return {**common, **fmt.to_config(spec, selected)}
 
 
 def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any, *,
@@ -381,24 +315,18 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
     adapter_dir = Path(adapter_dir)
     config = config_from_spec(spec, params, base_model_name_or_path, task_type)
     selected, index, shared = adapters_lib.resolve(spec, params, adapters)
-    variant = registry.get(spec.variant).name
+    fmt = registry.get(spec.variant).peft
     tensors = {}
     for t in selected:
         a = index[t.keys]
-        for leaf, suffix, kind in _TENSORS[variant]:
-            tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[leaf]), kind)
-        for leaf in _DUPLICATES.get(variant, ()):
-            tensors[f"{PREFIX}{t.name}.{leaf}"] = jnp.asarray(shared[leaf])
-    for leaf, name, kind in _SHARED.get(variant, []):
-        tensors[name] = _transform(jnp.asarray(shared[leaf]), kind)
-    if variant == "unilora":
-        tensors["base_model.unilora_theta_d"] = jnp.asarray(shared["unilora_theta_d"])
-        norm = jnp.asarray(shared["unilora_norm"], jnp.float32)
-        for t in selected:
-            for x in "AB":
-                idx = jnp.asarray(shared["unilora_indices"][t.name][f"unilora_indices_{x}"])
-                tensors[f"{PREFIX}{t.name}.unilora_indices_{x}"] = idx.T.astype(jnp.int32)
-                tensors[f"{PREFIX}{t.name}.unilora_scales_{x}"] = norm[idx].T
+        for entry, suffix, kind in fmt.tensors:
+            tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[entry]), kind)
+        for entry in fmt.duplicates:
+            tensors[f"{PREFIX}{t.name}.{entry}"] = jnp.asarray(shared[entry])
+    for entry, name, kind in fmt.shared:
+        tensors[name] = _transform(jnp.asarray(shared[entry]), kind)
+    if fmt.save_extra is not None:
+        tensors.update(fmt.save_extra(spec, selected, index, shared))
     adapter_dir.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]
     if bad:
@@ -407,4 +335,3 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
                                str(adapter_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (adapter_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     return adapter_dir
-

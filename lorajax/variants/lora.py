@@ -156,7 +156,8 @@ def trainable_count(targets: list[Target]) -> int:
 # ----------------------------------------------------------------------------- PEFT format (LoraConfig)
 
 
-def peft_from_config(config: dict, common: dict, *, variant: str = "lora") -> Any:
+def peft_from_config(config: dict, common: dict, options: dict | None = None, *, variant: str = "lora") -> Any:
+    """The Spec of a ``LoraConfig`` (``options``: `lorajax.peft`'s load options, not used by LoRA)."""
     from lorajax.spec import Spec
 
     return Spec(variant, alpha=float(config.get("lora_alpha", 8)), **common,

@@ -195,7 +195,8 @@ def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
         hits = {tuple(map(tuple, v)) for k, v in table
                 if k is None or re.match(rf"(.*\.)?({k})$", t.name)}
         if len(hits) > 1:
-            raise ValueError(f"TeRA at {t.name!r}: several factors keys match with different tensorisations {sorted(hits)}")
+            raise ValueError(f"TeRA at {t.name!r}: several factors keys match with different tensorisations "
+                             f"{sorted(hits)}")
         pair = hits.pop() if hits else None
     if pair is None:
         n = t.options.n_modes
