@@ -12,7 +12,7 @@ bitsandbytes' block-wise 8-bit Adam, `lorajax.optim.scale_by_adam_8bit`, as the 
 ``GaLoreAdamW8bit``: per moment 1 byte per element + 4 bytes per 256-element block, float32 for
 tensors under 4096 elements). "exact" is `lorajax.optim.state_bytes`
 (``jax.eval_shape(tx.init, params)``, Σ size × itemsize); "formula" is analytic (Adam: 2·4·N + 4;
-LoRA: 2·4·r·(a+b) per target + 4; GaLore: `lorajax.optim.galore_state_formula`, projector
+LoRA: 2·4·r·(a+b) per target + 4; GaLore: `lorajax.optim.galore.galore_state_formula`, projector
 max(a, b)·r + moments 2·min(a, b)·r per target). The official galore-torch default (``"std"``:
 projector min·r, moments 2·max·r) is given as a formula-only column.
 
@@ -38,6 +38,7 @@ import optax
 import lorajax
 from experiments.report import markdown_table
 from lorajax.models import llama
+from lorajax.optim.galore import galore_state_formula, galore_targets
 
 CFG = llama.Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                    num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True)
@@ -74,21 +75,21 @@ def rows(params) -> tuple[list[list[str]], list[list[str]]]:
                       mib(exact), f"{100 * exact / adam_exact:.1f}"])
     parts = []
     for r in (128, 512):
-        tx = lorajax.optim.galore(1e-2, TARGETS, rank=r, update_proj_gap=200, scale=0.25, params=params)
+        tx = lorajax.optim.galore(1e-2, targets=TARGETS, rank=r, update_proj_gap=200, scale=0.25, params=params)
         exact = lorajax.optim.state_bytes(tx, params)
-        formula = lorajax.optim.galore_state_formula(params, TARGETS, rank=r)
-        std = lorajax.optim.galore_state_formula(params, TARGETS, rank=r, side="official-std")
+        formula = galore_state_formula(params, TARGETS, rank=r)
+        std = galore_state_formula(params, TARGETS, rank=r, side="official-std")
         assert exact == formula.total, (r, exact, formula)
         table.append([f"GaLore r={r} (lorajax / optax)", f"{n:,}", f"{exact:,}", f"{formula.total:,}",
                       f"{std.total:,} ({mib(std.total)} MiB)", mib(exact), f"{100 * exact / adam_exact:.1f}"])
         parts.append([f"r={r}", mib(formula.projector), mib(formula.low_rank_moments), mib(formula.full_moments),
                       f"{formula.scalars}", mib(std.projector), mib(std.low_rank_moments)])
     for r in (128, 512):
-        tx = lorajax.optim.galore(1e-2, TARGETS, rank=r, update_proj_gap=200, scale=0.25, optim_bits=8,
+        tx = lorajax.optim.galore(1e-2, targets=TARGETS, rank=r, update_proj_gap=200, scale=0.25, optim_bits=8,
                                   params=params)
         exact = lorajax.optim.state_bytes(tx, params)
-        formula = lorajax.optim.galore_state_formula(params, TARGETS, rank=r, optim_bits=8)
-        std = lorajax.optim.galore_state_formula(params, TARGETS, rank=r, side="official-std", optim_bits=8)
+        formula = galore_state_formula(params, TARGETS, rank=r, optim_bits=8)
+        std = galore_state_formula(params, TARGETS, rank=r, side="official-std", optim_bits=8)
         assert exact == formula.total, (r, exact, formula)
         table.append([f"GaLore 8-bit r={r} (lorajax / optax)", f"{n:,}", f"{exact:,}", f"{formula.total:,}",
                       f"{std.total:,} ({mib(std.total)} MiB)", mib(exact), f"{100 * exact / adam_exact:.1f}"])
@@ -103,7 +104,7 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     params = param_shapes()
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    linear = sum(math.prod(t.shape) for t in lorajax.optim.galore_targets(params, TARGETS, rank=1))
+    linear = sum(math.prod(t.shape) for t in galore_targets(params, TARGETS, rank=1))
     table, parts = rows(params)
     text = "\n".join([
         "# Optimiser-state memory (float32 states; 8-bit rows: block-wise 8-bit Adam moments)",

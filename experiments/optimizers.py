@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optax
@@ -39,25 +40,25 @@ def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.S
         raise SystemExit("--optim.name galore trains full weights: use it with --spec.variant full")
     head = not adapters and full is None
     name = "adamw" if head and o.name in ADAPTER_ONLY + ("galore",) else o.name
+    adamw = functools.partial(optax.adamw, weight_decay=o.weight_decay)
     if name == "adamw":
-        return optax.adamw(sched, weight_decay=o.weight_decay)
+        return adamw(sched)
     if name == "adam":
         return optax.adam(sched)
     if name == "sgd":
         return optax.sgd(sched, momentum=0.9)
     if name == "loraplus":
-        return lorajax.optim.loraplus(sched, lr_ratio=o.lr_ratio, weight_decay=o.weight_decay)
+        return lorajax.optim.loraplus(sched, lr_ratio=o.lr_ratio, optimizer=adamw)
     if name == "allora":
-        return lorajax.optim.allora(sched, eta=o.allora_eta, weight_decay=o.weight_decay)
+        return lorajax.optim.allora(sched, eta=o.allora_eta, optimizer=adamw)
     if name == "sora":
         if cfg.spec.variant != "sora":
             raise SystemExit("--optim.name sora trains SoRA's gates: use it with --spec.variant sora")
-        return lorajax.optim.sora(optax.adamw(sched, weight_decay=o.weight_decay), gate_lr=sched,
-                                  threshold=o.sora_threshold)
+        return lorajax.optim.sora(sched, threshold=o.sora_threshold, optimizer=adamw)
     if name == "lora_pro":
         if spec is None:
             raise SystemExit("--optim.name lora_pro needs the adapters' Spec (its scale)")
-        return lorajax.optim.lora_pro(spec, sched, weight_decay=o.weight_decay, mode=o.lora_pro_mode)
+        return lorajax.optim.lora_pro(sched, spec=spec, weight_decay=o.weight_decay, mode=o.lora_pro_mode)
     if name == "galore":
         targets = o.galore_targets if isinstance(o.galore_targets, str) else list(o.galore_targets)
         return lorajax.optim.galore(sched, targets=targets, rank=o.galore_rank,

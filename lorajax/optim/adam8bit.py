@@ -41,7 +41,8 @@ equations as its CUDA kernel ``kOptimizerStatic8bit2StateBlockwise``), with
 
 The output ``u`` is the direction (positive, like `optax.scale_by_adam`): chain
 a negative learning rate, e.g. ``optax.chain(scale_by_adam_8bit(),
-optax.scale_by_learning_rate(lr))``, or use it as GaLore's base. A leaf with
+optax.scale_by_learning_rate(lr))`` (that is `adam_8bit`, ``lr`` first as every
+lorajax optimiser), or use it as GaLore's base. A leaf with
 fewer than ``min_8bit_size`` elements keeps ``m``, ``v`` in float32 (bnb:
 ``p.numel() < min_8bit_size`` → 32-bit state), whatever the parameter dtype.
 
@@ -91,7 +92,8 @@ Example:
   >>> u, state = tx.update({"w": jnp.full((3, 300), 0.5), "b": jnp.ones(3)}, state)
   >>> float(u["w"][0, 0])                   # first Adam step: g / (|g| + ε) ≈ 1
   1.0
-  >>> lorajax.optim.state_bytes(tx, params) == lorajax.optim.adam_8bit_state_bytes(params, min_8bit_size=4)
+  >>> from lorajax.optim.adam8bit import adam_8bit_state_bytes
+  >>> lorajax.optim.state_bytes(tx, params) == adam_8bit_state_bytes(params, min_8bit_size=4)
   True
 
 References:
@@ -122,11 +124,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorajax.optim._checks import check, is_traced, require_static
 from lorajax.optim.lora_pro import skip_nonfinite
 
 __all__ = [
     "dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantizedMoment", "ScaleByAdam8bitState",
-    "scale_by_adam_8bit", "adam_8bit_state_bytes", "moment_bytes", "BLOCK_SIZES",
+    "scale_by_adam_8bit", "adam_8bit", "adam_8bit_state_bytes", "moment_bytes", "BLOCK_SIZES",
 ]
 
 #: block sizes bitsandbytes' block-wise quantiser accepts (``functional.quantize_blockwise``)
@@ -267,8 +270,10 @@ def adam_8bit_state_bytes(params: Any, *, block_size: int = 256, min_8bit_size: 
     return total + 4 * (2 if nonfinite == "skip" else 1)
 
 
-def _one_minus_power(b: float, t: jax.Array) -> jax.Array:
+def _one_minus_power(b: Any, t: jax.Array) -> jax.Array:
     """``1 − bᵗ`` in float32 to ~1e-7 relative (``1 − float32(0.999)`` alone is 1.3e-5 off)."""
+    if is_traced(b):  # injected (optax.inject_hyperparams): b is already an array of the params' dtype
+        return -jnp.expm1(t * jnp.log(jnp.asarray(b, jnp.float32)))
     if b == 0.0:
         return jnp.ones_like(t)
     return -jnp.expm1(t * jnp.float32(math.log(b)))
@@ -289,17 +294,16 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     Raises:
       ValueError: a bad ``b1``, ``b2``, ``eps``, ``block_size``, ``min_8bit_size`` or ``nonfinite``.
     """
+    require_static("scale_by_adam_8bit", block_size=block_size, min_8bit_size=min_8bit_size)
     for name, b in (("b1", b1), ("b2", b2)):
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1), got {b!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        check(name, b, lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
+    check("eps", eps, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
     block_size = _check_block_size(block_size)
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
     if nonfinite not in _NONFINITE:
         raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-    b1, b2, eps = float(b1), float(b2), float(eps)
+    b1, b2, eps = (x if is_traced(x) else float(x) for x in (b1, b2, eps))
     signed, unsigned = dynamic_map(True), dynamic_map(False)
 
     def zeros_moment(x):
@@ -354,3 +358,20 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
     tx = optax.GradientTransformation(init, update)
     return skip_nonfinite(tx) if nonfinite == "skip" else tx
+
+
+def adam_8bit(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              weight_decay: float = 0.0, block_size: int = 256, min_8bit_size: int = 4096,
+              nonfinite: str = "skip") -> optax.GradientTransformation:
+    """bitsandbytes' ``Adam8bit`` (``weight_decay > 0``: ``AdamW8bit``, decoupled) as an optax optimiser.
+
+    ``chain(scale_by_adam_8bit(b1, b2, eps, ...), add_decayed_weights(weight_decay),
+    scale_by_learning_rate(learning_rate))``, as ``optax.adamw`` chains
+    ``scale_by_adam``. Under ``optax.inject_hyperparams``:
+    ``static_args=("block_size", "min_8bit_size")`` (they fix the state's shapes).
+    """
+    return optax.chain(
+        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size, nonfinite=nonfinite),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )

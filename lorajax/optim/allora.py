@@ -38,11 +38,13 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from lorajax.optim._checks import check, is_number, is_traced
 
 __all__ = ["allora_coefficient", "scale_by_allora", "allora"]
 
@@ -61,9 +63,8 @@ def allora_coefficient(theta: jax.Array, eta: float = 2.0, power: int = 2) -> ja
 
 def scale_by_allora(eta: float = 2.0, power: int = 2) -> optax.GradientTransformation:
     """Multiply each leaf's update by `allora_coefficient` of its parameter."""
-    if not eta > 0:
-        raise ValueError(f"eta must be > 0, got {eta!r}")
-    if power not in (1, 2):
+    check("eta", eta, lambda v: v > 0, "> 0")
+    if not is_traced(power) and (not is_number(power) or power not in (1, 2)):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
 
     def update(updates, state, params=None):
@@ -75,11 +76,21 @@ def scale_by_allora(eta: float = 2.0, power: int = 2) -> optax.GradientTransform
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def allora(learning_rate: Any, eta: float = 2.0, *, power: int = 2, position: str = "post",
-           optimizer=optax.adamw, **optimizer_kwargs) -> optax.GradientTransformation:
-    """``optimizer(learning_rate)`` with ALLoRA's per-row scaling after (``post``) or before (``pre``) it."""
+def allora(learning_rate: optax.ScalarOrSchedule, *, eta: float = 2.0, power: int = 2, position: str = "post",
+           optimizer: Callable[[Any], optax.GradientTransformation] | None = None) -> optax.GradientTransformation:
+    """``optimizer(learning_rate)`` with ALLoRA's per-row scaling after (``post``) or before (``pre``) it.
+
+    Args:
+      learning_rate: float or optax schedule.
+      eta: ``η``, the coefficient at zero norm.
+      power: ``p`` in ``‖θ_row‖^p`` (1 or 2).
+      position: ``"post"`` (scale the base optimiser's update) or ``"pre"`` (the gradient).
+      optimizer: a factory ``learning_rate -> GradientTransformation`` (default
+        ``optax.adamw``; bind other hyper-parameters with ``functools.partial``;
+        under ``optax.inject_hyperparams`` pass ``static_args="optimizer"``).
+    """
     if position not in ("pre", "post"):
         raise ValueError(f"position must be 'pre' or 'post', got {position!r}")
-    base = optimizer(learning_rate, **optimizer_kwargs)
+    base = (optax.adamw if optimizer is None else optimizer)(learning_rate)
     scale = scale_by_allora(eta, power)
     return optax.chain(scale, base) if position == "pre" else optax.chain(base, scale)

@@ -78,20 +78,21 @@ Example:
   >>> import jax, jax.numpy as jnp, lorajax
   >>> params = {"q": {"kernel": jnp.ones((16, 8))}, "emb": {"embedding": jnp.ones((10, 16))},
   ...           "o": {"kernel": jnp.ones((8, 16)), "bias": jnp.zeros(16)}}
-  >>> tx = lorajax.optim.galore(1e-3, targets=["q", "o"], rank=4, update_proj_gap=200)
+  >>> from lorajax.optim.galore import galore, galore_mask, galore_state_formula, state_bytes
+  >>> tx = galore(1e-3, targets=["q", "o"], rank=4, update_proj_gap=200)
   >>> state = tx.init(params)
   >>> state[0].projector["q"]["kernel"].shape, state[0].projector["o"]["kernel"].shape
   ((16, 4), (16, 4))
   >>> state[0].base_optimizer_state.mu["q"]["kernel"].shape   # moments on the smaller side
   (4, 8)
-  >>> lorajax.optim.galore_mask(params, ["q", "o"], rank=4)["emb"]["embedding"]
+  >>> galore_mask(params, ["q", "o"], rank=4)["emb"]["embedding"]
   False
-  >>> lorajax.optim.state_bytes(tx, params) == lorajax.optim.galore_state_formula(params, ["q", "o"], rank=4).total
+  >>> state_bytes(tx, params) == galore_state_formula(params, ["q", "o"], rank=4).total
   True
-  >>> tx8 = lorajax.optim.galore(1e-3, targets=["q", "o"], rank=4, optim_bits=8, min_8bit_size=16)
+  >>> tx8 = galore(1e-3, targets=["q", "o"], rank=4, optim_bits=8, min_8bit_size=16)
   >>> tx8.init(params)[0].base_optimizer_state.inner_state.mu["q"]["kernel"].codes.dtype   # 4x8 = 32 >= 16
   dtype('uint8')
-  >>> lorajax.optim.state_bytes(tx8, params) == lorajax.optim.galore_state_formula(
+  >>> state_bytes(tx8, params) == galore_state_formula(
   ...     params, ["q", "o"], rank=4, optim_bits=8, min_8bit_size=16).total
   True
 
@@ -113,6 +114,7 @@ import numpy as np
 import optax
 from optax.contrib import GaLoreDimensionNumbers
 
+from lorajax.optim._checks import check, is_traced, require_static
 from lorajax.optim.adam8bit import _check_block_size, moment_bytes, scale_by_adam_8bit
 from lorajax.spec import Spec
 from lorajax.targets import key_names, select
@@ -215,7 +217,7 @@ def galore_mask(params: Any, targets: Any = "all-linear", *, rank: int, **select
     return jax.tree.map(lambda _, d: d is not None, params, dims, is_leaf=lambda x: x is None)
 
 
-def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *, rank: int = 128,
+def galore(learning_rate: optax.ScalarOrSchedule, *, targets: Any = "all-linear", rank: int = 128,
            update_proj_gap: int = 200, scale: float = 1.0, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Any = None, weight_decay: float = 0.0,
            weight_decay_mask: Any = None, base_optimizer: optax.GradientTransformation | None = None,
@@ -252,12 +254,20 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
     Returns:
       An optax ``GradientTransformation``; its state is
       ``(GaLoreState, add_decayed_weights state, learning-rate state)``.
+
+    Under ``optax.inject_hyperparams``, the integers that fix shapes and
+    control flow must be static: ``static_args=("rank", "update_proj_gap",
+    "optim_bits", "block_size", "min_8bit_size", "in_axes")`` (as optax's own
+    tests do for ``optax.contrib.galore``); the float hyper-parameters
+    (``learning_rate``, ``scale``, ``b1``, ``b2``, ``eps``, ``weight_decay``)
+    are injectable.
     """
+    require_static("galore", rank=rank, update_proj_gap=update_proj_gap, optim_bits=optim_bits,
+                   block_size=block_size, min_8bit_size=min_8bit_size, in_axes=in_axes)
     _check_rank(rank)
     if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
         raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check("scale", scale, math.isfinite, "a finite number")
     selection = dict(exclude=exclude, layers_to_transform=layers_to_transform,
                      layers_pattern=layers_pattern, in_axes=in_axes)
 
@@ -270,7 +280,7 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
         raise ValueError("block_size and min_8bit_size only apply to optim_bits=8")
     if optim_bits == 8:
         given = [n for n, v in (("base_optimizer", base_optimizer), ("mu_dtype", mu_dtype)) if v is not None]
-        given += ["eps_root"] if eps_root != 0.0 else []
+        given += ["eps_root"] if not is_traced(eps_root) and eps_root != 0.0 else []
         if given:
             raise ValueError(f"optim_bits=8 chooses the base optimiser (scale_by_adam_8bit); {given} cannot be "
                              f"combined with it (pass base_optimizer=scale_by_adam_8bit(...) instead)")
@@ -279,11 +289,36 @@ def galore(learning_rate: optax.ScalarOrSchedule, targets: Any = "all-linear", *
         dimension_numbers(params)
     if base_optimizer is None:
         base_optimizer = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
-    return optax.contrib.galore(
-        learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=float(scale),
+    return _none_leaves_as_masked(optax.contrib.galore(
+        learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale if is_traced(scale) else float(scale),
         base_optimizer=base_optimizer, weight_decay=weight_decay, mask=weight_decay_mask,
         weight_dimension_numbers=dimension_numbers,
-    )
+    ))
+
+
+def _none_leaves_as_masked(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run ``inner`` with ``None`` leaves (frozen, from a partition) as ``optax.MaskedNode``, giving ``None`` back.
+
+    `optax.contrib.galore` maps its ``None``-for-untargeted dimension-number tree
+    with ``is_leaf`` catching ``None``, which then also stops at a ``None``
+    parameter; a ``MaskedNode`` (an empty node, as ``optax.masked`` uses) is skipped.
+    """
+    inner = optax.with_extra_args_support(inner)
+    is_none = lambda x: x is None  # noqa: E731
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+
+    def masked(tree):
+        return None if tree is None else jax.tree.map(lambda x: optax.MaskedNode() if x is None else x, tree,
+                                                       is_leaf=is_none)
+
+    def init(params):
+        return inner.init(masked(params))
+
+    def update(updates, state, params=None, **extra_args):
+        new, state = inner.update(masked(updates), state, masked(params), **extra_args)
+        return jax.tree.map(lambda x: None if is_masked(x) else x, new, is_leaf=is_masked), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def state_bytes(tx: optax.GradientTransformation | Callable[[Any], Any], params: Any) -> int:

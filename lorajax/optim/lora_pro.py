@@ -101,15 +101,16 @@ Example:
   >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
   >>> spec = lorajax.Spec("lora", rank=2, alpha=4, targets=["dense"], init_weights=False)
   >>> adapters = lorajax.init(spec, params, 0)
-  >>> tx = lorajax.optim.lora_pro(spec, 1e-3)
+  >>> tx = lorajax.optim.lora_pro(1e-3, spec=spec)
   >>> grads = jax.tree.map(jnp.ones_like, adapters)
   >>> updates, state = tx.update(grads, tx.init(adapters), adapters)
   >>> jax.tree.map(jnp.shape, updates)
   {'dense': {'kernel': {'lora_A': (6, 2), 'lora_B': (2, 4)}}}
   >>> a, b = adapters["dense"]["kernel"]["lora_A"], adapters["dense"]["kernel"]["lora_B"]
-  >>> ga, gb = lorajax.optim.adjusted_gradients(a, b, jnp.ones((6, 4)), 2.0)
-  >>> eq = lorajax.optim.equivalent_gradient(a, b, ga, gb, 2.0)
-  >>> bool(jnp.allclose(eq, lorajax.optim.lora_pro_projection(a, b, jnp.ones((6, 4))), atol=1e-4))
+  >>> from lorajax.optim.lora_pro import adjusted_gradients, equivalent_gradient, lora_pro_projection
+  >>> ga, gb = adjusted_gradients(a, b, jnp.ones((6, 4)), 2.0)
+  >>> eq = equivalent_gradient(a, b, ga, gb, 2.0)
+  >>> bool(jnp.allclose(eq, lora_pro_projection(a, b, jnp.ones((6, 4))), atol=1e-4))
   True
 
 References:
@@ -130,9 +131,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lorajax.optim._checks import check, is_number, is_traced
 from lorajax.optim.labels import leaf_name
 from lorajax.spec import Spec
-from lorajax.targets import _pattern_value, key_names, module_name
+from lorajax.targets import pattern_value, key_names, module_name
 
 __all__ = [
     "lora_gradients", "equivalent_gradient", "lora_pro_projection", "solve_sylvester", "optimal_x",
@@ -354,12 +356,14 @@ def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
         rslora = bool(spec.options.get("use_rslora", False))
 
         def from_spec(keys, a):
-            alpha = float(_pattern_value(spec.alpha_pattern, module_name(keys), spec.alpha))
+            alpha = float(pattern_value(spec.alpha_pattern, module_name(keys), spec.alpha))
             r = a.shape[1]
             return alpha / math.sqrt(r) if rslora else alpha / r
 
         return from_spec
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+    if is_number(spec):
+        if is_traced(spec):  # injected by optax.inject_hyperparams
+            return lambda keys, a: spec
         if not (math.isfinite(spec) and spec > 0):
             raise ValueError(f"lora_pro: scale must be a positive finite number, got {spec!r}")
         return lambda keys, a: float(spec)
@@ -370,7 +374,7 @@ def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
 
         def from_mapping(keys, a):
             name = module_name(keys)
-            s = _pattern_value(pattern, name, None)
+            s = pattern_value(pattern, name, None)
             if s is None:
                 raise ValueError(f"lora_pro: no scale for the pair at {_path_str(keys)} (module name {name!r}); "
                                  f"scale keys: {[k for k, _ in pattern]}")
@@ -385,12 +389,9 @@ def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
 
 def _check_hparams(b1, b2, eps, delta, x_mode):
     for name, v in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not delta >= 0:
-        raise ValueError(f"delta must be >= 0, got {delta!r}")
+        check(name, v, lambda x: 0.0 <= x < 1.0, "in [0, 1)")
+    check("eps", eps, lambda x: x >= 0, ">= 0")
+    check("delta", delta, lambda x: x >= 0, ">= 0")
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
 
@@ -565,17 +566,18 @@ def _official_clip(inner: optax.GradientTransformation, max_norm: float) -> opta
     return optax.GradientTransformation(init, update)
 
 
-def lora_pro(spec: Any, learning_rate: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-             weight_decay: float = 0.0, *, mode: str = "full", x_mode: str = "sylvester", delta: float = 1e-8,
+def lora_pro(learning_rate: optax.ScalarOrSchedule, *, spec: Any, b1: float = 0.9, b2: float = 0.999,
+             eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "full", x_mode: str = "sylvester", delta: float = 1e-8,
              other: optax.GradientTransformation | None = None, moment_dtype: Any = None,
              official_quirks: bool = False, official_clip_norm: float | None = None,
              skip_nonfinite_steps: bool = True) -> optax.GradientTransformation:
     """LoRA-Pro's optimiser over an adapters tree (see the module docstring for the maths).
 
     Args:
-      spec: a LoRA `lorajax.Spec` (gives ``s`` per pair), or the scale: a number, a
-        ``{regex: s}`` mapping on module names, or a callable ``path -> s``.
       learning_rate: float or optax schedule.
+      spec: a LoRA `lorajax.Spec` (gives ``s`` per pair), or the scale: a number, a
+        ``{regex: s}`` mapping on module names, or a callable ``path -> s`` (under
+        ``optax.inject_hyperparams`` a callable needs ``static_args="spec"``).
       b1, b2, eps: Adam's (official 0.9, 0.999, 1e-8).
       weight_decay: full mode: ``√(1−lr·wd)`` on A and B; efficient/sgd: optax's
         decoupled ``lr·wd·p``; ``other`` leaves: AdamW's. Official runs: 0.
@@ -597,19 +599,18 @@ def lora_pro(spec: Any, learning_rate: Any, b1: float = 0.9, b2: float = 0.999, 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_hparams(b1, b2, eps, delta, x_mode)
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    check("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
     if official_quirks and mode != "full":
         raise ValueError("official_quirks reproduces the full-mode optimiser only; use mode='full'")
-    if official_clip_norm is not None and not official_clip_norm > 0:
-        raise ValueError(f"official_clip_norm must be > 0, got {official_clip_norm!r}")
+    if official_clip_norm is not None:
+        check("official_clip_norm", official_clip_norm, lambda x: x > 0, "> 0")
     _scale_fn(spec)  # validate now
     if mode == "full":
         pair_tx = optax.chain(
             scale_by_lora_pro(spec, b1, b2, eps, x_mode=x_mode, delta=delta, moment_dtype=moment_dtype,
                               official_quirks=official_quirks),
             optax.scale_by_learning_rate(learning_rate),
-            *([_decay_product(learning_rate, weight_decay)] if weight_decay else []),
+            _decay_product(learning_rate, weight_decay),  # always (as optax.adamw): one state for every decay
         )
     elif mode == "efficient":
         pair_tx = optax.chain(adjust_lora_gradients(spec, x_mode=x_mode, delta=delta),
@@ -631,5 +632,5 @@ def lora_pro(spec: Any, learning_rate: Any, b1: float = 0.9, b2: float = 0.999, 
 
     tx = optax.multi_transform({"lora_pro": pair_tx, "other": other}, labels)
     if official_clip_norm is not None:
-        tx = _official_clip(tx, float(official_clip_norm))
+        tx = _official_clip(tx, official_clip_norm)
     return skip_nonfinite(tx) if skip_nonfinite_steps else tx

@@ -5,7 +5,8 @@ Rule: ``lr_A = lr``, ``lr_B = λ·lr`` (``λ = lr_ratio``, ≥ 1), via
 other than the factors (a head, biases, DoRA's magnitude) get ``lr``, or with
 ``one_d_as_b=True`` every 1-D leaf gets ``λ·lr`` as in the official grouping
 (``lora_B`` in the name **or** a 1-D parameter). Schedules are scaled too:
-``lr_B(t) = λ·lr(t)``. ``λ = 1`` is the plain optimiser, bit for bit.
+``lr_B(t) = λ·lr(t)``. ``λ = 1`` is the plain optimiser, bit for bit. Signature as every lorajax
+optimiser: ``learning_rate`` first, keywords after.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax, lorajax
@@ -30,35 +31,37 @@ from typing import Any, Callable
 import jax
 import optax
 
+from lorajax.optim._checks import check
 from lorajax.optim.labels import leaf_labels
 
 __all__ = ["loraplus", "scaled_lr"]
 
 
-def scaled_lr(learning_rate: Any, factor: float) -> Any:
+def scaled_lr(learning_rate: Any, factor: Any) -> Any:
     """``factor · learning_rate`` for a float or an optax schedule."""
     if callable(learning_rate):
         return lambda count: factor * learning_rate(count)
     return factor * learning_rate
 
 
-def loraplus(learning_rate: Any, lr_ratio: float, *, optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
-             one_d_as_b: bool = False, **optimizer_kwargs) -> optax.GradientTransformation:
+def loraplus(learning_rate: optax.ScalarOrSchedule, *, lr_ratio: float,
+             optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
+             one_d_as_b: bool = False) -> optax.GradientTransformation:
     """``optimizer(lr)`` for A and other leaves, ``optimizer(λ·lr)`` for B.
 
     Args:
       learning_rate: float or optax schedule for A.
       lr_ratio: ``λ = lr_B / lr_A`` (the paper recommends ≥ 1; e.g. 16).
-      optimizer: an optax optimiser factory taking ``learning_rate`` first
-        (default ``optax.adamw``).
+      optimizer: a factory ``learning_rate -> GradientTransformation`` (default
+        ``optax.adamw``); bind other hyper-parameters with ``functools.partial``,
+        e.g. ``partial(optax.adamw, weight_decay=0.1)``. Under
+        ``optax.inject_hyperparams`` pass ``static_args="optimizer"`` with it.
       one_d_as_b: put every 1-D non-factor leaf in B's group (official quirk).
-      **optimizer_kwargs: passed to both ``optimizer`` calls (b1, b2, eps,
-        weight_decay, ...).
     """
-    if not isinstance(lr_ratio, (int, float)) or isinstance(lr_ratio, bool) or not lr_ratio > 0:
-        raise ValueError(f"lr_ratio must be a positive number, got {lr_ratio!r}")
-    base = optimizer(learning_rate, **optimizer_kwargs)
-    fast = optimizer(scaled_lr(learning_rate, float(lr_ratio)), **optimizer_kwargs)
+    check("lr_ratio", lr_ratio, lambda v: v > 0, "a positive number")
+    make = optax.adamw if optimizer is None else optimizer
+    base = make(learning_rate)
+    fast = make(scaled_lr(learning_rate, lr_ratio))
 
     def labels(params):
         def group(label):

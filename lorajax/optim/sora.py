@@ -25,7 +25,7 @@ Example:
   >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
   >>> spec = lorajax.Spec("sora", rank=2, alpha=4, targets=["dense"])
   >>> adapters = lorajax.init(spec, params, 0)
-  >>> tx = lorajax.optim.sora(optax.adamw(1e-3), gate_lr=1e-3, threshold=1e-4)
+  >>> tx = lorajax.optim.sora(1e-3, threshold=1e-4)
   >>> state = tx.init(adapters)
 
 References:
@@ -38,13 +38,14 @@ References:
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from lorajax import adapters as adapters_lib
+from lorajax.optim._checks import check
 from lorajax.optim.labels import leaf_labels, leaf_name
 from lorajax.spec import Spec
 
@@ -73,8 +74,7 @@ def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: boo
 
     With ``learning_rate`` (float or schedule), ``ξ = threshold · lr(step)``.
     """
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    check("threshold", threshold, lambda v: v >= 0, ">= 0")
     op = quirk_threshold if official_quirk else soft_threshold
 
     def init(params):
@@ -93,8 +93,8 @@ def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: boo
     return optax.GradientTransformation(init, update)
 
 
-def sora_gate_optimizer(learning_rate: Any, threshold: float, *, b1: float = 0.9, b2: float = 0.999,
-                        eps: float = 1e-6, threshold_times_lr: bool = False,
+def sora_gate_optimizer(learning_rate: optax.ScalarOrSchedule, *, threshold: float, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-6, threshold_times_lr: bool = False,
                         official_quirk: bool = False) -> optax.GradientTransformation:
     """The official ``SparseAdamW`` for gates: Adam (no weight decay), then the proximal step."""
     return optax.chain(
@@ -104,15 +104,33 @@ def sora_gate_optimizer(learning_rate: Any, threshold: float, *, b1: float = 0.9
     )
 
 
-def sora(main: optax.GradientTransformation, gate_lr: Any, threshold: float, **gate_kwargs
-         ) -> optax.GradientTransformation:
-    """``main`` for every leaf except the ``gate`` leaves, which get `sora_gate_optimizer`."""
+def sora(learning_rate: optax.ScalarOrSchedule, *, threshold: float, gate_lr: optax.ScalarOrSchedule | None = None,
+         optimizer: Callable[[Any], optax.GradientTransformation] | None = None, gate_b1: float = 0.9,
+         gate_b2: float = 0.999, gate_eps: float = 1e-6, threshold_times_lr: bool = False,
+         official_quirk: bool = False) -> optax.GradientTransformation:
+    """``optimizer(learning_rate)`` for every leaf but the ``gate`` leaves, which get `sora_gate_optimizer`.
+
+    Args:
+      learning_rate: float or optax schedule of the main optimiser (A, B, any head).
+      threshold: ``ξ`` of the proximal step (official scripts: 3e-4).
+      gate_lr: the gates' learning rate (official ``sparse_lr``; default ``learning_rate``).
+      optimizer: a factory ``learning_rate -> GradientTransformation`` for the
+        other leaves (default ``optax.adamw``; bind other hyper-parameters with
+        ``functools.partial``; under ``optax.inject_hyperparams`` pass
+        ``static_args="optimizer"``).
+      gate_b1, gate_b2, gate_eps: the gates' Adam (official 0.9, 0.999, 1e-6).
+      threshold_times_lr: ``ξ · gate_lr`` instead of ``ξ`` (unused official variant).
+      official_quirk: the official three-step threshold (`quirk_threshold`).
+    """
+    main = (optax.adamw if optimizer is None else optimizer)(learning_rate)
+    gate = sora_gate_optimizer(learning_rate if gate_lr is None else gate_lr, threshold=threshold, b1=gate_b1,
+                               b2=gate_b2, eps=gate_eps, threshold_times_lr=threshold_times_lr,
+                               official_quirk=official_quirk)
 
     def labels(params):
         return jax.tree.map(lambda r: "gate" if r == "gate" else "main", leaf_labels(params))
 
-    return optax.multi_transform({"main": main, "gate": sora_gate_optimizer(gate_lr, threshold, **gate_kwargs)},
-                                 labels)
+    return optax.multi_transform({"main": main, "gate": gate}, labels)
 
 
 def gate_penalty(adapters: Any, lam: float) -> jax.Array:

@@ -27,8 +27,10 @@ import numpy as np
 import optax
 import pytest
 
-from lorajax.optim import (QuantizedMoment, adam_8bit_state_bytes, dequantize_blockwise, dynamic_map, galore,
-                           galore_state_formula, quantize_blockwise, scale_by_adam_8bit, skip_nonfinite, state_bytes)
+from lorajax.optim import galore, scale_by_adam_8bit, skip_nonfinite, state_bytes
+from lorajax.optim.adam8bit import (QuantizedMoment, adam_8bit_state_bytes, dequantize_blockwise, dynamic_map,
+                                    quantize_blockwise)
+from lorajax.optim.galore import galore_state_formula
 
 
 def _heavy(rng, n, signed=True):
@@ -242,7 +244,7 @@ def _galore_params():
 @pytest.mark.parametrize("kw", [{}, dict(block_size=2048), dict(min_8bit_size=1000), dict(block_size=64)])
 def test_galore_8bit_state_bytes_equal_formula(kw):
     params = _galore_params()
-    tx = galore(1e-3, ["q", "o", "mlp"], rank=16, optim_bits=8, **kw)
+    tx = galore(1e-3, targets=["q", "o", "mlp"], rank=16, optim_bits=8, **kw)
     f = galore_state_formula(params, ["q", "o", "mlp"], rank=16, optim_bits=8, **kw)
     assert state_bytes(tx, params) == f.total
     bs, mb = kw.get("block_size", 256), kw.get("min_8bit_size", 4096)
@@ -261,8 +263,8 @@ def test_galore_flag_is_the_8bit_base():
     params = _galore_params()
     grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)).astype(x.dtype),
                          params)
-    a = galore(1e-2, ["q", "o"], rank=16, update_proj_gap=2, optim_bits=8)
-    b = galore(1e-2, ["q", "o"], rank=16, update_proj_gap=2, base_optimizer=scale_by_adam_8bit())
+    a = galore(1e-2, targets=["q", "o"], rank=16, update_proj_gap=2, optim_bits=8)
+    b = galore(1e-2, targets=["q", "o"], rank=16, update_proj_gap=2, base_optimizer=scale_by_adam_8bit())
     sa, sb = a.init(params), b.init(params)
     for _ in range(3):
         ua, sa = a.update(grads, sa, params)
@@ -291,7 +293,7 @@ def test_galore_8bit_nonfinite():
     params = {"q": {"kernel": jax.random.normal(jax.random.key(0), (300, 270))}}
     g = {"q": {"kernel": jax.random.normal(jax.random.key(1), (300, 270))}}
     bad = {"q": {"kernel": g["q"]["kernel"].at[5, 5].set(jnp.nan)}}
-    tx = galore(1e-2, ["q"], rank=16, update_proj_gap=2, optim_bits=8)
+    tx = galore(1e-2, targets=["q"], rank=16, update_proj_gap=2, optim_bits=8)
     _, s1 = tx.update(g, tx.init(params), params)                  # step 0 (refresh)
     u, s2 = tx.update(bad, s1, params)                              # step 1: no refresh
     assert bool(jnp.all(u["q"]["kernel"] == 0))

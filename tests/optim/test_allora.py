@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from lorajax.optim import allora, allora_coefficient, scale_by_allora
+from lorajax.optim import allora
+from lorajax.optim.allora import allora_coefficient, scale_by_allora
 
 
 def test_coefficient_at_zero_monotone_and_asymptote():

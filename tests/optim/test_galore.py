@@ -11,8 +11,8 @@ import pytest
 from optax.contrib import GaLoreDimensionNumbers
 
 import lorajax
-from lorajax.optim import (galore, galore_dimension_numbers, galore_mask, galore_state_formula, galore_targets,
-                           state_bytes)
+from lorajax.optim import galore, state_bytes
+from lorajax.optim.galore import galore_dimension_numbers, galore_mask, galore_state_formula, galore_targets
 
 
 def _params(dtype=jnp.float32):
@@ -64,7 +64,7 @@ def test_mask_and_which_leaves_get_plain_adam():
     mask = _flat(galore_mask(params, ["q", "o"], rank=2))
     assert {k for k, v in mask.items() if v} == {"layers_0/q/kernel", "layers_0/o/kernel",
                                                  "layers_1/q/kernel", "layers_1/o/kernel"}
-    tx = galore(1e-2, ["q", "o"], rank=2, update_proj_gap=2)
+    tx = galore(1e-2, targets=["q", "o"], rank=2, update_proj_gap=2)
     adam = optax.adam(1e-2)
     s, sa, p = tx.init(params), adam.init(params), params
     for step in range(3):
@@ -94,8 +94,8 @@ def test_nd_kernel_is_galore_on_its_matrix_view(in_axes):
     """An [8, 2, 3] kernel with in_axes=k is GaLore on its (prod(in) x prod(out)) reshape, step for step."""
     w = jax.random.normal(jax.random.key(0), (8, 2, 3))
     a = int(np.prod(w.shape[:in_axes]))
-    nd = galore(1e-2, ["attn"], rank=2, update_proj_gap=2, in_axes=in_axes)
-    flat = galore(1e-2, ["attn"], rank=2, update_proj_gap=2)
+    nd = galore(1e-2, targets=["attn"], rank=2, update_proj_gap=2, in_axes=in_axes)
+    flat = galore(1e-2, targets=["attn"], rank=2, update_proj_gap=2)
     p_nd, p_2d = {"attn": {"kernel": w}}, {"attn": {"kernel": w.reshape(a, -1)}}
     s_nd, s_2d = nd.init(p_nd), flat.init(p_2d)
     assert s_nd[0].projector["attn"]["kernel"].shape == (max(a, 48 // a), 2)
@@ -110,7 +110,7 @@ def test_nd_kernel_is_galore_on_its_matrix_view(in_axes):
 
 def test_state_shapes_follow_optax_side():
     params = _params()
-    state = galore(1e-2, ["q", "o", "attn"], rank=3, in_axes=1).init(params)[0]
+    state = galore(1e-2, targets=["q", "o", "attn"], rank=3, in_axes=1).init(params)[0]
     proj, mu = state.projector, state.base_optimizer_state.mu
     assert proj["layers_0"]["q"]["kernel"].shape == (8, 3) and mu["layers_0"]["q"]["kernel"].shape == (3, 6)  # 8x6
     assert proj["layers_0"]["o"]["kernel"].shape == (8, 3) and mu["layers_0"]["o"]["kernel"].shape == (6, 3)  # 6x8
@@ -161,7 +161,7 @@ def _trunc(g, r):
 def test_gap_one_sgd_is_truncated_gradient(shape):
     """T = 1, identity base: update = −lr·scale·trunc_r(G) at every step (specs §3.5 test 1)."""
     p = {"w": {"kernel": jnp.zeros(shape)}}
-    tx = galore(0.1, ["w"], rank=3, update_proj_gap=1, scale=0.5, base_optimizer=optax.identity())
+    tx = galore(0.1, targets=["w"], rank=3, update_proj_gap=1, scale=0.5, base_optimizer=optax.identity())
     s = tx.init(p)
     for step in range(3):
         g = jax.random.normal(jax.random.key(step), shape)
@@ -172,7 +172,7 @@ def test_gap_one_sgd_is_truncated_gradient(shape):
 def test_projector_refreshes_every_gap():
     """Refresh at counts 0, T, 2T; unchanged in between (specs §3.5 test 4)."""
     p = {"w": {"kernel": jnp.zeros((10, 6))}}
-    tx = galore(0.1, ["w"], rank=2, update_proj_gap=3)
+    tx = galore(0.1, targets=["w"], rank=2, update_proj_gap=3)
     s, projs = tx.init(p), []
     for step in range(7):
         _, s = tx.update({"w": {"kernel": jax.random.normal(jax.random.key(step), (10, 6))}}, s, p)
@@ -186,7 +186,7 @@ def test_full_rank_sgd_is_sgd():
     cases = [((6, 6), 4), ((9, 5), 1), ((5, 9), 1)]
     for shape, gap in cases:
         p = {"w": {"kernel": jnp.zeros(shape)}}
-        tx = galore(0.1, ["w"], rank=min(shape), update_proj_gap=gap, base_optimizer=optax.identity())
+        tx = galore(0.1, targets=["w"], rank=min(shape), update_proj_gap=gap, base_optimizer=optax.identity())
         s = tx.init(p)
         for step in range(5):
             g = jax.random.normal(jax.random.key(step), shape)
@@ -201,7 +201,7 @@ def test_full_rank_adam_is_adam_in_a_rotated_basis_not_adam():
     """
     n, gap = 6, 100
     p = {"w": {"kernel": jnp.zeros((n, n))}}
-    tx = galore(0.1, ["w"], rank=n, update_proj_gap=gap)
+    tx = galore(0.1, targets=["w"], rank=n, update_proj_gap=gap)
     ref, adam = optax.scale_by_adam(), optax.adam(0.1)
     s, sr, sa = tx.init(p), None, adam.init(p)
     for step in range(4):
@@ -219,7 +219,7 @@ def test_full_rank_adam_is_adam_in_a_rotated_basis_not_adam():
 def test_jit_and_scale_only_on_galore_leaves():
     params = _params()
     g = _grads(params)
-    a, b = galore(1e-2, ["q"], rank=2, scale=1.0), galore(1e-2, ["q"], rank=2, scale=0.25)
+    a, b = galore(1e-2, targets=["q"], rank=2, scale=1.0), galore(1e-2, targets=["q"], rank=2, scale=0.25)
     ua, _ = jax.jit(a.update)(g, a.init(params), params)
     ub, _ = jax.jit(b.update)(g, b.init(params), params)
     np.testing.assert_allclose(ub["layers_0"]["q"]["kernel"], 0.25 * ua["layers_0"]["q"]["kernel"], rtol=1e-6)
@@ -231,33 +231,33 @@ def test_jit_and_scale_only_on_galore_leaves():
 def test_rank_too_large_names_the_path():
     params = _params()
     with pytest.raises(ValueError, match=r"rank 7 .* min\(in, out\) = 6 .*layers_0\.q.*layers_0/q/kernel"):
-        galore(1e-2, ["q"], rank=7, params=params)
-    tx = galore(1e-2, ["q"], rank=7)  # without params: raised by init
+        galore(1e-2, targets=["q"], rank=7, params=params)
+    tx = galore(1e-2, targets=["q"], rank=7)  # without params: raised by init
     with pytest.raises(ValueError, match="layers_0/q/kernel"):
         tx.init(params)
-    galore(1e-2, ["attn"], rank=4, params=params)  # [8, 2, 3] as 8x6 fits rank 4; as 16x3 (in_axes=2) it does not
+    galore(1e-2, targets=["attn"], rank=4, params=params)  # [8, 2, 3] as 8x6 fits rank 4; as 16x3 (in_axes=2) it does not
     with pytest.raises(ValueError, match=r"min\(in, out\) = 3 .*layers_0\.attn.*viewed as 16x3 with in_axes=2"):
-        galore(1e-2, ["attn"], rank=4, in_axes=2, params=params)
+        galore(1e-2, targets=["attn"], rank=4, in_axes=2, params=params)
 
 
 def test_target_matching_nothing():
     params = _params()
     with pytest.raises(ValueError, match="'v_proj' matches no weight"):
-        galore(1e-2, ["q", "v_proj"], params=params, rank=2)
+        galore(1e-2, targets=["q", "v_proj"], params=params, rank=2)
     with pytest.raises(ValueError, match="selects no weight"):
-        galore(1e-2, r"nothing\..*", params=params, rank=2)
+        galore(1e-2, targets=r"nothing\..*", params=params, rank=2)
     with pytest.raises(ValueError, match="selects no weight"):
-        galore(1e-2, ["q"], exclude=["q"], params=params, rank=2)
+        galore(1e-2, targets=["q"], exclude=["q"], params=params, rank=2)
     stale = lorajax.select(lorajax.Spec("lora", rank=2, targets=["q"]), {"q": {"kernel": jnp.ones((4, 4))}})
     with pytest.raises(ValueError, match="not a leaf of params"):
-        galore(1e-2, stale, params=params, rank=2)
+        galore(1e-2, targets=stale, params=params, rank=2)
 
 
 def test_bad_hyper_parameters():
     for kw, msg in [(dict(rank=0), "rank"), (dict(rank=2.0), "rank"), (dict(rank=True), "rank"),
                     (dict(rank=2, update_proj_gap=0), "update_proj_gap"), (dict(rank=2, scale=float("nan")), "scale")]:
         with pytest.raises(ValueError, match=msg):
-            galore(1e-2, ["q"], **kw)
+            galore(1e-2, targets=["q"], **kw)
     with pytest.raises(ValueError, match="side"):
         galore_state_formula(_params(), ["q"], rank=2, side="torch")
     with pytest.raises(ValueError, match="already fixes the selection"):

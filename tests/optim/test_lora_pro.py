@@ -13,8 +13,9 @@ import pytest
 import scipy.linalg
 
 import lorajax
-from lorajax.optim import (adjust_lora_gradients, adjusted_gradients, equivalent_gradient, lora_gradients, lora_pro,
-                           lora_pro_projection, optimal_x, scale_by_lora_pro, solve_sylvester)
+from lorajax.optim import lora_pro, scale_by_lora_pro
+from lorajax.optim.lora_pro import (adjust_lora_gradients, adjusted_gradients, equivalent_gradient, lora_gradients,
+                                    lora_pro_projection, optimal_x, solve_sylvester)
 
 RNG = np.random.default_rng(0)
 
@@ -201,7 +202,7 @@ def test_full_mode_matches_numpy_reference(quirks, x_mode, wd):
         params, spec, adapters, loss = small_model()
         adapters = jax.tree.map(lambda a: a.astype(jnp.float64), adapters)
         lr = 0.05
-        tx = lora_pro(spec, lr, weight_decay=wd, x_mode=x_mode, official_quirks=quirks)
+        tx = lora_pro(lr, spec=spec, weight_decay=wd, x_mode=x_mode, official_quirks=quirks)
         state = tx.init(adapters)
         ref = {k: (np.asarray(adapters[k]["kernel"]["lora_A"]), np.asarray(adapters[k]["kernel"]["lora_B"]),
                    0.0, 0.0) for k in ("q", "v")}
@@ -245,7 +246,7 @@ def test_first_order_step_is_projected_sign():
         A, B, G, g_A, g_B = instance(s=s, seed=2)
         tree = {"w": {"kernel": {"lora_A": A, "lora_B": B}}}
         grads = {"w": {"kernel": {"lora_A": g_A, "lora_B": g_B}}}
-        tx = lora_pro(s, lr, b1=0.0, b2=0.0, eps=0.0, delta=0.0)
+        tx = lora_pro(lr, spec=s, b1=0.0, b2=0.0, eps=0.0, delta=0.0)
         u, _ = tx.update(grads, tx.init(tree), tree)
         uA, uB = u["w"]["kernel"]["lora_A"], u["w"]["kernel"]["lora_B"]
         eq = lora_pro_projection(A, B, G)
@@ -258,7 +259,7 @@ def test_first_order_step_is_projected_sign():
 def test_efficient_mode_is_adamw_on_adjusted_gradients():
     params, spec, adapters, loss = small_model(1)
     grads = jax.grad(loss)(adapters)
-    tx = lora_pro(spec, 1e-2, mode="efficient", weight_decay=0.01)
+    tx = lora_pro(1e-2, spec=spec, mode="efficient", weight_decay=0.01)
     adj = {k: dict(zip(("lora_A", "lora_B"),
                        adjusted_gradients(adapters[k]["kernel"]["lora_A"], adapters[k]["kernel"]["lora_B"],
                                           (grads[k]["kernel"]["lora_A"], grads[k]["kernel"]["lora_B"]), 2.0)))
@@ -273,7 +274,7 @@ def test_efficient_mode_is_adamw_on_adjusted_gradients():
     sizes = {tuple(x.shape) for x in jax.tree.leaves(tx.init(adapters)) if getattr(x, "ndim", 0) == 2}
     assert (6, 5) not in sizes and (6, 2) in sizes
     # sgd mode: -lr * adjusted
-    sgd = lora_pro(spec, 0.1, mode="sgd")
+    sgd = lora_pro(0.1, spec=spec, mode="sgd")
     u, _ = sgd.update(grads, sgd.init(adapters), adapters)
     for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(adj)):
         np.testing.assert_allclose(x, -0.1 * y, rtol=1e-6)
@@ -284,7 +285,7 @@ def test_official_clip_scales_by_raw_norm():
     grads = jax.tree.map(lambda g: 10.0 * g, jax.grad(loss)(adapters))
     norm = float(optax.global_norm(grads))
     assert norm > 1.0
-    base, clipped = lora_pro(spec, 1e-2), lora_pro(spec, 1e-2, official_clip_norm=1.0)
+    base, clipped = lora_pro(1e-2, spec=spec), lora_pro(1e-2, spec=spec, official_clip_norm=1.0)
     u0, _ = base.update(grads, base.init(adapters), adapters)
     u1, _ = clipped.update(grads, clipped.init(adapters), adapters)
     for x, y in zip(jax.tree.leaves(u1), jax.tree.leaves(u0)):
@@ -294,7 +295,7 @@ def test_official_clip_scales_by_raw_norm():
 def test_weight_decay_decays_the_product():
     params, spec, adapters, _ = small_model(3)
     zeros = jax.tree.map(jnp.zeros_like, adapters)
-    tx = lora_pro(spec, 0.1, weight_decay=0.5)
+    tx = lora_pro(0.1, spec=spec, weight_decay=0.5)
     u, _ = tx.update(zeros, tx.init(adapters), adapters)
     new = optax.apply_updates(adapters, u)
     a, b = adapters["q"]["kernel"]["lora_A"], adapters["q"]["kernel"]["lora_B"]
@@ -315,10 +316,10 @@ def test_scale_from_spec_patterns_and_rslora():
         spec = lorajax.Spec("lora", rank=2, targets=["q", "v"], init_weights=False, **kwargs)
         adapters = lorajax.init(spec, params, 0)
         grads = grads_of(adapters)
-        u_spec, _ = lora_pro(spec, 1e-3).update(grads, lora_pro(spec, 1e-3).init(adapters), adapters)
-        u_map, _ = lora_pro(scales, 1e-3).update(grads, lora_pro(scales, 1e-3).init(adapters), adapters)
+        u_spec, _ = lora_pro(1e-3, spec=spec).update(grads, lora_pro(1e-3, spec=spec).init(adapters), adapters)
+        u_map, _ = lora_pro(1e-3, spec=scales).update(grads, lora_pro(1e-3, spec=scales).init(adapters), adapters)
         for k in ("q", "v"):
-            tx = lora_pro(scales[k], 1e-3)
+            tx = lora_pro(1e-3, spec=scales[k])
             sub = {"x": adapters[k]}
             u_k, _ = tx.update({"x": grads[k]}, tx.init(sub), sub)
             for n in ("lora_A", "lora_B"):
@@ -326,7 +327,7 @@ def test_scale_from_spec_patterns_and_rslora():
                 np.testing.assert_allclose(u_map[k]["kernel"][n], u_k["x"]["kernel"][n], rtol=1e-6)
     # a callable gets the "/"-joined path of the pair
     seen = []
-    tx = lora_pro(lambda path: seen.append(path) or 2.0, 1e-3)
+    tx = lora_pro(1e-3, spec=lambda path: seen.append(path) or 2.0)
     tx.update(grads, tx.init(adapters), adapters)
     assert sorted(set(seen)) == ["q/kernel", "v/kernel"]
 
@@ -338,7 +339,7 @@ def test_jit_equals_eager_and_composite_tree_head_gets_adamw():
     tree = {"adapters": adapters, "head": {"kernel": jnp.asarray(rand(5, 3), jnp.float32), "bias": jnp.zeros(3)}}
     grads = {"adapters": jax.grad(loss)(adapters),
              "head": {"kernel": jnp.asarray(rand(5, 3), jnp.float32), "bias": jnp.ones(3)}}
-    tx = lora_pro(spec, 1e-2, weight_decay=0.1)
+    tx = lora_pro(1e-2, spec=spec, weight_decay=0.1)
     state = tx.init(tree)
     u_e, s_e = tx.update(grads, state, tree)
     u_j, s_j = jax.jit(tx.update)(grads, state, tree)
@@ -349,7 +350,7 @@ def test_jit_equals_eager_and_composite_tree_head_gets_adamw():
     for x, y in zip(jax.tree.leaves(u_e["head"]), jax.tree.leaves(u_h)):
         np.testing.assert_allclose(x, y, rtol=1e-6)
     # pairs under "adapters" equal LoRA-Pro on the adapters alone
-    alone = lora_pro(spec, 1e-2, weight_decay=0.1)
+    alone = lora_pro(1e-2, spec=spec, weight_decay=0.1)
     u_a, _ = alone.update(grads["adapters"], alone.init(adapters), adapters)
     for x, y in zip(jax.tree.leaves(u_e["adapters"]), jax.tree.leaves(u_a)):
         np.testing.assert_allclose(x, y, rtol=1e-6)
@@ -360,10 +361,10 @@ def test_partition_tree_with_none_leaves():
     trainable, frozen = lorajax.partition(spec, adapters)
     tree = {"adapters": trainable, "buffers": {"table": None}, "head_bias": None}
     grads = {"adapters": jax.grad(loss)(adapters), "buffers": {"table": None}, "head_bias": None}
-    tx = lora_pro(spec, 1e-2)
+    tx = lora_pro(1e-2, spec=spec)
     u, _ = jax.jit(tx.update)(grads, tx.init(tree), tree)
     assert u["buffers"]["table"] is None and u["head_bias"] is None
-    alone = lora_pro(spec, 1e-2)
+    alone = lora_pro(1e-2, spec=spec)
     u_a, _ = alone.update(grads["adapters"], alone.init(adapters), adapters)
     for x, y in zip(jax.tree.leaves(u["adapters"]), jax.tree.leaves(u_a)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8)  # jit vs eager float32
@@ -374,8 +375,8 @@ def test_variables_dict_adapters():
     spec = lorajax.Spec("lora", rank=2, alpha=4, targets=["dense"], init_weights=False, alpha_pattern={"dense": 2.0})
     adapters = lorajax.init(spec, params, 0)
     grads = jax.tree.map(jnp.ones_like, adapters)
-    u, _ = lora_pro(spec, 1e-3).update(grads, lora_pro(spec, 1e-3).init(adapters), adapters)
-    u1, _ = lora_pro(1.0, 1e-3).update(grads, lora_pro(1.0, 1e-3).init(adapters), adapters)  # α = 2, r = 2
+    u, _ = lora_pro(1e-3, spec=spec).update(grads, lora_pro(1e-3, spec=spec).init(adapters), adapters)
+    u1, _ = lora_pro(1e-3, spec=1.0).update(grads, lora_pro(1e-3, spec=1.0).init(adapters), adapters)  # α = 2, r = 2
     for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(u1)):
         np.testing.assert_allclose(x, y, rtol=1e-6)
 
@@ -388,7 +389,7 @@ def test_nonfinite_step_is_skipped():
     g1 = {"adapters": jax.grad(loss)(adapters), "head": jnp.ones(3)}
     bad = jax.tree.map(lambda x: x, g1)
     bad["adapters"]["q"]["kernel"]["lora_B"] = bad["adapters"]["q"]["kernel"]["lora_B"].at[0, 0].set(jnp.nan)
-    tx = lora_pro(spec, 1e-2)
+    tx = lora_pro(1e-2, spec=spec)
     s0 = tx.init(tree)
     step = jax.jit(tx.update)
     u_bad, s_bad = step(bad, s0, tree)
@@ -403,7 +404,7 @@ def test_nonfinite_step_is_skipped():
         np.testing.assert_array_equal(x, y)
     assert int(s_next.skipped) == 1
     # without the guard NaN propagates (documented)
-    raw = lora_pro(spec, 1e-2, skip_nonfinite_steps=False)
+    raw = lora_pro(1e-2, spec=spec, skip_nonfinite_steps=False)
     u_raw, _ = raw.update(bad, raw.init(tree), tree)
     assert not bool(jnp.all(jnp.isfinite(u_raw["adapters"]["q"]["kernel"]["lora_A"])))
 
@@ -415,7 +416,7 @@ def test_lora_init_b_zero_is_finite():
     adapters = lorajax.init(spec, params, 0)
     x = jnp.asarray(rand(8, 6), jnp.float32)
     grads = jax.grad(lambda ad: jnp.sum(jnp.tanh(x @ lorajax.merge(spec, params, ad)["q"]["kernel"])))(adapters)
-    tx = lora_pro(spec, 1e-2)
+    tx = lora_pro(1e-2, spec=spec)
     u, state = tx.update(grads, tx.init(adapters), adapters)
     assert int(state.skipped) == 0
     assert float(jnp.abs(u["q"]["kernel"]["lora_A"]).max()) == 0.0
@@ -424,13 +425,13 @@ def test_lora_init_b_zero_is_finite():
 
 def test_no_pairs_error():
     with pytest.raises(ValueError, match="no lora_A/lora_B pair.*head/kernel"):
-        lora_pro(2.0, 1e-3).init({"head": {"kernel": jnp.ones((3, 2))}})
+        lora_pro(1e-3, spec=2.0).init({"head": {"kernel": jnp.ones((3, 2))}})
     # LoRA-XS trains only R: its partitioned tree has no pair
     params = {"q": {"kernel": jnp.ones((6, 5))}}
     spec = lorajax.Spec("lora_xs", rank=2, targets=["q"])
     trainable, _ = lorajax.partition(spec, lorajax.init(spec, params, 0))
     with pytest.raises(ValueError, match="no lora_A/lora_B pair"):
-        lora_pro(1.0, 1e-3).init(trainable)
+        lora_pro(1e-3, spec=1.0).init(trainable)
 
 
 def test_lone_factor_error_names_path():
@@ -438,30 +439,30 @@ def test_lone_factor_error_names_path():
     spec = lorajax.Spec("flylora", rank=2, targets=["q"])
     trainable, _ = lorajax.partition(spec, lorajax.init(spec, params, 0))  # lora_A is frozen -> None
     with pytest.raises(ValueError, match="layers_0/q/kernel has lora_B but no lora_A"):
-        lora_pro(1.0, 1e-3).init(trainable)
+        lora_pro(1e-3, spec=1.0).init(trainable)
 
 
 def test_bad_arguments():
     spec = lorajax.Spec("dora", rank=2, targets=["q"])
     with pytest.raises(ValueError, match="variant 'lora'"):
-        lora_pro(spec, 1e-3)
+        lora_pro(1e-3, spec=spec)
     with pytest.raises(ValueError, match="mode"):
-        lora_pro(2.0, 1e-3, mode="fast")
+        lora_pro(1e-3, spec=2.0, mode="fast")
     with pytest.raises(ValueError, match="x_mode"):
-        lora_pro(2.0, 1e-3, x_mode="random")
+        lora_pro(1e-3, spec=2.0, x_mode="random")
     with pytest.raises(ValueError, match="b2"):
-        lora_pro(2.0, 1e-3, b2=1.0)
+        lora_pro(1e-3, spec=2.0, b2=1.0)
     with pytest.raises(ValueError, match="scale must be"):
-        lora_pro(-1.0, 1e-3)
+        lora_pro(1e-3, spec=-1.0)
     with pytest.raises(TypeError, match="spec must be"):
-        lora_pro("lora", 1e-3)
+        lora_pro(1e-3, spec="lora")
     with pytest.raises(ValueError, match="official_quirks"):
-        lora_pro(2.0, 1e-3, mode="efficient", official_quirks=True)
+        lora_pro(1e-3, spec=2.0, mode="efficient", official_quirks=True)
     tree = {"w": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((3, 5))}}
     with pytest.raises(ValueError, match=r"w has lora_A \(4, 2\) and lora_B \(3, 5\)"):
-        lora_pro(2.0, 1e-3).init(tree)
+        lora_pro(1e-3, spec=2.0).init(tree)
     with pytest.raises(ValueError, match="no scale for the pair at w"):
-        lora_pro({"q": 2.0}, 1e-3).init({"w": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 5))}})
+        lora_pro(1e-3, spec={"q": 2.0}).init({"w": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 5))}})
     tx = scale_by_lora_pro(2.0)
     t = {"w": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 5))}, "bias": jnp.ones(5)}
     with pytest.raises(ValueError, match="leaf bias is not a lora_A/lora_B factor"):

@@ -1,5 +1,7 @@
 """LoRA+ (specs/optim.md §10.4): labels, |ΔB|/|ΔA| = λ on Adam's first step, λ = 1 is plain AdamW."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,7 @@ def test_one_d_quirk(setup):
 
 def test_ratio_one_is_plain_adamw_bitwise(setup):
     adapters, grads = setup
-    a, b = loraplus(1e-3, lr_ratio=1.0, weight_decay=0.1), optax.adamw(1e-3, weight_decay=0.1)
+    a, b = loraplus(1e-3, lr_ratio=1.0, optimizer=functools.partial(optax.adamw, weight_decay=0.1)), optax.adamw(1e-3, weight_decay=0.1)
     sa, sb = a.init(adapters), b.init(adapters)
     pa = pb = adapters
     for _ in range(3):

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import lorajax
-from lorajax.optim import gate_penalty, prune, proximal, quirk_threshold, soft_threshold, sora
+from lorajax.optim import gate_penalty, prune, sora
+from lorajax.optim.sora import proximal, quirk_threshold, soft_threshold
 
 
 def test_soft_threshold_grid_and_quirk():
@@ -40,7 +41,7 @@ def test_zero_gate_stays_zero_and_main_optimizer_elsewhere():
     spec = lorajax.Spec("sora", rank=3, targets=["a"])
     adapters = lorajax.init(spec, params, 0)
     adapters["a"]["kernel"]["gate"] = jnp.array([0.0, 0.5, -2.0])
-    tx = sora(optax.sgd(0.1), gate_lr=1e-3, threshold=5e-3)
+    tx = sora(0.1, optimizer=optax.sgd, gate_lr=1e-3, threshold=5e-3)
     grads = jax.tree.map(jnp.ones_like, adapters)
     u, _ = tx.update(grads, tx.init(adapters), adapters)
     new = optax.apply_updates(adapters, u)

@@ -74,6 +74,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lorajax  # noqa: E402
+from lorajax.optim.adam8bit import QuantizedMoment  # noqa: E402
+from lorajax.optim.galore import galore_state_formula  # noqa: E402
 
 SHAPES = {"tall": (24, 10), "wide": (10, 24), "sq": (12, 12), "head": (10, 7)}
 GALORE = ["tall", "wide", "sq"]
@@ -120,7 +122,7 @@ def problem():
 
 
 def run_lorajax(params, grads, *, weight_decay=0.0, steps=STEPS):
-    tx = lorajax.optim.galore(LR, GALORE, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=0.0,
+    tx = lorajax.optim.galore(LR, targets=GALORE, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=0.0,
                               weight_decay=weight_decay, params=params)
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
@@ -186,7 +188,7 @@ def test_trajectory_with_refreshes(problem, monkeypatch):
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert_step_close(a, b, step)
     # state shapes agree too: reverse_std == optax's side choice
-    state = lorajax.optim.galore(LR, GALORE, rank=RANK).init(jax.tree.map(jnp.asarray, params))[0]
+    state = lorajax.optim.galore(LR, targets=GALORE, rank=RANK).init(jax.tree.map(jnp.asarray, params))[0]
     for k in GALORE:
         assert tuple(opt.state[tp[k]]["exp_avg"].shape) == state.base_optimizer_state.mu[k]["kernel"].shape
         ortho = opt.state[tp[k]]["projector"].ortho_matrix
@@ -253,7 +255,7 @@ def test_refresh_projection_is_trunc_r(shape, proj_type):
     back = proj.project_back(proj.project(torch.tensor(g), 0)).numpy()
     np.testing.assert_allclose(back, trunc, rtol=1e-5, atol=1e-6)
     params = {"w": {"kernel": jnp.zeros(shape)}}
-    tx = lorajax.optim.galore(1.0, ["w"], rank=RANK, update_proj_gap=1, base_optimizer=optax.identity())
+    tx = lorajax.optim.galore(1.0, targets=["w"], rank=RANK, update_proj_gap=1, base_optimizer=optax.identity())
     upd, _ = tx.update({"w": {"kernel": jnp.asarray(g)}}, tx.init(params), params)
     np.testing.assert_allclose(-np.asarray(upd["w"]["kernel"]), trunc, rtol=1e-5, atol=1e-6)
 
@@ -271,9 +273,9 @@ def test_official_std_uses_other_side_and_more_state(problem):
     for k in ("head", "norm"):
         n += 4 * (opt.state[tp[k]]["exp_avg"].numel() + opt.state[tp[k]]["exp_avg_sq"].numel())
     jparams = jax.tree.map(jnp.asarray, params)
-    official = lorajax.optim.galore_state_formula(jparams, GALORE, rank=RANK, side="official-std")
+    official = galore_state_formula(jparams, GALORE, rank=RANK, side="official-std")
     assert official.total == n
-    ours = lorajax.optim.galore_state_formula(jparams, GALORE, rank=RANK)
+    ours = galore_state_formula(jparams, GALORE, rank=RANK)
     assert ours.total - ours.scalars < n  # optax's side is smaller
 
 
@@ -336,7 +338,8 @@ def run_official_8bit(adamw8bit, params, grads, *, restore_args=True):
 
 
 def run_lorajax_8bit(params, grads):
-    tx = lorajax.optim.galore(LR, GALORE8, rank=RANK8, update_proj_gap=GAP, scale=SCALE, optim_bits=8, params=params)
+    tx = lorajax.optim.galore(LR, targets=GALORE8, rank=RANK8, update_proj_gap=GAP, scale=SCALE, optim_bits=8,
+                              params=params)
     p = jax.tree.map(jnp.asarray, params)
     state, update, out = tx.init(p), jax.jit(tx.update), []
     for g in grads:
@@ -356,7 +359,7 @@ def test_8bit_trajectory(problem8, monkeypatch):
         assert_step_close(a, b, step)
     for k in tp:
         st, mu = opt.state[tp[k]], base.mu[k]["kernel" if k in SHAPES8 else "scale"]
-        eight = isinstance(mu, lorajax.optim.QuantizedMoment)
+        eight = isinstance(mu, QuantizedMoment)
         assert (st["state1"].dtype == torch.uint8) == eight == (k in ("tall", "wide", "head")), k
         codes = np.asarray(mu.codes if eight else mu)
         assert codes.shape == tuple(st["state1"].shape), k
@@ -376,7 +379,7 @@ def test_8bit_state_bytes_equal_official(problem8, monkeypatch):
         n += sum(st[s].numel() * st[s].element_size() for s in ("state1", "state2", "absmax1", "absmax2") if s in st)
         if "projector" in st:
             n += 4 * st["projector"].ortho_matrix.numel()
-    f = lorajax.optim.galore_state_formula(jax.tree.map(jnp.asarray, params), GALORE8, rank=RANK8, optim_bits=8)
+    f = galore_state_formula(jax.tree.map(jnp.asarray, params), GALORE8, rank=RANK8, optim_bits=8)
     assert f.total - f.scalars == n
 
 

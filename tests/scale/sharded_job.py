@@ -32,7 +32,7 @@ if OPTIM == "sgd":
 elif OPTIM == "loraplus":
     tx = lorajax.optim.loraplus(0.05, lr_ratio=4.0, optimizer=optax.sgd)
 elif OPTIM == "lora_pro":  # Adam on the full equivalent gradient: eps large so ~0 entries do not magnify rounding
-    tx = lorajax.optim.lora_pro(spec, 1e-3, eps=1e-3)
+    tx = lorajax.optim.lora_pro(1e-3, spec=spec, eps=1e-3)
 else:
     raise SystemExit(f"unknown OPTIM {OPTIM}")
 tokens = np.repeat(np.random.default_rng(0).integers(0, 128, (1, 8, 17)), 5, axis=0)  # one batch, 5 times: loss falls

@@ -14,6 +14,7 @@ adapters and optimiser state ``shard(..., like=params)``, batches `shard_batch`)
 Writes OUT_JSON: per path the errors (``‖a − b‖ / ‖b‖``, max over leaves), losses, tokens, placements.
 """
 
+import functools
 import json
 import os
 import sys
@@ -173,7 +174,7 @@ def run_lora(spec, adapters, tx, extra=None):
 
 # ALLoRA: scale-1 LoRA (alpha = rank), AdamW with eps large so ~0 entries do not magnify rounding
 spec_al = lorajax.Spec("lora", rank=4, alpha=4, targets="all-linear", init_weights=False)
-tx_al = lorajax.optim.allora(1e-3, eta=2.0, optimizer=optax.adamw, eps=1e-3, weight_decay=0.0)
+tx_al = lorajax.optim.allora(1e-3, eta=2.0, optimizer=functools.partial(optax.adamw, eps=1e-3, weight_decay=0.0))
 results["allora"] = run_lora(spec_al, lorajax.init(spec_al, params, 1), tx_al)
 
 # SoRA: gates get their own Adam + proximal soft-threshold; B made nonzero so every gradient is real
@@ -182,7 +183,8 @@ ad_so = lorajax.init(spec_so, params, 2)
 leaves, treedef = jax.tree_util.tree_flatten_with_path(ad_so)
 ad_so = treedef.unflatten([jax.random.uniform(jax.random.key(i), x.shape, x.dtype, -0.5, 0.5)
                            if str(path[-1].key) == "lora_B" else x for i, (path, x) in enumerate(leaves)])
-tx_so = lorajax.optim.sora(optax.sgd(0.1, momentum=0.9), gate_lr=1e-3, threshold=1e-3, eps=1e-3)
+tx_so = lorajax.optim.sora(0.1, optimizer=functools.partial(optax.sgd, momentum=0.9), gate_lr=1e-3,
+                           threshold=1e-3, gate_eps=1e-3)
 results["sora"] = run_lora(spec_so, ad_so, tx_so, extra=lambda a: lorajax.optim.gate_penalty(a, 0.1))
 
 
