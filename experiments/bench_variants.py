@@ -55,26 +55,26 @@ ROBERTA_BASE = bert.Config(vocab_size=50265, hidden_size=768, intermediate_size=
 SETTINGS = [("Llama-2-7B q,v", LLAMA_7B, ["q_proj", "v_proj"]), ("Llama-2-7B all 7", LLAMA_7B, TARGETS),
             ("RoBERTa-base q,v", ROBERTA_BASE, ["query", "value"])]
 
-# trainable count per adapted weight of ``i`` inputs and ``o`` outputs at rank r, options ``op``:
-# (text, function, where the formula comes from)
+# the trainable count per adapted weight, as text, and where the formula comes from; the count itself is
+# each variant's declared `Variant.trainable_count`, checked here against what `lorajax.init` makes
 FORMULAS = {
-    "lora": ("r(in+out)", lambda r, i, o, op: r * (i + o), "spec"),
-    "dora": ("r(in+out)+out", lambda r, i, o, op: r * (i + o) + o, "spec"),
-    "vera": ("out+r", lambda r, i, o, op: o + r, "spec"),
-    "miss": ("r·out", lambda r, i, o, op: r * o, "spec"),
-    "shira": ("r(in+out)", lambda r, i, o, op: r * (i + o), "spec"),
-    "randlora": ("⌈d_min/r⌉(r+d_min)", lambda r, i, o, op: -(-min(i, o) // r) * (r + min(i, o)), "spec"),
-    "flylora": ("r·out", lambda r, i, o, op: r * o, "spec"),
-    "loldu": ("r", lambda r, i, o, op: r, "spec"),
-    "tera": ("N·R (N = n_modes)", lambda r, i, o, op: op["n_modes"] * r, "spec"),
-    "hydra": ("r(in+out)+2·r_s·out", lambda r, i, o, op: r * (i + o) + 2 * (op["seq_rank"] or r) * o, "spec"),
-    "unilora": ("d (one vector per model)", lambda r, i, o, op: 0, "spec"),
-    "smora": ("r(in+out)+(r/p)·in", lambda r, i, o, op: r * (i + o) + r // op["rank_partition"] * i, "spec"),
-    "paca": ("r·out", lambda r, i, o, op: r * o, "spec"),
-    "comp_lora": ("r(in+out)", lambda r, i, o, op: r * (i + o), "spec"),
-    "dylora": ("r(in+out)", lambda r, i, o, op: r * (i + o), "docstring"),
-    "sora": ("r(in+out)+r", lambda r, i, o, op: r * (i + o) + r, "docstring"),
-    "lora_xs": ("r²", lambda r, i, o, op: r * r, "docstring"),
+    "lora": ("r(in+out)", "spec"),
+    "dora": ("r(in+out)+out", "spec"),
+    "vera": ("out+r", "spec"),
+    "miss": ("r·out", "spec"),
+    "shira": ("r(in+out)", "spec"),
+    "randlora": ("⌈d_min/r⌉(r+d_min)", "spec"),
+    "flylora": ("r·out", "spec"),
+    "loldu": ("r", "spec"),
+    "tera": ("N·R (N = n_modes)", "spec"),
+    "hydra": ("r(in+out)+2·r_s·out", "spec"),
+    "unilora": ("d (one vector per model)", "spec"),
+    "smora": ("r(in+out)+(r/p)·in", "spec"),
+    "paca": ("r·out", "spec"),
+    "comp_lora": ("r(in+out)", "spec"),
+    "dylora": ("r(in+out)", "docstring"),
+    "sora": ("r(in+out)+r", "docstring"),
+    "lora_xs": ("r²", "docstring"),
 }
 
 # each method's own default (Spec kwargs, source) where the spec or the variant docstring gives one
@@ -125,19 +125,17 @@ def linear_sizes(cfg) -> dict[str, tuple[int, int]]:
     return {"query": (h, h), "key": (h, h), "value": (h, h)}
 
 
-def formula_count(spec: lorajax.Spec, cfg) -> int:
-    """The spec's trainable count from `FORMULAS` and the layer sizes (targets: module suffixes)."""
-    _, per_weight, _ = FORMULAS[registry.get(spec.variant).name]
-    sizes = linear_sizes(cfg)
-    n = cfg.num_hidden_layers * sum(per_weight(spec.rank, *sizes[t], spec.options) for t in spec.targets)
-    return n + (spec.options["theta_d_length"] if spec.variant == "unilora" else 0)
+def formula_count(spec: lorajax.Spec, cfg, params=None) -> int:
+    """The spec's trainable count by its variant's declared formula (`Variant.trainable_count`) on ``cfg``'s shapes."""
+    params = param_shapes(cfg) if params is None else params
+    return registry.get(spec.variant).trainable_count(lorajax.select(spec, params))
 
 
 def param_counts(spec: lorajax.Spec, cfg, params=None) -> tuple[int, int]:
     """``(lorajax count, formula count)`` of the trainable parameters of ``spec`` on ``cfg``'s shapes."""
     params = param_shapes(cfg) if params is None else params
     adapters = jax.eval_shape(lambda p: lorajax.init(spec, p, 0), params)
-    return lorajax.count_params(spec, params, adapters)["trainable"], formula_count(spec, cfg)
+    return lorajax.count_params(spec, params, adapters)["trainable"], formula_count(spec, cfg, params)
 
 
 def count_table() -> tuple[str, bool]:
@@ -157,7 +155,7 @@ def count_table() -> tuple[str, bool]:
             match = all(g == w for g, w in counts)
             ok &= match
             setting = ", ".join(f"{k}={x}" for k, x in kw.items() if k != "alpha")
-            text, _, where = FORMULAS[v]
+            text, where = FORMULAS[v]
             rows.append([v, f"{setting} ({source})", f"{text} [{where}]", *(f"{g:,}" for g, _ in counts),
                          "yes" if match else f"NO (formula {', '.join(f'{w:,}' for _, w in counts)})",
                          "; ".join(reports) or "—"])

@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
                          "updates": f"{args.generations} gens x {args.population} members x {args.members_batch}",
                          "searched": essa.num_dims, "nonfinite": nonfinite,
                          "std_init": essa.std_init,
-                         "sigma_moved": float(jnp.linalg.norm(state.es.mean - essa.mean0) / jnp.linalg.norm(essa.mean0)),
+                         "sigma_moved": float(jnp.linalg.norm(state.es.mean - essa.mean0)
+                                              / jnp.linalg.norm(essa.mean0)),
                          "std_final": float(jnp.mean(state.es.std)),
                          "pop_fitness_first5": float(np.mean(gen_fit[:5])),
                          "pop_fitness_last5": float(np.mean(gen_fit[-5:]))}

@@ -8,8 +8,8 @@ from typing import Any
 import optax
 
 import lorajax
-
 from experiments.config import RunConfig
+from lorajax.optim.sora import is_sora
 
 #: names accepted by ``--optim.name``
 NAMES = ("adamw", "adam", "sgd", "loraplus", "allora", "sora", "lora_pro", "galore")
@@ -52,7 +52,7 @@ def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.S
     if name == "allora":
         return lorajax.optim.allora(sched, eta=o.allora_eta, optimizer=adamw)
     if name == "sora":
-        if cfg.spec.variant != "sora":
+        if not is_sora(cfg.spec.variant):
             raise SystemExit("--optim.name sora trains SoRA's gates: use it with --spec.variant sora")
         return lorajax.optim.sora(sched, threshold=o.sora_threshold, optimizer=adamw)
     if name == "lora_pro":

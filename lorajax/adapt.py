@@ -178,10 +178,6 @@ def _sowing(ctx: Context, sink: dict, name: str) -> Context:
 
 def _forward(variant, t, adapter, ctx: Context, x2d: jax.Array, w: jax.Array) -> jax.Array:
     """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
-    if variant.has_aux:  # v1 protocol: apply returns (y, stats)
-        y, stats = call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
-        ctx.sow(stats)
-        return y
     if variant.apply is not None:
         return call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
     return x2d @ call_variant(variant, variant.adapted, w, adapter, t, ctx=ctx)

@@ -88,21 +88,9 @@ def resolve(spec: Spec, params: Any, adapters: Any) -> tuple[list[Target], dict,
     return p.targets, p.adapters, p.shared
 
 
-EVAL_CONTEXT = {"rng": None, "step_rng": None, "train": False}
-
-
 def call_variant(variant: Variant, fn: Any, *args: Any, ctx: Context | None = None) -> Any:
-    """Call a variant function with the context ``ctx`` (default: evaluation).
-
-    A v1 variant gets a dict context, and only when it declares ``uses_context``
-    (removed with the last v1 variant).
-    """
-    ctx = EVAL if ctx is None else ctx
-    if variant.v2:
-        return fn(*args, ctx)
-    if variant.uses_context:
-        return fn(*args, {"rng": ctx.rng, "step_rng": ctx.step_rng, "train": ctx.train})
-    return fn(*args)
+    """Call a variant function with the context ``ctx`` (default: evaluation)."""
+    return fn(*args, EVAL if ctx is None else ctx)
 
 
 def target_context(t: Target, rng: jax.Array | None, train: bool, sink: Any = None) -> Context:
@@ -159,7 +147,7 @@ def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:
     ``aux`` is what ``lorajax.adapt(...)(..., adapter_aux=True)`` returned: per
     target statistics of variants with load-balancing buffers (FlyLoRA's and
     SMoRA's routing bias). Targets without statistics are unchanged; for
-    variants without ``has_aux`` ``aux`` must be empty.
+    variants without an ``update`` ``aux`` must be empty.
     """
     variant = registry.get(spec.variant)
     flat_aux = _adapter_paths(aux) if aux else {}

@@ -53,7 +53,8 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",

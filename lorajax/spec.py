@@ -157,8 +157,6 @@ class Spec:
     @property
     def options(self) -> Any:
         """The variant's options (its `Options` dataclass; it reads like a dict too), defaults filled in."""
-        if isinstance(self._options, tuple):  # a variant on the v1 contract
-            return dict(self._options)
         return self._options
 
     def replace(self, **changes: Any) -> "Spec":

@@ -579,3 +579,17 @@ def test_nnx_merged_mode(variant):
     assert not np.allclose(np.asarray(y), np.asarray(y_base), atol=1e-3)
     # the State was not mutated
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state, before)
+
+
+# ----------------------------------------------------------------------------
+# (k) the declared trainable count equals what init makes
+# ----------------------------------------------------------------------------
+
+
+@parametrize
+def test_trainable_count_formula(variant):
+    spec, variables, _, adapters, _ = setup(variant)
+    v = registry.get(variant)
+    assert v.trainable_count is not None, f"{variant} declares no trainable_count"
+    selected = lorajax.targets.select(spec, variables)
+    assert v.trainable_count(selected) == lorajax.count_params(spec, variables, adapters)["trainable"]

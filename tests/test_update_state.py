@@ -1,6 +1,6 @@
 """Load-balancing state: adapt(..., adapter_aux=True) -> update_state, and the train step.
 
-Uses a toy ``has_aux`` variant registered for the test only: ``y = x W + (x A) B``
+Uses a toy routing-style variant registered for the test only: ``y = x W + (x A) B``
 with statistics ``counts[j] = #tokens with (x A)[:, j] > 0`` and the frozen
 buffer ``seen += counts``.
 """
@@ -17,7 +17,7 @@ import pytest
 
 import lorajax
 from lorajax import registry
-from lorajax.variants.base import Variant
+from lorajax.variants.base import EVAL, Variant
 
 
 def _init(key, w, t):
@@ -25,9 +25,10 @@ def _init(key, w, t):
             "seen": jnp.zeros((t.rank,))}
 
 
-def _apply(x, w, adapter, t):
+def _apply(x, w, adapter, t, ctx=EVAL):
     h = x @ adapter["A"]
-    return x @ w + h @ adapter["B"], {"counts": jnp.sum(h > 0, axis=0).astype(jnp.float32)}
+    ctx.sow({"counts": jnp.sum(h > 0, axis=0).astype(jnp.float32)})
+    return x @ w + h @ adapter["B"]
 
 
 def _update(adapter, aux, t):
@@ -37,8 +38,8 @@ def _update(adapter, aux, t):
 @pytest.fixture(autouse=True)
 def toy_variant(monkeypatch):
     module = types.ModuleType("lorajax.variants._toy_aux")
-    module.VARIANT = Variant(name="toy_aux", init=_init, adapted=None, apply=_apply, has_aux=True,
-                             update=_update, frozen=frozenset({"seen"}))
+    module.VARIANT = Variant(name="toy_aux", init=_init, adapted=None, apply=_apply, update=_update,
+                             buffers=("seen",))
     monkeypatch.setitem(sys.modules, "lorajax.variants._toy_aux", module)
     monkeypatch.setitem(registry._MODULES, "toy_aux", "_toy_aux")
 
@@ -110,9 +111,11 @@ def test_train_step_refreshes_frozen_state():
     assert trainable["params"]["d"]["kernel"]["seen"] is None
 
 
-def test_has_aux_needs_apply_and_update():
-    with pytest.raises(ValueError, match="has_aux"):
-        Variant(name="bad", init=_init, adapted=None, apply=_apply, has_aux=True)
+def test_variant_needs_a_forward_and_typed_options():
+    with pytest.raises(ValueError, match="adapted .mergeable. or apply"):
+        Variant(name="bad", init=_init, adapted=None)
+    with pytest.raises(TypeError, match="Options dataclass"):
+        Variant(name="bad", init=_init, adapted=None, apply=_apply, options={"x": 1})
 
 
 def test_fit_checkpoints_the_refreshed_state(tmp_path):

@@ -32,10 +32,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import safetensors.flax
 from safetensors import SafetensorError, safe_open
 
 from lorajax.jsonfile import read_object
-import safetensors.flax
 
 __all__ = ["from_pretrained", "save_pretrained", "FAMILIES", "load_config"]
 

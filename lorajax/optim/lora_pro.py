@@ -131,10 +131,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lorajax import registry
 from lorajax.optim._checks import check, is_number, is_traced
 from lorajax.optim.labels import leaf_name
 from lorajax.spec import Spec
-from lorajax.targets import pattern_value, key_names, module_name
+from lorajax.targets import key_names, module_name, pattern_value
+from lorajax.variants.base import Target
 
 __all__ = [
     "lora_gradients", "equivalent_gradient", "lora_pro_projection", "solve_sylvester", "optimal_x",
@@ -350,15 +352,15 @@ def _find_pairs(tree: Any, who: str, *, allow_other: bool) -> tuple[list[_Pair],
 def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
     """``(pair keys, lora_A) -> s`` from a Spec, a number, a ``{regex: s}`` mapping or a callable."""
     if isinstance(spec, Spec):
-        if spec.variant != "lora":
-            raise ValueError(f"lora_pro: spec.variant is {spec.variant!r}; the equations assume W + s·A·B "
-                             "(variant 'lora'); pass the scale itself (a number or mapping) to use other trees")
-        rslora = bool(spec.options.get("use_rslora", False))
+        factors = registry.plain_lora(spec.variant, "lora_pro (its equations assume W + s·A·B; pass the scale "
+                                                    "itself, a number or mapping, to use other trees)").factors
 
         def from_spec(keys, a):
-            alpha = float(pattern_value(spec.alpha_pattern, module_name(keys), spec.alpha))
-            r = a.shape[1]
-            return alpha / math.sqrt(r) if rslora else alpha / r
+            name = module_name(keys)
+            alpha = float(pattern_value(spec.alpha_pattern, name, spec.alpha))
+            t = Target(keys=tuple(keys), name=name, shape=(a.shape[0], 1), in_axes=1, rank=a.shape[1], alpha=alpha,
+                       options=spec.options)
+            return factors.scale(t)
 
         return from_spec
     if is_number(spec):
@@ -567,7 +569,8 @@ def _official_clip(inner: optax.GradientTransformation, max_norm: float) -> opta
 
 
 def lora_pro(learning_rate: optax.ScalarOrSchedule, *, spec: Any, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "full", x_mode: str = "sylvester", delta: float = 1e-8,
+             eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "full", x_mode: str = "sylvester",
+             delta: float = 1e-8,
              other: optax.GradientTransformation | None = None, moment_dtype: Any = None,
              official_quirks: bool = False, official_clip_norm: float | None = None,
              skip_nonfinite_steps: bool = True) -> optax.GradientTransformation:

@@ -45,9 +45,11 @@ import jax.numpy as jnp
 import optax
 
 from lorajax import adapters as adapters_lib
+from lorajax import registry
 from lorajax.optim._checks import check
 from lorajax.optim.labels import leaf_labels, leaf_name
 from lorajax.spec import Spec
+from lorajax.variants import sora as sora_variant
 
 __all__ = ["soft_threshold", "quirk_threshold", "proximal", "sora_gate_optimizer", "sora", "gate_penalty", "prune"]
 
@@ -143,6 +145,11 @@ def gate_penalty(adapters: Any, lam: float) -> jax.Array:
     return lam * total / sum(g.size for g in gates)
 
 
+def is_sora(variant: str) -> bool:
+    """True when the registered ``variant`` is SoRA (under any alias): its adapters carry the gate."""
+    return variant in registry.list_variants() and registry.get(variant) is sora_variant.VARIANT
+
+
 def prune(spec: Spec, params: Any, adapters: Any) -> tuple[Spec, dict]:
     """Delete zero gate entries: ``(lora_spec, lora_adapters)`` with the same adapted weights.
 
@@ -152,7 +159,7 @@ def prune(spec: Spec, params: Any, adapters: Any) -> tuple[Spec, dict]:
     dropped (their update is zero). Runs on concrete arrays (not under jit):
     the new ranks are data-dependent.
     """
-    if spec.variant != "sora":
+    if not is_sora(spec.variant):
         raise ValueError(f"prune needs SoRA adapters, got variant {spec.variant!r}")
     selected, index, _ = adapters_lib.resolve(spec, params, adapters)
     kept, flat, ranks = [], {}, {}

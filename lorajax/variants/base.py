@@ -44,6 +44,8 @@ from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
+from lorajax.variants.options import NoOptions, Options
+
 __all__ = ["Variant", "Target", "Context", "EVAL", "Factors", "PeftFormat", "SHARED_KEY", "scaling", "additive",
            "balance_bias"]
 
@@ -147,14 +149,16 @@ class PeftFormat:
       duplicates: shared entries PEFT also writes per module (dropped on load).
       accepts: ``accepts(config) -> bool`` when two variants share a type
         (LoRA and DoRA: ``use_dora``); None accepts every config of the types.
-      from_config: ``from_config(config, common) -> Spec`` where ``common`` has
-        the selection keywords (rank, targets, exclude, layers).
+      from_config: ``from_config(config, common, options) -> Spec`` where
+        ``common`` has the selection keywords (rank, targets, exclude, layers)
+        and ``options`` the loader's ``{"module_order", "tensor_names", "dtype"}``.
       to_config: ``to_config(spec, targets) -> dict`` of the type's fields.
       shared_fits: ``shared_fits(entry, array, like) -> bool`` for shared tensors
         that may be larger than needed (VeRA); None: shapes must be equal.
       load_extra / save_extra: hooks for formats that keep more than tensors
         per target (Uni-LoRA's indices): ``load_extra(spec, params, targets,
-        tensors, template, options) -> adapters`` replaces the generic loading;
+        tensors, template, options) -> adapters`` (``template()`` builds the
+        initial adapters) replaces the generic loading;
         ``save_extra(spec, targets, index, shared) -> {name: array}``.
     """
 
@@ -182,8 +186,8 @@ class Variant:
     unadapted: Callable | None = None
     init_shared: Callable | None = None
     update: Callable | None = None
-    #: the `Options` dataclass (a legacy variant gives a dict of defaults and ``validate``)
-    options: Any = dataclasses.field(default_factory=dict)
+    #: the `Options` dataclass
+    options: type = NoOptions
     #: regexes of adapter entries that are buffers, never trained
     buffers: tuple = ()
     #: False where the rank may exceed min(in, out) (VeRA's shared projections).
@@ -193,24 +197,16 @@ class Variant:
     peft: PeftFormat | None = None
     trainable_count: Callable | None = None
     doc: str = ""
-    # --- legacy (contract v1), removed once every variant is ported
-    frozen: frozenset = frozenset()
-    validate: Callable | None = None
-    uses_context: bool = False
-    has_aux: bool = False
 
     def __post_init__(self):
         if self.adapted is None and self.apply is None:
             raise ValueError(f"variant {self.name!r} needs adapted (mergeable) or apply (factored) or both")
-        if self.has_aux and (self.apply is None or self.update is None):
-            raise ValueError(f"variant {self.name!r}: has_aux needs both apply (returning (y, aux)) and update")
-        if self.v2:
-            object.__setattr__(self, "_buffer_res", tuple(re.compile(p) for p in self.buffers))
-
-    @property
-    def v2(self) -> bool:
-        """True for a variant on the v2 contract (typed options, one call protocol)."""
-        return isinstance(self.options, type)
+        if not (isinstance(self.options, type) and issubclass(self.options, Options)):
+            raise TypeError(f"variant {self.name!r}: options must be an Options dataclass, got {self.options!r}")
+        if isinstance(self.buffers, str):
+            raise TypeError(f"variant {self.name!r}: buffers must be a tuple of regexes, "
+                            f"got the string {self.buffers!r}")
+        object.__setattr__(self, "_buffer_res", tuple(re.compile(p) for p in self.buffers))
 
     @property
     def mergeable(self) -> bool:
@@ -218,29 +214,11 @@ class Variant:
 
     def is_buffer(self, entry: str) -> bool:
         """True when the adapter entry ``entry`` is a buffer (never trained)."""
-        if self.v2:
-            return any(p.fullmatch(entry) for p in self._buffer_res)  # type: ignore[attr-defined]
-        return entry in self.frozen
+        return any(p.fullmatch(entry) for p in self._buffer_res)  # type: ignore[attr-defined]
 
     def build_options(self, **values: Any) -> Any:
-        """The variant's options from keywords (defaults filled in, checked)."""
-        if self.v2:
-            return self.options.build(self.name, **values)
-        import difflib
-
-        from lorajax.variants.options import freeze
-
-        known = dict(self.options)
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=3)
-                hint = f" Did you mean {close}?" if close else ""
-                raise TypeError(f"unknown option {key!r} for variant {self.name!r}.{hint} "
-                                f"Options of {self.name!r}: {sorted(known) or 'none'}")
-        merged = {**known, **values}
-        if self.validate is not None:
-            self.validate(merged)
-        return freeze(merged)
+        """The variant's `Options` from keywords (defaults filled in, checked)."""
+        return self.options.build(self.name, **values)
 
 
 def additive(delta: Callable) -> tuple[Callable, Callable]:
