@@ -115,12 +115,12 @@ def main(argv=None) -> None:
 
     tx = optax.adamw(1e-4)
     lora_step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
-    lora_jit = jax.jit(lora_step, donate_argnums=(1, 3))
-    state = {"tr": trainable, "opt": tx.init(trainable)}
+    lora_jit = jax.jit(lora_step, donate_argnums=(1,))
+    state = {"lora": lorajax.train.TrainState.create(tx, trainable, frozen)}
 
     def run_lora():
-        state["tr"], state["opt"], loss = lora_jit(variables, state["tr"], frozen, state["opt"], ids)
-        jax.block_until_ready(loss)
+        state["lora"], metrics = lora_jit(variables, state["lora"], ids)
+        jax.block_until_ready(metrics)
 
     lora_first, lora_s = median_time(run_lora, args.steps)
 
@@ -128,14 +128,12 @@ def main(argv=None) -> None:
         return ce(model.apply({"params": p}, ids), ids)
 
     full_step = lorajax.train.make_lora_step(full_loss, tx, jit=False)
-    full_jit = jax.jit(full_step, donate_argnums=(1, 3))
-    fstate = {"p": jax.tree.map(jnp.copy, params)}
-    fstate["opt"] = tx.init(fstate["p"])
-    none = jax.tree.map(lambda _: None, params)
+    full_jit = jax.jit(full_step, donate_argnums=(1,))
+    fstate = {"full": lorajax.train.TrainState.create(tx, jax.tree.map(jnp.copy, params))}
 
     def run_full():
-        fstate["p"], fstate["opt"], loss = full_jit(None, fstate["p"], none, fstate["opt"], ids)
-        jax.block_until_ready(loss)
+        fstate["full"], metrics = full_jit(None, fstate["full"], ids)
+        jax.block_until_ready(metrics)
 
     full_first, full_s = median_time(run_full, args.steps)
     xa, xb = jnp.ones((2048, 512)), jnp.ones((512, 1376))
@@ -143,11 +141,10 @@ def main(argv=None) -> None:
     _, jax_mm = median_time(lambda: jax.block_until_ready(mm(xa, xb)), 10)
 
     # structural checks
-    tr0, _ = lorajax.partition(spec, lorajax.init(spec, variables, 0))
-    opt0 = tx.init(tr0)
-    lora_gf = dot_flops(jax.make_jaxpr(lora_step)(variables, tr0, frozen, opt0, ids).jaxpr) / 1e9
-    full_gf = dot_flops(jax.make_jaxpr(full_step)(None, params, none, tx.init(params), ids).jaxpr) / 1e9
-    hlo = jax.jit(lora_step).lower(variables, tr0, frozen, opt0, ids).compile().as_text()
+    state0 = lorajax.train.TrainState.create(tx, *lorajax.partition(spec, lorajax.init(spec, variables, 0)))
+    lora_gf = dot_flops(jax.make_jaxpr(lora_step)(variables, state0, ids).jaxpr) / 1e9
+    full_gf = dot_flops(jax.make_jaxpr(full_step)(None, lorajax.train.TrainState.create(tx, params), ids).jaxpr) / 1e9
+    hlo = jax.jit(lora_step).lower(variables, state0, ids).compile().as_text()
     weight_shapes = {f"{w.shape[0]},{w.shape[1]}" for w in jax.tree.leaves(params) if w.ndim == 2}
     weight_shapes |= {f"{s.split(',')[1]},{s.split(',')[0]}" for s in weight_shapes}
     dw_dots = [d for d in re.findall(r"f32\[([0-9,]+)\]\{[0-9,]*\} dot\(", hlo) if d in weight_shapes]

@@ -99,7 +99,9 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
 
         step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(1, 3)).lower(p_sds, a_sds, empty, o_sds, tokens).compile()
+        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=a_sds, frozen=empty,
+                                         opt_state=o_sds)
+        compiled = jax.jit(step, donate_argnums=(1,)).lower(p_sds, state, tokens).compile()
         rows.append(_row(f"LoRA r=16{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
                          n_params, n_adapter, full=False))
 
@@ -108,8 +110,9 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
 
         full_step = lorajax.train.make_lora_step(full_loss, tx, jit=False)
         t0 = time.perf_counter()
-        compiled = jax.jit(full_step, donate_argnums=(1, 3)).lower(
-            None, p_sds, jax.tree.map(lambda _: None, params), opt_full, tokens).compile()
+        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=p_sds,
+                                         frozen=jax.tree.map(lambda _: None, params), opt_state=opt_full)
+        compiled = jax.jit(full_step, donate_argnums=(1,)).lower(None, state, tokens).compile()
         rows.append(_row(f"full FT{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
                          n_params, n_params, full=True))
     return rows

@@ -175,24 +175,19 @@ def make_runner(variant: str, model, variables, batch):
     adapters = lorajax.init(spec, variables, 0)
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
-    aux = registry.get(variant).has_aux  # load-balanced routing (FlyLoRA, SMoRA)
 
-    def loss_fn(v, adapters, batch):
+    def loss_fn(v, adapters, batch):  # aux: routing statistics (FlyLoRA, SMoRA), {} for the others
         ids, rng = batch  # the rng only matters to sampling variants (DyLoRA's rank)
-        out = fwd(v, adapters, ids, adapter_rng=rng, adapter_train=True, adapter_aux=aux)
-        return (ce(out[0], ids), out[1]) if aux else ce(out, ids)
+        logits, aux = fwd(v, adapters, ids, adapter_rng=rng, adapter_train=True, adapter_aux=True)
+        return ce(logits, ids), aux
 
     tx = optax.adamw(1e-4)
-    step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec) if aux else None)
-    state = {"tr": trainable, "fr": frozen, "opt": tx.init(trainable)}
+    step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec))
+    state = {"now": lorajax.train.TrainState.create(tx, trainable, frozen)}
 
     def run():
-        out = step(variables, state["tr"], state["fr"], state["opt"], batch)
-        if aux:
-            state["tr"], state["fr"], state["opt"], loss = out
-        else:
-            state["tr"], state["opt"], loss = out
-        jax.block_until_ready((state, loss))
+        state["now"], metrics = step(variables, state["now"], batch)
+        jax.block_until_ready((state, metrics))
 
     return run, lorajax.count_params(spec, variables, adapters)["trainable"]
 

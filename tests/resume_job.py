@@ -28,9 +28,10 @@ def main(out_dir: str, steps: int) -> None:
     def loss_fn(params, adapters, batch):
         return next_token_loss(fwd(params, adapters, batch[:, :-1]), batch)
 
-    trainable, _ = lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, steps,
-                                     out_dir=out_dir, ckpt_every=3, keep=2, log_every=2, progress=False)
-    leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    tx = optax.adam(1e-2)
+    state, _ = lorajax.train.fit(loss_fn, tx, variables, lorajax.train.TrainState.create(tx, trainable, frozen),
+                                 batch_fn, steps, out_dir=out_dir, ckpt_every=3, keep=2, log_every=2, progress=False)
+    leaves = jax.tree_util.tree_flatten_with_path(state.trainable)[0]
     safetensors.numpy.save_file({jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves},
                                 f"{out_dir}/final.safetensors")
 

@@ -102,13 +102,40 @@ def test_train_step_refreshes_frozen_state():
     tx = optax.sgd(0.1)
     trainable, frozen = lorajax.partition(spec, adapters)
     step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec))
-    opt = tx.init(trainable)
+    state = lorajax.train.TrainState.create(tx, trainable, frozen)
     seen0 = np.asarray(frozen["params"]["d"]["kernel"]["seen"]).copy()
-    trainable, frozen, opt, loss = step(variables, trainable, frozen, opt, x)
-    assert np.isfinite(float(loss))
-    assert frozen["params"]["d"]["kernel"]["A"] is None  # still the frozen half only
-    assert float(np.sum(np.asarray(frozen["params"]["d"]["kernel"]["seen"]) - seen0)) > 0
-    assert trainable["params"]["d"]["kernel"]["seen"] is None
+    state, metrics = step(variables, state, x)
+    assert np.isfinite(float(metrics["loss"])) and bool(metrics["finite"])
+    assert state.frozen["params"]["d"]["kernel"]["A"] is None  # still the frozen half only
+    assert float(np.sum(np.asarray(state.frozen["params"]["d"]["kernel"]["seen"]) - seen0)) > 0
+    assert state.trainable["params"]["d"]["kernel"]["seen"] is None
+
+
+def test_state_update_needs_aux():
+    model, x, variables, spec, adapters = _setup()
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    tx = optax.sgd(0.1)
+    step = lorajax.train.make_lora_step(lambda p, a, b: jnp.mean(fwd(p, a, b) ** 2), tx,
+                                        state_update=lorajax.train.refresh_state(spec))
+    with pytest.raises(ValueError, match="state_update needs loss_fn to return"):
+        step(variables, lorajax.train.TrainState.create(tx, *lorajax.partition(spec, adapters)), x)
+
+
+def test_refresh_state_leaves_other_variants_unchanged():
+    """A variant without routing state returns aux == {}: refresh_state is then the identity."""
+    model, x, variables, _, _ = _setup()
+    spec = lorajax.Spec("lora", rank=2, targets=["d"])
+    adapters = lorajax.init(spec, variables, 0)
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+    def loss_fn(params, adapters, batch):
+        out, aux = fwd(params, adapters, batch, adapter_aux=True)
+        return jnp.mean(out ** 2), aux
+
+    tx = optax.sgd(0.1)
+    step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec))
+    state, metrics = step(variables, lorajax.train.TrainState.create(tx, *lorajax.partition(spec, adapters)), x)
+    assert int(state.step) == 1 and bool(metrics["finite"])
 
 
 def test_variant_needs_a_forward_and_typed_options():
@@ -127,17 +154,25 @@ def test_fit_checkpoints_the_refreshed_state(tmp_path):
         out, aux = fwd(params, adapters, batch, adapter_aux=True)
         return jnp.mean(out ** 2), aux
 
-    trainable, frozen = lorajax.partition(spec, adapters)
+    tx = optax.adam(1e-2)
+    state0 = lorajax.train.TrainState.create(tx, *lorajax.partition(spec, adapters))
     batch_fn = lambda step: x * (1.0 + 0.1 * step)  # noqa: E731
     kw = dict(state_update=lorajax.train.refresh_state(spec), progress=False, ckpt_every=2, log_every=2)
-    (tr_full, fr_full), _ = lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 6,
-                                              out_dir=str(tmp_path / "a"), **kw)
-    lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 4,
-                      out_dir=str(tmp_path / "b"), **kw)
-    (tr_res, fr_res), _ = lorajax.train.fit(loss_fn, optax.adam(1e-2), variables, trainable, frozen, batch_fn, 6,
-                                            out_dir=str(tmp_path / "b"), **kw)
-    assert float(fr_full["params"]["d"]["kernel"]["seen"].sum()) > 0
-    for a, b in zip(jax.tree.leaves((tr_full, fr_full)), jax.tree.leaves((tr_res, fr_res))):
+    full, _ = lorajax.train.fit(loss_fn, tx, variables, state0, batch_fn, 6, out_dir=str(tmp_path / "a"), **kw)
+    lorajax.train.fit(loss_fn, tx, variables, state0, batch_fn, 4, out_dir=str(tmp_path / "b"), **kw)
+    resumed, _ = lorajax.train.fit(loss_fn, tx, variables, state0, batch_fn, 6, out_dir=str(tmp_path / "b"), **kw)
+    assert float(full.frozen["params"]["d"]["kernel"]["seen"].sum()) > 0
+    assert int(full.step) == int(resumed.step) == 6
+    assert int(state0.step) == 0  # fit copies the state it is given: the caller's stays valid
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    # without out_dir, fit continues from the state's own step
+    part, _ = lorajax.train.fit(loss_fn, tx, variables, state0, batch_fn, 4, progress=False, **{
+        k: v for k, v in kw.items() if k != "progress"})
+    cont, hist = lorajax.train.fit(loss_fn, tx, variables, part, batch_fn, 6, progress=False, **{
+        k: v for k, v in kw.items() if k != "progress"})
+    assert [h["step"] for h in hist] == [6]
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cont)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -158,6 +193,7 @@ def test_fit_survives_an_optimiser_whose_state_aliases_one_array():
     def loss_fn(p, a, x):
         return jnp.sum((x @ lorajax.merge(spec, p, a)["d"]["kernel"]) ** 2)
 
-    out, hist = lorajax.train.fit(loss_fn, tx, params, trainable, frozen, lambda s: jnp.ones((2, 4)), 3,
+    state = lorajax.train.TrainState.create(tx, trainable, frozen)
+    out, hist = lorajax.train.fit(loss_fn, tx, params, state, lambda s: jnp.ones((2, 4)), 3,
                                   progress=False, log_every=1)
     assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,164 +86,239 @@ def head_logits(head: dict, pooled_BxD: jax.Array) -> jax.Array:
     return pooled_BxD @ head["kernel"] + head["bias"][None, :]
 
 
-def run(cfg: RunConfig) -> dict:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _placed(tree, mesh, **kw):
+    """``tree`` split over ``mesh`` by `lorajax.sharding.shard` (BERT rules; ``rules=[]`` replicates)."""
+    return tree if mesh is None else sharding.shard(tree, mesh, **kw)
+
+
+def _size(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+class Encoder(NamedTuple):
+    """The pre-trained encoder, its tokenizer and the device mesh."""
+
+    model: bert.BertModel  # the Flax module (cloned with token sharding on a mesh)
+    params: dict  # its weights (unsharded)
+    tok: Tokenizer
+    mesh: Any  # a `lorajax.sharding` mesh, or None (one device)
+
+
+class Body(NamedTuple):
+    """What is trained in the encoder: adapters (`adapter_body`) or every weight (`full_body`).
+
+    The trained tree is ``{name: trainable, "head": head}`` with frozen
+    counterpart ``{name: frozen, "head": None...}``; ``base`` is the step's
+    frozen ``params`` argument.
+    """
+
+    name: str  # "adapters" | "encoder": the key of the encoder part of the trained tree
+    run_dir: str  # "lora" | "full": the training folder (checkpoints, metrics) under out_dir
+    desc: str  # the progress bar's name: the variant, or "full fine-tuning"
+    label: str  # the run's name in the results table
+    base: Any  # the frozen weights the step receives (Flax variables), or None when the encoder is trained
+    trainable: Any  # its trainable leaves (the adapters' trainable half, or the encoder's params)
+    frozen: Any  # the frozen adapter buffers (None leaves where trainable)
+    tx: optax.GradientTransformation  # its optimiser (the head gets its own)
+    hidden: Callable  # hidden(base, tree, batch, rng, train) -> (hidden_BxLxD, aux); ``tree`` = the combined part
+    refresh: Callable | None  # state_update(base, combined, aux) -> combined, or None (nothing to refresh)
+    export: Callable  # export(out, combined) -> {result: value}: the trained encoder part's artefacts
+
+
+def load_encoder(cfg: RunConfig) -> Encoder:
     path = model_path(cfg.model)
     model, params = lorajax.models.from_pretrained(path)
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     if mesh is not None:
         model = model.clone(token_sharding=sharding.token_sharding(mesh))  # FSDP gathers weights, not tokens
-    tok = Tokenizer.from_pretrained(path)
-    data = load_data(cfg, tok)
+    return Encoder(model, params, Tokenizer.from_pretrained(path), mesh)
+
+
+def init_head(cfg: RunConfig, dim: int) -> dict:
     n_classes = len(speeches.GENRES)
-    dim = model.cfg.hidden_size
-    head0 = {"kernel": 0.02 * jax.random.normal(jax.random.key(cfg.seed), (dim, n_classes)),
-             "bias": jnp.zeros((n_classes,))}
-    variables = {"params": params}
+    return {"kernel": 0.02 * jax.random.normal(jax.random.key(cfg.seed), (dim, n_classes)),
+            "bias": jnp.zeros((n_classes,))}
 
-    def encode(variables, batch):
-        hidden = model.apply(variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return bert.mean_pool(hidden, batch["attention_mask"])
 
+def _batches(d: dict, size: int = 64):
+    """The rows of ``d`` in order, ``size`` at a time, as device arrays (labels left out)."""
+    for i in range(0, len(d["label"]), size):
+        yield {k: jnp.asarray(v[i:i + size]) for k, v in d.items() if k != "label"}
+
+
+def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
+    """Frozen encoder + trained head: mean-pooled features are computed once, then only the head is trained."""
+    variables = {"params": enc.params}
+    encode = jax.jit(lambda v, b: bert.mean_pool(enc.model.apply(v, b["input_ids"], b["attention_mask"],
+                                                                 b["token_type_ids"]), b["attention_mask"]))
+    feats = {split: {"pooled": np.concatenate([np.asarray(encode(variables, b)) for b in _batches(d)]),
+                     "label": d["label"]} for split, d in data.items()}
+
+    def loss_fn(_, tree, batch):
+        logits = head_logits(tree["head"], batch["pooled"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    tx = make_tx(cfg, cfg.optim.head_lr, adapters=False)
+    head0 = init_head(cfg, enc.model.cfg.hidden_size)
+    state, hist = lorajax.train.fit(loss_fn, tx, None, lorajax.train.TrainState.create(tx, {"head": head0}),
+                                    batch_fn_for(feats["train"], cfg.batch_size, cfg.seed), cfg.steps,
+                                    progress=cfg.progress, desc="baseline: frozen encoder + head")
+    pred = np.argmax(np.asarray(head_logits(state.trainable["head"], jnp.asarray(feats["test"]["pooled"]))), -1)
+    curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+    return {"baseline_test_acc": float(np.mean(pred == feats["test"]["label"])),
+            "baseline_trainable": _size(head0), "baseline_loss_curve": curve, "baseline_final_loss": curve[-1][1]}
+
+
+def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
+    """``cfg.spec``'s adapters on the frozen encoder (any registered variant)."""
+    s = cfg.spec
+    options = {"use_rslora": True} if s.use_rslora else {}
+    spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
+                        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
+                        exclude=list(s.exclude) or None, **options)
+    variables = {"params": enc.params}
+    trainable, frozen = lorajax.partition(spec, lorajax.init(spec, variables, jax.random.key(cfg.seed + 1)))
+    fwd = lorajax.adapt(enc.model.apply, spec, mode="factored")
+
+    def hidden(base, adapters, batch, rng, train):  # aux: routing statistics (FlyLoRA, SMoRA), else {}
+        return fwd(base, adapters, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                   adapter_rng=rng, adapter_train=train, adapter_aux=True)
+
+    def refresh(base, tree, aux):  # routing variants' load-balancing bias; the identity for the others
+        return {**tree, "adapters": lorajax.update_state(spec, base, tree["adapters"], aux)}
+
+    def export(out: Path, tree: dict) -> dict:
+        ckpt = Checkpointer(out / "adapters_orbax", keep=1)
+        ckpt.save(cfg.steps, tree, {"spec": repr(spec)})  # trainable leaves and frozen buffers
+        ckpt.close()
+        try:
+            lorajax.peft.save(out / "peft_adapter", spec, tree["adapters"], variables,
+                              base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2"
+                              if cfg.model == "minilm" else cfg.model)
+            return {"peft_export": True}
+        except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
+            print(f"no PEFT export: {e}", flush=True)
+            return {}
+
+    mesh = enc.mesh  # BERT rules for the encoder weights, the adapters follow them
+    return Body(name="adapters", run_dir="lora", desc=spec.variant,
+                label=f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}",
+                base=_placed(variables, mesh), trainable=_placed(trainable, mesh, like=variables),
+                frozen=_placed(frozen, mesh, like=variables), tx=make_tx(cfg, cfg.optim.lr, adapters=True, spec=spec),
+                hidden=hidden, refresh=refresh, export=export)
+
+
+def full_body(cfg: RunConfig, enc: Encoder) -> Body:
+    """Full fine-tuning: every encoder weight is trainable, nothing is frozen, no base params are passed."""
+    def hidden(_, params, batch, rng, train):
+        return enc.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                               batch["token_type_ids"]), {}
+
+    def export(out: Path, tree: dict) -> dict:  # HF format (transformers' from_pretrained loads it)
+        lorajax.models.save_pretrained(out / "model", enc.model, tree["encoder"])
+        return {}
+
+    return Body(name="encoder", run_dir="full", desc="full fine-tuning", label=f"full fine-tuning ({cfg.optim.name})",
+                base=None, trainable=_placed(enc.params, enc.mesh), frozen=jax.tree.map(lambda _: None, enc.params),
+                tx=make_tx(cfg, cfg.optim.lr, adapters=False, full=enc.params), hidden=hidden, refresh=None,
+                export=export)
+
+
+def pooled_fn(cfg: RunConfig, body: Body) -> Callable:
+    """``pooled(base, tree, batch, train) -> (pooled_BxD, aux)``: the encoder part of ``tree``, mean-pooled."""
+    step_rng = jax.random.key(cfg.seed + 2)  # variants that sample in training (DyLoRA's rank): folded with the step
+
+    def pooled(base, tree, batch, train):
+        rng = jax.random.fold_in(step_rng, batch["step"]) if train else None
+        hidden_BxLxD, aux = body.hidden(base, tree[body.name], batch, rng, train)
+        return bert.mean_pool(hidden_BxLxD, batch["attention_mask"]), aux
+
+    return pooled
+
+
+def accuracy_fn(body: Body, pooled: Callable, test: dict) -> Callable[[lorajax.train.TrainState], float]:
+    """``accuracy(state)`` on the ``test`` rows."""
+    predict = jax.jit(lambda base, tree, b: jnp.argmax(head_logits(tree["head"], pooled(base, tree, b, False)[0]), -1))
+
+    def accuracy(state: lorajax.train.TrainState) -> float:
+        tree = state.combined
+        preds = [np.asarray(predict(body.base, tree, b)) for b in _batches(test)]
+        return float(np.mean(np.concatenate(preds) == test["label"]))
+
+    return accuracy
+
+
+def train(cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, accuracy: Callable, rows: dict,
+          train_dir: Path) -> tuple[lorajax.train.TrainState, list[dict], dict]:
+    """The body and a new head trained together on ``rows`` (resumable from ``train_dir``).
+
+    Returns ``(state, history, {"opt_state_mb", "train_wall_s"})``.
+    """
+    head = _placed(init_head(cfg, enc.model.cfg.hidden_size), enc.mesh, rules=[])  # replicated
+    trainable = {body.name: body.trainable, "head": head}
+    frozen = {body.name: body.frozen, "head": jax.tree.map(lambda _: None, head)}
+    labels = jax.tree.map(lambda _: body.name, trainable)  # the optimiser of each leaf
+    labels["head"] = jax.tree.map(lambda _: "head", head)
+    tx = optax.multi_transform({body.name: body.tx, "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)}, labels)
+
+    def loss_fn(base, tree, batch):
+        features, aux = pooled(base, tree, batch, train=True)
+        logits = head_logits(tree["head"], features)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss + extra_loss(cfg, tree.get("adapters")), aux
+
+    stats = {"opt_state_mb": lorajax.optim.state_bytes(tx, trainable) / 2**20}  # shapes only, nothing allocated
+    t0 = time.perf_counter()
+    state, hist = lorajax.train.fit(loss_fn, tx, body.base, lorajax.train.TrainState.create(tx, trainable, frozen),
+                                    batch_fn_for(rows, cfg.batch_size, cfg.seed), cfg.steps,
+                                    out_dir=str(train_dir), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+                                    eval_fn=lambda st: {"test_acc": accuracy(st)}, eval_every=cfg.eval_every,
+                                    progress=cfg.progress, desc=f"{body.desc} + head", state_update=body.refresh,
+                                    mesh=enc.mesh)
+    stats["train_wall_s"] = time.perf_counter() - t0
+    return state, hist, stats
+
+
+def evaluate(body: Body, state: lorajax.train.TrainState, hist: list[dict], accuracy: Callable,
+             train_dir: Path) -> dict:
+    """Test accuracy, parameter counts (with the head's), step time and the loss curve of the run."""
+    evals = [h["eval/test_acc"] for h in hist if "eval/test_acc" in h]
+    n_trained, n_head = _size(state.trainable[body.name]), _size(state.trainable["head"])
+    rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
+    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    return {"test_acc": evals[-1] if evals else accuracy(state),
+            "trainable": int(n_trained + n_head),
+            "total": int(_size(body.base) + n_trained + _size(state.frozen[body.name]) + n_head),
+            "step_ms": 1e3 / float(np.median(rates)) if rates else float("nan"),
+            "loss_curve": curve, "final_loss": curve[-1][1] if curve else float("nan")}
+
+
+def export(out: Path, body: Body, state: lorajax.train.TrainState) -> dict:
+    """The head (safetensors) and the body's own artefacts (adapters: orbax + PEFT; full: an HF folder)."""
+    tree = state.combined
+    safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree["head"].items()}, str(out / "head.safetensors"))
+    return {**body.export(out, tree), "spec": body.label}
+
+
+def run(cfg: RunConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = load_encoder(cfg)
+    data = load_data(cfg, enc.tok)
     results: dict = {"n_train": int(len(data["train"]["label"])), "n_test": int(len(data["test"]["label"]))}
-
-    # 1. baseline: frozen encoder + head
-    if cfg.baseline:
-        enc = jax.jit(encode)
-        feats = {}
-        for split in ("train", "test"):
-            d = data[split]
-            feats[split] = {"pooled": np.concatenate([
-                np.asarray(enc(variables, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items() if k != "label"}))
-                for i in range(0, len(d["label"]), 64)]), "label": d["label"]}
-
-        def base_loss(_, trainable, batch):
-            logits = head_logits(trainable["head"], batch["pooled"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-        head, hist = lorajax.train.fit(base_loss, make_tx(cfg, cfg.optim.head_lr, adapters=False), None, {"head": head0},
-                                       {"head": jax.tree.map(lambda _: None, head0)},
-                                       batch_fn_for(feats["train"], cfg.batch_size, cfg.seed), cfg.steps,
-                                       progress=cfg.progress, desc="baseline: frozen encoder + head")
-        pred = np.argmax(np.asarray(head_logits(head["head"], jnp.asarray(feats["test"]["pooled"]))), -1)
-        results["baseline_test_acc"] = float(np.mean(pred == feats["test"]["label"]))
-        results["baseline_trainable"] = int(dim * n_classes + n_classes)
-        results["baseline_loss_curve"] = [(h["step"], h["loss"]) for h in hist if "loss" in h]
-        results["baseline_final_loss"] = results["baseline_loss_curve"][-1][1]
-
+    if cfg.baseline:  # 1. frozen encoder + head
+        results.update(train_baseline(cfg, enc, data))
     if cfg.spec.variant == "none":
         return _finish(cfg, out, results)
-
     # 2. adapters on the encoder + head, or (variant "full") every encoder weight + head
-    s = cfg.spec
-    full = s.variant == "full"
-    if full:  # the encoder's params are the trainable tree; nothing is frozen, no base params are passed
-        spec, stateful, body, base = None, False, "encoder", None
-        trainable = {"encoder": params, "head": head0}
-        frozen = jax.tree.map(lambda _: None, trainable)
-    else:
-        options = {"use_rslora": True} if s.use_rslora else {}
-        spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
-                            targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-                            exclude=list(s.exclude) or None, **options)
-        adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
-        tr, fr = lorajax.partition(spec, adapters)
-        trainable = {"adapters": tr, "head": head0}
-        frozen = {"adapters": fr, "head": jax.tree.map(lambda _: None, head0)}
-        fwd = lorajax.adapt(model.apply, spec, mode="factored")
-        # routing variants (FlyLoRA, SMoRA) return load statistics that refresh their bias every step
-        stateful = lorajax.registry.get(spec.variant).has_aux
-        body, base = "adapters", variables
-
-    def pooled(variables, comb, batch, train=False):
-        if full:  # the plain encoder with the trained weights
-            hidden = model.apply({"params": comb["encoder"]}, batch["input_ids"], batch["attention_mask"],
-                                 batch["token_type_ids"])
-            return bert.mean_pool(hidden, batch["attention_mask"]), None
-        # variants that sample in training (DyLoRA's rank) draw from a key derived from the step
-        rng = jax.random.fold_in(jax.random.key(cfg.seed + 2), batch["step"]) if train else None
-        out = fwd(variables, comb["adapters"], batch["input_ids"], batch["attention_mask"],
-                  batch["token_type_ids"], adapter_rng=rng, adapter_train=train, adapter_aux=True)
-        hidden, aux = out
-        return bert.mean_pool(hidden, batch["attention_mask"]), aux
-
-    def loss_fn(variables, comb, batch):
-        features, aux = pooled(variables, comb, batch, train=True)
-        logits = head_logits(comb["head"], features)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        loss = loss + extra_loss(cfg, comb.get("adapters"))
-        return (loss, aux) if stateful else loss
-
-    def refresh(variables, comb, aux):
-        return {**comb, "adapters": lorajax.update_state(spec, variables, comb["adapters"], aux)}
-
-    predict = jax.jit(lambda v, comb, b: jnp.argmax(head_logits(comb["head"], pooled(v, comb, b)[0]), -1))
-
-    def accuracy(state) -> float:
-        comb = lorajax.combine(*state) if stateful else lorajax.combine(state, frozen)
-        d = data["test"]
-        preds = [np.asarray(predict(base, comb, {k: jnp.asarray(v[i:i + 64]) for k, v in d.items()}))
-                 for i in range(0, len(d["label"]), 64)]
-        return float(np.mean(np.concatenate(preds) == d["label"]))
-
-    if mesh is not None:  # BERT rules for the encoder weights, adapters follow them, the head is replicated
-        if full:
-            trainable = {"encoder": sharding.shard(params, mesh), "head": sharding.shard(head0, mesh, rules=[])}
-        else:
-            trainable = {"adapters": sharding.shard(trainable["adapters"], mesh, like=variables),
-                         "head": sharding.shard(head0, mesh, rules=[])}
-            frozen = {"adapters": sharding.shard(frozen["adapters"], mesh, like=variables), "head": frozen["head"]}
-            base = sharding.shard(variables, mesh)
-
-    labels = {body: jax.tree.map(lambda _: body, trainable[body]), "head": jax.tree.map(lambda _: "head", head0)}
-    body_tx = make_tx(cfg, cfg.optim.lr, adapters=not full, spec=spec, full=params if full else None)
-    tx = optax.multi_transform({body: body_tx, "head": make_tx(cfg, cfg.optim.head_lr, adapters=False)}, labels)
-    train_dir = out / ("full" if full else "lora")
-    results["opt_state_mb"] = lorajax.optim.state_bytes(tx, trainable) / 2**20  # shapes only, nothing allocated
-    t0 = time.perf_counter()
-    state, hist = lorajax.train.fit(loss_fn, tx, base, trainable, frozen,
-                                    batch_fn_for(data["train"], cfg.batch_size, cfg.seed), cfg.steps,
-                                    out_dir=str(train_dir), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-                                    eval_fn=lambda t: {"test_acc": accuracy(t)}, eval_every=cfg.eval_every,
-                                    progress=cfg.progress, desc=f"{'full fine-tuning' if full else spec.variant} + head",
-                                    state_update=refresh if stateful else None, mesh=mesh)
-    wall = time.perf_counter() - t0
-    trainable, frozen = state if stateful else (state, frozen)
-    comb = lorajax.combine(trainable, frozen)
-    results["test_acc"] = [h for h in hist if "eval/test_acc" in h][-1]["eval/test_acc"] if hist else \
-        accuracy(state)
-    if full:
-        n_encoder = sum(x.size for x in jax.tree.leaves(params))
-        counts = {"trainable": n_encoder, "total": n_encoder}
-    else:
-        counts = lorajax.count_params(spec, variables, comb["adapters"])
-    results["trainable"] = int(counts["trainable"] + results.get("baseline_trainable", dim * n_classes + n_classes))
-    results["total"] = int(counts["total"] + dim * n_classes + n_classes)
-    rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
-    results["step_ms"] = 1e3 / float(np.median(rates)) if rates else float("nan")
-    results["train_wall_s"] = wall
-    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    results["loss_curve"] = [(r["step"], r["loss"]) for r in lines if "loss" in r]
-    results["final_loss"] = results["loss_curve"][-1][1] if results["loss_curve"] else float("nan")
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in comb["head"].items()}, str(out / "head.safetensors"))
-    if full:  # the fine-tuned encoder in HF format (transformers' from_pretrained loads it); no adapters to export
-        lorajax.models.save_pretrained(out / "model", model, comb["encoder"])
-        results["spec"] = f"full fine-tuning ({cfg.optim.name})"
-        return _finish(cfg, out, results)
-
-    # artefacts: orbax + PEFT adapters, the head
-    ckpt = Checkpointer(out / "adapters_orbax", keep=1)
-    ckpt.save(cfg.steps, comb, {"spec": repr(spec)})  # trainable leaves and frozen buffers
-    ckpt.close()
-    try:
-        lorajax.peft.save(out / "peft_adapter", spec, comb["adapters"], variables,
-                          base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2" if cfg.model == "minilm"
-                          else cfg.model)
-        results["peft_export"] = True
-    except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
-        print(f"no PEFT export: {e}", flush=True)
-    results["spec"] = f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}"
+    body = full_body(cfg, enc) if cfg.spec.variant == "full" else adapter_body(cfg, enc)
+    pooled = pooled_fn(cfg, body)
+    accuracy = accuracy_fn(body, pooled, data["test"])
+    train_dir = out / body.run_dir
+    state, hist, stats = train(cfg, enc, body, pooled, accuracy, data["train"], train_dir)
+    results.update({**stats, **evaluate(body, state, hist, accuracy, train_dir)})
+    results.update(export(out, body, state))
     return _finish(cfg, out, results)
 
 

@@ -64,11 +64,12 @@ def run(cfg: RunConfig) -> dict:
         def full_loss(_, p, batch):
             return lm_loss(model.apply({"params": p}, batch[:, :-1]), batch)
 
-        params, _ = lorajax.train.fit(full_loss, optax.adamw(optax.warmup_cosine_decay_schedule(
-            0.0, 3e-3, min(50, steps), max(2 * steps, 2))), None, params, jax.tree.map(lambda _: None, params),
-            window_batches(ids["pretrain"], cfg.batch_size, seq, cfg.seed), 2 * steps,
-            out_dir=str(out / "pretrain"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-            progress=cfg.progress, desc="pre-train base (full)")
+        tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(50, steps), max(2 * steps, 2)))
+        state, _ = lorajax.train.fit(full_loss, tx, None, lorajax.train.TrainState.create(tx, params),
+                                     window_batches(ids["pretrain"], cfg.batch_size, seq, cfg.seed), 2 * steps,
+                                     out_dir=str(out / "pretrain"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+                                     progress=cfg.progress, desc="pre-train base (full)")
+        params = state.trainable
         lorajax.models.save_pretrained(base_dir, model, params)
     variables = {"params": params}
 
@@ -86,15 +87,12 @@ def run(cfg: RunConfig) -> dict:
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
 
-    stateful = lorajax.registry.get(spec.variant).has_aux  # FlyLoRA, SMoRA: routing-bias statistics
-
     def loss_fn(v, a, batch):
         return lm_loss(fwd(v, a, batch[:, :-1]), batch)
 
-    def train_loss(v, a, batch):
+    def train_loss(v, a, batch):  # aux: routing statistics (FlyLoRA, SMoRA) for refresh_state, else {}
         logits, aux = fwd(v, a, batch[:, :-1], adapter_aux=True)
-        loss = lm_loss(logits, batch) + extra_loss(cfg, a)
-        return (loss, aux) if stateful else loss
+        return lm_loss(logits, batch) + extra_loss(cfg, a), aux
 
     eval_loss = jax.jit(loss_fn)
     test = ids["adapt_test"]
@@ -106,15 +104,15 @@ def run(cfg: RunConfig) -> dict:
                               for i in range(0, n, cfg.batch_size)]))
 
     before = held_out(adapters)
+    tx = make_tx(cfg, cfg.optim.lr, spec=spec)
     state, hist = lorajax.train.fit(
-        train_loss, make_tx(cfg, cfg.optim.lr, spec=spec), variables, trainable, frozen,
+        train_loss, tx, variables, lorajax.train.TrainState.create(tx, trainable, frozen),
         window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2), steps,
         out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-        eval_fn=lambda t: {"held_out_loss": held_out(lorajax.combine(*t) if stateful else lorajax.combine(t, frozen))},
+        eval_fn=lambda st: {"held_out_loss": held_out(st.combined)},
         eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{spec.variant} on comedies", mesh=mesh,
-        state_update=lorajax.train.refresh_state(spec) if stateful else None)
-    trainable, frozen = state if stateful else (state, frozen)
-    adapters = lorajax.combine(trainable, frozen)
+        state_update=lorajax.train.refresh_state(spec))
+    adapters = state.combined
     after = held_out(adapters)
     counts = lorajax.count_params(spec, variables, adapters)
     rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]

@@ -1,6 +1,7 @@
-"""Training steps that differentiate only the adapters."""
+"""Training on one `TrainState`: a step that differentiates only the trainable leaves, a resumable loop."""
 
 from lorajax.train.loop import fit
+from lorajax.train.state import TrainState
 from lorajax.train.step import make_lora_step, refresh_state
 
-__all__ = ["make_lora_step", "fit", "refresh_state"]
+__all__ = ["TrainState", "make_lora_step", "fit", "refresh_state"]

@@ -59,16 +59,33 @@ class Checkpointer:
         self._mgr.wait_until_finished()
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
-        """``(state, meta)`` of ``step`` (default: the latest); ``like`` gives the structure and dtypes."""
+        """``(state, meta)`` of ``step`` (default: the latest); ``like`` gives the structure and dtypes.
+
+        Each array comes back placed like its ``like`` leaf: with its sharding,
+        or uncommitted where that leaf is (e.g. a step count or an optimiser
+        count made by ``jnp.zeros`` beside arrays split over a mesh: a jitted
+        step then places it with the others, as before the save).
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(like)),
-                                                              meta=ocp.args.JsonRestore()))
-        return _with_empty(out["state"], like), dict(out["meta"])
+        like_saved = _without_empty(like)
+        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+            jax.tree.map(_host_if_uncommitted, like_saved)), meta=ocp.args.JsonRestore()))
+        state = jax.tree.map(lambda l, x: jnp.asarray(x) if _uncommitted(l) else x, like_saved, out["state"])
+        return _with_empty(state, like), dict(out["meta"])
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _uncommitted(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not x.committed
+
+
+def _host_if_uncommitted(x: Any) -> Any:
+    """The restore template of a leaf: a host array where ``x`` is an uncommitted device array."""
+    return np.empty(x.shape, x.dtype) if _uncommitted(x) else x
 
 
 def _is_empty(x: Any) -> bool:

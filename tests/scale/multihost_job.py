@@ -55,8 +55,10 @@ adapters = lorajax.init(spec, params, 0)
 trainable, frozen = lorajax.partition(spec, adapters)
 p = sharding.shard(params, mesh)
 trainable = sharding.shard(trainable, mesh, like=params)
-trainable, hist = lorajax.train.fit(loss_fn, tx, p, trainable, frozen, batch_fn, 4, out_dir=os.path.join(out_dir, "run"),
-                                    ckpt_every=2, log_every=1, progress=False, mesh=mesh, local_batches=not single)
+state, hist = lorajax.train.fit(loss_fn, tx, p, lorajax.train.TrainState.create(tx, trainable, frozen), batch_fn, 4,
+                                out_dir=os.path.join(out_dir, "run"), ckpt_every=2, log_every=1, progress=False,
+                                mesh=mesh, local_batches=not single)
+trainable = state.trainable
 gathered = jax.experimental.multihost_utils.process_allgather(trainable, tiled=True) if not single else trainable
 if jax.process_index() == 0:
     flat = {"/".join(str(k.key) for k in path): np.asarray(x)

@@ -46,32 +46,32 @@ def loss_fn(params, adapters, batch):
 for mesh_arg in meshes:
     adapters = lorajax.init(spec, params, 0)
     trainable, frozen = lorajax.partition(spec, adapters)
-    opt_state = tx.init(trainable)
+    state = lorajax.train.TrainState.create(tx, trainable, frozen)
     p = params
     if mesh_arg != "1":
         mesh = sharding.make_mesh(mesh_arg)
         p = sharding.shard(params, mesh)
-        trainable = sharding.shard(trainable, mesh, like=params)
-        opt_state = sharding.shard(opt_state, mesh, like=params)
+        state = state.replace(trainable=sharding.shard(state.trainable, mesh, like=params),
+                              opt_state=sharding.shard(state.opt_state, mesh, like=params))
     if os.environ.get("RESUME_FROM"):
         ck = Checkpointer(os.environ["RESUME_FROM"], keep=1)
-        (trainable, opt_state), meta = ck.restore((trainable, opt_state))
+        state, meta = ck.restore(state)
         ck.close()
-        start = int(meta["step"])
-    else:
-        start = 0
+    start = int(state.step)
     step = lorajax.train.make_lora_step(loss_fn, tx)
     losses = []
     for i in range(start, 5):
         batch = jnp.asarray(tokens[i])
         if mesh_arg != "1":
             batch = sharding.shard_batch(batch, mesh)
-        trainable, opt_state, loss = step(p, trainable, frozen, opt_state, batch)
-        losses.append(float(loss))
+        state, metrics = step(p, state, batch)
+        losses.append(metrics["loss"])  # on the device until the end
         if os.environ.get("SAVE_TO") and i + 1 == 3:
             ck = Checkpointer(os.environ["SAVE_TO"], keep=1)
-            ck.save(3, (trainable, opt_state), {"step": 3})
+            ck.save(3, state, {"step": 3})
             ck.close()
+    losses = [float(x) for x in jax.device_get(losses)]
+    trainable = state.trainable
     q = p["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     a = trainable["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]["lora_A"]
     per_device = {}

@@ -147,23 +147,23 @@ def run_lora(spec, adapters, tx, extra=None):
         loss = xent(lorajax.adapt(model.apply, spec)({"params": p}, a, batch[:, :-1]), batch)
         return loss + (extra(a) if extra is not None else 0.0)
 
-    step = lorajax.train.make_lora_step(loss_fn, tx)  # donates trainable and opt_state: start from host copies
+    step = lorajax.train.make_lora_step(loss_fn, tx)  # donates the state: start from host copies
     adapters = jax.device_get(adapters)
     out = {}
     for mesh in (None, mesh_ft):
         trainable, frozen = lorajax.partition(spec, jax.tree.map(jnp.asarray, adapters))
-        opt_state = tx.init(trainable)
+        state = lorajax.train.TrainState.create(tx, trainable, frozen)
         p, batch = params, train_tokens
         if mesh is not None:
             p = p_ft
-            trainable = sharding.shard(trainable, mesh, like=params)
-            opt_state = sharding.shard(opt_state, mesh, like=params)
+            state = state.replace(trainable=sharding.shard(state.trainable, mesh, like=params),
+                                  opt_state=sharding.shard(state.opt_state, mesh, like=params))
             batch = sharding.shard_batch(batch, mesh)
         losses = []
         for _ in range(3):
-            trainable, opt_state, loss = step(p, trainable, frozen, opt_state, batch)
-            losses.append(float(loss))
-        out[mesh is not None] = (losses, jax.device_get(trainable))
+            state, metrics = step(p, state, batch)
+            losses.append(float(metrics["loss"]))
+        out[mesh is not None] = (losses, jax.device_get(state.trainable))
     (l1, t1), (lm, tm) = out[False], out[True]
     err, leaf = tree_err(tm, t1)
     delta_err, delta_leaf = tree_err(jax.tree.map(lambda a, b: a - b, tm, lorajax.partition(spec, adapters)[0]),

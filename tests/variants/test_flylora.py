@@ -215,8 +215,9 @@ def test_train_step_updates_bias_and_b_only():
     old = jax.tree.map(np.asarray, adapters)  # the step donates its inputs
     trainable, frozen = lorajax.partition(spec, adapters)
     step = lorajax.train.make_lora_step(loss_fn, tx, state_update=lorajax.train.refresh_state(spec))
-    new_tr, new_fr, _, loss = step(variables, trainable, frozen, tx.init(trainable), x)
-    assert np.isfinite(float(loss))
+    state, metrics = step(variables, lorajax.train.TrainState.create(tx, trainable, frozen), x)
+    new_tr, new_fr = state.trainable, state.frozen
+    assert np.isfinite(float(metrics["loss"]))
     for name in ("shared", "proj"):
         old_a, new_a = old["params"][name]["kernel"], new_fr["params"][name]["kernel"]
         np.testing.assert_array_equal(np.asarray(new_a["lora_A"]), old_a["lora_A"])
