@@ -16,11 +16,12 @@ from lorajax.adapters import (
 from lorajax.multi_adapter import adapt_multi, stack_adapters
 from lorajax.rank_tools import squeeze, truncate
 from lorajax.registry import list_variants
+from lorajax.selection import Selection
 from lorajax.spec import Spec
 from lorajax.targets import select
 
 __all__ = [
-    "Spec", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
+    "Spec", "Selection", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
     "stack_adapters", "adapt_multi", "partition", "combine", "trainable_mask", "count_params", "check_finite",
     "update_state", "es", "inits", "lragent", "models", "optim", "peft", "train",
 ]

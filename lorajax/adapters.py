@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax import paths, registry, targets
 from lorajax import plan as plan_lib
-from lorajax import registry, targets
 from lorajax.spec import Spec
 from lorajax.variants.base import EVAL, SHARED_KEY, Context, Target, Variant
 
@@ -220,7 +220,7 @@ def _size(tree: Any) -> int:
 def count_params(spec: Spec, params: Any, adapters: Any) -> dict[str, float]:
     """``{"trainable", "frozen_adapter", "base", "total", "trainable_percent"}``."""
     trainable, frozen = partition(spec, adapters)
-    base = _size(params if not targets._is_variables(params) else params["params"])
+    base = _size(params if not paths.is_variables(params) else params["params"])
     n_train, n_frozen = _size(trainable), _size(frozen)
     total = base + n_train + n_frozen
     return {

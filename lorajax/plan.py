@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lorajax import registry, targets
+from lorajax import paths, registry, targets
 from lorajax.variants.base import SHARED_KEY, Target, Variant
 
 __all__ = ["Plan", "make_plan", "adapter_paths", "nest"]
@@ -88,7 +88,7 @@ def make_plan(spec: Any, params: Any, adapters: Any, variant: Variant | None = N
     selected = targets.select(spec, params, variant)
     index = adapter_paths(adapters)
     # adapters made for bare params work with the variables dict {"params": params}, and vice versa
-    wrapped = targets._is_variables(params)
+    wrapped = paths.is_variables(params)
     if index and wrapped and not all(k[0] == "params" for k in index):
         index = {("params",) + k: v for k, v in index.items()}
     elif index and not wrapped and all(k[0] == "params" for k in index):

@@ -56,6 +56,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lorajax import paths
+
 __all__ = [
     "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",
     "shard_batch", "batch_sharding", "token_sharding", "leaf_name", "initialize",
@@ -131,12 +133,8 @@ def make_mesh(axes: str | dict[str, int], devices: Sequence[Any] | None = None) 
                          devices=devices)
 
 
-def leaf_name(path: tuple) -> str:
-    """Dotted dict path of a leaf (attribute and sequence keys of optax states skipped, no ``params``)."""
-    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if names and names[0] == "params":
-        names = names[1:]
-    return ".".join(names)
+#: a leaf's dotted dict path, as partition rules match it (see `lorajax.paths.dict_path`)
+leaf_name = paths.dict_path
 
 
 def default_rules(tree: Any) -> tuple:

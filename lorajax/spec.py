@@ -4,7 +4,10 @@ A `Spec` is a frozen, hashable value. It is validated when it is built: a bad
 rank, an unknown variant or an unknown option raises at once, naming the bad
 value and the closest valid ones.
 
-Target selection follows PEFT's `LoraConfig` semantics, applied to module
+Which weights are adapted is a `lorajax.selection.Selection` (``spec.selection``;
+``Spec(variant, rank, alpha, targets=Selection(...))`` also works): the fields
+below, except the rank and alpha patterns, are its. Target selection follows
+PEFT's `LoraConfig` semantics, applied to module
 names made by joining a Flax parameter path with dots (the collection name
 ``params`` and the leaf name ``kernel`` are dropped), e.g.
 ``encoder.layers_0.attention.query`` for linen or ``layers.0.q_proj`` for NNX.
@@ -30,32 +33,11 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Spec", "HEAD_NAMES"]
+from lorajax.selection import HEAD_NAMES, Selection
 
-#: Last name components treated as the output head by ``targets="all-linear"``.
-HEAD_NAMES = ("lm_head", "embed_out", "classifier", "score", "head")
+__all__ = ["Spec", "Selection", "HEAD_NAMES"]
 
-
-def _check_targets(value: Any, what: str) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"{what}={value!r} is not a valid regex: {e}") from None
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
-        if not items and what == "targets":
-            raise ValueError("targets is empty: give module-name suffixes, a regex or 'all-linear'")
-        for item in items:
-            if not isinstance(item, str) or not item:
-                raise ValueError(f"{what} entries must be non-empty strings, got {item!r}")
-        return items
-    raise TypeError(f"{what} must be a list of names, a regex string or 'all-linear', got {value!r}")
-
+_SELECTION_DEFAULTS = dict(exclude=None, layers_to_transform=None, layers_pattern=None, in_axes=1)
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Spec:
@@ -82,13 +64,9 @@ class Spec:
     variant: str
     rank: int
     alpha: float
-    targets: Any
-    exclude: Any
-    layers_to_transform: Any
-    layers_pattern: Any
+    selection: Selection
     rank_pattern: tuple
     alpha_pattern: tuple
-    in_axes: Any
     _options: Any
 
     def __init__(
@@ -96,7 +74,7 @@ class Spec:
         variant: str = "lora",
         rank: int = 8,
         alpha: float = 8.0,
-        targets: str | Sequence[str] = "all-linear",
+        targets: str | Sequence[str] | Selection = "all-linear",
         *,
         exclude: str | Sequence[str] | None = None,
         layers_to_transform: int | Sequence[int] | None = None,
@@ -123,20 +101,16 @@ class Spec:
                     raise ValueError(f"{name}[{key!r}] must be a positive int, got {val!r}")
                 if kind is float and (not isinstance(val, (int, float)) or not math.isfinite(val)):
                     raise ValueError(f"{name}[{key!r}] must be a finite number, got {val!r}")
-        if isinstance(layers_to_transform, int):
-            layers_to_transform = (layers_to_transform,)
-        if layers_to_transform is not None:
-            layers_to_transform = tuple(layers_to_transform)
-            if not all(isinstance(i, int) and i >= 0 for i in layers_to_transform):
-                raise ValueError(f"layers_to_transform must be non-negative ints, got {layers_to_transform!r}")
-        if isinstance(layers_pattern, str):
-            layers_pattern = (layers_pattern,)
-        if isinstance(in_axes, Mapping):
-            for key, val in in_axes.items():
-                if not isinstance(val, int) or val < 1:
-                    raise ValueError(f"in_axes[{key!r}] must be an int >= 1, got {val!r}")
-        elif isinstance(in_axes, bool) or not isinstance(in_axes, int) or in_axes < 1:
-            raise ValueError(f"in_axes must be an int >= 1 or a {{regex: int}} dict, got {in_axes!r}")
+        if isinstance(targets, Selection):
+            given = dict(exclude=exclude, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                         in_axes=in_axes)
+            extra = [k for k, v in given.items() if v != _SELECTION_DEFAULTS[k]]
+            if extra:
+                raise ValueError(f"{extra} given together with a Selection, which already fixes them")
+            selection = targets
+        else:
+            selection = Selection(targets, exclude=exclude, layers_to_transform=layers_to_transform,
+                                  layers_pattern=layers_pattern, in_axes=in_axes)
 
         built = variant_obj.build_options(**options)
 
@@ -144,15 +118,19 @@ class Spec:
         set_(self, "variant", variant)
         set_(self, "rank", rank)
         set_(self, "alpha", float(alpha))
-        set_(self, "targets", _check_targets(targets, "targets"))
-        set_(self, "exclude", _check_targets(exclude, "exclude"))
-        set_(self, "layers_to_transform", layers_to_transform)
-        set_(self, "layers_pattern", tuple(layers_pattern) if layers_pattern else None)
+        set_(self, "selection", selection)
         # patterns keep their order: the first matching key wins, as in PEFT
         set_(self, "rank_pattern", tuple((str(k), v) for k, v in (rank_pattern or {}).items()))
         set_(self, "alpha_pattern", tuple((str(k), float(v)) for k, v in (alpha_pattern or {}).items()))
-        set_(self, "in_axes", tuple(in_axes.items()) if isinstance(in_axes, Mapping) else in_axes)
         set_(self, "_options", built)
+
+    # the selection's fields, read through the Spec
+    targets = property(lambda self: self.selection.targets, doc="`Selection.targets`")
+    exclude = property(lambda self: self.selection.exclude, doc="`Selection.exclude`")
+    layers_to_transform = property(lambda self: self.selection.layers_to_transform,
+                                   doc="`Selection.layers_to_transform`")
+    layers_pattern = property(lambda self: self.selection.layers_pattern, doc="`Selection.layers_pattern`")
+    in_axes = property(lambda self: self.selection.in_axes, doc="`Selection.in_axes`")
 
     @property
     def options(self) -> Any:
@@ -162,11 +140,8 @@ class Spec:
     def replace(self, **changes: Any) -> "Spec":
         """A copy with some fields or options changed (validated again)."""
         kwargs = dict(
-            variant=self.variant, rank=self.rank, alpha=self.alpha, targets=self.targets,
-            exclude=self.exclude, layers_to_transform=self.layers_to_transform,
-            layers_pattern=self.layers_pattern, rank_pattern=dict(self.rank_pattern),
-            alpha_pattern=dict(self.alpha_pattern),
-            in_axes=dict(self.in_axes) if isinstance(self.in_axes, tuple) else self.in_axes,
+            variant=self.variant, rank=self.rank, alpha=self.alpha, **self.selection.keywords(),
+            rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
         )
         if changes.get("variant", self.variant) == self.variant:
             kwargs.update(self.options)

@@ -116,8 +116,9 @@ from optax.contrib import GaLoreDimensionNumbers
 
 from lorajax.optim._checks import check, is_traced, require_static
 from lorajax.optim.adam8bit import _check_block_size, moment_bytes, scale_by_adam_8bit
+from lorajax.paths import key_names
+from lorajax.selection import Selection, Weight
 from lorajax.spec import Spec
-from lorajax.targets import key_names, select
 from lorajax.variants.base import Target
 
 __all__ = [
@@ -134,20 +135,22 @@ def _check_rank(rank: Any) -> None:
 
 
 def _is_target_list(targets: Any) -> bool:
-    return isinstance(targets, (list, tuple)) and bool(targets) and all(isinstance(t, Target) for t in targets)
+    return (isinstance(targets, (list, tuple)) and bool(targets)
+            and all(isinstance(t, (Target, Weight)) for t in targets))
 
 
 def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclude: Any = None,
                    layers_to_transform: Any = None, layers_pattern: Any = None,
-                   in_axes: int | dict = 1) -> list[Target]:
+                   in_axes: int | dict = 1) -> list[Target | Weight]:
     """The kernels of ``params`` that get GaLore, checked against ``rank``.
 
     Args:
       params: the trained tree (bare params or a Flax ``variables`` dict);
         arrays or ``jax.ShapeDtypeStruct``.
       targets: the target grammar of `lorajax.Spec` (suffix list, regex,
-        ``"all-linear"``), a `lorajax.Spec` (its selection fields are used,
-        not its rank), or a list of `Target` records from `lorajax.select`.
+        ``"all-linear"``), a `lorajax.selection.Selection`, a `lorajax.Spec`
+        (its selection is used, not its rank), or a list of `Target` records
+        from `lorajax.select` (or `Weight`s from ``Selection.resolve``).
       rank: GaLore rank ``r``; must be ``≤ min(a, b)`` for every selected
         kernel viewed as ``a×b``.
       exclude, layers_to_transform, layers_pattern, in_axes: as in
@@ -161,7 +164,7 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
     _check_rank(rank)
     selection = dict(exclude=exclude, layers_to_transform=layers_to_transform,
                      layers_pattern=layers_pattern, in_axes=in_axes)
-    if _is_target_list(targets) or isinstance(targets, Spec):
+    if _is_target_list(targets) or isinstance(targets, (Spec, Selection)):
         changed = [k for k, v in selection.items() if v != _SELECTION_DEFAULTS[k]]
         if changed:
             raise ValueError(f"{changed} given together with a Spec or Target list, which already fixes the selection")
@@ -174,12 +177,9 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
         selected = list(targets)
     else:
         if isinstance(targets, Spec):
-            selection = dict(exclude=targets.exclude, layers_to_transform=targets.layers_to_transform,
-                             layers_pattern=targets.layers_pattern,
-                             in_axes=dict(targets.in_axes) if isinstance(targets.in_axes, tuple) else targets.in_axes)
-            targets = targets.targets
-        # rank=1 fits every kernel: the GaLore rank is checked below, with a GaLore message
-        selected = select(Spec("lora", rank=1, targets=targets, **selection), params)
+            targets = targets.selection
+        sel = targets if isinstance(targets, Selection) else Selection(targets, **selection)
+        selected = sel.resolve(params)
     for t in selected:
         a, b = t.matrix_shape
         if rank > min(a, b):

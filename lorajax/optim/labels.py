@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from lorajax.targets import _key_name
+from lorajax.paths import entry_name
 
 __all__ = ["ROLES", "leaf_labels", "leaf_name"]
 
@@ -27,9 +27,8 @@ __all__ = ["ROLES", "leaf_labels", "leaf_name"]
 ROLES = {"lora_A": "A", "lora_B": "B", "gate": "gate"}
 
 
-def leaf_name(path: tuple) -> str:
-    """The last key of a pytree path as a string."""
-    return _key_name(path[-1]) if path else ""
+#: the last key of a pytree path as a string (see `lorajax.paths.entry_name`)
+leaf_name = entry_name
 
 
 def leaf_labels(tree: Any, *, one_d_as: str | None = None) -> Any:
