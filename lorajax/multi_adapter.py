@@ -48,7 +48,8 @@ import numpy as np
 
 from lorajax import registry, targets
 from lorajax.adapt import _make_interceptor
-from lorajax.adapters import _adapter_paths, _nest, resolve
+from lorajax.adapters import resolve
+from lorajax.plan import adapter_paths, nest
 from lorajax.spec import Spec
 from lorajax.variants import lora
 from lorajax.variants.base import EVAL, Target
@@ -91,7 +92,7 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
         if not isinstance(s, Spec):
             raise TypeError(f"stack_adapters: spec {i} must be a lorajax.Spec, got {type(s).__name__}")
         registry.plain_lora(s.variant, f"stack_adapters (adapter {i})")
-    paths = [_adapter_paths(a) for a in adapters]
+    paths = [adapter_paths(a) for a in adapters]
     keys0 = list(paths[0])
     for i, p in enumerate(paths[1:], 1):
         if set(p) != set(keys0):
@@ -125,7 +126,7 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
             "lora_B": jnp.stack([jnp.pad(b.astype(dt), ((0, rank - b.shape[0]), (0, 0))) for b in b_list]),
             "scale": jnp.asarray(scales, jnp.float32),
         }
-    return _nest(flat)
+    return nest(flat)
 
 
 def _multi_apply(x2d: jax.Array, w: jax.Array, entry: dict, t, ctx: Any = None, *, ids: jax.Array,

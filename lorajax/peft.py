@@ -68,6 +68,7 @@ from lorajax import adapters as adapters_lib
 from lorajax import registry
 from lorajax import targets as targets_lib
 from lorajax.jsonfile import read_object
+from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY, PeftFormat, Variant
 
@@ -261,7 +262,7 @@ def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict
         flat[t.keys] = {entry: read_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", f"{t.name}/{entry}", node[entry],
                                            kind)
                         for entry, suffix, kind in fmt.tensors}
-    out = adapters_lib._nest(flat)
+    out = nest(flat)
     for entry in fmt.duplicates:
         for t in selected:
             tensors.pop(f"{PREFIX}{t.name}.{entry}", None)

@@ -89,7 +89,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import registry, targets
-from lorajax.adapters import _adapter_paths
+from lorajax.plan import adapter_paths
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY, Factors, Target
 
@@ -149,7 +149,7 @@ def truncate(spec: Spec, adapters: dict, rank: int) -> tuple[Spec, dict]:
                          f"got {spec.variant!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    index = _adapter_paths(adapters)
+    index = adapter_paths(adapters)
     if not index:
         raise ValueError("truncate: the adapters tree holds no adapter")
     new: dict[tuple, dict] = {}
@@ -292,7 +292,7 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
         raise ValueError(f"squeeze: alpha must be a finite non-zero number or None, got {alpha!r}")
     _check_int(niter, "niter", 0)
     _check_int(oversample, "oversample", 0)
-    index = _adapter_paths(adapters)
+    index = adapter_paths(adapters)
     if not index:
         raise ValueError("squeeze: the adapters tree holds no adapter")
     if alpha is None:
@@ -392,7 +392,7 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
     if mode not in ("reset", "project"):
         raise ValueError(f"squeeze_opt_state: mode must be 'reset' or 'project', got {mode!r}")
     old_def = jax.tree_util.tree_structure(adapters)
-    old_index, new_index = _adapter_paths(adapters), _adapter_paths(new_adapters)
+    old_index, new_index = adapter_paths(adapters), adapter_paths(new_adapters)
     if set(old_index) != set(new_index):
         raise ValueError("squeeze_opt_state: adapters and new_adapters have different targets")
     maps: dict[tuple, tuple] = {}
@@ -412,7 +412,7 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
 
     def moments(tree: Any, field: str) -> Any:
         out: dict[tuple, dict] = {}
-        for keys, m in _adapter_paths(tree).items():
+        for keys, m in adapter_paths(tree).items():
             nd = new_index[keys]
             if mode == "reset":
                 out[keys] = jax.tree_util.tree_map(jnp.zeros_like, nd)

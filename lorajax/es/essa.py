@@ -97,8 +97,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lorajax.adapters import _adapter_paths, _nest
 from lorajax.es import svd as svd_lib
+from lorajax.plan import adapter_paths, nest
 from lorajax.spec import Spec
 
 __all__ = ["ESSA", "State", "STRATEGIES", "FITNESS_SHAPING"]
@@ -185,7 +185,7 @@ class ESSA:
         self.svd0 = svd_lib.as_svd(spec, params, adapters, form)
         self.scales = svd_lib.scales(spec, params)
         self._slots = []   # (target keys, sigma key, k searched, r)
-        entries = _adapter_paths(self.svd0)
+        entries = adapter_paths(self.svd0)
         for keys, k in svd_lib.sigma_leaves(self.svd0):
             r = int(entries[keys][k].shape[0])
             self._slots.append((keys, k, max(1, math.ceil(fraction * r - 1e-9)), r))
@@ -265,7 +265,7 @@ class ESSA:
     # ------------------------------------------------------------------ genome <-> adapters
     def to_svd(self, frozen: Any, genome: jax.Array) -> dict:
         """The SVD tree of one genome (``frozen``: ``state.frozen``)."""
-        entries = {keys: dict(e) for keys, e in _adapter_paths(frozen).items()}
+        entries = {keys: dict(e) for keys, e in adapter_paths(frozen).items()}
         off = 0
         for keys, k, n, _ in self._slots:
             sigma0 = entries[keys][k]
@@ -274,7 +274,7 @@ class ESSA:
             if self.genome_mode == "relative":
                 part = sigma0[:n] * part
             entries[keys][k] = jnp.concatenate([part, sigma0[n:]])
-        return _nest(entries)
+        return nest(entries)
 
     def to_adapters(self, frozen: Any, genome: jax.Array) -> dict:
         """LoRA adapters ``{"lora_A", "lora_B"}`` of one genome."""

@@ -52,9 +52,9 @@ import jax
 import jax.numpy as jnp
 
 from lorajax import registry
-from lorajax import targets as _targets
 from lorajax.adapt import check_reached
 from lorajax.adapters import resolve
+from lorajax.paths import key_names, module_name
 from lorajax.spec import Spec
 from lorajax.variants import lora
 
@@ -94,10 +94,10 @@ def quantize(params: Any, dtype: str = "int8", targets: str | None = None, exclu
     hits = []
 
     def one(path, leaf):
-        keys = _targets.key_names(path)
+        keys = key_names(path)
         if not keys or keys[-1] != "kernel" or getattr(leaf, "ndim", 0) != 2:
             return leaf
-        name = _targets.module_name(keys)
+        name = module_name(keys)
         if targets is not None and not re.fullmatch(targets, name):
             return leaf
         if exclude is not None and re.fullmatch(exclude, name):

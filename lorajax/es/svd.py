@@ -55,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import registry
-from lorajax.adapters import _adapter_paths, _nest, resolve
+from lorajax.adapters import resolve
+from lorajax.plan import adapter_paths, nest
 from lorajax.spec import Spec
 from lorajax.variants import lora
 
@@ -113,7 +114,7 @@ def _factor(a: jax.Array, b: jax.Array) -> dict:
 def form_of(tree: Any) -> str | None:
     """``"product"`` / ``"factor"`` for an SVD tree, ``"lora"`` for LoRA adapters, None otherwise."""
     try:
-        leaves = _adapter_paths(tree)
+        leaves = adapter_paths(tree)
     except (TypeError, ValueError):
         return None
     kinds = set()
@@ -125,10 +126,10 @@ def form_of(tree: Any) -> str | None:
 
 def scales(spec: Spec, params: Any) -> dict[tuple, float]:
     """``{target keys: s}`` with LoRA's ``s = α/r`` (or ``α/√r`` with rsLoRA) per adapted weight."""
-    from lorajax import targets as _targets
+    from lorajax import targets
 
     _check_spec(spec)
-    return {t.keys: lora.scaling(t) for t in _targets.select(spec, params)}
+    return {t.keys: lora.scaling(t) for t in targets.select(spec, params)}
 
 
 def _index(spec: Spec, params: Any, tree: Any) -> tuple[list, dict]:
@@ -182,7 +183,7 @@ def to_svd(spec: Spec, params: Any, adapters: Any, form: str = "product") -> dic
         warnings.warn(f"all singular values are zero for {zero[:3]}{'...' if len(zero) > 3 else ''} "
                       "(a fresh LoRA has B = 0): searching σ then moves along arbitrary fixed directions; "
                       "ESSA starts from a supervised fine-tune", stacklevel=2)
-    return _nest(flat)
+    return nest(flat)
 
 
 def _lora_from(entry: dict, form: str, s: float) -> dict:
@@ -207,14 +208,14 @@ def from_svd(spec: Spec, params: Any, tree: Any, *, scale: dict | None = None) -
         scale = scales(spec, params)
         _index(spec, params, tree)  # shape/name check
     out = {}
-    for keys, entry in _adapter_paths(tree).items():
+    for keys, entry in adapter_paths(tree).items():
         s = scale.get(keys)
         if s is None:
             s = scale.get(keys[1:] if keys[:1] == ("params",) else ("params",) + keys)
         if s is None:
             raise ValueError(f"SVD entry at {'/'.join(keys)} matches no adapted weight of the spec")
         out[keys] = _lora_from(entry, form, s)
-    return _nest(out)
+    return nest(out)
 
 
 def _check_svd(spec: Spec, params: Any, tree: Any, form: str) -> None:
@@ -258,4 +259,4 @@ def sigma_leaves(tree: Any) -> list[tuple[tuple, str]]:
     form = form_of(tree)
     if form not in FORMS:
         raise ValueError("not an SVD tree")
-    return [(keys, k) for keys in sorted(_adapter_paths(tree)) for k in SIGMA_KEYS[form]]
+    return [(keys, k) for keys in sorted(adapter_paths(tree)) for k in SIGMA_KEYS[form]]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from lorajax import adapters as adapters_lib
 from lorajax import registry, targets
+from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants import lora
 
@@ -34,4 +35,4 @@ def init_with_residual(spec: Spec, params: Any, make: Callable, what: str) -> tu
     def swap(path, leaf):
         return residual.get(targets.key_names(path), leaf)
 
-    return adapters_lib._nest(flat), jax.tree_util.tree_map_with_path(swap, params)
+    return nest(flat), jax.tree_util.tree_map_with_path(swap, params)

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from lorajax import adapters as adapters_lib
 from lorajax import registry, targets
 from lorajax.inits._svd import top_svd
+from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants.lora import scaling
 
@@ -146,4 +147,4 @@ def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapt
     for t in selected:
         nt = new_targets[t.keys]
         assert nt.rank == 2 * t.rank and math.isclose(scaling(nt), scaling(t), rel_tol=1e-12), (t.name, nt, t)
-    return new_spec, adapters_lib._nest(flat)
+    return new_spec, nest(flat)

@@ -51,8 +51,8 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from lorajax import adapters as adapters_lib
 from lorajax import targets
+from lorajax.plan import nest
 from lorajax.spec import Spec
 
 __all__ = ["estimate_gradients", "lookup"]
@@ -128,7 +128,7 @@ def estimate_gradients(spec: Spec, loss_fn: Callable[[Any, Any], jax.Array], par
     if n == 0:
         raise ValueError("estimate_gradients got no batches")
     flat = {t.keys: acc[_name(t.keys)] / n for t in selected}
-    return adapters_lib._nest(flat)
+    return nest(flat)
 
 
 def lookup(grads: Any, keys: tuple, shape: tuple) -> jax.Array:

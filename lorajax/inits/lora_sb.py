@@ -78,6 +78,7 @@ from lorajax import registry, targets
 from lorajax.adapters import target_key
 from lorajax.inits._svd import top_svd
 from lorajax.inits.gradients import lookup
+from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants import lora_xs
 
@@ -134,4 +135,4 @@ def lora_sb(spec: Spec, params: Any, grads: Any, *, lr: float, niter: int | None
             "lora_R": (jnp.diag(sv) / lora_xs.scaling(t)).astype(dtype),
             "lora_B": vh.astype(dtype),
         }
-    return adapters_lib._nest(flat)
+    return nest(flat)

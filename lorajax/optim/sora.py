@@ -48,6 +48,7 @@ from lorajax import adapters as adapters_lib
 from lorajax import registry
 from lorajax.optim._checks import check
 from lorajax.optim.labels import leaf_labels, leaf_name
+from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants import sora as sora_variant
 
@@ -182,4 +183,4 @@ def prune(spec: Spec, params: Any, adapters: Any) -> tuple[Spec, dict]:
     new_spec = Spec("lora", rank=top, alpha=float(top), targets="|".join(re.escape(n) for n in names),
                     rank_pattern=pattern or None, alpha_pattern={k: float(v) for k, v in pattern.items()} or None,
                     dtype=spec.options.get("dtype"))
-    return new_spec, adapters_lib._nest(flat)
+    return new_spec, nest(flat)
