@@ -101,3 +101,92 @@ def test_adapt_call_looks_up_once(mode, monkeypatch):
     monkeypatch.setattr(targets, "select", select)
     fn(variables, adapters, x)
     assert counts["select"] == 1 and counts["get"] <= 1, counts
+
+
+# ----------------------------------------------------------------------------
+# What a new variant needs: its file (here a module made in the test), one
+# registry line (here a monkeypatched entry) and its tests. Nothing else.
+# ----------------------------------------------------------------------------
+
+
+def _toy_module():
+    """ScaledLoRA, ``W' = W + γ·s·A·B``, with a PEFT-style format of its own ("TOYSCALED")."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from lorajax.variants import lora, options
+    from lorajax.variants.base import EVAL, PeftFormat, additive
+    from lorajax.variants.options import checks, option
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyOptions(options.Options):
+        #: γ at init
+        gamma_init: float = option(1.0, checks.finite)
+        #: adapter dtype; None: float32
+        dtype: str | None = option(None, checks.dtype)
+
+    def init(key, w, t):
+        return {**lora.init(key, w, t), "gamma": jnp.full((1,), t.options.gamma_init, jnp.float32)}
+
+    def delta(w, adapter, t):
+        return adapter["gamma"][0] * lora.delta(adapter, t)
+
+    adapted, unadapted = additive(delta)
+
+    def apply(x, w, adapter, t, ctx=EVAL):
+        y = x @ w
+        return y + (adapter["gamma"][0] * lora.low_rank(x, adapter, t)).astype(y.dtype)
+
+    def from_config(config, common, opts):
+        return lorajax.Spec("toy_scaled", alpha=float(config["lora_alpha"]), **common,
+                            gamma_init=float(config["gamma_init"]))
+
+    def to_config(spec, targets):
+        return {"peft_type": "TOYSCALED", "lora_alpha": spec.alpha, "gamma_init": spec.options.gamma_init}
+
+    module = types.ModuleType("lorajax.variants._toy_scaled")
+    module.VARIANT = Variant(
+        name="toy_scaled", init=init, adapted=adapted, apply=apply, unadapted=unadapted, options=ToyOptions,
+        trainable_count=lambda targets: sum(t.rank * sum(t.matrix_shape) + 1 for t in targets),
+        peft=PeftFormat(("TOYSCALED",), fields=frozenset({"lora_alpha", "gamma_init"}),
+                        tensors=lora.PEFT_TENSORS + (("gamma", "gamma", None),),
+                        from_config=from_config, to_config=to_config),
+        doc="ScaledLoRA (test only).",
+    )
+    return module, jax
+
+
+def test_a_new_variant_needs_only_its_file(monkeypatch, tmp_path):
+    import sys
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+
+    module, jax = _toy_module()
+    monkeypatch.setitem(sys.modules, "lorajax.variants._toy_scaled", module)
+    monkeypatch.setitem(registry._MODULES, "toy_scaled", "_toy_scaled")  # the one registry line
+
+    model = nn.Sequential([nn.Dense(6), nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    variables = model.init(jax.random.key(1), x)
+    spec = lorajax.Spec("toy_scaled", rank=2, alpha=4.0, targets=["layers_0", "layers_1"], gamma_init=0.5)
+    adapters = lorajax.init(spec, variables, 2)
+    adapters = jax.tree_util.tree_map(lambda a: a + 0.1, adapters)
+    y_f = lorajax.adapt(model.apply, spec, mode="factored")(variables, adapters, x)
+    y_m = lorajax.adapt(model.apply, spec, mode="merged")(variables, adapters, x)
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_m), rtol=1e-5, atol=1e-5)
+    assert lorajax.count_params(spec, variables, adapters)["trainable"] == module.VARIANT.trainable_count(
+        lorajax.select(spec, variables))
+    # the PEFT folder round-trips through the generic lorajax.peft
+    lorajax.peft.save(tmp_path / "toy", spec, adapters, variables)
+    spec2, loaded = lorajax.peft.load(tmp_path / "toy", variables)
+    assert spec2.variant == "toy_scaled" and spec2.options.gamma_init == 0.5 and spec2.alpha == 4.0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6),
+                           loaded, adapters)
+    # and it is picked up by the capability listings, with no entry anywhere else
+    assert "toy_scaled" in registry.with_capability("peft")
+    with pytest.raises(ValueError, match="squeeze supports the variants with an s·A·B term"):
+        lorajax.squeeze(spec, adapters, 1)
