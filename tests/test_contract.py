@@ -162,7 +162,6 @@ def test_a_new_variant_needs_only_its_file(monkeypatch, tmp_path):
     import sys
 
     import flax.linen as nn
-    import jax.numpy as jnp
     import numpy as np
 
     module, jax = _toy_module()
