@@ -69,9 +69,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="experiments/results/bench_lora_step.md", help="Markdown output")
     args = p.parse_args(argv)
 
+    import peft
     import torch
     import transformers
-    import peft
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

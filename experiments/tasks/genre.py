@@ -30,10 +30,10 @@ import optax
 import safetensors.numpy
 
 import lorajax
-from lorajax import sharding
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
 from experiments.report import loss_plot, markdown_table
+from lorajax import sharding
 from lorajax.data import speeches
 from lorajax.models import bert
 from lorajax.models.tokenizer import Tokenizer

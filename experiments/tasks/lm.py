@@ -20,10 +20,10 @@ import numpy as np
 import optax
 
 import lorajax
-from lorajax import sharding
 from experiments.config import RunConfig
-from experiments.report import loss_plot, markdown_table
 from experiments.optimizers import extra_loss, make_tx
+from experiments.report import loss_plot, markdown_table
+from lorajax import sharding
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
 from lorajax.models import llama

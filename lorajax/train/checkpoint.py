@@ -72,7 +72,7 @@ class Checkpointer:
         like_saved = _without_empty(like)
         out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
             jax.tree.map(_host_if_uncommitted, like_saved)), meta=ocp.args.JsonRestore()))
-        state = jax.tree.map(lambda l, x: jnp.asarray(x) if _uncommitted(l) else x, like_saved, out["state"])
+        state = jax.tree.map(lambda ref, x: jnp.asarray(x) if _uncommitted(ref) else x, like_saved, out["state"])
         return _with_empty(state, like), dict(out["meta"])
 
     def close(self) -> None:
@@ -99,5 +99,5 @@ def _without_empty(tree: Any) -> Any:
 
 def _with_empty(tree: Any, like: Any) -> Any:
     """Put the zero-size arrays of ``like`` back where `_without_empty` left None."""
-    return jax.tree.map(lambda l, x: jnp.zeros(l.shape, l.dtype) if _is_empty(l) else x, like, tree,
+    return jax.tree.map(lambda ref, x: jnp.zeros(ref.shape, ref.dtype) if _is_empty(ref) else x, like, tree,
                         is_leaf=lambda x: x is None)

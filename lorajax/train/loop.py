@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lorajax.train.checkpoint import Checkpointer
 from lorajax import sharding
+from lorajax.train.checkpoint import Checkpointer
 from lorajax.train.state import TrainState
 from lorajax.train.step import make_lora_step
 

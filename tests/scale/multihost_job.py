@@ -23,7 +23,6 @@ from lorajax import sharding  # noqa: E402
 if not single:
     sharding.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import safetensors.numpy  # noqa: E402
