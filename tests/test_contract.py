@@ -15,7 +15,9 @@ import inspect
 import pathlib
 import re
 
+import chex
 import pytest
+from absl.testing import parameterized
 
 import lorajax
 from lorajax import registry
@@ -189,3 +191,45 @@ def test_a_new_variant_needs_only_its_file(monkeypatch, tmp_path):
     assert "toy_scaled" in registry.with_capability("peft")
     with pytest.raises(ValueError, match="squeeze supports the variants with an s·A·B term"):
         lorajax.squeeze(spec, adapters, 1)
+
+
+# ----------------------------------------------------------------------------
+# Every variant's functions are pure: the same result with and without jit
+# (chex.variants), with the shapes and dtypes the contract promises.
+# ----------------------------------------------------------------------------
+
+
+
+def _one_target(name):
+    import jax
+
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (12, 10))}}
+    spec = lorajax.Spec(name, rank=2, targets=["d"])
+    adapters = lorajax.init(spec, params, 1)
+    adapters = lorajax.combine(jax.tree_util.tree_map(lambda a: a + 0.1, lorajax.partition(spec, adapters)[0]),
+                               lorajax.partition(spec, adapters)[1])
+    (t,) = lorajax.select(spec, params)
+    adapter = {**adapters["d"]["kernel"], **adapters.get("_shared", {})}
+    x = jax.random.normal(jax.random.key(2), (7, 12))
+    return registry.get(name), t, params["d"]["kernel"], adapter, x
+
+
+class VariantFunctionsArePure(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*[(n, n) for n in NAMES])
+    def test_apply_and_adapted(self, name):
+        from lorajax.variants.base import EVAL
+
+        v, t, w, adapter, x = _one_target(name)
+        if v.apply is not None:
+            y = self.variant(lambda x, w, a: v.apply(x, w, a, t, EVAL))(x, w, adapter)
+            chex.assert_shape(y, (7, 10))
+            chex.assert_type(y, x.dtype)
+            chex.assert_tree_all_finite(y)
+            if v.adapted is not None:
+                chex.assert_trees_all_close(y, x @ v.adapted(w, adapter, t, EVAL), rtol=1e-4, atol=1e-4)
+        if v.adapted is not None:
+            w2 = self.variant(lambda w, a: v.adapted(w, a, t, EVAL))(w, adapter)
+            chex.assert_shape(w2, w.shape)
+            chex.assert_type(w2, w.dtype)
+            chex.assert_trees_all_close(w2, v.adapted(w, adapter, t, EVAL), rtol=1e-5, atol=1e-5)
