@@ -10,8 +10,10 @@ that calls ``apply_fn(params, *args, **kw)`` with every targeted weight adapted.
   (through ``nn.intercept_methods``) computes the layer as the variant's
   factored forward, e.g. LoRA's ``x W + s (x A) B``, with token activations
   flattened to 2-D ``[T, in]``. Neither ``ΔW`` nor a full-size weight gradient
-  is formed. Every adapter must be reached by an intercepted call; otherwise
-  it raises (use ``merged`` for NNX models or custom layers).
+  is formed. For an NNX ``State`` the same holds for ``nnx.Linear``,
+  ``nnx.LinearGeneral`` and ``nnx.Einsum`` (see `lorajax.nnx_adapt`). Every
+  adapter must be reached by an adapted layer call; otherwise it raises (use
+  ``merged`` for custom layers).
 
 ``kernel="pallas"`` (factored mode, ``lora`` variant only) computes each
 adapted layer with the fused Pallas kernel `pallas_kernels.lora_linear`
@@ -45,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import opt_einsum
+from flax import nnx
 
 from lorajax import registry
 from lorajax.adapters import as_matrix, call_variant, check_finite, merge, target_context
@@ -56,6 +59,7 @@ from lorajax.variants.base import EVAL, Context
 __all__ = ["adapt"]
 
 MODES = ("merged", "factored")
+LINEN_LAYERS = "nn.Dense / nn.DenseGeneral / nn.Einsum"
 KERNELS = (None, "pallas")
 
 
@@ -115,16 +119,26 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         table = {t.name: (t, plan.adapter(t), target_context(t, adapter_rng, adapter_train)) for t in plan.targets}
         used: set[str] = set()
         sink: dict[str, dict] = {}
-        interceptor = _make_interceptor(variant, table, used, sink)
-        with nn.intercept_methods(interceptor):
+        if _is_nnx_state(params):  # NNX State: the kernels carry their adapters (lorajax.nnx_adapt)
+            from lorajax import nnx_adapt
+
+            params = nnx_adapt.wrap_kernels(params, variant, table, used, sink)
+            hook, layers = nnx_adapt.intercept(), nnx_adapt.LAYERS
+        else:
+            hook, layers = nn.intercept_methods(_make_interceptor(variant, table, used, sink)), LINEN_LAYERS
+        with hook:
             out = apply_fn(params, *args, **kwargs)
-        check_reached(table, used, "factored mode", "nn.Dense / nn.DenseGeneral / nn.Einsum",
-                      " Use mode='merged'.")
+        check_reached(table, used, "factored mode", layers, " Use mode='merged'.")
         if not adapter_aux:
             return out
         return out, nest({table[name][0].keys: stats for name, stats in sink.items()})
 
     return factored_fn
+
+
+def _is_nnx_state(params) -> bool:
+    """True when ``params`` is an NNX ``State``: factored mode then runs through `lorajax.nnx_adapt`."""
+    return isinstance(params, nnx.State)
 
 
 def _pallas_lora_apply(x: jax.Array, w: jax.Array, adapter: dict, t, ctx: Context = EVAL) -> jax.Array:
@@ -140,7 +154,7 @@ def check_reached(table: dict, used: set, what: str, layers: str, hint: str = ""
     """
     missing = sorted(set(table) - used)
     if missing and not used:
-        raise ValueError(f"{what} reached none of the adapted weights (is apply_fn a linen model using {layers}?). "
+        raise ValueError(f"{what} reached none of the adapted weights (does apply_fn call {layers}?). "
                          f"Not reached: {missing[:5]}.{hint}")
     if missing:
         warnings.warn(f"{what}: adapters never used by apply_fn: {missing[:5]}", stacklevel=3)

@@ -593,3 +593,159 @@ def test_trainable_count_formula(variant):
     assert v.trainable_count is not None, f"{variant} declares no trainable_count"
     selected = lorajax.targets.select(spec, variables)
     assert v.trainable_count(selected) == lorajax.count_params(spec, variables, adapters)["trainable"]
+
+
+# ----------------------------------------------------------------------------
+# (l) NNX factored mode (lorajax.nnx_adapt): the same checks on an NNX model
+# ----------------------------------------------------------------------------
+
+
+class NnxMixedNet(nnx.Module):
+    """`Net` in NNX: nnx.Linear (with and without bias), nnx.LinearGeneral (1 and 2 input axes), nnx.Einsum."""
+
+    def __init__(self, rngs):
+        self.dense_bias = nnx.Linear(12, 20, rngs=rngs)
+        self.dense_nobias = nnx.Linear(20, 12, use_bias=False, rngs=rngs)
+        self.heads = nnx.LinearGeneral(12, (2, 3), axis=-1, rngs=rngs)
+        self.merge_heads = nnx.LinearGeneral((2, 3), 12, axis=(-2, -1), rngs=rngs)
+        self.einsum = nnx.Einsum("...d,dhk->...hk", (12, 2, 3), (2, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.einsum(self.merge_heads(self.heads(self.dense_nobias(self.dense_bias(x)))))
+
+
+@functools.lru_cache(maxsize=None)
+def nnx_base():
+    """(graphdef, state holding `base()`'s linen weights, apply_fn): NNX and linen runs are comparable."""
+    variables, _ = base()
+    graphdef, state = nnx.split(NnxMixedNet(nnx.Rngs(0)))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, dict(variables["params"])))
+    return graphdef, state, lambda st, xx: nnx.merge(graphdef, st)(xx)
+
+
+def nnx_setup(variant):
+    """(spec, state, x, adapters at init, perturbed adapters): `setup`'s adapters, which fit the State as they are
+    (per-target keys leave the "params" collection out, so `lorajax.init` on the State makes the same ones)."""
+    spec, _, x, adapters, perturbed = setup(variant)
+    return spec, nnx_base()[1], x, adapters, perturbed
+
+
+#: DyLoRA samples its rank in training: run both modes in training with one step key
+NNX_TRAIN = dict(adapter_rng=jax.random.key(5), adapter_train=True)
+
+
+@functools.lru_cache(maxsize=None)
+def nnx_compiled(variant, mode):
+    """(jaxpr, compiled) of ``trainable -> (output, adapter gradients)``: one compile per variant and mode."""
+    spec, state, x, _, adapters = nnx_setup(variant)
+    trainable, frozen = lorajax.partition(spec, adapters)
+    fwd = lorajax.adapt(nnx_base()[2], spec, mode=mode)
+    g = cotangent()
+
+    def out_and_grads(tr):
+        def loss(tr):
+            y = fwd(state, lorajax.combine(tr, frozen), x, **NNX_TRAIN)
+            return jnp.sum(y * g), y
+
+        grads, y = jax.grad(loss, has_aux=True)(tr)
+        return y, grads
+
+    traced = jax.jit(out_and_grads).trace(trainable)
+    return traced.jaxpr.jaxpr, traced.lower().compile()
+
+
+@parametrize
+def test_nnx_factored_identity_at_init(variant):
+    """As (a), through the compiled step of the tests below called with the adapters at init.
+
+    That program also holds the backward pass, so XLA may order the base matmul's sums differently from the
+    eager layer: equal up to a few f32 ulps (a non-identity would show at ~1e-3).
+    """
+    if variant in NOT_IDENTITY_AT_INIT:
+        pytest.skip(f"{variant}: the paper does not give an identity at init")
+    spec, state, x, adapters, _ = nnx_setup(variant)
+    y, _ = nnx_compiled(variant, "factored")[1](lorajax.partition(spec, adapters)[0])
+    y_base = np.asarray(MODEL.apply(base()[0], x))  # the same weights in linen, eagerly
+    np.testing.assert_array_equal(np.asarray(nnx_base()[2](state, x)), y_base)
+    np.testing.assert_allclose(np.asarray(y), y_base, rtol=1e-6, atol=1e-6, err_msg=f"{variant}: changed at init")
+    assert not any(hasattr(cls.__call__, "__lorajax_original__") for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum))
+
+
+@parametrize
+def test_nnx_factored_equals_merged_and_gradients(variant):
+    spec, state, x, _, adapters = nnx_setup(variant)
+    trainable, _ = lorajax.partition(spec, adapters)
+    y_f, g_f = nnx_compiled(variant, "factored")[1](trainable)
+    assert not np.allclose(np.asarray(y_f), np.asarray(nnx_base()[2](state, x)), atol=1e-3)
+    assert jax.tree_util.tree_structure(g_f) == jax.tree_util.tree_structure(trainable)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(g_f))
+    if variant in NOT_MERGEABLE:
+        # no merged mode: the NNX layers must match linen's factored mode on the same weights, statistics included
+        variables = base()[0]
+        y_l, aux_l = lorajax.adapt(MODEL.apply, spec)(variables, adapters, x, adapter_aux=True, **NNX_TRAIN)
+        y_n, aux_n = lorajax.adapt(nnx_base()[2], spec)(state, adapters, x, adapter_aux=True, **NNX_TRAIN)
+        np.testing.assert_allclose(np.asarray(y_n), np.asarray(y_l), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_l), rtol=1e-5, atol=2e-6 * float(np.abs(y_l).max()))
+        aux_l = aux_l.get("params", aux_l)
+        assert set(aux_n) == set(aux_l) == (set(TARGETS) if registry.get(variant).update else set())
+        assert_trees_close(aux_n, aux_l, rtol=0, atol=0)
+        return
+    y_m, g_m = nnx_compiled(variant, "merged")[1](trainable)
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_m), rtol=1e-5, atol=2e-6 * float(np.abs(y_m).max()))
+    # as (c), with atol growing with each leaf's scale: in training DyLoRA's sampled rank b < r scales by α/b
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_f)[0], jax.tree_util.tree_leaves(g_m)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(jnp.abs(b).max())), err_msg=jax.tree_util.keystr(path))
+
+
+@parametrize
+def test_nnx_no_base_gradient(variant):
+    """As (d) for linen: no full-size weight product in the jaxpr or the compiled HLO of the NNX factored step."""
+    variables, _ = base()
+    jaxpr, compiled = nnx_compiled(variant, "factored")
+    bad = _full_size_dots(jaxpr, frozen_shapes(variables), allow_rank_contraction=variant in FORWARD_FULL_PRODUCT)
+    assert not bad, f"{variant}: full-size weight products in the gradient graph: {bad}"
+    dots = _hlo_dots(compiled.as_text())
+    assert dots, "no f32 dot found in the compiled HLO: the regex no longer fits XLA's text"
+    dense_2d = {s for name in ("dense_bias", "dense_nobias") for s in (kernels(variables)[name].shape,
+                                                                       kernels(variables)[name].shape[::-1])}
+    # DoRA's detached A @ B: [in, out] is a forward dot: only backward-pass dots are flagged for it (see (d))
+    bad = [line.strip() for shape, line in dots if shape in dense_2d
+           and (variant not in FORWARD_FULL_PRODUCT or "transpose(" in line)]
+    assert not bad, f"{variant}: full-size weight products in compiled HLO:\n" + "\n".join(bad)
+
+
+def test_nnx_factored_list_paths_bf16_and_errors():
+    """Integer path keys (nnx.List), no retrace for new adapters, bf16 kept, clear errors, classes restored."""
+    graphdef, state = nnx.split(NnxNet(nnx.Rngs(0)))
+    apply_fn = lambda st, xx: nnx.merge(graphdef, st)(xx)  # noqa: E731
+    spec = lorajax.Spec("lora", rank=4, alpha=8.0, targets=["inp", "layers.0"], init_weights=False)
+    adapters = lorajax.init(spec, state, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (3, 6))
+    fwd_f, fwd_m = (lorajax.adapt(apply_fn, spec, mode=mode) for mode in ("factored", "merged"))
+
+    traces = [0]
+
+    @jax.jit
+    def run(st, a, xx):
+        traces[0] += 1
+        st16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), st)
+        return fwd_f(st, a, xx), fwd_m(st, a, xx), fwd_f(st16, a, xx.astype(jnp.bfloat16))
+
+    y_f, y_m, y16 = run(state, adapters, x)
+    y_f2 = run(state, jax.tree_util.tree_map(lambda p: p + 0.1, adapters), x)[0]
+    assert traces[0] == 1 and not np.allclose(np.asarray(y_f), np.asarray(y_f2)), "new adapter values retraced"
+    assert not np.allclose(np.asarray(y_m), np.asarray(apply_fn(state, x)), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_m), rtol=1e-5, atol=1e-5)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y_m), atol=0.05 * float(np.abs(y_m).max()))
+
+    def tied(st, xx):  # reads an adapted kernel outside the layer's call
+        model = nnx.merge(graphdef, st)
+        return model.inp(xx) @ model.layers[0].kernel[...].T
+
+    with pytest.raises(TypeError, match="layers.0: the adapted kernel was read as an array"):
+        lorajax.adapt(tied, spec, mode="factored")(state, adapters, x)
+    assert not hasattr(nnx.Linear.__call__, "__lorajax_original__")
+    with pytest.raises(ValueError, match="reached none.*nnx.Linear"):
+        lorajax.adapt(lambda st, xx: xx, spec, mode="factored")(state, adapters, x)
