@@ -151,10 +151,10 @@ def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:
     """
     variant = registry.get(spec.variant)
     flat_aux = _adapter_paths(aux) if aux else {}
-    if flat_aux and variant.update is None:
-        raise ValueError(f"variant {spec.variant!r} keeps no routing state; aux must be empty")
     if not flat_aux:
         return adapters
+    if variant.update is None:
+        raise ValueError(f"variant {spec.variant!r} keeps no routing state; aux must be empty")
     selected, index, shared = resolve(spec, params, adapters)
     by_keys = {t.keys: t for t in selected}
     flat = dict(_adapter_paths(adapters))

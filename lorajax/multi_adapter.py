@@ -85,13 +85,15 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
         raise ValueError(f"stack_adapters: rank_multiple must be a positive int, got {rank_multiple!r}")
     if not adapters:
         raise ValueError("stack_adapters: no adapters given")
-    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * len(adapters)
-    if len(specs) != len(adapters):
-        raise ValueError(f"stack_adapters: {len(specs)} specs for {len(adapters)} adapters")
-    for i, s in enumerate(specs):
+    given = list(spec) if isinstance(spec, (list, tuple)) else [spec] * len(adapters)
+    if len(given) != len(adapters):
+        raise ValueError(f"stack_adapters: {len(given)} specs for {len(adapters)} adapters")
+    specs: list[Spec] = []
+    for i, s in enumerate(given):
         if not isinstance(s, Spec):
             raise TypeError(f"stack_adapters: spec {i} must be a lorajax.Spec, got {type(s).__name__}")
         registry.plain_lora(s.variant, f"stack_adapters (adapter {i})")
+        specs.append(s)
     paths = [adapter_paths(a) for a in adapters]
     keys0 = list(paths[0])
     for i, p in enumerate(paths[1:], 1):

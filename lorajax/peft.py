@@ -104,6 +104,19 @@ def _peft_variants() -> list[Variant]:
     return [registry.get(name) for name in registry.with_capability("peft")]
 
 
+def _peft_formats() -> list[tuple[str, PeftFormat]]:
+    """``(name, format)`` of each registered variant that declares a PEFT format, sorted by name."""
+    return [(v.name, v.peft) for v in _peft_variants() if v.peft is not None]
+
+
+def _format_of(variant: str) -> PeftFormat:
+    """The `PeftFormat` of ``variant`` (aliases share their variant's format); else a ValueError."""
+    fmt = registry.get(variant).peft
+    if fmt is None:
+        raise _no_format(variant)
+    return fmt
+
+
 def _transform(arr: Any, kind: str | None) -> Any:
     if kind == "T":
         return arr.T
@@ -136,17 +149,17 @@ def _effective_targets(target_modules: Any, params: Any) -> Any:
 def _format_for(config: dict) -> PeftFormat:
     """The `PeftFormat` of the one registered variant that reads ``config``."""
     peft_type = config.get("peft_type")
-    variants = _peft_variants()
-    of_type = [v for v in variants if peft_type in v.peft.peft_types]
+    formats = _peft_formats()
+    of_type = [(name, f) for name, f in formats if peft_type in f.peft_types]
     if not of_type:
-        types = sorted({t for v in variants for t in v.peft.peft_types})
+        types = sorted({t for _, f in formats for t in f.peft_types})
         raise ValueError(f"unsupported peft_type {peft_type!r}: lorajax.peft reads {types} adapters")
-    accepted = [v for v in of_type if v.peft.accepts is None or v.peft.accepts(config)]
+    accepted = [(name, f) for name, f in of_type if f.accepts is None or f.accepts(config)]
     if len(accepted) != 1:
-        names = [v.name for v in (accepted or of_type)]
+        names = [name for name, _ in (accepted or of_type)]
         what = "several variants accept" if accepted else "no variant accepts"
         raise ValueError(f"{what} this {peft_type} config (variants of {peft_type}: {names})")
-    return accepted[0].peft
+    return accepted[0][1]
 
 
 def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: Any = TORCH_MODULE_ORDER) -> Spec:
@@ -163,6 +176,8 @@ def spec_from_config(config: dict, params: Any | None = None, *, unilora_order: 
 
 def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
     fmt = _format_for(config)
+    if fmt.from_config is None:
+        raise ValueError(f"the PEFT format of {config.get('peft_type')!r} declares no from_config: it cannot be read")
     used = _SELECTION | fmt.fields
     for key, value in config.items():
         if key in used or key in _IGNORED or _is_default(value):
@@ -238,7 +253,7 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
     spec = _spec_from_config(config, params, options)
     if dtype is not None:
         spec = spec.replace(dtype=jnp.dtype(dtype).name)
-    fmt = registry.get(spec.variant).peft
+    fmt = _format_of(spec.variant)
     selected = targets_lib.select(spec, params)
     template = functools.partial(adapters_lib.init, spec, params, 0)
     if fmt.load_extra is not None:
@@ -291,9 +306,9 @@ def _no_format(variant: str) -> ValueError:
 def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | None = None,
                      task_type: str | None = None) -> dict:
     """The PEFT ``adapter_config.json`` dict for ``spec`` on ``params``."""
-    fmt = registry.get(spec.variant).peft  # aliases ("bone") share their variant's format
-    if fmt is None:
-        raise _no_format(spec.variant)
+    fmt = _format_of(spec.variant)  # aliases ("bone") share their variant's format
+    if fmt.to_config is None:
+        raise ValueError(f"the PEFT format of variant {spec.variant!r} declares no to_config: it cannot be written")
     selected = targets_lib.select(spec, params)
     names = [t.name for t in selected]
     if any(not n for n in names):
@@ -316,7 +331,7 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
     adapter_dir = Path(adapter_dir)
     config = config_from_spec(spec, params, base_model_name_or_path, task_type)
     selected, index, shared = adapters_lib.resolve(spec, params, adapters)
-    fmt = registry.get(spec.variant).peft
+    fmt = _format_of(spec.variant)
     tensors = {}
     for t in selected:
         a = index[t.keys]

@@ -249,6 +249,8 @@ def _target_scale(factors: Factors, spec: Spec, keys: tuple, a: jax.Array, b: ja
     alpha = float(targets.pattern_value(spec.alpha_pattern, name, spec.alpha))
     t = Target(keys=keys, name=name, shape=(a.shape[0], b.shape[-1]), in_axes=1, rank=rank, alpha=alpha,
                options=spec.options)
+    if factors.scale is None:
+        raise ValueError(f"variant {spec.variant!r} declares no Factors.scale: the scale of its s·A·B term is unknown")
     return factors.scale(t)
 
 
@@ -433,13 +435,17 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
 
     found = []
 
+    def same_structure(node: Any) -> bool:
+        structure: Any = jax.tree_util.tree_structure(node)  # Any: jaxlib has no stubs for PyTreeDef
+        return structure == old_def
+
     def walk(node: Any, field: str) -> Any:
-        if jax.tree_util.tree_structure(node) == old_def:
+        if same_structure(node):
             found.append(field)
             return moments(node, field)
         if _is_record(node):
             fields = {f: walk(getattr(node, f), f) for f in node._fields}
-            whole = [f for f in node._fields if jax.tree_util.tree_structure(getattr(node, f)) == old_def]
+            whole = [f for f in node._fields if same_structure(getattr(node, f))]
             if mode == "reset" and whole and "count" in fields and "count" not in whole:
                 fields["count"] = jnp.zeros_like(getattr(node, "count"))
             return type(node)(**fields)

@@ -101,7 +101,9 @@ class Selection:
         layers_pattern: str | Sequence[str] | None = None,
         in_axes: int | Mapping[str, int] | tuple = 1,
     ):
-        if isinstance(layers_to_transform, int) and not isinstance(layers_to_transform, bool):
+        if isinstance(layers_to_transform, bool):
+            raise ValueError(f"layers_to_transform must be non-negative ints, got {layers_to_transform!r}")
+        if isinstance(layers_to_transform, int):
             layers_to_transform = (layers_to_transform,)
         if layers_to_transform is not None:
             layers_to_transform = tuple(layers_to_transform)

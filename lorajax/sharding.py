@@ -92,13 +92,14 @@ def parse_mesh(axes: str | dict[str, int]) -> dict[str, int]:
     if isinstance(axes, str):
         out: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in axes.split(","))):
-            name, sep, size = part.partition("=")
+            name, sep, size_text = part.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"mesh {axes!r}: expected 'name=size,...', got {part!r}")
             try:
-                out[name.strip()] = int(size)
+                out[name.strip()] = int(size_text)
             except ValueError:
-                raise ValueError(f"mesh {axes!r}: size of axis {name.strip()!r} must be an int, got {size!r}") from None
+                raise ValueError(f"mesh {axes!r}: size of axis {name.strip()!r} must be an int, "
+                                 f"got {size_text!r}") from None
         axes = out
     if not isinstance(axes, dict) or not axes:
         raise ValueError(f"mesh must be 'name=size,...' or a non-empty dict, got {axes!r}")
@@ -322,6 +323,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     lists every process's devices and `make_mesh` spans them all.
     """
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    kwargs = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
-                                ("process_id", process_id)) if v is not None}
+    given = (("coordinator_address", coordinator_address), ("num_processes", num_processes), ("process_id", process_id))
+    kwargs: dict[str, Any] = {k: v for k, v in given if v is not None}
     jax.distributed.initialize(**kwargs)

@@ -118,7 +118,7 @@ def _kernel(q_ref, k_ref, v_ref, lrk_ref, lrv_ref, bk_ref, bv_ref, o_ref, *, sm_
         acc_lr = corr[:, None] * acc_lr + jnp.dot(p.astype(lrv.dtype), lrv, preferred_element_type=f32)
         return acc, acc_lr, m_next, l_next
 
-    n_kb = c.cdiv(sk, block_k)
+    n_kb: int | jax.Array = c.cdiv(sk, block_k)
     if causal:  # key blocks after this q tile's last visible key are skipped
         last = (iq + 1) * block_q - 1 + (sk - sq)
         n_kb = jnp.minimum(jax.lax.div(last + block_k, block_k), n_kb)

@@ -124,6 +124,7 @@ def load_texts(path: str | os.PathLike | None, names: list[str] | None = None) -
                     base = member.name.rsplit("/", 1)[-1]
                     if TEXTS in member.name and base.endswith("_gut.txt") and member.isfile():
                         fh = tar.extractfile(member)
+                        assert fh is not None  # a regular file (member.isfile())
                         found[base[: -len("_gut.txt")]] = fh.read().decode("utf-8", errors="replace")
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{path} is not a readable .tar.gz (truncated or malformed?): {e}") from e

@@ -83,7 +83,7 @@ def run(essa: ESSA, fitness_fn: Callable, key: jax.Array, generations: int, *arg
     if state is None:
         state = essa.init(init_key)
 
-    def save():
+    def save(state: State) -> None:
         if ckpt is not None:
             g = int(state.generation)
             ckpt.save(g, state, {"history": history, "generation": g,
@@ -114,7 +114,7 @@ def run(essa: ESSA, fitness_fn: Callable, key: jax.Array, generations: int, *arg
                 bar.update(1)
                 bar.set_postfix(mean=row.get("fitness_mean"), best=row.get("best_fitness"))
             if ckpt is not None and ((g + 1) % ckpt_every == 0 or last):
-                save()
+                save(state)
     finally:
         if bar is not None:
             bar.close()

@@ -307,7 +307,7 @@ class ESSA:
         """``(population [P, d], state)`` from evosax's ``ask``."""
         with _allow_rank_promotion():
             population, es = self.strategy.ask(key, state.es, self.es_params)
-        return population, state.replace(es=es)
+        return population, state.replace(es=es)  # type: ignore[attr-defined]  # flax.struct.dataclass adds .replace
 
     def _constrain(self, x: jax.Array, spec: P) -> jax.Array:
         if self.mesh is None:
@@ -357,7 +357,8 @@ class ESSA:
             "std": jnp.mean(es.std),
             "best_fitness": -es.best_fitness,
         }
-        new = state.replace(es=es, generation=state.generation + 1, n_nonfinite=state.n_nonfinite + n_bad)
+        # flax.struct.dataclass adds .replace
+        new = state.replace(es=es, generation=state.generation + 1, n_nonfinite=state.n_nonfinite + n_bad)  # type: ignore[attr-defined]
         return new, metrics
 
     @functools.partial(jax.jit, static_argnames=("self", "fitness_fn"))

@@ -158,6 +158,8 @@ def _make_interceptor(table: dict, used: set, compute_dtype: Any) -> Callable:
         quant = is_quantized(kernel) or (kernel is not None and kernel.dtype == jnp.bfloat16)
         if entry is None and not quant:
             return next_fun(*args, **kwargs)
+        if kernel is None:
+            raise ValueError(f"{name}: an adapted nn.Dense has no kernel in its params (called before init?)")
         x = args[0] if args else kwargs["inputs"]
         bias = p.get("bias") if module.use_bias else None
         out_dtype = module.dtype or jnp.result_type(x.dtype, jnp.float32 if is_quantized(kernel) else kernel.dtype)

@@ -222,7 +222,7 @@ def _check_svd(spec: Spec, params: Any, tree: Any, form: str) -> None:
     selected, index = _index(spec, params, tree)
     for t in selected:
         e = index[t.keys]
-        d_in, d_out, r = *t.matrix_shape, t.rank
+        (d_in, d_out), r = t.matrix_shape, t.rank
         want = ({"U": (d_in, r), "sigma": (r,), "V": (d_out, r)} if form == "product" else
                 {"U_A": (d_in, r), "sigma_A": (r,), "V_A": (r, r), "U_B": (r, r), "sigma_B": (r,), "V_B": (d_out, r)})
         for k, shape in want.items():

@@ -46,6 +46,7 @@ def _top_svd(m: jax.Array, key: jax.Array | None, k: int, q: int, niter: int | N
     else:
         tall = m.shape[0] >= m.shape[1]
         a = m if tall else m.T
+        assert key is not None  # top_svd passes a key whenever niter is set
         omega = jax.random.normal(key, (a.shape[1], q), jnp.float32)
         basis = jnp.linalg.qr(jnp.matmul(a, omega, precision=_HI))[0]
         for _ in range(niter):

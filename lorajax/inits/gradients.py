@@ -46,6 +46,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any, Callable, Iterable
 
 import jax
@@ -116,7 +117,7 @@ def estimate_gradients(spec: Spec, loss_fn: Callable[[Any, Any], jax.Array], par
     if progress:
         from tqdm.auto import tqdm
 
-        total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if isinstance(batches, Sized) else None
         total = num_batches if total is None else min(total, num_batches or total)
         it = tqdm(it, total=total, desc="gradients", unit="batch")
     n = 0

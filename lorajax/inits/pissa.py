@@ -77,6 +77,7 @@ def pissa(spec: Spec, params: Any, key: jax.Array | None = None, *, niter: int |
         if niter is None:
             u, s, vh = jnp.linalg.svd(w, full_matrices=False)
         else:
+            assert key is not None  # set above whenever niter is
             u, s, vh = _randomized_svd(target_key(key, t), w, t.rank, niter)
         sc = scaling(t)
         root = jnp.sqrt(s[: t.rank] / sc)

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -401,8 +401,9 @@ def _ln(hf: str, path: tuple) -> dict:
 
 def param_map(cfg: Config) -> dict[str, tuple[tuple[str, ...], str]]:
     """``{hf_name: (flax_path, "linear" | "copy")}``: HF names (no prefix) equal the params paths."""
-    out = {f"embeddings.{n}.weight": (("embeddings", n, "embedding"), "copy")
-           for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+    out: dict[str, tuple[tuple[str, ...], str]] = {
+        f"embeddings.{n}.weight": (("embeddings", n, "embedding"), "copy")
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
     out.update(_ln("embeddings.LayerNorm", ("embeddings", "LayerNorm")))
     for i in range(cfg.num_hidden_layers):
         p = f"encoder.layer.{i}"
@@ -441,7 +442,8 @@ def sentence_embeddings(model: BertModel, params: Any, input_ids, attention_mask
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.asarray(attention_mask)
     tt = None if token_type_ids is None else jnp.asarray(token_type_ids)
-    hidden = model.apply({"params": params}, input_ids, attention_mask, tt)
+    # without mutable= Flax's apply returns the output alone, not (output, variables)
+    hidden = cast(jax.Array, model.apply({"params": params}, input_ids, attention_mask, tt))
     pooled = mean_pool(hidden, attention_mask)
     return l2_normalize(pooled) if normalize else pooled
 

@@ -172,6 +172,7 @@ class Config:
         object.__setattr__(self, "architectures", tuple(self.architectures or (ARCHITECTURES[self.model_type],)))
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported RoPE type {self.rope_type!r}; supported: {list(ROPE_TYPES)}")
+        assert self.num_key_value_heads is not None and self.head_dim is not None  # filled in above
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -236,7 +237,7 @@ class Config:
 
         # RoPE. transformers 5 gives `rope_scaling` (old name) priority over `rope_parameters`;
         # rope_theta comes from the dict, else the top level, else 10000.
-        rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        rope: Any = c.get("rope_scaling") or c.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be a dict, got {rope!r}")
         if any(isinstance(v, dict) or v is None and k in LAYER_TYPES for k, v in rope.items()):
@@ -248,7 +249,8 @@ class Config:
         partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
         if partial is not None and float(partial) != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} is not supported")
-        theta = float(rope.get("rope_theta", c.get("rope_theta") or 10000.0))
+        top_theta: float = c.get("rope_theta") or 10000.0
+        theta = float(rope.get("rope_theta", top_theta))
         kw: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta}
         if rope_type != "default":
             if "factor" not in rope:
@@ -289,7 +291,8 @@ class Config:
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             attention_bias=attention_bias, mlp_bias=mlp_bias,
-            sliding_window=None if window is None else int(window), layer_types=layer_types,
+            sliding_window=None if window is None else int(window),
+            layer_types=None if layer_types is None else tuple(layer_types),
             model_type=model_type, architectures=c.get("architectures"), extra=extra, **kw)
 
     def rope_parameters(self) -> dict:
@@ -306,6 +309,7 @@ class Config:
     def to_hf(self) -> dict:
         """A ``config.json`` dict that transformers loads as the same model (``Config.from_hf`` inverts it)."""
         out = {k: json.loads(v) for k, v in self.extra}
+        assert self.architectures is not None  # filled in by __post_init__
         rope = self.rope_parameters()
         out.update(
             model_type=self.model_type, architectures=list(self.architectures),
@@ -333,6 +337,7 @@ class Config:
 def rope_inv_freq(cfg: Config) -> np.ndarray:
     """``inv_freq [head_dim/2]`` (float32) as HF computes it at init (for ``dynamic``: up to L₀)."""
     dim = cfg.head_dim
+    assert dim is not None  # filled in by Config.__post_init__
     exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = cfg.rope_theta
     if cfg.rope_type == "dynamic":  # HF's init value, seq_len = max_position_embeddings
@@ -364,6 +369,7 @@ def _inv_freq(cfg: Config, pos_BxS: jax.Array) -> jax.Array:
     # they were cached with, as in HF). Stateless: HF's module also keeps the grown frequencies for later
     # calls with L between L₀ and the longest length seen, which lorajax does not imitate.
     dim, f, l0 = cfg.head_dim, cfg.rope_factor, cfg.max_position_embeddings
+    assert dim is not None  # filled in by Config.__post_init__
     seq_len = jnp.max(pos_BxS).astype(jnp.float32) + 1
     base = cfg.rope_theta * ((f * seq_len / l0) - (f - 1)) ** (dim / (dim - 2))
     exps = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
@@ -416,6 +422,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, S, d = cos_BxSxd.shape
         H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+        assert K is not None  # filled in by Config.__post_init__
         G = H // K
         dense = functools.partial(nn.Dense, param_dtype=self.param_dtype)
         q = dense(H * d, use_bias=cfg.qkv_bias, name="q_proj")(x_TxD).reshape(B, S, H, d)
@@ -542,8 +549,8 @@ class LlamaModel(nn.Module):
             position_ids = jnp.broadcast_to(position_ids, (B, S))
         k_slots = jnp.arange(T, dtype=jnp.int32)
         causal_SxT = k_slots[None, :] <= q_slots[:, None]
-        masks = {None: causal_SxT[None, :, :] & valid_BxT[:, None, :]}
-        for w in {cfg.window(i) for i in range(cfg.num_hidden_layers)} - {None}:
+        masks: dict[int | None, jax.Array] = {None: causal_SxT[None, :, :] & valid_BxT[:, None, :]}
+        for w in {w for i in range(cfg.num_hidden_layers) if (w := cfg.window(i)) is not None}:
             win_SxT = k_slots[None, :] > q_slots[:, None] - w
             masks[w] = masks[None] & win_SxT[None, :, :]
 
@@ -604,8 +611,9 @@ def example_inputs(cfg: Config) -> tuple:
 
 def param_map(cfg: Config) -> dict[str, tuple[tuple[str, ...], str]]:
     """``{hf_tensor_name: (flax_path, "linear" | "copy")}`` for every parameter of ``cfg``'s model."""
-    out = {"model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), "copy"),
-           "model.norm.weight": (("model", "norm", "weight"), "copy")}
+    out: dict[str, tuple[tuple[str, ...], str]] = {
+        "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), "copy"),
+        "model.norm.weight": (("model", "norm", "weight"), "copy")}
     for i in range(cfg.num_hidden_layers):
         hf, fx = f"model.layers.{i}.", ("model", "layers", str(i))
         for block, names, bias in (("self_attn", ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias),

@@ -161,7 +161,7 @@ class Tokenizer:
                 raise ValueError(f"padding=False but the sequences have different lengths {sorted(set(lengths))}")
             width = lengths[0] if lengths else 0
         else:
-            width = max_length if padding == "max_length" else max(lengths, default=0)
+            width = max_length if padding == "max_length" and max_length is not None else max(lengths, default=0)
             if width > min(lengths, default=width) and self.pad_token_id is None:
                 raise ValueError("padding needs a pad token and this tokenizer has none ([PAD] / <pad>)")
         B = len(encodings)

@@ -245,7 +245,7 @@ class QuantizedMoment(NamedTuple):
 class ScaleByAdam8bitState(NamedTuple):
     """``count``: int32 steps taken; ``mu``, ``nu``: per leaf a `QuantizedMoment` or a float32 array."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
     mu: Any
     nu: Any
 
@@ -335,7 +335,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         t = count.astype(jnp.float32)
         c1 = _one_minus_power(b1, t)
         c2 = jnp.sqrt(_one_minus_power(b2, t))
-        treedef = jax.tree.structure(updates)
+        treedef: Any = jax.tree.structure(updates)  # Any: jaxlib has no stubs for PyTreeDef
         grads = treedef.flatten_up_to(updates)
         mus = treedef.flatten_up_to(state.mu)
         nus = treedef.flatten_up_to(state.nu)

@@ -191,7 +191,7 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
     return selected
 
 
-def _dimension_numbers(t: Target) -> GaLoreDimensionNumbers:
+def _dimension_numbers(t: Target | Weight) -> GaLoreDimensionNumbers:
     return GaLoreDimensionNumbers(reduction_axis=tuple(range(t.in_axes)),
                                   output_axis=tuple(range(t.in_axes, len(t.shape))))
 

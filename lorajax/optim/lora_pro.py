@@ -354,13 +354,17 @@ def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
     if isinstance(spec, Spec):
         factors = registry.plain_lora(spec.variant, "lora_pro (its equations assume W + s·A·B; pass the scale "
                                                     "itself, a number or mapping, to use other trees)").factors
+        scale = None if factors is None else factors.scale
+        if scale is None:
+            raise ValueError(f"lora_pro: variant {spec.variant!r} declares no Factors.scale; pass the scale itself, "
+                             "a number or mapping")
 
         def from_spec(keys, a):
             name = module_name(keys)
             alpha = float(pattern_value(spec.alpha_pattern, name, spec.alpha))
             t = Target(keys=tuple(keys), name=name, shape=(a.shape[0], 1), in_axes=1, rank=a.shape[1], alpha=alpha,
                        options=spec.options)
-            return factors.scale(t)
+            return scale(t)
 
         return from_spec
     if is_number(spec):
@@ -403,7 +407,7 @@ def _check_hparams(b1, b2, eps, delta, x_mode):
 class ScaleByLoraProState(NamedTuple):
     """Full-space Adam state: ``mu``/``nu`` map each pair's path (``"q/kernel"``) to ``[in, out]``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
     mu: dict
     nu: dict
 
@@ -501,7 +505,7 @@ def adjust_lora_gradients(spec: Any, *, x_mode: str = "sylvester", delta: float 
 
 
 class _DecayState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
 
 
 def _decay_product(learning_rate: Any, weight_decay: float) -> optax.GradientTransformation:

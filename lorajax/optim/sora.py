@@ -68,7 +68,7 @@ def quirk_threshold(x: jax.Array, xi: Any) -> jax.Array:
 
 
 class ProximalState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
 
 
 def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: bool = False

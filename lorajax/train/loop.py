@@ -97,7 +97,7 @@ def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, state:
             pending = [float(x) for x in meta.get("pending_losses", [])]
     start = int(state.step) if start is None else start
     if out_dir is not None:
-        if main:
+        if jsonl is not None:  # the main process
             _truncate_jsonl(jsonl, start)
         try:
             from tensorboardX import SummaryWriter

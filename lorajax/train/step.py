@@ -81,7 +81,8 @@ def make_lora_step(loss_fn: Callable[[Any, Any, Any], Any], tx: optax.GradientTr
         finite = jnp.isfinite(loss)
         for g in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(g))
-        new = state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state)
+        # flax.struct.dataclass adds .replace
+        new = state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state)  # type: ignore[attr-defined]
         return new, {"loss": loss, "finite": finite}
 
     if not jit:

@@ -227,7 +227,7 @@ def trainable_count(targets: list[Target]) -> int:
 def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
     from lorajax.spec import Spec
 
-    extra = {}
+    extra: dict[str, Any] = {}
     if config["peft_type"] == "MISS":
         extra["mini_r"] = int(config.get("mini_r", 1))
     elif config.get("mini_r") is not None:  # BoneConfig had no mini mode

@@ -131,7 +131,7 @@ def num_bases(d_min: int, r: int) -> int:
     return -(-d_min // r)
 
 
-def _dims(shape: tuple[int, int]) -> tuple[int, int]:
+def _dims(shape: tuple[int, ...]) -> tuple[int, int]:
     return min(shape), max(shape)
 
 
