@@ -24,9 +24,11 @@ Writes ``experiments/results/bench_essa.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,7 @@ def medians(fns: dict, repeats: int) -> dict:
     load changes on a shared machine hit every variant alike; one warm-up call each first."""
     for fn in fns.values():
         jax.block_until_ready(fn())
-    times = {k: [] for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
@@ -82,7 +84,9 @@ def main(argv=None) -> str:
         logits = fwd(params, adapters, tokens[:, :-1])
         return -optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    rows, mem, info = [], {}, {"quant": []}
+    rows: list[list[str]] = []
+    mem: dict[int, int | None] = {}
+    info: dict[str, Any] = {"quant": []}
     qparams = {"int8": quant.quantize(variables, "int8"), "bf16": quant.quantize(variables, "bfloat16")}
     for p in POPS:
         essa = ESSA(spec, variables, adapters, population_size=p)
@@ -92,14 +96,14 @@ def main(argv=None) -> str:
         chunked = ESSA(spec, variables, adapters, population_size=p, member_chunk=CHUNK) if p > CHUNK else None
         ev_chunked = jax.jit(chunked.evaluate, static_argnums=2) if chunked else None
         one = jax.jit(lambda g, params, tokens: reward(essa.to_adapters(state.frozen, g), params, tokens))
-        fns = {"vmap": lambda: evaluate(state, pop, reward, variables, tokens),
+        fns: dict[str, Callable[[], Any]] = {"vmap": lambda: evaluate(state, pop, reward, variables, tokens),
                "loop": lambda: [one(pop[i], variables, tokens) for i in range(p)],
                "step": lambda: essa.step(state, jax.random.key(5), reward, variables, tokens),
-               **{q: (lambda qp=qp: evaluate(state, pop, reward, qp, tokens)) for q, qp in qparams.items()}}
+               **{q: functools.partial(evaluate, state, pop, reward, qp, tokens) for q, qp in qparams.items()}}
         if ev_chunked:
             fns["chunked"] = lambda: ev_chunked(state, pop, reward, variables, tokens)
         t = medians(fns, args.repeats)
-        mem[p] = temp_bytes(evaluate, state, pop, reward, variables, tokens)
+        mem[p] = m = temp_bytes(evaluate, state, pop, reward, variables, tokens)
         if ev_chunked:
             info[f"chunk_temp_{p}"] = temp_bytes(ev_chunked, state, pop, reward, variables, tokens)
         if p == POPS[0]:
@@ -107,7 +111,7 @@ def main(argv=None) -> str:
             info["d"] = essa.num_dims
         rows.append([str(p), f"{p / t['vmap']:,.0f}", f"{p / t['chunked']:,.0f}" if ev_chunked else "—",
                      f"{p / t['loop']:,.0f}", f"{t['loop'] / t['vmap']:.2f}x", f"{p / t['step']:,.0f}",
-                     f"{mem[p] / p / 2**20:.2f} MiB" if mem[p] is not None else "n/a"])
+                     f"{m / p / 2**20:.2f} MiB" if m is not None else "n/a"])
         for q in qparams:
             info["quant"].append([str(p), q, f"{p / t[q]:,.0f}", f"{t['vmap'] / t[q]:.2f}x"])
         print(rows[-1], flush=True)
@@ -131,8 +135,9 @@ def main(argv=None) -> str:
 
     marg = []
     for a, b in zip(POPS, POPS[1:]):
-        if mem[a] is not None and mem[b] is not None:
-            marg.append(f"{a}->{b}: {(mem[b] - mem[a]) / (b - a) / 2**20:.2f} MiB per extra member")
+        mem_a, mem_b = mem[a], mem[b]
+        if mem_a is not None and mem_b is not None:
+            marg.append(f"{a}->{b}: {(mem_b - mem_a) / (b - a) / 2**20:.2f} MiB per extra member")
     base_bytes, int8_bytes = quant.nbytes(variables), quant.nbytes(qparams["int8"])
     table = markdown_table(["population", "members/s vmapped", f"members/s vmapped, chunks of {CHUNK}",
                             "members/s loop", "vmapped / loop", "members/s full generation (ask+eval+tell)",

@@ -145,6 +145,8 @@ def main(argv=None) -> None:
     lora_gf = dot_flops(jax.make_jaxpr(lora_step)(variables, state0, ids).jaxpr) / 1e9
     full_gf = dot_flops(jax.make_jaxpr(full_step)(None, lorajax.train.TrainState.create(tx, params), ids).jaxpr) / 1e9
     hlo = jax.jit(lora_step).lower(variables, state0, ids).compile().as_text()
+    if hlo is None:
+        raise RuntimeError("this backend gives no HLO text of the compiled step (needed to count the dW dots)")
     weight_shapes = {f"{w.shape[0]},{w.shape[1]}" for w in jax.tree.leaves(params) if w.ndim == 2}
     weight_shapes |= {f"{s.split(',')[1]},{s.split(',')[0]}" for s in weight_shapes}
     dw_dots = [d for d in re.findall(r"f32\[([0-9,]+)\]\{[0-9,]*\} dot\(", hlo) if d in weight_shapes]

@@ -69,9 +69,9 @@ def rows(params) -> tuple[list[list[str]], list[list[str]]]:
         spec = lorajax.Spec("lora", rank=r, alpha=2 * r, targets=TARGETS)
         adapters = jax.eval_shape(lambda p, s=spec: lorajax.init(s, p, 0), params)
         exact = lorajax.optim.state_bytes(adam, adapters)
-        formula = 4 + sum(2 * 4 * r * sum(t.matrix_shape) for t in lorajax.select(spec, params))
-        assert exact == formula, (r, exact, formula)
-        table.append([f"LoRA r={r} + Adam", f"{n_elements(adapters):,}", f"{exact:,}", f"{formula:,}", "",
+        lora_formula = 4 + sum(2 * 4 * r * sum(t.matrix_shape) for t in lorajax.select(spec, params))
+        assert exact == lora_formula, (r, exact, lora_formula)
+        table.append([f"LoRA r={r} + Adam", f"{n_elements(adapters):,}", f"{exact:,}", f"{lora_formula:,}", "",
                       mib(exact), f"{100 * exact / adam_exact:.1f}"])
     parts = []
     for r in (128, 512):

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 GIB = 2 ** 30
 MODELS = {
@@ -60,7 +61,7 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
     from lorajax import sharding
     from lorajax.models import llama
 
-    cfg_kw = dict(MODELS[model_name])
+    cfg_kw: dict[str, Any] = dict(MODELS[model_name])
     if layers is not None:
         cfg_kw["num_hidden_layers"] = layers
     cfg = llama.Config(**cfg_kw, architectures=("LlamaForCausalLM",))
@@ -99,8 +100,9 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
 
         step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
         t0 = time.perf_counter()
-        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=a_sds, frozen=empty,
-                                         opt_state=o_sds)
+        # abstract state for .lower(): a ShapeDtypeStruct stands in for the step array
+        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
+                                         trainable=a_sds, frozen=empty, opt_state=o_sds)
         compiled = jax.jit(step, donate_argnums=(1,)).lower(p_sds, state, tokens).compile()
         rows.append(_row(f"LoRA r=16{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
                          n_params, n_adapter, full=False))
@@ -110,8 +112,10 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
 
         full_step = lorajax.train.make_lora_step(full_loss, tx, jit=False)
         t0 = time.perf_counter()
-        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=p_sds,
-                                         frozen=jax.tree.map(lambda _: None, params), opt_state=opt_full)
+        # abstract state for .lower(): a ShapeDtypeStruct stands in for the step array
+        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
+                                         trainable=p_sds, frozen=jax.tree.map(lambda _: None, params),
+                                         opt_state=opt_full)
         compiled = jax.jit(full_step, donate_argnums=(1,)).lower(None, state, tokens).compile()
         rows.append(_row(f"full FT{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
                          n_params, n_params, full=True))

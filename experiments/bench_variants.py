@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,7 @@ def linear_sizes(cfg) -> dict[str, tuple[int, int]]:
     """``{module suffix: (in, out)}`` of one layer's adaptable linears, from the config alone."""
     h, f = cfg.hidden_size, cfg.intermediate_size
     if isinstance(cfg, llama.Config):
+        assert cfg.head_dim is not None and cfg.num_key_value_heads is not None  # filled in by Config.__post_init__
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
@@ -128,21 +130,24 @@ def linear_sizes(cfg) -> dict[str, tuple[int, int]]:
 def formula_count(spec: lorajax.Spec, cfg, params=None) -> int:
     """The spec's trainable count by its variant's declared formula (`Variant.trainable_count`) on ``cfg``'s shapes."""
     params = param_shapes(cfg) if params is None else params
-    return registry.get(spec.variant).trainable_count(lorajax.select(spec, params))
+    count = registry.get(spec.variant).trainable_count
+    if count is None:
+        raise ValueError(f"variant {spec.variant!r} declares no trainable_count formula")
+    return count(lorajax.select(spec, params))
 
 
 def param_counts(spec: lorajax.Spec, cfg, params=None) -> tuple[int, int]:
     """``(lorajax count, formula count)`` of the trainable parameters of ``spec`` on ``cfg``'s shapes."""
     params = param_shapes(cfg) if params is None else params
     adapters = jax.eval_shape(lambda p: lorajax.init(spec, p, 0), params)
-    return lorajax.count_params(spec, params, adapters)["trainable"], formula_count(spec, cfg, params)
+    return int(lorajax.count_params(spec, params, adapters)["trainable"]), formula_count(spec, cfg, params)
 
 
 def count_table() -> tuple[str, bool]:
     shapes = {name: param_shapes(cfg) for name, cfg, _ in SETTINGS}
     rows, ok = [], True
     for v in VARIANTS:
-        settings = [(dict(rank=8), COMMON_IS_DEFAULT.get(v, "common"))]
+        settings: list[tuple[dict[str, Any], str]] = [(dict(rank=8), COMMON_IS_DEFAULT.get(v, "common"))]
         if v in PAPER_DEFAULTS:
             settings.append(PAPER_DEFAULTS[v])
         for kw, source in settings:

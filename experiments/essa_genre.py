@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 from pathlib import Path
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 import lorajax
+from experiments.config import RunConfig
 from experiments.report import markdown_table
 from experiments.tasks.genre import load_data, model_path
 from lorajax.data import speeches
@@ -72,8 +73,8 @@ def main(argv=None) -> dict:
     model, params = lorajax.models.from_pretrained(path)
     cfg = model.cfg
     tok = Tokenizer.from_pretrained(path)
-    data = load_data(types.SimpleNamespace(data=None, max_train=args.max_train, max_test=args.max_test,
-                                           seed=args.seed, max_length=args.max_length), tok)
+    data = load_data(RunConfig(max_train=args.max_train, max_test=args.max_test, seed=args.seed,
+                               max_length=args.max_length), tok)
 
     # ---- frozen part, computed once: embeddings + layers 0..TOP-1 -> the input of layer TOP
     layer = bert.Layer(cfg)
@@ -82,10 +83,11 @@ def main(argv=None) -> dict:
     def frozen_features(ids, mask, tt):
         B, S = ids.shape
         pos = bert.make_position_ids(cfg, ids)
-        x = bert.Embeddings(cfg).apply({"params": params["embeddings"]}, ids, tt, pos)
+        # without mutable= Flax's apply returns the output alone, not (output, variables)
+        x = cast(jax.Array, bert.Embeddings(cfg).apply({"params": params["embeddings"]}, ids, tt, pos))
         keep = (mask != 0).reshape(B, 1, 1, S)
         for i in range(TOP):
-            x = layer.apply({"params": params["encoder"]["layer"][str(i)]}, x, keep)
+            x = cast(jax.Array, layer.apply({"params": params["encoder"]["layer"][str(i)]}, x, keep))
         return x.reshape(B, S, -1)
 
     feats = {}
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
     def reward(adapters, b):
         return accuracy(adapters, head, b)
 
-    arms = {"ESSA CMA-ES, product SVD": dict(strategy="cma_es", form="product"),
+    arms: dict[str, dict[str, Any]] = {"ESSA CMA-ES, product SVD": dict(strategy="cma_es", form="product"),
             "ESSA OpenAI-ES antithetic, factor SVD": dict(strategy="open_es", form="factor")}
     for name, kw in arms.items():
         essa = ESSA(spec, top, warm["adapters"], population_size=args.population, member_chunk=args.member_chunk,
@@ -233,9 +235,9 @@ def main(argv=None) -> dict:
     for name, curve in curves.items():
         final = curve[-1][1]
         best_test = max(c[1]["test"] for c in curve[1:])
-        s = summary[name]
-        rows.append([name, s["updates"], f"{final['train512']:.4f}", f"{final['test']:.4f}", f"{best_test:.4f}",
-                     f"{s['searched']:,}", f"{s['wall_s']:.0f} s"])
+        arm = summary[name]
+        rows.append([name, arm["updates"], f"{final['train512']:.4f}", f"{final['test']:.4f}", f"{best_test:.4f}",
+                     f"{arm['searched']:,}", f"{arm['wall_s']:.0f} s"])
     table = markdown_table(["run (from the warm start, head frozen)", "budget used",
                             "reward: train-512 accuracy (final)", "test accuracy, unseen plays (final)",
                             "test accuracy (best of 8 points)", "numbers searched / trained", "wall time"], rows)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -149,8 +149,13 @@ def _batches(d: dict, size: int = 64):
 def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
     """Frozen encoder + trained head: mean-pooled features are computed once, then only the head is trained."""
     variables = {"params": enc.params}
-    encode = jax.jit(lambda v, b: bert.mean_pool(enc.model.apply(v, b["input_ids"], b["attention_mask"],
-                                                                 b["token_type_ids"]), b["attention_mask"]))
+
+    @jax.jit
+    def encode(v, b):
+        # without mutable= Flax's apply returns the output alone, not (output, variables)
+        hidden = cast(jax.Array, enc.model.apply(v, b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+        return bert.mean_pool(hidden, b["attention_mask"])
+
     feats = {split: {"pooled": np.concatenate([np.asarray(encode(variables, b)) for b in _batches(d)]),
                      "label": d["label"]} for split, d in data.items()}
 
@@ -172,7 +177,7 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
 def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
     """``cfg.spec``'s adapters on the frozen encoder (any registered variant)."""
     s = cfg.spec
-    options = {"use_rslora": True} if s.use_rslora else {}
+    options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
     spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
                         targets=s.targets if isinstance(s.targets, str) else list(s.targets),
                         exclude=list(s.exclude) or None, **options)

@@ -13,6 +13,7 @@ comedies (Twelfth Night, Much Ado). Characters are the tokens.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +75,10 @@ def run(cfg: RunConfig) -> dict:
     variables = {"params": params}
 
     s = cfg.spec
+    options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
     spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
                         targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-                        exclude=list(s.exclude) or None, **({"use_rslora": True} if s.use_rslora else {}))
+                        exclude=list(s.exclude) or None, **options)
     adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
     mesh = None
     if cfg.mesh:  # weights split by lorajax.sharding's Llama rules, adapters follow, batches over data x fsdp
