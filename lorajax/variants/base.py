@@ -187,7 +187,7 @@ class Variant:
     init_shared: Callable | None = None
     update: Callable | None = None
     #: the `Options` dataclass
-    options: type = NoOptions
+    options: type[Options] = NoOptions
     #: regexes of adapter entries that are buffers, never trained
     buffers: tuple = ()
     #: False where the rank may exceed min(in, out) (VeRA's shared projections).
