@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax.numpy as jnp
 
@@ -73,7 +73,7 @@ class Target:
     in_axes: int
     rank: int
     alpha: float
-    options: Mapping[str, Any]
+    options: Any  # the variant's `Options` (typed per variant)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
