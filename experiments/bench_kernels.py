@@ -37,7 +37,6 @@ import numpy as np
 
 import pallas_kernels as pk
 from experiments.report import markdown_table
-from pallas_kernels import _common
 
 T, D, R, SEQS, ADAPTERS = 2048, 512, 16, 64, 64
 ATT_B, ATT_S, ATT_H, ATT_D, ATT_R = 4, 256, 8, 64, 8
@@ -68,7 +67,7 @@ def main(argv=None) -> None:
 
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind
-    mode = _common.resolve_mode("bench", None)
+    mode = pk.resolve_mode("bench", None)
     interp = mode == "interpret"
     kernel_mode = ("Pallas interpret (correctness only)" if interp else
                    f"Pallas compiled ({backend})" if mode == "compiled" else "jnp reference fallback")
@@ -157,7 +156,7 @@ def main(argv=None) -> None:
                  "shared base cache", "materialised K, V per agent + softmax (jnp)", f"{xla_ms:.2f}", f"{ker_ms:.2f}",
                  ratio(xla_ms, ker_ms), f"{max_rel_err(att_ker(*att_args), att_ref(*att_args)):.1e}"])
 
-    if backend not in _common.COMPILED_BACKENDS:
+    if backend not in pk.COMPILED_BACKENDS:
         notes.append(f"**No GPU or TPU was available for this run** (backend `{backend}`): the kernels ran in "
                      "Pallas interpret mode, so the kernel column and the ratios measure the interpreter and are "
                      "**correctness-only**, not kernel speed. No GPU/TPU numbers exist for these kernels yet.")

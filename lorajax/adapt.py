@@ -23,6 +23,11 @@ Both modes give the same outputs and adapter gradients (tested). Differentiate
 only the adapters (``jax.grad`` over the ``adapters`` argument): frozen
 weights outside the differentiated argument get no weight-gradient matmul.
 
+Internal API (used by `lorajax.nnx_adapt` and `lorajax.multi_adapter`, not
+exported): `make_interceptor` (the linen interceptor over a target table),
+`forward` (a variant's factored forward on ``[T, in]``), `sowing` (a context
+whose statistics add up per layer) and `parse_einsum`.
+
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, lorajax
   >>> model = nn.Dense(3)
@@ -125,7 +130,7 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
             params = nnx_adapt.wrap_kernels(params, variant, table, used, sink)
             hook, layers = nnx_adapt.intercept(), nnx_adapt.LAYERS
         else:
-            hook, layers = nn.intercept_methods(_make_interceptor(variant, table, used, sink)), LINEN_LAYERS
+            hook, layers = nn.intercept_methods(make_interceptor(variant, table, used, sink)), LINEN_LAYERS
         with hook:
             out = apply_fn(params, *args, **kwargs)
         check_reached(table, used, "factored mode", layers, " Use mode='merged'.")
@@ -160,7 +165,7 @@ def check_reached(table: dict, used: set, what: str, layers: str, hint: str = ""
         warnings.warn(f"{what}: adapters never used by apply_fn: {missing[:5]}", stacklevel=3)
 
 
-def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
+def make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
@@ -175,13 +180,13 @@ def _make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]
             einsum_str = kwargs.get("einsum_str", einsum_str)
-            return _einsum(module, variant, t, adapter, _sowing(ctx, sink, name), inputs, einsum_str)
-        return _dense(module, variant, t, adapter, _sowing(ctx, sink, name), inputs)
+            return _einsum(module, variant, t, adapter, sowing(ctx, sink, name), inputs, einsum_str)
+        return _dense(module, variant, t, adapter, sowing(ctx, sink, name), inputs)
 
     return interceptor
 
 
-def _sowing(ctx: Context, sink: dict, name: str) -> Context:
+def sowing(ctx: Context, sink: dict, name: str) -> Context:
     """``ctx`` whose `Context.sow` adds statistics up in ``sink[name]`` (a layer may be called more than once)."""
 
     def sow(stats: dict) -> None:
@@ -190,7 +195,7 @@ def _sowing(ctx: Context, sink: dict, name: str) -> Context:
     return dataclasses.replace(ctx, sink=sow)
 
 
-def _forward(variant, t, adapter, ctx: Context, x2d: jax.Array, w: jax.Array) -> jax.Array:
+def forward(variant, t, adapter, ctx: Context, x2d: jax.Array, w: jax.Array) -> jax.Array:
     """Variant's factored forward on ``x2d: [T, in]`` and ``w: [in, out]``."""
     if variant.apply is not None:
         return call_variant(variant, variant.apply, x2d, w, adapter, t, ctx=ctx)
@@ -217,7 +222,7 @@ def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
     x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     batch_shape = x.shape[: x.ndim - n]
     x2d = x.reshape(math.prod(batch_shape), -1)
-    y2d = _forward(variant, t, adapter, ctx, x2d, as_matrix(kernel, t))
+    y2d = forward(variant, t, adapter, ctx, x2d, as_matrix(kernel, t))
     y = y2d.reshape(*batch_shape, *kernel.shape[n:])
     if bias is None:
         return y
@@ -228,7 +233,7 @@ def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> 
     p = module.variables["params"]
     kernel = p["kernel"]
     einsum_str = einsum_str.replace(" ", "")
-    (lhs, rhs), out, _ = _parse(einsum_str, x, kernel)
+    (lhs, rhs), out, _ = parse_einsum(einsum_str, x, kernel)
     n = t.in_axes
     in_letters, out_letters = rhs[:n], rhs[n:]
     ok = (all(c in lhs and c not in out for c in in_letters)
@@ -246,12 +251,12 @@ def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> 
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
     xt = jnp.einsum(f"{lhs}->{batch}{in_letters}", x)
     batch_shape = xt.shape[: len(batch)]
-    y2d = _forward(variant, t, adapter, ctx, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))
+    y2d = forward(variant, t, adapter, ctx, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))
     y = y2d.reshape(*batch_shape, *kernel.shape[n:])
     y = jnp.einsum(f"{batch}{out_letters}->{out}", y)
     return y if bias is None else y + jnp.reshape(bias, bias_shape)
 
 
-def _parse(einsum_str: str, x: jax.Array, kernel: jax.Array):
+def parse_einsum(einsum_str: str, x: jax.Array, kernel: jax.Array):
     operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, x, kernel))
     return operands.split(","), result, None

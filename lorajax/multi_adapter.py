@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import registry, targets
-from lorajax.adapt import _make_interceptor
+from lorajax.adapt import make_interceptor
 from lorajax.adapters import resolve
 from lorajax.plan import adapter_paths, nest
 from lorajax.spec import Spec
@@ -185,7 +185,7 @@ def adapt_multi(apply_fn: Callable, spec: Spec, *, kernel: str | None = None) ->
         variant = dataclasses.replace(lora.VARIANT, apply=functools.partial(_multi_apply, ids=ids, kernel=kernel))
         table = {t.name: (t, index[t.keys], EVAL) for t in selected}
         used: set[str] = set()
-        with nn.intercept_methods(_make_interceptor(variant, table, used, {})):
+        with nn.intercept_methods(make_interceptor(variant, table, used, {})):
             out = apply_fn(params, *args, **kwargs)
         if not used:
             raise ValueError("adapt_multi reached none of the adapted weights (is apply_fn a linen model using "

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorajax import targets
-from lorajax.adapt import _forward, _parse, _sowing
+from lorajax.adapt import forward, parse_einsum, sowing
 from lorajax.adapters import as_matrix
 from lorajax.variants.base import Context, Target, Variant
 
@@ -89,7 +89,7 @@ class _Slot:
 
     def forward(self, x2d: jax.Array, w2d: jax.Array) -> jax.Array:
         self.used.add(self.t.name)
-        return _forward(self.variant, self.t, self.adapter, _sowing(self.ctx, self.sink, self.t.name), x2d, w2d)
+        return forward(self.variant, self.t, self.adapter, sowing(self.ctx, self.sink, self.t.name), x2d, w2d)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -212,7 +212,7 @@ def _einsum(module: nnx.Einsum, slot: _Slot, w: jax.Array, inputs: jax.Array, ei
     module._einsum_str_check(einsum_str)
     bias = module.bias[...] if module.bias is not None else None
     x, w, bias = module.promote_dtype((inputs, w, bias), dtype=module.dtype)
-    (lhs, rhs), out, _ = _parse(einsum_str, x, w)
+    (lhs, rhs), out, _ = parse_einsum(einsum_str, x, w)
     n = t.in_axes
     in_letters, out_letters = rhs[:n], rhs[n:]
     batch = "".join(c for c in lhs if c not in in_letters)

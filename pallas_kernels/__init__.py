@@ -17,15 +17,18 @@ the kernel body, its ``pallas_call`` wrapper, a ``BlockSizes`` dataclass, the
 Every kernel takes ``interpret=None`` (interpret mode on CPU, compiled on
 GPU/TPU), falls back to its reference with a one-time warning where no Pallas
 lowering exists, and checks shapes, dtypes and adapter ids before launching.
-Only interpret mode has been run here (no GPU/TPU was available); see
-``pallas_kernels/_common.py`` for the backend rules.
+`resolve_mode(kernel, interpret)` and `COMPILED_BACKENDS` give the backend
+rules (``pallas_kernels/_common.py``). The first compiled run on a GPU (H200,
+Triton backend) is recorded in ``experiments/results/pallas_gpu_check.md``.
 """
 
+from pallas_kernels._common import COMPILED_BACKENDS, resolve_mode
 from pallas_kernels.lora_attention import lora_attention, lora_attention_reference
 from pallas_kernels.lora_linear import lora_linear, lora_linear_reference
 from pallas_kernels.multi_lora import multi_lora, multi_lora_ragged_dot, multi_lora_reference
 
 __all__ = [
+    "resolve_mode", "COMPILED_BACKENDS",
     "lora_linear", "lora_linear_reference",
     "multi_lora", "multi_lora_reference", "multi_lora_ragged_dot",
     "lora_attention", "lora_attention_reference",

@@ -233,3 +233,25 @@ class VariantFunctionsArePure(chex.TestCase):
             chex.assert_shape(w2, w.shape)
             chex.assert_type(w2, w.dtype)
             chex.assert_trees_all_close(w2, v.adapted(w, adapter, t, EVAL), rtol=1e-5, atol=1e-5)
+
+
+def test_no_private_name_imported_across_modules():
+    """``from lorajax.x import _name`` (or ``x._name`` after ``import``) is not used between modules.
+
+    Package-private modules (``lorajax/optim/_checks.py``, ``lorajax/inits/_svd.py``, ...) are fine
+    inside their own package; their names are public within it.
+    """
+    pattern = re.compile(r"from (lorajax|pallas_kernels)[\w.]* import [^#\n]*\b_[a-z]\w*")
+    found = []
+    for folder in ("lorajax", "pallas_kernels", "experiments"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for m in pattern.finditer(text):
+                source, imported = m.group(0)[len("from "):].split(" import ", 1)
+                names = [n.split(" as ")[0].strip("() ") for n in imported.split(",")]
+                # a package-private module (``from pallas_kernels import _common``) inside its own package is fine
+                inside = path.parent == ROOT.joinpath(*source.split("."))
+                private = [n for n in names if n.startswith("_") and not inside]
+                if private:
+                    found.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
+    assert not found, "private names imported across modules:\n" + "\n".join(found)

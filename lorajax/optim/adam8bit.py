@@ -174,7 +174,7 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
     return _dynamic_map(bool(signed))
 
 
-def _check_block_size(block_size: Any) -> int:
+def check_block_size(block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of bitsandbytes' block sizes {BLOCK_SIZES} "
                          f"(8-bit optimisers: 256; before bitsandbytes 0.44: 2048), got {block_size!r}")
@@ -205,7 +205,7 @@ def quantize_blockwise(x: jax.Array, code: Any, block_size: int = 256) -> tuple[
       ``codes``: ``uint8``, ``x``'s shape, indices into ``code``;
       ``absmax``: float32 ``[⌈x.size / block_size⌉]``.
     """
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     code = _check_code(code)
     x = jnp.asarray(x)
     n = math.prod(x.shape)
@@ -224,7 +224,7 @@ def quantize_blockwise(x: jax.Array, code: Any, block_size: int = 256) -> tuple[
 
 def dequantize_blockwise(codes: jax.Array, absmax: jax.Array, code: Any, block_size: int = 256) -> jax.Array:
     """``code[codes] · absmax[block]``, float32, ``codes``' shape (inverse of `quantize_blockwise`)."""
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     code = _check_code(code)
     codes, absmax = jnp.asarray(codes), jnp.asarray(absmax)
     n = math.prod(codes.shape)
@@ -264,7 +264,7 @@ def moment_bytes(size: int, *, block_size: int = 256, min_8bit_size: int = 4096)
 def adam_8bit_state_bytes(params: Any, *, block_size: int = 256, min_8bit_size: int = 4096,
                           nonfinite: str = "skip") -> int:
     """`scale_by_adam_8bit`'s state size in bytes for ``params`` (arrays or shape structs), from the formula."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     total = sum(2 * moment_bytes(math.prod(x.shape), block_size=block_size, min_8bit_size=min_8bit_size)
                 for x in jax.tree.leaves(params))
     return total + 4 * (2 if nonfinite == "skip" else 1)
@@ -298,7 +298,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     for name, b in (("b1", b1), ("b2", b2)):
         check(name, b, lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
     check("eps", eps, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
     if nonfinite not in _NONFINITE:

@@ -115,7 +115,7 @@ import optax
 from optax.contrib import GaLoreDimensionNumbers
 
 from lorajax.optim._checks import check, is_traced, require_static
-from lorajax.optim.adam8bit import _check_block_size, moment_bytes, scale_by_adam_8bit
+from lorajax.optim.adam8bit import check_block_size, moment_bytes, scale_by_adam_8bit
 from lorajax.paths import key_names
 from lorajax.selection import Selection, Weight
 from lorajax.spec import Spec
@@ -375,7 +375,7 @@ def galore_state_formula(params: Any, targets: Any = "all-linear", *, rank: int 
     if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
         raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
     if optim_bits == 8:
-        _check_block_size(block_size)
+        check_block_size(block_size)
         if mu_dtype is not None:
             raise ValueError("mu_dtype has no meaning with optim_bits=8")
 
