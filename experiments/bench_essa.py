@@ -71,8 +71,14 @@ def main(argv=None) -> str:
     ap.add_argument("--out", default="experiments/results/bench_essa.md")
     args = ap.parse_args(argv)
 
-    cfg = llama.Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=64)
+    cfg = llama.Config(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     model = llama.build(cfg)
     variables = model.init(jax.random.key(0), *llama.example_inputs(cfg))
     spec = lorajax.Spec("lora", rank=8, alpha=16, targets=TARGETS, init_weights=False)
@@ -96,10 +102,12 @@ def main(argv=None) -> str:
         chunked = ESSA(spec, variables, adapters, population_size=p, member_chunk=CHUNK) if p > CHUNK else None
         ev_chunked = jax.jit(chunked.evaluate, static_argnums=2) if chunked else None
         one = jax.jit(lambda g, params, tokens: reward(essa.to_adapters(state.frozen, g), params, tokens))
-        fns: dict[str, Callable[[], Any]] = {"vmap": lambda: evaluate(state, pop, reward, variables, tokens),
-               "loop": lambda: [one(pop[i], variables, tokens) for i in range(p)],
-               "step": lambda: essa.step(state, jax.random.key(5), reward, variables, tokens),
-               **{q: functools.partial(evaluate, state, pop, reward, qp, tokens) for q, qp in qparams.items()}}
+        fns: dict[str, Callable[[], Any]] = {
+            "vmap": lambda: evaluate(state, pop, reward, variables, tokens),
+            "loop": lambda: [one(pop[i], variables, tokens) for i in range(p)],
+            "step": lambda: essa.step(state, jax.random.key(5), reward, variables, tokens),
+            **{q: functools.partial(evaluate, state, pop, reward, qp, tokens) for q, qp in qparams.items()},
+        }
         if ev_chunked:
             fns["chunked"] = lambda: ev_chunked(state, pop, reward, variables, tokens)
         t = medians(fns, args.repeats)
@@ -109,9 +117,17 @@ def main(argv=None) -> str:
         if p == POPS[0]:
             info["loop_temp"] = temp_bytes(one, pop[0], variables, tokens)
             info["d"] = essa.num_dims
-        rows.append([str(p), f"{p / t['vmap']:,.0f}", f"{p / t['chunked']:,.0f}" if ev_chunked else "—",
-                     f"{p / t['loop']:,.0f}", f"{t['loop'] / t['vmap']:.2f}x", f"{p / t['step']:,.0f}",
-                     f"{m / p / 2**20:.2f} MiB" if m is not None else "n/a"])
+        rows.append(
+            [
+                str(p),
+                f"{p / t['vmap']:,.0f}",
+                f"{p / t['chunked']:,.0f}" if ev_chunked else "—",
+                f"{p / t['loop']:,.0f}",
+                f"{t['loop'] / t['vmap']:.2f}x",
+                f"{p / t['step']:,.0f}",
+                f"{m / p / 2**20:.2f} MiB" if m is not None else "n/a",
+            ]
+        )
         for q in qparams:
             info["quant"].append([str(p), q, f"{p / t[q]:,.0f}", f"{t['vmap'] / t[q]:.2f}x"])
         print(rows[-1], flush=True)
@@ -123,13 +139,15 @@ def main(argv=None) -> str:
         e = ESSA(spec, variables, adapters, population_size=32, strategy=strat, fitness_input="genome")
         st = e.init(jax.random.key(0))
         for g in range(3):
-            st, _ = e.step(st, jax.random.key(g), lambda x: -jnp.sum(x ** 2))
+            st, _ = e.step(st, jax.random.key(g), lambda x: -jnp.sum(x**2))
         ask = jax.jit(e.ask)
         tell = jax.jit(e.tell)
         pop, st2 = ask(st, jax.random.key(9))
-        fit = -jnp.sum(pop ** 2, -1)
-        t = medians({"ask": lambda: ask(st, jax.random.key(9)),
-                     "tell": lambda: tell(st2, jax.random.key(8), pop, fit)}, args.repeats)
+        fit = -jnp.sum(pop**2, -1)
+        t = medians(
+            {"ask": lambda: ask(st, jax.random.key(9)), "tell": lambda: tell(st2, jax.random.key(8), pop, fit)},
+            args.repeats,
+        )
         strat_rows.append([strat, f"{t['ask'] * 1e3:.2f} ms", f"{t['tell'] * 1e3:.2f} ms"])
     stable = markdown_table(["strategy (evosax), P=32", "ask", "tell"], strat_rows)
 
@@ -139,11 +157,23 @@ def main(argv=None) -> str:
         if mem_a is not None and mem_b is not None:
             marg.append(f"{a}->{b}: {(mem_b - mem_a) / (b - a) / 2**20:.2f} MiB per extra member")
     base_bytes, int8_bytes = quant.nbytes(variables), quant.nbytes(qparams["int8"])
-    table = markdown_table(["population", "members/s vmapped", f"members/s vmapped, chunks of {CHUNK}",
-                            "members/s loop", "vmapped / loop", "members/s full generation (ask+eval+tell)",
-                            "eval temp memory / member"], rows)
-    chunk_mem = "; ".join(f"P={p}: {info[f'chunk_temp_{p}'] / 2**20:.1f} MiB total"
-                          for p in POPS if info.get(f"chunk_temp_{p}") is not None)
+    table = markdown_table(
+        [
+            "population",
+            "members/s vmapped",
+            f"members/s vmapped, chunks of {CHUNK}",
+            "members/s loop",
+            "vmapped / loop",
+            "members/s full generation (ask+eval+tell)",
+            "eval temp memory / member",
+        ],
+        rows,
+    )
+    chunk_mem = "; ".join(
+        f"P={p}: {info[f'chunk_temp_{p}'] / 2**20:.1f} MiB total"
+        for p in POPS
+        if info.get(f"chunk_temp_{p}") is not None
+    )
     qtable = markdown_table(["population", "base", "members/s vmapped", "vs float32 base"], info["quant"])
     loop_temp = info["loop_temp"]
     text = f"""# ESSA: vmapped population vs a loop over members
@@ -151,20 +181,20 @@ def main(argv=None) -> str:
 {__doc__.split(chr(10), 1)[1].split("Command:")[0].strip()}
 
 Device: {jax.devices()[0].device_kind} ({jax.device_count()} device), jax {jax.__version__};
-genome d = {info['d']}; {args.repeats} timed calls per cell. One run on a shared 2-core machine:
+genome d = {info["d"]}; {args.repeats} timed calls per cell. One run on a shared 2-core machine:
 read the ratios, not the absolute rates.
 
 {table}
 
-- Marginal scratch memory: {'; '.join(marg) or 'n/a'}.
+- Marginal scratch memory: {"; ".join(marg) or "n/a"}.
 - Chunked evaluation (`member_chunk={CHUNK}`, `jax.lax.map` over chunks of vmapped members) scratch:
-  {chunk_mem or 'n/a'}.
-- Loop path: one member's compiled fitness needs {loop_temp / 2**20 if loop_temp else float('nan'):.2f} MiB
+  {chunk_mem or "n/a"}.
+- Loop path: one member's compiled fitness needs {loop_temp / 2**20 if loop_temp else float("nan"):.2f} MiB
   scratch (reused across the P calls).
 - Base params: float32 {base_bytes / 2**20:.2f} MiB, int8 {int8_bytes / 2**20:.2f} MiB
   (embeddings stay float32).
 
-The strategies' own cost per generation (d = {info['d']}; CMA-ES's ask eigendecomposes the d x d
+The strategies' own cost per generation (d = {info["d"]}; CMA-ES's ask eigendecomposes the d x d
 covariance, which is what separates the "full generation" column from the evaluation at small P):
 
 {stable}

@@ -56,7 +56,7 @@ def dot_flops(jaxpr) -> float:
             k = np.prod([eqn.invars[0].aval.shape[d] for d in lc]) if lc else 1
             total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
         for p in eqn.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
                     total += dot_flops(inner if hasattr(inner, "eqns") else inner.jaxpr)
@@ -75,9 +75,15 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN,
-                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      num_key_value_heads=HEADS, max_position_embeddings=SEQ)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=SEQ,
+    )
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)).astype(np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         hf = transformers.LlamaForCausalLM(hf_cfg).float()
@@ -85,8 +91,9 @@ def main(argv=None) -> None:
         model, params = lorajax.models.from_pretrained(tmp)
 
     # --- PEFT eager
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS,
-                                                 lora_dropout=0.0)).train()
+    pm = peft.get_peft_model(
+        hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+    ).train()
     opt = torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-4)
     ids_t = torch.from_numpy(tokens)
 
@@ -154,13 +161,26 @@ def main(argv=None) -> None:
 
     rows = [
         ["PEFT LoRA, PyTorch eager", f"{peft_s:.3f} s", "1.00x", f"{peft_first:.1f} s", "—", "—"],
-        ["lorajax LoRA (factored, jit)", f"{lora_s:.3f} s", f"{lora_s / peft_s:.2f}x", f"{lora_first:.1f} s",
-         f"{lora_gf:.1f}", f"{100 * lora_gf / lora_s / (mm_gflops / jax_mm):.0f}%"],
-        ["lorajax full fine-tuning (jit)", f"{full_s:.3f} s", f"{full_s / peft_s:.2f}x", f"{full_first:.1f} s",
-         f"{full_gf:.1f}", f"{100 * full_gf / full_s / (mm_gflops / jax_mm):.0f}%"],
+        [
+            "lorajax LoRA (factored, jit)",
+            f"{lora_s:.3f} s",
+            f"{lora_s / peft_s:.2f}x",
+            f"{lora_first:.1f} s",
+            f"{lora_gf:.1f}",
+            f"{100 * lora_gf / lora_s / (mm_gflops / jax_mm):.0f}%",
+        ],
+        [
+            "lorajax full fine-tuning (jit)",
+            f"{full_s:.3f} s",
+            f"{full_s / peft_s:.2f}x",
+            f"{full_first:.1f} s",
+            f"{full_gf:.1f}",
+            f"{100 * full_gf / full_s / (mm_gflops / jax_mm):.0f}%",
+        ],
     ]
-    table = markdown_table(["step", "median time", "vs PEFT eager", "first step (compile)", "dot GFLOP",
-                            "CPU-MFU vs calibrator"], rows)
+    table = markdown_table(
+        ["step", "median time", "vs PEFT eager", "first step (compile)", "dot GFLOP", "CPU-MFU vs calibrator"], rows
+    )
     text = (
         f"# LoRA train step: lorajax vs PEFT (same model, same run)\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\n"
         f"Device: {jax.devices()[0].device_kind}, {args.steps} timed steps each.\n\n{table}\n\n"
@@ -168,7 +188,8 @@ def main(argv=None) -> None:
         f"- lorajax LoRA vs PEFT eager: **{lora_s / peft_s:.2f}x** (P1: must <= 0.80x, floor 0.49x).\n"
         f"- Weight-gradient-shaped dots in the compiled LoRA step: **{len(dw_dots)}** (P3: 0).\n"
         f"- Calibrator 2048x512x1376 matmul: XLA {mm_gflops / jax_mm:.0f} GFLOP/s, torch "
-        f"{mm_gflops / torch_mm:.0f} GFLOP/s.\n")
+        f"{mm_gflops / torch_mm:.0f} GFLOP/s.\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

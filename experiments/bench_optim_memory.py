@@ -40,8 +40,15 @@ from experiments.report import markdown_table
 from lorajax.models import llama
 from lorajax.optim.galore import galore_state_formula, galore_targets
 
-CFG = llama.Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                   num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True)
+CFG = llama.Config(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    tie_word_embeddings=True,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OUT = Path(__file__).resolve().parent / "results" / "optim_memory.md"
 
@@ -71,8 +78,17 @@ def rows(params) -> tuple[list[list[str]], list[list[str]]]:
         exact = lorajax.optim.state_bytes(adam, adapters)
         lora_formula = 4 + sum(2 * 4 * r * sum(t.matrix_shape) for t in lorajax.select(spec, params))
         assert exact == lora_formula, (r, exact, lora_formula)
-        table.append([f"LoRA r={r} + Adam", f"{n_elements(adapters):,}", f"{exact:,}", f"{lora_formula:,}", "",
-                      mib(exact), f"{100 * exact / adam_exact:.1f}"])
+        table.append(
+            [
+                f"LoRA r={r} + Adam",
+                f"{n_elements(adapters):,}",
+                f"{exact:,}",
+                f"{lora_formula:,}",
+                "",
+                mib(exact),
+                f"{100 * exact / adam_exact:.1f}",
+            ]
+        )
     parts = []
     for r in (128, 512):
         tx = lorajax.optim.galore(1e-2, targets=TARGETS, rank=r, update_proj_gap=200, scale=0.25, params=params)
@@ -80,21 +96,58 @@ def rows(params) -> tuple[list[list[str]], list[list[str]]]:
         formula = galore_state_formula(params, TARGETS, rank=r)
         std = galore_state_formula(params, TARGETS, rank=r, side="official-std")
         assert exact == formula.total, (r, exact, formula)
-        table.append([f"GaLore r={r} (lorajax / optax)", f"{n:,}", f"{exact:,}", f"{formula.total:,}",
-                      f"{std.total:,} ({mib(std.total)} MiB)", mib(exact), f"{100 * exact / adam_exact:.1f}"])
-        parts.append([f"r={r}", mib(formula.projector), mib(formula.low_rank_moments), mib(formula.full_moments),
-                      f"{formula.scalars}", mib(std.projector), mib(std.low_rank_moments)])
+        table.append(
+            [
+                f"GaLore r={r} (lorajax / optax)",
+                f"{n:,}",
+                f"{exact:,}",
+                f"{formula.total:,}",
+                f"{std.total:,} ({mib(std.total)} MiB)",
+                mib(exact),
+                f"{100 * exact / adam_exact:.1f}",
+            ]
+        )
+        parts.append(
+            [
+                f"r={r}",
+                mib(formula.projector),
+                mib(formula.low_rank_moments),
+                mib(formula.full_moments),
+                f"{formula.scalars}",
+                mib(std.projector),
+                mib(std.low_rank_moments),
+            ]
+        )
     for r in (128, 512):
-        tx = lorajax.optim.galore(1e-2, targets=TARGETS, rank=r, update_proj_gap=200, scale=0.25, optim_bits=8,
-                                  params=params)
+        tx = lorajax.optim.galore(
+            1e-2, targets=TARGETS, rank=r, update_proj_gap=200, scale=0.25, optim_bits=8, params=params
+        )
         exact = lorajax.optim.state_bytes(tx, params)
         formula = galore_state_formula(params, TARGETS, rank=r, optim_bits=8)
         std = galore_state_formula(params, TARGETS, rank=r, side="official-std", optim_bits=8)
         assert exact == formula.total, (r, exact, formula)
-        table.append([f"GaLore 8-bit r={r} (lorajax / optax)", f"{n:,}", f"{exact:,}", f"{formula.total:,}",
-                      f"{std.total:,} ({mib(std.total)} MiB)", mib(exact), f"{100 * exact / adam_exact:.1f}"])
-        parts.append([f"8-bit r={r}", mib(formula.projector), mib(formula.low_rank_moments),
-                      mib(formula.full_moments), f"{formula.scalars}", mib(std.projector), mib(std.low_rank_moments)])
+        table.append(
+            [
+                f"GaLore 8-bit r={r} (lorajax / optax)",
+                f"{n:,}",
+                f"{exact:,}",
+                f"{formula.total:,}",
+                f"{std.total:,} ({mib(std.total)} MiB)",
+                mib(exact),
+                f"{100 * exact / adam_exact:.1f}",
+            ]
+        )
+        parts.append(
+            [
+                f"8-bit r={r}",
+                mib(formula.projector),
+                mib(formula.low_rank_moments),
+                mib(formula.full_moments),
+                f"{formula.scalars}",
+                mib(std.projector),
+                mib(std.low_rank_moments),
+            ]
+        )
     return table, parts
 
 
@@ -106,32 +159,54 @@ def main(argv=None) -> str:
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     linear = sum(math.prod(t.shape) for t in galore_targets(params, TARGETS, rank=1))
     table, parts = rows(params)
-    text = "\n".join([
-        "# Optimiser-state memory (float32 states; 8-bit rows: block-wise 8-bit Adam moments)",
-        "",
-        f"Model: lorajax.models.llama, d {CFG.hidden_size}, ffn {CFG.intermediate_size}, {CFG.num_hidden_layers} "
-        f"layers, {CFG.num_attention_heads} heads, vocab {CFG.vocab_size}, tied embeddings: "
-        f"{n_elements(params):,} parameters ({linear:,} in the {7 * CFG.num_hidden_layers} linear layers "
-        f"{', '.join(TARGETS)}). Shapes only (`jax.eval_shape`).",
-        "Generated by `python -m experiments.bench_optim_memory`.",
-        "",
-        markdown_table(["method", "trained params", "state bytes, exact (eval_shape)", "state bytes, formula",
-                        "official galore-torch `std` (formula)", "MiB", "% of Adam"], table),
-        "",
-        "GaLore state by part (MiB; lorajax/optax side: projector on the larger side of each weight; "
-        "8-bit moments include the float32 absmax per 256-element block):",
-        "",
-        markdown_table(["rank", "projectors", "low-rank Adam m, v", "full Adam m, v (embedding, norms)",
-                        "int32 counts (bytes)", "official std: projectors", "official std: m, v"], parts),
-        "",
-        "Notes: LoRA's frozen base has no optimiser state but its adapters and their gradients add to the "
-        "weights; GaLore trains every weight (full-size gradients) and keeps full Adam moments for the "
-        "embedding, which sets a floor on its saving. With 8-bit moments the float32 projectors dominate "
-        "GaLore's state, so the optax side (projector on the larger side of each weight) holds more than the "
-        "official `std` side, the reverse of the 32-bit rows. Weights themselves: "
-        f"{mib(4 * n_elements(params))} MiB in float32.",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Optimiser-state memory (float32 states; 8-bit rows: block-wise 8-bit Adam moments)",
+            "",
+            f"Model: lorajax.models.llama, d {CFG.hidden_size}, ffn {CFG.intermediate_size}, {CFG.num_hidden_layers} "
+            f"layers, {CFG.num_attention_heads} heads, vocab {CFG.vocab_size}, tied embeddings: "
+            f"{n_elements(params):,} parameters ({linear:,} in the {7 * CFG.num_hidden_layers} linear layers "
+            f"{', '.join(TARGETS)}). Shapes only (`jax.eval_shape`).",
+            "Generated by `python -m experiments.bench_optim_memory`.",
+            "",
+            markdown_table(
+                [
+                    "method",
+                    "trained params",
+                    "state bytes, exact (eval_shape)",
+                    "state bytes, formula",
+                    "official galore-torch `std` (formula)",
+                    "MiB",
+                    "% of Adam",
+                ],
+                table,
+            ),
+            "",
+            "GaLore state by part (MiB; lorajax/optax side: projector on the larger side of each weight; "
+            "8-bit moments include the float32 absmax per 256-element block):",
+            "",
+            markdown_table(
+                [
+                    "rank",
+                    "projectors",
+                    "low-rank Adam m, v",
+                    "full Adam m, v (embedding, norms)",
+                    "int32 counts (bytes)",
+                    "official std: projectors",
+                    "official std: m, v",
+                ],
+                parts,
+            ),
+            "",
+            "Notes: LoRA's frozen base has no optimiser state but its adapters and their gradients add to the "
+            "weights; GaLore trains every weight (full-size gradients) and keeps full Adam moments for the "
+            "embedding, which sets a floor on its saving. With 8-bit moments the float32 projectors dominate "
+            "GaLore's state, so the optax side (projector on the larger side of each weight) holds more than the "
+            "official `std` side, the reverse of the 32-bit rows. Weights themselves: "
+            f"{mib(4 * n_elements(params))} MiB in float32.",
+            "",
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

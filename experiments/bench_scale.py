@@ -35,12 +35,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-GIB = 2 ** 30
+GIB = 2**30
 MODELS = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
-    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    ),
+    "llama3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    ),
 }
 # XLA:CPU's default scheduler trades memory for concurrency (it hoisted remat's recomputation and kept
 # activations alive: remat measured *more* memory); the memory-minimising one is closer to what the TPU/GPU
@@ -101,11 +115,27 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
         step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
         t0 = time.perf_counter()
         # abstract state for .lower(): a ShapeDtypeStruct stands in for the step array
-        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
-                                         trainable=a_sds, frozen=empty, opt_state=o_sds)
+        state = lorajax.train.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
+            trainable=a_sds,
+            frozen=empty,
+            opt_state=o_sds,
+        )
         compiled = jax.jit(step, donate_argnums=(1,)).lower(p_sds, state, tokens).compile()
-        rows.append(_row(f"LoRA r=16{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
-                         n_params, n_adapter, full=False))
+        rows.append(
+            _row(
+                f"LoRA r=16{tag}",
+                model_name,
+                cfg_kw,
+                devices,
+                seq,
+                compiled,
+                time.perf_counter() - t0,
+                n_params,
+                n_adapter,
+                full=False,
+            )
+        )
 
         def full_loss(_, p, batch, m=m):
             return ce(m.apply({"params": p}, batch[:, :-1]), batch)
@@ -113,12 +143,27 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
         full_step = lorajax.train.make_lora_step(full_loss, tx, jit=False)
         t0 = time.perf_counter()
         # abstract state for .lower(): a ShapeDtypeStruct stands in for the step array
-        state = lorajax.train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
-                                         trainable=p_sds, frozen=jax.tree.map(lambda _: None, params),
-                                         opt_state=opt_full)
+        state = lorajax.train.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
+            trainable=p_sds,
+            frozen=jax.tree.map(lambda _: None, params),
+            opt_state=opt_full,
+        )
         compiled = jax.jit(full_step, donate_argnums=(1,)).lower(None, state, tokens).compile()
-        rows.append(_row(f"full FT{tag}", model_name, cfg_kw, devices, seq, compiled, time.perf_counter() - t0,
-                         n_params, n_params, full=True))
+        rows.append(
+            _row(
+                f"full FT{tag}",
+                model_name,
+                cfg_kw,
+                devices,
+                seq,
+                compiled,
+                time.perf_counter() - t0,
+                n_params,
+                n_params,
+                full=True,
+            )
+        )
     return rows
 
 
@@ -136,11 +181,21 @@ def _row(method, model_name, cfg, devices, seq, compiled, compile_s, n_params, n
     # lorajax's Llama computes in f32 (bf16 weights are promoted), so x2; + the f32 logits and softmax
     heads = cfg["num_attention_heads"]
     acts = seq * (2 * (34 * d + 5 * heads * seq) * layers + 8 * v)
-    return {"model": model_name, "layers": layers, "method": method, "devices": devices, "seq": seq,
-            "measured_gib": measured / GIB, "temp_gib": m.temp_size_in_bytes / GIB,
-            "args_gib": m.argument_size_in_bytes / GIB, "formula_gib": (weights + state + acts) / GIB,
-            "weights_gib": weights / GIB, "state_gib": state / GIB, "acts_gib": acts / GIB,
-            "compile_s": compile_s}
+    return {
+        "model": model_name,
+        "layers": layers,
+        "method": method,
+        "devices": devices,
+        "seq": seq,
+        "measured_gib": measured / GIB,
+        "temp_gib": m.temp_size_in_bytes / GIB,
+        "args_gib": m.argument_size_in_bytes / GIB,
+        "formula_gib": (weights + state + acts) / GIB,
+        "weights_gib": weights / GIB,
+        "state_gib": state / GIB,
+        "acts_gib": acts / GIB,
+        "compile_s": compile_s,
+    }
 
 
 def main() -> None:
@@ -164,10 +219,21 @@ def main() -> None:
         for n in args.devices:
             runs = []
             for depth in depths:
-                env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SCHEDULER_FLAG}",
-                       "JAX_PLATFORMS": "cpu"}
-                cmd = [sys.executable, "-m", "experiments.bench_scale", "--worker", name, str(n), "--seq",
-                       str(args.seq)] + (["--layers", str(depth)] if depth else [])
+                env = {
+                    **os.environ,
+                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SCHEDULER_FLAG}",
+                    "JAX_PLATFORMS": "cpu",
+                }
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "experiments.bench_scale",
+                    "--worker",
+                    name,
+                    str(n),
+                    "--seq",
+                    str(args.seq),
+                ] + (["--layers", str(depth)] if depth else [])
                 print("compiling", name, "on", n, "devices,", depth or "all", "layers ...", flush=True)
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode:
@@ -197,13 +263,43 @@ def write(rows: list[dict], out: Path, args) -> None:
     from experiments.report import markdown_table
 
     table = markdown_table(
-        ["model", "method", "devices", "measured GiB/device", "of which temp", "formula GiB/device",
-         "weights", "adapter+opt state", "activations", "fits 16 GiB", "fits 95 GiB", "compile s"],
-        [[r["model"] + (f" (extrapolated from {r['extrapolated_from'][0]},{r['extrapolated_from'][1]} layers)"
-                        if "extrapolated_from" in r else ""), r["method"], str(r["devices"]),
-          f"{r['measured_gib']:.2f}", f"{r['temp_gib']:.2f}", f"{r['formula_gib']:.2f}", f"{r['weights_gib']:.2f}",
-          f"{r['state_gib']:.2f}", f"{r['acts_gib']:.2f}", "yes" if r["measured_gib"] <= 16 else "no",
-          "yes" if r["measured_gib"] <= 95 else "no", f"{r['compile_s']:.0f}"] for r in rows])
+        [
+            "model",
+            "method",
+            "devices",
+            "measured GiB/device",
+            "of which temp",
+            "formula GiB/device",
+            "weights",
+            "adapter+opt state",
+            "activations",
+            "fits 16 GiB",
+            "fits 95 GiB",
+            "compile s",
+        ],
+        [
+            [
+                r["model"]
+                + (
+                    f" (extrapolated from {r['extrapolated_from'][0]},{r['extrapolated_from'][1]} layers)"
+                    if "extrapolated_from" in r
+                    else ""
+                ),
+                r["method"],
+                str(r["devices"]),
+                f"{r['measured_gib']:.2f}",
+                f"{r['temp_gib']:.2f}",
+                f"{r['formula_gib']:.2f}",
+                f"{r['weights_gib']:.2f}",
+                f"{r['state_gib']:.2f}",
+                f"{r['acts_gib']:.2f}",
+                "yes" if r["measured_gib"] <= 16 else "no",
+                "yes" if r["measured_gib"] <= 95 else "no",
+                f"{r['compile_s']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Sharded train steps of Llama-3 8B / 70B, AOT-compiled on fake CPU meshes\n\n"
@@ -220,7 +316,8 @@ def write(rows: list[dict], out: Path, args) -> None:
         "(XLA CPU buffer assignment; a TPU/GPU compile differs in layout and fusion). formula = weights/N + "
         "trainable state/N + activations (2 x (34·d + 5·heads·seq) bytes per token per layer, f32 compute, + f32 "
         "logits), an estimate.\n\n"
-        f"{table}\n\nNo GPU or TPU was available to this task: no step times are reported.\n")
+        f"{table}\n\nNo GPU or TPU was available to this task: no step times are reported.\n"
+    )
     print(table, flush=True)
 
 

@@ -48,13 +48,26 @@ VARIANTS = [v for v in lorajax.list_variants() if registry.get(v).name == v]
 ALIASES = {v: registry.get(v).name for v in lorajax.list_variants() if registry.get(v).name != v}
 RESULTS = Path(__file__).resolve().parent / "results"
 
-LLAMA_7B = llama.Config(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32)
-ROBERTA_BASE = bert.Config(vocab_size=50265, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, max_position_embeddings=514, type_vocab_size=1,
-                           layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta")
-SETTINGS = [("Llama-2-7B q,v", LLAMA_7B, ["q_proj", "v_proj"]), ("Llama-2-7B all 7", LLAMA_7B, TARGETS),
-            ("RoBERTa-base q,v", ROBERTA_BASE, ["query", "value"])]
+LLAMA_7B = llama.Config(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
+ROBERTA_BASE = bert.Config(
+    vocab_size=50265,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    model_type="roberta",
+)
+SETTINGS = [
+    ("Llama-2-7B q,v", LLAMA_7B, ["q_proj", "v_proj"]),
+    ("Llama-2-7B all 7", LLAMA_7B, TARGETS),
+    ("RoBERTa-base q,v", ROBERTA_BASE, ["query", "value"]),
+]
 
 # the trainable count per adapted weight, as text, and where the formula comes from; the count itself is
 # each variant's declared `Variant.trainable_count`, checked here against what `lorajax.init` makes
@@ -122,8 +135,15 @@ def linear_sizes(cfg) -> dict[str, tuple[int, int]]:
     if isinstance(cfg, llama.Config):
         assert cfg.head_dim is not None and cfg.num_key_value_heads is not None  # filled in by Config.__post_init__
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
     return {"query": (h, h), "key": (h, h), "value": (h, h)}
 
 
@@ -161,11 +181,19 @@ def count_table() -> tuple[str, bool]:
             ok &= match
             setting = ", ".join(f"{k}={x}" for k, x in kw.items() if k != "alpha")
             text, where = FORMULAS[v]
-            rows.append([v, f"{setting} ({source})", f"{text} [{where}]", *(f"{g:,}" for g, _ in counts),
-                         "yes" if match else f"NO (formula {', '.join(f'{w:,}' for _, w in counts)})",
-                         "; ".join(reports) or "—"])
-    table = markdown_table(["variant", "setting", "formula per adapted W", *(n for n, _, _ in SETTINGS), "match",
-                            "paper reports"], rows)
+            rows.append(
+                [
+                    v,
+                    f"{setting} ({source})",
+                    f"{text} [{where}]",
+                    *(f"{g:,}" for g, _ in counts),
+                    "yes" if match else f"NO (formula {', '.join(f'{w:,}' for _, w in counts)})",
+                    "; ".join(reports) or "—",
+                ]
+            )
+    table = markdown_table(
+        ["variant", "setting", "formula per adapted W", *(n for n, _, _ in SETTINGS), "match", "paper reports"], rows
+    )
     return table, ok
 
 
@@ -204,8 +232,14 @@ def timed(fn) -> float:
 
 
 def step_table(args) -> tuple[str, list[tuple[str, float]], str]:
-    cfg = llama.Config(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=args.layers,
-                       num_attention_heads=HEADS, max_position_embeddings=args.seq)
+    cfg = llama.Config(
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=FFN,
+        num_hidden_layers=args.layers,
+        num_attention_heads=HEADS,
+        max_position_embeddings=args.seq,
+    )
     model = llama.build(cfg)
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, VOCAB, jnp.int32)
     variables = {"params": model.init(jax.random.key(0), ids[:1, :4])["params"]}
@@ -225,15 +259,36 @@ def step_table(args) -> tuple[str, list[tuple[str, float]], str]:
         lm, vm = statistics.median(lt), statistics.median(vt)
         lora_medians.append(lm)
         ratios.append((v, vm / lm))
-        rows.append([v, "yes" if registry.get(v).mergeable else "no", f"{n_train:,}", f"{first:.1f} s",
-                     f"{1e3 * vm:.0f} ms", f"{1e3 * lm:.0f} ms", f"**{vm / lm:.2f}**"])
+        rows.append(
+            [
+                v,
+                "yes" if registry.get(v).mergeable else "no",
+                f"{n_train:,}",
+                f"{first:.1f} s",
+                f"{1e3 * vm:.0f} ms",
+                f"{1e3 * lm:.0f} ms",
+                f"**{vm / lm:.2f}**",
+            ]
+        )
         print(v, rows[-1][3:], flush=True)
         del run
-    table = markdown_table(["variant", "mergeable", "trainable (tiny)", "first call (compile)", "median step",
-                            "LoRA median, same rounds", "ratio vs LoRA"], rows)
-    spread = (f"Plain-LoRA reference: first call {lora_first:.1f} s; its median over each variant's rounds "
-              f"ranged {1e3 * min(lora_medians):.0f}–{1e3 * max(lora_medians):.0f} ms "
-              f"(median {1e3 * statistics.median(lora_medians):.0f} ms) across the {len(VARIANTS)} blocks.")
+    table = markdown_table(
+        [
+            "variant",
+            "mergeable",
+            "trainable (tiny)",
+            "first call (compile)",
+            "median step",
+            "LoRA median, same rounds",
+            "ratio vs LoRA",
+        ],
+        rows,
+    )
+    spread = (
+        f"Plain-LoRA reference: first call {lora_first:.1f} s; its median over each variant's rounds "
+        f"ranged {1e3 * min(lora_medians):.0f}–{1e3 * max(lora_medians):.0f} ms "
+        f"(median {1e3 * statistics.median(lora_medians):.0f} ms) across the {len(VARIANTS)} blocks."
+    )
     return table, ratios, spread
 
 
@@ -277,8 +332,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_name("variants_step_time.png")
-    tiny = (f"tiny Llama d {DIM}, ffn {FFN}, {args.layers} layers, {HEADS} heads, vocab {VOCAB}, "
-            f"{args.batch}x{args.seq} tokens")
+    tiny = (
+        f"tiny Llama d {DIM}, ffn {FFN}, {args.layers} layers, {HEADS} heads, vocab {VOCAB}, "
+        f"{args.batch}x{args.seq} tokens"
+    )
     plot(ratios, png, f"Train step vs plain LoRA (factored, r {RANK}, all linear; CPU)\n{tiny}")
     cmd = " ".join(["python -m experiments.bench_variants", *(sys.argv[1:] if argv is None else argv)])
     aliases = ", ".join(f'"{a}" (alias of "{t}")' for a, t in ALIASES.items())

@@ -28,17 +28,45 @@ LORA_LR, FULL_LR = 1e-3, 1e-4
 #: (folder, label, launcher arguments, learning-rate note); "{lr}" / "{full_lr}" are filled in from the CLI
 METHODS = [
     ("lora-adamw", "LoRA (AdamW)", ["--optim.name", "adamw", "--optim.lr", "{lr}"], "{lr}"),
-    ("loraplus", "LoRA+", ["--optim.name", "loraplus", "--optim.lr", "{lr}", "--optim.lr-ratio", "16"],
-     "A {lr}, B 16 x {lr}"),
-    ("loraplus-lr16", "LoRA+ (lr_A = lr / 16)", ["--optim.name", "loraplus", "--optim.lr", "{lr16}",
-                                                "--optim.lr-ratio", "16"], "A {lr16}, B {lr}"),
+    (
+        "loraplus",
+        "LoRA+",
+        ["--optim.name", "loraplus", "--optim.lr", "{lr}", "--optim.lr-ratio", "16"],
+        "A {lr}, B 16 x {lr}",
+    ),
+    (
+        "loraplus-lr16",
+        "LoRA+ (lr_A = lr / 16)",
+        ["--optim.name", "loraplus", "--optim.lr", "{lr16}", "--optim.lr-ratio", "16"],
+        "A {lr16}, B {lr}",
+    ),
     ("lora_pro", "LoRA-Pro (full mode)", ["--optim.name", "lora_pro", "--optim.lr", "{lr}"], "{lr}"),
     ("allora", "ALLoRA", ["--optim.name", "allora", "--optim.lr", "{lr}", "--optim.allora-eta", "2"], "{lr}"),
-    ("galore", "GaLore (r 8, scale 4)", ["--spec.variant", "full", "--optim.name", "galore", "--optim.lr",
-                                         "{full_lr}", "--optim.galore-rank", "8", "--optim.galore-scale", "4",
-                                         "--optim.galore-gap", "500"], "{full_lr}"),
-    ("full-adamw", "full fine-tuning (AdamW)", ["--spec.variant", "full", "--optim.name", "adamw", "--optim.lr",
-                                                "{full_lr}"], "{full_lr}"),
+    (
+        "galore",
+        "GaLore (r 8, scale 4)",
+        [
+            "--spec.variant",
+            "full",
+            "--optim.name",
+            "galore",
+            "--optim.lr",
+            "{full_lr}",
+            "--optim.galore-rank",
+            "8",
+            "--optim.galore-scale",
+            "4",
+            "--optim.galore-gap",
+            "500",
+        ],
+        "{full_lr}",
+    ),
+    (
+        "full-adamw",
+        "full fine-tuning (AdamW)",
+        ["--spec.variant", "full", "--optim.name", "adamw", "--optim.lr", "{full_lr}"],
+        "{full_lr}",
+    ),
 ]
 
 
@@ -67,23 +95,75 @@ def main(argv=None) -> None:
     fill = {"lr": f"{args.lr:g}", "full_lr": f"{args.full_lr:g}", "lr16": f"{args.lr / 16:g}"}
 
     def run(extra: list[str], out: Path, baseline: bool = False) -> dict:
-        return genre_run([*[a.format(**fill) for a in extra], "--steps", str(args.steps), "--batch-size",
-                          str(args.batch_size), "--max-length", str(args.max_length), "--max-train",
-                          str(args.max_train), "--max-test", str(args.max_test), "--seed", str(args.seed),
-                          "--eval-every", str(args.steps)], out, data=args.data, rerun=args.rerun, baseline=baseline)
+        return genre_run(
+            [
+                *[a.format(**fill) for a in extra],
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-length",
+                str(args.max_length),
+                "--max-train",
+                str(args.max_train),
+                "--max-test",
+                str(args.max_test),
+                "--seed",
+                str(args.seed),
+                "--eval-every",
+                str(args.steps),
+            ],
+            out,
+            data=args.data,
+            rerun=args.rerun,
+            baseline=baseline,
+        )
 
     root = Path(args.out)
     base = run(["--spec.variant", "none"], root / "baseline", baseline=True)
-    runs = [(label, lr.format(**fill), run(extra, root / folder), curve(root / folder))
-            for folder, label, extra, lr in METHODS]
+    runs = [
+        (label, lr.format(**fill), run(extra, root / folder), curve(root / folder))
+        for folder, label, extra, lr in METHODS
+    ]
 
-    rows = [["frozen encoder + head", "— (head 3e-3)", f"{base['baseline_test_acc']:.4f}",
-             f"{base['baseline_final_loss']:.3f}", "—", f"{base['baseline_trainable']:,}", "—", "—"]]
+    rows = [
+        [
+            "frozen encoder + head",
+            "— (head 3e-3)",
+            f"{base['baseline_test_acc']:.4f}",
+            f"{base['baseline_final_loss']:.3f}",
+            "—",
+            f"{base['baseline_trainable']:,}",
+            "—",
+            "—",
+        ]
+    ]
     for label, lr, r, _ in runs:
-        rows.append([label, lr, f"{r['test_acc']:.4f}", f"{r['final_loss']:.3f}", f"{r['step_ms']:.0f} ms",
-                     f"{r['trainable']:,}", f"{r['opt_state_mb']:.1f} MiB", f"{r['peak_rss_mb']:.0f} MB"])
-    table = markdown_table(["method", "peak lr", "test accuracy", "final train loss", "step time",
-                            "trainable params", "optimiser state", "peak RSS"], rows)
+        rows.append(
+            [
+                label,
+                lr,
+                f"{r['test_acc']:.4f}",
+                f"{r['final_loss']:.3f}",
+                f"{r['step_ms']:.0f} ms",
+                f"{r['trainable']:,}",
+                f"{r['opt_state_mb']:.1f} MiB",
+                f"{r['peak_rss_mb']:.0f} MB",
+            ]
+        )
+    table = markdown_table(
+        [
+            "method",
+            "peak lr",
+            "test accuracy",
+            "final train loss",
+            "step time",
+            "trainable params",
+            "optimiser state",
+            "peak RSS",
+        ],
+        rows,
+    )
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     cmdline = " ".join(sys.argv[1:] if argv is None else argv)
@@ -97,7 +177,8 @@ def main(argv=None) -> None:
         f"Adam). Produced by `python -m experiments.compare_optimizers {cmdline}`.\n\n{table}\n\n"
         f"Final train loss: mean of the last 10 steps' batch losses. Step time: median over 10-step periods "
         f"(the first includes compilation). Optimiser state: `lorajax.optim.state_bytes` of the whole "
-        f"optimiser (head included).\n")
+        f"optimiser (head included).\n"
+    )
 
     import matplotlib
 
@@ -108,8 +189,12 @@ def main(argv=None) -> None:
     for label, _, r, points in runs:
         steps, losses = zip(*points)
         ax.plot(steps, losses, label=f"{label} (test acc {r['test_acc']:.3f})")
-    ax.axhline(base["baseline_final_loss"], color="grey", ls="--",
-               label=f"frozen encoder + head, final (test acc {base['baseline_test_acc']:.3f})")
+    ax.axhline(
+        base["baseline_final_loss"],
+        color="grey",
+        ls="--",
+        label=f"frozen encoder + head, final (test acc {base['baseline_test_acc']:.3f})",
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")
     ax.set_title(f"genre task, MiniLM: {args.steps} steps x batch {args.batch_size}")

@@ -73,8 +73,9 @@ def main(argv=None) -> dict:
     model, params = lorajax.models.from_pretrained(path)
     cfg = model.cfg
     tok = Tokenizer.from_pretrained(path)
-    data = load_data(RunConfig(max_train=args.max_train, max_test=args.max_test, seed=args.seed,
-                               max_length=args.max_length), tok)
+    data = load_data(
+        RunConfig(max_train=args.max_train, max_test=args.max_test, seed=args.seed, max_length=args.max_length), tok
+    )
 
     # ---- frozen part, computed once: embeddings + layers 0..TOP-1 -> the input of layer TOP
     layer = bert.Layer(cfg)
@@ -92,9 +93,14 @@ def main(argv=None) -> dict:
 
     feats = {}
     for split, d in data.items():
-        xs = [np.asarray(frozen_features(*(jnp.asarray(d[k][i:i + 128]) for k in
-                                           ("input_ids", "attention_mask", "token_type_ids"))))
-              for i in range(0, len(d["label"]), 128)]
+        xs = [
+            np.asarray(
+                frozen_features(
+                    *(jnp.asarray(d[k][i : i + 128]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+                )
+            )
+            for i in range(0, len(d["label"]), 128)
+        ]
         feats[split] = {"x": np.concatenate(xs), "mask": d["attention_mask"], "label": d["label"]}
     t_feats = time.perf_counter() - t_start
     print(f"frozen features: {t_feats:.0f} s", flush=True)
@@ -110,8 +116,9 @@ def main(argv=None) -> dict:
         return bert.mean_pool(h, mask_BxS) @ head["kernel"] + head["bias"][None, :]
 
     def ce(adapters, head, b):
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(adapters, head, b["x"], b["mask"]),
-                                                               b["label"]).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits_fn(adapters, head, b["x"], b["mask"]), b["label"]
+        ).mean()
 
     def accuracy(adapters, head, b):  # the black-box reward: exact-match accuracy
         return jnp.mean(jnp.argmax(logits_fn(adapters, head, b["x"], b["mask"]), -1) == b["label"])
@@ -128,8 +135,10 @@ def main(argv=None) -> dict:
     def evaluate(adapters, head) -> dict:
         out = {}
         for name, split, idx in (("train512", tr, fixed), ("test", te, np.arange(len(te["label"])))):
-            accs = [float(acc_jit(adapters, head, take(split, idx[i:i + 256]))) * len(idx[i:i + 256])
-                    for i in range(0, len(idx), 256)]
+            accs = [
+                float(acc_jit(adapters, head, take(split, idx[i : i + 256]))) * len(idx[i : i + 256])
+                for i in range(0, len(idx), 256)
+            ]
             out[name] = sum(accs) / len(idx)
         return out
 
@@ -141,8 +150,10 @@ def main(argv=None) -> dict:
     # ---- 1. warm start: LoRA + head, AdamW on cross-entropy
     n_cls = len(speeches.GENRES)
     adapters0 = lorajax.init(spec, top, jax.random.key(args.seed + 1))
-    head0 = {"kernel": 0.02 * jax.random.normal(jax.random.key(args.seed), (cfg.hidden_size, n_cls)),
-             "bias": jnp.zeros((n_cls,))}
+    head0 = {
+        "kernel": 0.02 * jax.random.normal(jax.random.key(args.seed), (cfg.hidden_size, n_cls)),
+        "bias": jnp.zeros((n_cls,)),
+    }
     tx = optax.adamw(1e-3)
     warm = {"adapters": adapters0, "head": head0}
     opt = tx.init(warm)
@@ -187,20 +198,23 @@ def main(argv=None) -> dict:
             curve.append((s * 3 * args.batch, evaluate(a, head)))
             eval_s += time.perf_counter() - te0
     curves["gradient (AdamW, CE surrogate)"] = curve
-    summary["gradient (AdamW, CE surrogate)"] = {"wall_s": time.perf_counter() - t0 - eval_s,
-                                                 "updates": f"{grad_steps} steps x {args.batch}",
-                                                 "searched": sum(x.size for x in jax.tree.leaves(a))}
+    summary["gradient (AdamW, CE surrogate)"] = {
+        "wall_s": time.perf_counter() - t0 - eval_s,
+        "updates": f"{grad_steps} steps x {args.batch}",
+        "searched": sum(x.size for x in jax.tree.leaves(a)),
+    }
     print("gradient:", curve[-1], flush=True)
 
     # ---- 2b/2c. ESSA arms
     def reward(adapters, b):
         return accuracy(adapters, head, b)
 
-    arms: dict[str, dict[str, Any]] = {"ESSA CMA-ES, product SVD": dict(strategy="cma_es", form="product"),
-            "ESSA OpenAI-ES antithetic, factor SVD": dict(strategy="open_es", form="factor")}
+    arms: dict[str, dict[str, Any]] = {
+        "ESSA CMA-ES, product SVD": dict(strategy="cma_es", form="product"),
+        "ESSA OpenAI-ES antithetic, factor SVD": dict(strategy="open_es", form="factor"),
+    }
     for name, kw in arms.items():
-        essa = ESSA(spec, top, warm["adapters"], population_size=args.population, member_chunk=args.member_chunk,
-                    **kw)
+        essa = ESSA(spec, top, warm["adapters"], population_size=args.population, member_chunk=args.member_chunk, **kw)
         state = essa.init(jax.random.key(args.seed + 30))
         it = batches(args.seed + 40, args.members_batch)
         curve, t0, k, eval_s, nonfinite, gen_fit = [(0, start)], time.perf_counter(), 0, 0.0, 0, []
@@ -215,53 +229,89 @@ def main(argv=None) -> dict:
                 eval_s += time.perf_counter() - te0
                 k += 1
         curves[name] = curve
-        summary[name] = {"wall_s": time.perf_counter() - t0 - eval_s,
-                         "updates": f"{args.generations} gens x {args.population} members x {args.members_batch}",
-                         "searched": essa.num_dims, "nonfinite": nonfinite,
-                         "std_init": essa.std_init,
-                         "sigma_moved": float(jnp.linalg.norm(state.es.mean - essa.mean0)
-                                              / jnp.linalg.norm(essa.mean0)),
-                         "std_final": float(jnp.mean(state.es.std)),
-                         "pop_fitness_first5": float(np.mean(gen_fit[:5])),
-                         "pop_fitness_last5": float(np.mean(gen_fit[-5:]))}
+        summary[name] = {
+            "wall_s": time.perf_counter() - t0 - eval_s,
+            "updates": f"{args.generations} gens x {args.population} members x {args.members_batch}",
+            "searched": essa.num_dims,
+            "nonfinite": nonfinite,
+            "std_init": essa.std_init,
+            "sigma_moved": float(jnp.linalg.norm(state.es.mean - essa.mean0) / jnp.linalg.norm(essa.mean0)),
+            "std_final": float(jnp.mean(state.es.std)),
+            "pop_fitness_first5": float(np.mean(gen_fit[:5])),
+            "pop_fitness_last5": float(np.mean(gen_fit[-5:])),
+        }
         print(f"{name}:", curve[-1], flush=True)
 
     # ---- report
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(curves, out / "essa_genre.png", budget)
-    rows = [["warm start (SFT: LoRA + head, AdamW)", "—", f"{start['train512']:.4f}", f"{start['test']:.4f}", "—",
-             f"{sum(x.size for x in jax.tree.leaves(warm['adapters'])):,} + head", f"{t_warm:.0f} s"]]
+    rows = [
+        [
+            "warm start (SFT: LoRA + head, AdamW)",
+            "—",
+            f"{start['train512']:.4f}",
+            f"{start['test']:.4f}",
+            "—",
+            f"{sum(x.size for x in jax.tree.leaves(warm['adapters'])):,} + head",
+            f"{t_warm:.0f} s",
+        ]
+    ]
     for name, curve in curves.items():
         final = curve[-1][1]
         best_test = max(c[1]["test"] for c in curve[1:])
         arm = summary[name]
-        rows.append([name, arm["updates"], f"{final['train512']:.4f}", f"{final['test']:.4f}", f"{best_test:.4f}",
-                     f"{arm['searched']:,}", f"{arm['wall_s']:.0f} s"])
-    table = markdown_table(["run (from the warm start, head frozen)", "budget used",
-                            "reward: train-512 accuracy (final)", "test accuracy, unseen plays (final)",
-                            "test accuracy (best of 8 points)", "numbers searched / trained", "wall time"], rows)
+        rows.append(
+            [
+                name,
+                arm["updates"],
+                f"{final['train512']:.4f}",
+                f"{final['test']:.4f}",
+                f"{best_test:.4f}",
+                f"{arm['searched']:,}",
+                f"{arm['wall_s']:.0f} s",
+            ]
+        )
+    table = markdown_table(
+        [
+            "run (from the warm start, head frozen)",
+            "budget used",
+            "reward: train-512 accuracy (final)",
+            "test accuracy, unseen plays (final)",
+            "test accuracy (best of 8 points)",
+            "numbers searched / trained",
+            "wall time",
+        ],
+        rows,
+    )
     total = time.perf_counter() - t_start
     n_te = len(te["label"])
     se = float(np.sqrt(start["test"] * (1 - start["test"]) / n_te))
-    notes = [f"Facts of this run (one seed; the standard error of a test accuracy near {start['test']:.2f} on "
-             f"{n_te} speeches is {se:.3f}, of the 512-speech reward {np.sqrt(0.25 / 512):.3f} at most):", ""]
+    notes = [
+        f"Facts of this run (one seed; the standard error of a test accuracy near {start['test']:.2f} on "
+        f"{n_te} speeches is {se:.3f}, of the 512-speech reward {np.sqrt(0.25 / 512):.3f} at most):",
+        "",
+    ]
     for name, curve in curves.items():
         f = curve[-1][1]
-        line = (f"- {name}: reward {f['train512'] - start['train512']:+.3f}, test {f['test'] - start['test']:+.3f} "
-                f"vs the warm start")
+        line = (
+            f"- {name}: reward {f['train512'] - start['train512']:+.3f}, test {f['test'] - start['test']:+.3f} "
+            f"vs the warm start"
+        )
         sm = summary[name]
         if "sigma_moved" in sm:
-            line += (f"; the mean singular values moved by {sm['sigma_moved']:.1%} (relative L2) from σ₀, "
-                     f"step size {sm['std_init']:.3g} -> {sm['std_final']:.3g}; population mean minibatch reward "
-                     f"{sm['pop_fitness_first5']:.3f} (first 5 generations) -> {sm['pop_fitness_last5']:.3f} "
-                     f"(last 5); non-finite rewards: {sm['nonfinite']}")
+            line += (
+                f"; the mean singular values moved by {sm['sigma_moved']:.1%} (relative L2) from σ₀, "
+                f"step size {sm['std_init']:.3g} -> {sm['std_final']:.3g}; population mean minibatch reward "
+                f"{sm['pop_fitness_first5']:.3f} (first 5 generations) -> {sm['pop_fitness_last5']:.3f} "
+                f"(last 5); non-finite rewards: {sm['nonfinite']}"
+            )
         notes.append(line + ".")
     text = f"""# ESSA vs gradient fine-tuning: genre exact-match accuracy (MiniLM, LoRA on the last layer)
 
 {__doc__.split(chr(10), 2)[2].split("Command:")[0].strip()}
 
-Settings: {n_train} train / {len(te['label'])} test speeches, max_length {args.max_length}; warm start
+Settings: {n_train} train / {len(te["label"])} test speeches, max_length {args.max_length}; warm start
 {args.warm_steps} AdamW steps (lr 1e-3, batch {args.batch}); budget {budget:,} example forwards per arm
 = ESSA {args.generations} generations x population {args.population} x {args.members_batch} speeches
 = gradient {grad_steps} steps x batch {args.batch} x 3. ESSA defaults of `lorajax.es.ESSA` (std_init =
@@ -274,14 +324,19 @@ Settings: {n_train} train / {len(te['label'])} test speeches, max_length {args.m
 
 Raw curves (example forwards, train-512 / test accuracy):
 
-{chr(10).join(f"- {n}: " + ", ".join(f"{u:,}: {c['train512']:.3f}/{c['test']:.3f}" for u, c in cur)
-              for n, cur in curves.items())}
+{
+        chr(10).join(
+            f"- {n}: " + ", ".join(f"{u:,}: {c['train512']:.3f}/{c['test']:.3f}" for u, c in cur)
+            for n, cur in curves.items()
+        )
+    }
 
 {chr(10).join(notes)}
 """
     (out / "essa_genre.md").write_text(text)
-    (out / "essa_genre.json").write_text(json.dumps({"curves": curves, "summary": summary,
-                                                     "start": start}, indent=1, default=str))
+    (out / "essa_genre.json").write_text(
+        json.dumps({"curves": curves, "summary": summary, "start": start}, indent=1, default=str)
+    )
     print(text)
     return {"curves": curves, "summary": summary, "start": start}
 
@@ -293,8 +348,10 @@ def _plot(curves: dict, path: Path, budget: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for ax, key, title in ((axes[0], "train512", "reward: exact-match accuracy, 512 train speeches"),
-                           (axes[1], "test", "accuracy on unseen test plays")):
+    for ax, key, title in (
+        (axes[0], "train512", "reward: exact-match accuracy, 512 train speeches"),
+        (axes[1], "test", "accuracy on unseen test plays"),
+    ):
         for name, curve in curves.items():
             ax.plot([u / 1e3 for u, _ in curve], [c[key] for _, c in curve], marker="o", label=name)
         ax.set_xlabel("compute used (thousand example forwards)")

@@ -20,8 +20,19 @@ def genre_run(extra: list[str], out: Path, *, data: str, rerun: bool, baseline: 
 
     ``baseline=False`` adds ``--no-baseline`` (the frozen-encoder baseline runs once, on its own).
     """
-    cmd = [sys.executable, "-m", "experiments.run", "--config", CONFIG, *extra, "--out-dir", str(out),
-           "--no-progress", "--data", data]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        CONFIG,
+        *extra,
+        "--out-dir",
+        str(out),
+        "--no-progress",
+        "--data",
+        data,
+    ]
     if not baseline:
         cmd.append("--no-baseline")
     done = out / "results.json"

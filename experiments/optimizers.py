@@ -23,8 +23,9 @@ def schedule(cfg: RunConfig, lr: float):
     return optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup, max(cfg.steps - 1, 1)), max(cfg.steps, 2))
 
 
-def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.Spec | None = None,
-            full: Any = None) -> optax.GradientTransformation:
+def make_tx(
+    cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.Spec | None = None, full: Any = None
+) -> optax.GradientTransformation:
     """The optimiser for the adapters (``adapters=True``), a plain head, or full weights (``full``).
 
     LoRA+, ALLoRA, SoRA and LoRA-Pro act on adapter leaves by name; for a head
@@ -61,10 +62,17 @@ def make_tx(cfg: RunConfig, lr: float, *, adapters: bool = True, spec: lorajax.S
         return lorajax.optim.lora_pro(sched, spec=spec, weight_decay=o.weight_decay, mode=o.lora_pro_mode)
     if name == "galore":
         targets = o.galore_targets if isinstance(o.galore_targets, str) else list(o.galore_targets)
-        return lorajax.optim.galore(sched, targets=targets, rank=o.galore_rank,
-                                    update_proj_gap=o.galore_gap, scale=o.galore_scale, optim_bits=o.galore_bits,
-                                    weight_decay=o.weight_decay,
-                                    exclude=list(cfg.spec.exclude) or None, params=full)
+        return lorajax.optim.galore(
+            sched,
+            targets=targets,
+            rank=o.galore_rank,
+            update_proj_gap=o.galore_gap,
+            scale=o.galore_scale,
+            optim_bits=o.galore_bits,
+            weight_decay=o.weight_decay,
+            exclude=list(cfg.spec.exclude) or None,
+            params=full,
+        )
     raise SystemExit(f"unknown optimiser {o.name!r}: {' | '.join(NAMES)}")
 
 

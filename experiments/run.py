@@ -32,7 +32,7 @@ def parse(argv: list[str]) -> RunConfig:
     if "--config" in argv:
         i = argv.index("--config")
         default = load_config(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
+        argv = argv[:i] + argv[i + 2 :]
     return tyro.cli(RunConfig, default=default, args=argv, description=__doc__)
 
 

@@ -38,33 +38,75 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def run(variant: str, optim: str, out: Path) -> dict:
-        return genre_run(["--spec.variant", variant, "--spec.rank", str(RANK_OVERRIDE.get(variant, args.rank)),
-                          "--optim.name", optim, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                          "--max-train", str(args.max_train), "--max-test", str(args.max_test),
-                          "--eval-every", str(args.steps)], out, data=args.data, rerun=args.rerun,
-                         baseline=variant == "none")
+        return genre_run(
+            [
+                "--spec.variant",
+                variant,
+                "--spec.rank",
+                str(RANK_OVERRIDE.get(variant, args.rank)),
+                "--optim.name",
+                optim,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-train",
+                str(args.max_train),
+                "--max-test",
+                str(args.max_test),
+                "--eval-every",
+                str(args.steps),
+            ],
+            out,
+            data=args.data,
+            rerun=args.rerun,
+            baseline=variant == "none",
+        )
 
     base = run("none", args.optims[0], Path(args.out) / "baseline")
     # aliases (e.g. "bone" for "miss") would only repeat a row
     variants = [v for v in lorajax.list_variants() if registry.get(v).name == v]
-    runs = [(name, optim, run(name, optim, Path(args.out) / f"{name}-{optim}"))
-            for optim in args.optims for name in variants]
+    runs = [
+        (name, optim, run(name, optim, Path(args.out) / f"{name}-{optim}"))
+        for optim in args.optims
+        for name in variants
+    ]
 
     rows = []
-    rows.append(["frozen encoder + head", "—", "adamw", f"{base['baseline_test_acc']:.4f}",
-                 f"{base['baseline_trainable']:,}", "—", "—"])
+    rows.append(
+        [
+            "frozen encoder + head",
+            "—",
+            "adamw",
+            f"{base['baseline_test_acc']:.4f}",
+            f"{base['baseline_trainable']:,}",
+            "—",
+            "—",
+        ]
+    )
     for name, optim, r in runs:
-        rows.append([name, str(RANK_OVERRIDE.get(name, args.rank)), optim, f"{r['test_acc']:.4f}",
-                     f"{r['trainable']:,}", f"{r['step_ms']:.0f} ms", f"{r['peak_rss_mb']:.0f} MB"])
-    table = markdown_table(["variant", "rank", "optimiser", "test accuracy", "trainable params",
-                            "step time", "peak RSS"], rows)
+        rows.append(
+            [
+                name,
+                str(RANK_OVERRIDE.get(name, args.rank)),
+                optim,
+                f"{r['test_acc']:.4f}",
+                f"{r['trainable']:,}",
+                f"{r['step_ms']:.0f} ms",
+                f"{r['peak_rss_mb']:.0f} MB",
+            ]
+        )
+    table = markdown_table(
+        ["variant", "rank", "optimiser", "test accuracy", "trainable params", "step time", "peak RSS"], rows
+    )
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "variants_genre.md").write_text(
         f"# Variants on the genre task (equal budget)\n\nall-MiniLM-L6-v2, targets query/key/value/dense "
         f"(not the pooler), {args.steps} steps x batch {args.batch_size} ({args.max_train} training speeches, one "
         f"epoch), {args.max_test} test speeches from unseen plays, max_length 64, 2 CPU cores. Produced by "
-        f"`python -m experiments.sweep_variants {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table}\n")
+        f"`python -m experiments.sweep_variants {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table}\n"
+    )
 
     import matplotlib
 

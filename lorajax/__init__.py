@@ -21,9 +21,31 @@ from lorajax.spec import Spec
 from lorajax.targets import select
 
 __all__ = [
-    "Spec", "Selection", "init", "adapt", "merge", "unmerge", "select", "list_variants", "truncate", "squeeze",
-    "stack_adapters", "adapt_multi", "partition", "combine", "trainable_mask", "count_params", "check_finite",
-    "update_state", "es", "inits", "lragent", "models", "optim", "peft", "train",
+    "Spec",
+    "Selection",
+    "init",
+    "adapt",
+    "merge",
+    "unmerge",
+    "select",
+    "list_variants",
+    "truncate",
+    "squeeze",
+    "stack_adapters",
+    "adapt_multi",
+    "partition",
+    "combine",
+    "trainable_mask",
+    "count_params",
+    "check_finite",
+    "update_state",
+    "es",
+    "inits",
+    "lragent",
+    "models",
+    "optim",
+    "peft",
+    "train",
 ]
 
 __version__ = "0.1.0"

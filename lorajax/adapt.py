@@ -68,8 +68,9 @@ LINEN_LAYERS = "nn.Dense / nn.DenseGeneral / nn.Einsum"
 KERNELS = (None, "pallas")
 
 
-def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False,
-          kernel: str | None = None) -> Callable:
+def adapt(
+    apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False, kernel: str | None = None
+) -> Callable:
     """Wrap ``apply_fn(params, *a, **kw)`` as ``fn(params, adapters, *a, **kw)``.
 
     Args:
@@ -98,8 +99,10 @@ def adapt(apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "pallas":
         if mode != "factored":
-            raise ValueError(f"kernel='pallas' is the fused LoRA kernel: it needs mode='factored', got mode={mode!r}; "
-                             "use kernel=None")
+            raise ValueError(
+                f"kernel='pallas' is the fused LoRA kernel: it needs mode='factored', got mode={mode!r}; "
+                "use kernel=None"
+            )
         registry.plain_lora(spec.variant, "kernel='pallas' (the fused LoRA kernel; else use kernel=None)")
         variant = dataclasses.replace(variant, apply=_pallas_lora_apply)
     if mode == "merged":
@@ -159,8 +162,10 @@ def check_reached(table: dict, used: set, what: str, layers: str, hint: str = ""
     """
     missing = sorted(set(table) - used)
     if missing and not used:
-        raise ValueError(f"{what} reached none of the adapted weights (does apply_fn call {layers}?). "
-                         f"Not reached: {missing[:5]}.{hint}")
+        raise ValueError(
+            f"{what} reached none of the adapted weights (does apply_fn call {layers}?). "
+            f"Not reached: {missing[:5]}.{hint}"
+        )
     if missing:
         warnings.warn(f"{what}: adapters never used by apply_fn: {missing[:5]}", stacklevel=3)
 
@@ -236,8 +241,7 @@ def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> 
     (lhs, rhs), out, _ = parse_einsum(einsum_str, x, kernel)
     n = t.in_axes
     in_letters, out_letters = rhs[:n], rhs[n:]
-    ok = (all(c in lhs and c not in out for c in in_letters)
-          and all(c in out and c not in lhs for c in out_letters))
+    ok = all(c in lhs and c not in out for c in in_letters) and all(c in out and c not in lhs for c in out_letters)
     batch = "".join(c for c in lhs if c not in in_letters)
     if not ok or not all(c in out for c in batch):
         raise NotImplementedError(

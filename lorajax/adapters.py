@@ -24,8 +24,17 @@ from lorajax.spec import Spec
 from lorajax.variants.base import EVAL, SHARED_KEY, Context, Target, Variant
 
 __all__ = [
-    "init", "merge", "unmerge", "partition", "combine", "trainable_mask",
-    "count_params", "check_finite", "resolve", "target_key", "update_state",
+    "init",
+    "merge",
+    "unmerge",
+    "partition",
+    "combine",
+    "trainable_mask",
+    "count_params",
+    "check_finite",
+    "resolve",
+    "target_key",
+    "update_state",
 ]
 
 
@@ -98,14 +107,23 @@ def target_context(t: Target, rng: jax.Array | None, train: bool, sink: Any = No
     return Context(rng=None if rng is None else target_key(rng, t), step_rng=rng, train=train, sink=sink)
 
 
-def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, *, rng: jax.Array | None = None,
-                 train: bool = False, variant: Variant | None = None) -> Any:
+def _map_weights(
+    spec: Spec,
+    params: Any,
+    adapters: Any,
+    fn_name: str,
+    *,
+    rng: jax.Array | None = None,
+    train: bool = False,
+    variant: Variant | None = None,
+) -> Any:
     plan = plan_lib.make_plan(spec, params, adapters, variant)
     variant = plan.variant
     fn = getattr(variant, fn_name)
     if fn is None and fn_name == "adapted":
-        raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: "
-                         "use lorajax.adapt(..., mode='factored')")
+        raise ValueError(
+            f"variant {spec.variant!r} is input-dependent and cannot be merged: use lorajax.adapt(..., mode='factored')"
+        )
     if fn is None:
         raise NotImplementedError(
             f"variant {spec.variant!r} has no inverse: keep the original params instead of unmerging"
@@ -129,8 +147,15 @@ def _map_weights(spec: Spec, params: Any, adapters: Any, fn_name: str, *, rng: j
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def merge(spec: Spec, params: Any, adapters: Any, *, rng: jax.Array | None = None, train: bool = False,
-          variant: Variant | None = None) -> Any:
+def merge(
+    spec: Spec,
+    params: Any,
+    adapters: Any,
+    *,
+    rng: jax.Array | None = None,
+    train: bool = False,
+    variant: Variant | None = None,
+) -> Any:
     """``params`` with every targeted weight replaced by its adapted weight ``W'``.
 
     Returns a new tree of the same type (dict, FrozenDict, NNX State); nothing is mutated.
@@ -208,9 +233,7 @@ def partition(spec: Spec, adapters: Any) -> tuple[Any, Any]:
 
 def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of `partition`."""
-    return jax.tree_util.tree_map(
-        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
-    )
+    return jax.tree_util.tree_map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
 
 
 def _size(tree: Any) -> int:
@@ -241,9 +264,11 @@ def check_finite(adapters: Any) -> Any:
     for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
         name = "/".join(targets.key_names(path))
         if isinstance(leaf, jax.core.Tracer):
+
             def _cb(ok, name=name):
                 if not bool(ok):
                     raise FloatingPointError(f"non-finite values in adapter leaf {name}")
+
             jax.debug.callback(_cb, jnp.all(jnp.isfinite(leaf)))
         elif not np.all(np.isfinite(np.asarray(leaf))):
             raise FloatingPointError(f"non-finite values in adapter leaf {name}")

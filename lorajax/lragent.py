@@ -73,10 +73,17 @@ KERNELS = (None, "pallas")
 
 def _pool(pool: dict, agent_ids: Any, width: int):
     a, b, s = (jnp.asarray(pool[k]) for k in ("lora_A", "lora_B", "scale"))
-    if a.ndim != 3 or b.ndim != 3 or b.shape[:2] != (a.shape[0], a.shape[2]) or b.shape[2] != width \
-            or s.shape != (a.shape[0],):
-        raise ValueError(f"lragent: pool has lora_A {a.shape}, lora_B {b.shape}, scale {s.shape}; want "
-                         f"[G, in, R], [G, R, {width}], [G] (a stack_adapters entry of the value projection)")
+    if (
+        a.ndim != 3
+        or b.ndim != 3
+        or b.shape[:2] != (a.shape[0], a.shape[2])
+        or b.shape[2] != width
+        or s.shape != (a.shape[0],)
+    ):
+        raise ValueError(
+            f"lragent: pool has lora_A {a.shape}, lora_B {b.shape}, scale {s.shape}; want "
+            f"[G, in, R], [G, R, {width}], [G] (a stack_adapters entry of the value projection)"
+        )
     ids = np.asarray(agent_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
         raise ValueError(f"lragent: agent_ids must be a non-empty 1-D integer array, got {ids!r}")
@@ -85,8 +92,9 @@ def _pool(pool: dict, agent_ids: Any, width: int):
     return a, b, s, ids
 
 
-def build_cache(x: jax.Array, w_v: jax.Array, pool: dict, agent_ids: Any, *, k: jax.Array,
-                shared_a: bool = False) -> dict:
+def build_cache(
+    x: jax.Array, w_v: jax.Array, pool: dict, agent_ids: Any, *, k: jax.Array, shared_a: bool = False
+) -> dict:
     """The decomposed cache of one attention layer for ``n = len(agent_ids)`` agents.
 
     Args:
@@ -104,8 +112,10 @@ def build_cache(x: jax.Array, w_v: jax.Array, pool: dict, agent_ids: Any, *, k: 
     if x.ndim != 2 or w_v.ndim != 2 or x.shape[1] != w_v.shape[0]:
         raise ValueError(f"lragent: x {x.shape} and w_v {w_v.shape} do not line up (want [S, in], [in, Hkv*D])")
     if k.ndim != 4 or k.shape[1] != x.shape[0] or k.shape[2] * k.shape[3] != w_v.shape[1]:
-        raise ValueError(f"lragent: keys {k.shape} do not match the context: want [n, {x.shape[0]}, Hkv, D] with "
-                         f"Hkv*D = {w_v.shape[1]}")
+        raise ValueError(
+            f"lragent: keys {k.shape} do not match the context: want [n, {x.shape[0]}, Hkv, D] with "
+            f"Hkv*D = {w_v.shape[1]}"
+        )
     a, _, _, ids = _pool(pool, agent_ids, w_v.shape[1])
     if a.shape[1] != x.shape[1]:
         raise ValueError(f"lragent: pool lora_A {a.shape} does not take inputs of width {x.shape[1]}")
@@ -121,8 +131,17 @@ def build_cache(x: jax.Array, w_v: jax.Array, pool: dict, agent_ids: Any, *, k: 
     return {"k": k, "v": v, "lr_v": lr_v}
 
 
-def attend(q: jax.Array, cache: dict, pool: dict, agent_ids: Any, *, causal: bool = False,
-           sm_scale: float | None = None, kernel: str | None = None, interpret: bool | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    cache: dict,
+    pool: dict,
+    agent_ids: Any,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    kernel: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Each agent's attention over the shared context, ``V_i`` never formed.
 
     Args:
@@ -148,10 +167,10 @@ def attend(q: jax.Array, cache: dict, pool: dict, agent_ids: Any, *, causal: boo
     import pallas_kernels  # imported here: lorajax needs it only for this serving path
 
     if kernel == "pallas":
-        return pallas_kernels.lora_attention(q, k, v, None, lr_v, None, b_v, causal=causal, sm_scale=sm_scale,
-                                             interpret=interpret)
-    return pallas_kernels.lora_attention_reference(q, k, v, None, lr_v, None, b_v, causal=causal,
-                                                   sm_scale=sm_scale)
+        return pallas_kernels.lora_attention(
+            q, k, v, None, lr_v, None, b_v, causal=causal, sm_scale=sm_scale, interpret=interpret
+        )
+    return pallas_kernels.lora_attention_reference(q, k, v, None, lr_v, None, b_v, causal=causal, sm_scale=sm_scale)
 
 
 def cache_bytes(cache: dict) -> int:

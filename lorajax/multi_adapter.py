@@ -69,8 +69,9 @@ def _target(spec: Spec, keys: tuple, rank: int) -> Target:
     return Target(keys=keys, name=name, shape=(), in_axes=1, rank=rank, alpha=alpha, options=spec.options)
 
 
-def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, rank_multiple: int = 1,
-                   dtype: Any = None) -> dict:
+def stack_adapters(
+    spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, rank_multiple: int = 1, dtype: Any = None
+) -> dict:
     """Stack G ``lora`` adapter trees into a pool (see the module doc).
 
     Args:
@@ -106,17 +107,22 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
         for i, (p, s) in enumerate(zip(paths, specs)):
             entry = p[keys]
             if set(entry) != {"lora_A", "lora_B"}:
-                raise ValueError(f"stack_adapters: adapter {i} at {'/'.join(keys)} is not a lora adapter: "
-                                 f"{sorted(entry)}")
+                raise ValueError(
+                    f"stack_adapters: adapter {i} at {'/'.join(keys)} is not a lora adapter: {sorted(entry)}"
+                )
             a, b = entry["lora_A"], entry["lora_B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-                raise ValueError(f"stack_adapters: adapter {i} at {'/'.join(keys)}: lora_A {a.shape} and "
-                                 f"lora_B {b.shape} do not form [in, r] @ [r, out]")
+                raise ValueError(
+                    f"stack_adapters: adapter {i} at {'/'.join(keys)}: lora_A {a.shape} and "
+                    f"lora_B {b.shape} do not form [in, r] @ [r, out]"
+                )
             io = (a.shape[0], b.shape[1])
             io0 = (paths[0][keys]["lora_A"].shape[0], paths[0][keys]["lora_B"].shape[1])
             if io != io0:
-                raise ValueError(f"stack_adapters: adapter {i} at {'/'.join(keys)} maps {io[0]}->{io[1]}, "
-                                 f"adapter 0 maps {io0[0]}->{io0[1]}")
+                raise ValueError(
+                    f"stack_adapters: adapter {i} at {'/'.join(keys)} maps {io[0]}->{io[1]}, "
+                    f"adapter 0 maps {io0[0]}->{io0[1]}"
+                )
             a_list.append(a)
             b_list.append(b)
             scales.append(lora.scaling(_target(s, keys, a.shape[1])))
@@ -131,16 +137,19 @@ def stack_adapters(spec: Spec | Sequence[Spec], adapters: Sequence[dict], *, ran
     return nest(flat)
 
 
-def _multi_apply(x2d: jax.Array, w: jax.Array, entry: dict, t, ctx: Any = None, *, ids: jax.Array,
-                 kernel: str | None):
+def _multi_apply(x2d: jax.Array, w: jax.Array, entry: dict, t, ctx: Any = None, *, ids: jax.Array, kernel: str | None):
     a, b, s = entry["lora_A"], entry["lora_B"], entry["scale"]
     if a.ndim != 3 or a.shape[1] != w.shape[0] or b.shape != (a.shape[0], a.shape[2], w.shape[1]):
-        raise ValueError(f"adapt_multi: pool at {'/'.join(t.keys)} has lora_A {a.shape}, lora_B {b.shape}; "
-                         f"the weight is {tuple(w.shape)} (want [G, in, R], [G, R, out])")
+        raise ValueError(
+            f"adapt_multi: pool at {'/'.join(t.keys)} has lora_A {a.shape}, lora_B {b.shape}; "
+            f"the weight is {tuple(w.shape)} (want [G, in, R], [G, R, out])"
+        )
     n = ids.shape[0]
     if x2d.shape[0] % n:
-        raise ValueError(f"adapt_multi: layer {t.name} sees {x2d.shape[0]} token rows, not a multiple of the "
-                         f"{n} requests in adapter_ids (rows of the batch must be the requests)")
+        raise ValueError(
+            f"adapt_multi: layer {t.name} sees {x2d.shape[0]} token rows, not a multiple of the "
+            f"{n} requests in adapter_ids (rows of the batch must be the requests)"
+        )
     x3 = x2d.reshape(n, x2d.shape[0] // n, x2d.shape[1])
     import pallas_kernels  # imported here: lorajax needs it only for multi-adapter calls
 
@@ -171,8 +180,10 @@ def adapt_multi(apply_fn: Callable, spec: Spec, *, kernel: str | None = None) ->
         selected, index, _ = resolve(spec, params, pool)
         ids = jnp.asarray(adapter_ids) if not isinstance(adapter_ids, jax.Array) else adapter_ids
         if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"adapt_multi: adapter_ids must be a 1-D integer array (one id per request), "
-                             f"got shape {ids.shape} dtype {ids.dtype}")
+            raise ValueError(
+                f"adapt_multi: adapter_ids must be a 1-D integer array (one id per request), "
+                f"got shape {ids.shape} dtype {ids.dtype}"
+            )
         n_adapters = {entry["lora_A"].shape[0] for entry in index.values()}
         if len(n_adapters) != 1:
             raise ValueError(f"adapt_multi: pool entries hold different numbers of adapters {sorted(n_adapters)}")
@@ -180,16 +191,20 @@ def adapt_multi(apply_fn: Callable, spec: Spec, *, kernel: str | None = None) ->
         if not isinstance(ids, jax.core.Tracer):
             bad = np.flatnonzero((np.asarray(ids) < 0) | (np.asarray(ids) >= g))
             if bad.size:
-                raise ValueError(f"adapt_multi: adapter_ids[{bad[0]}] = {int(np.asarray(ids)[bad[0]])} is out of "
-                                 f"range for a pool of {g} adapters")
+                raise ValueError(
+                    f"adapt_multi: adapter_ids[{bad[0]}] = {int(np.asarray(ids)[bad[0]])} is out of "
+                    f"range for a pool of {g} adapters"
+                )
         variant = dataclasses.replace(lora.VARIANT, apply=functools.partial(_multi_apply, ids=ids, kernel=kernel))
         table = {t.name: (t, index[t.keys], EVAL) for t in selected}
         used: set[str] = set()
         with nn.intercept_methods(make_interceptor(variant, table, used, {})):
             out = apply_fn(params, *args, **kwargs)
         if not used:
-            raise ValueError("adapt_multi reached none of the adapted weights (is apply_fn a linen model using "
-                             "nn.Dense / nn.DenseGeneral / nn.Einsum?)")
+            raise ValueError(
+                "adapt_multi reached none of the adapted weights (is apply_fn a linen model using "
+                "nn.Dense / nn.DenseGeneral / nn.Einsum?)"
+            )
         missing = sorted(set(table) - used)
         if missing:
             warnings.warn(f"adapt_multi: adapters never used by apply_fn: {missing[:5]}", stacklevel=2)

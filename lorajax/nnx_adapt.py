@@ -149,8 +149,9 @@ def wrap_kernels(state: Any, variant: Variant, table: dict, used: set, sink: dic
 
 
 def _unsupported(module: Any, slot: _Slot, what: str) -> NotImplementedError:
-    return NotImplementedError(f"{slot.t.name}: {type(module).__name__} with {what} is not supported in "
-                               "factored mode; use mode='merged'")
+    return NotImplementedError(
+        f"{slot.t.name}: {type(module).__name__} with {what} is not supported in factored mode; use mode='merged'"
+    )
 
 
 def _check_call(module: Any, slot: _Slot, out_sharding: Any) -> None:
@@ -188,8 +189,9 @@ def _linear(module: nnx.Linear, slot: _Slot, w: jax.Array, inputs: jax.Array, ou
     return _contract(module, slot, w, inputs, (inputs.ndim - 1,))
 
 
-def _linear_general(module: nnx.LinearGeneral, slot: _Slot, w: jax.Array, inputs: jax.Array,
-                    out_sharding: Any = None) -> jax.Array:
+def _linear_general(
+    module: nnx.LinearGeneral, slot: _Slot, w: jax.Array, inputs: jax.Array, out_sharding: Any = None
+) -> jax.Array:
     _check_call(module, slot, out_sharding)
     if module.batch_axis:
         raise _unsupported(module, slot, "batch_axis")
@@ -199,8 +201,14 @@ def _linear_general(module: nnx.LinearGeneral, slot: _Slot, w: jax.Array, inputs
     return _contract(module, slot, w, inputs, axis)
 
 
-def _einsum(module: nnx.Einsum, slot: _Slot, w: jax.Array, inputs: jax.Array, einsum_str: str | None = None,
-            out_sharding: Any = None) -> jax.Array:
+def _einsum(
+    module: nnx.Einsum,
+    slot: _Slot,
+    w: jax.Array,
+    inputs: jax.Array,
+    einsum_str: str | None = None,
+    out_sharding: Any = None,
+) -> jax.Array:
     _check_call(module, slot, out_sharding)
     if module.einsum_op is not jnp.einsum:
         raise _unsupported(module, slot, "a custom einsum_op")
@@ -216,8 +224,11 @@ def _einsum(module: nnx.Einsum, slot: _Slot, w: jax.Array, inputs: jax.Array, ei
     n = t.in_axes
     in_letters, out_letters = rhs[:n], rhs[n:]
     batch = "".join(c for c in lhs if c not in in_letters)
-    linear = (all(c in lhs and c not in out for c in in_letters)
-              and all(c in out and c not in lhs for c in out_letters) and all(c in out for c in batch))
+    linear = (
+        all(c in lhs and c not in out for c in in_letters)
+        and all(c in out and c not in lhs for c in out_letters)
+        and all(c in out for c in batch)
+    )
     if not linear:
         raise NotImplementedError(
             f"{t.name}: einsum {einsum_str!r} is not a linear map with the kernel's first {n} axes as inputs "

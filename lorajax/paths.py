@@ -16,8 +16,16 @@ from typing import Any
 
 import jax
 
-__all__ = ["key_name", "key_names", "module_name", "dict_path", "entry_name", "is_variables", "weight_leaves",
-           "WEIGHT_NAMES"]
+__all__ = [
+    "key_name",
+    "key_names",
+    "module_name",
+    "dict_path",
+    "entry_name",
+    "is_variables",
+    "weight_leaves",
+    "WEIGHT_NAMES",
+]
 
 #: Leaf names of the weights lorajax can adapt.
 WEIGHT_NAMES = ("kernel",)

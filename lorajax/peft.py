@@ -78,8 +78,19 @@ __all__ = ["load", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE
 #: BERT-style blocks (PEFT's ``model.modules()`` order within a layer). BERT's
 #: ``attention.output.dense`` precedes ``intermediate.dense`` and ``output.dense``.
 TORCH_MODULE_ORDER = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
 )
 
 PREFIX = "base_model.model."
@@ -88,11 +99,31 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 # Fields that only describe the file, training-time behaviour, or defaults with no effect on the maths.
 _IGNORED = {
-    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
-    "init_lora_weights", "init_weights", "lora_dropout", "vera_dropout", "miss_dropout", "bone_dropout",
-    "randlora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying",
-    "fan_in_fan_out", "save_projection", "random_seed", "unilora_dropout", "save_indices",
-    "lora_ga_config", "corda_config", "eva_config",  # describe the init only (the base it expects: see the warning)
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+    "inference_mode",
+    "peft_version",
+    "init_lora_weights",
+    "init_weights",
+    "lora_dropout",
+    "vera_dropout",
+    "miss_dropout",
+    "bone_dropout",
+    "randlora_dropout",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "ensure_weight_tying",
+    "fan_in_fan_out",
+    "save_projection",
+    "random_seed",
+    "unilora_dropout",
+    "save_indices",
+    "lora_ga_config",
+    "corda_config",
+    "eva_config",  # describe the init only (the base it expects: see the warning)
 }
 _SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
 # initialisers whose adapter is a delta on the base they produced (PiSSA's residual, ...), not on the original
@@ -126,8 +157,7 @@ def _transform(arr: Any, kind: str | None) -> Any:
 
 
 def _read_config(adapter_dir: Path) -> dict:
-    return read_object(adapter_dir / CONFIG_NAME,
-                       f" (a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return read_object(adapter_dir / CONFIG_NAME, f" (a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME})")
 
 
 def _is_default(value: Any) -> bool:
@@ -141,8 +171,9 @@ def _effective_targets(target_modules: Any, params: Any) -> Any:
     names = [targets_lib.module_name(k) for k, _ in targets_lib.weight_leaves(params)]
     kept = [t for t in target_modules if any(n == t or n.endswith("." + t) for n in names)]
     if not kept:
-        raise ValueError(f"target_modules {sorted(target_modules)} match no weight of params; "
-                         f"weights found: {names[:8]}...")
+        raise ValueError(
+            f"target_modules {sorted(target_modules)} match no weight of params; weights found: {names[:8]}..."
+        )
     return kept
 
 
@@ -188,14 +219,20 @@ def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
     if config.get("target_modules") is None:
         raise ValueError("adapter_config.json has no target_modules (target_parameters is not supported)")
     if config.get("init_lora_weights") not in _PLAIN_INITS:
-        warnings.warn(f"adapter made with init_lora_weights={config['init_lora_weights']!r}: it expects the "
-                      "base weights that initialiser produced (e.g. the PiSSA residual)", stacklevel=3)
+        warnings.warn(
+            f"adapter made with init_lora_weights={config['init_lora_weights']!r}: it expects the "
+            "base weights that initialiser produced (e.g. the PiSSA residual)",
+            stacklevel=3,
+        )
     targets = config["target_modules"]
     if params is not None:
         targets = _effective_targets(targets, params)
     common = dict(
-        rank=int(config["r"]), targets=targets, exclude=config.get("exclude_modules"),
-        layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
+        rank=int(config["r"]),
+        targets=targets,
+        exclude=config.get("exclude_modules"),
+        layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
     )
     return fmt.from_config(config, common, options)
 
@@ -203,8 +240,11 @@ def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
 def _read_tensors(path: Path) -> dict:
     if not path.exists():
         bin_path = path.with_name("adapter_model.bin")
-        hint = f" ({bin_path.name} exists, but pickles are never loaded: convert it to safetensors)" \
-            if bin_path.exists() else ""
+        hint = (
+            f" ({bin_path.name} exists, but pickles are never loaded: convert it to safetensors)"
+            if bin_path.exists()
+            else ""
+        )
         raise FileNotFoundError(f"{path} not found{hint}")
     try:
         return safetensors.flax.load_file(str(path))
@@ -222,15 +262,18 @@ def read_tensor(tensors: dict, name: str, where: str, like: Any, kind: str | Non
         raise ValueError(f"adapter file lacks tensor {name!r} (needed for {where})")
     arr = _transform(arr, kind)
     if arr.shape != like.shape:
-        raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, "
-                         f"expected {tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, "
+            f"expected {tuple(_transform(jnp.zeros(like.shape), kind).shape)}"
+        )
     if jnp.issubdtype(like.dtype, jnp.integer) and not bool(jnp.all(arr == jnp.round(arr))):
         raise ValueError(f"tensor {name!r} must hold integers")
     return jnp.asarray(arr, dtype=like.dtype)
 
 
-def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
-         unilora_order: Any = TORCH_MODULE_ORDER) -> tuple[Spec, dict]:
+def load(
+    adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None, unilora_order: Any = TORCH_MODULE_ORDER
+) -> tuple[Spec, dict]:
     """Read a PEFT adapter folder into ``(spec, adapters)`` for ``params``.
 
     Args:
@@ -262,8 +305,10 @@ def load(adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None,
         out = _load_tensors(fmt, selected, tensors, template())
     if tensors:
         extra = sorted(tensors)
-        raise ValueError(f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]} "
-                         "(does adapter_config.json match these weights, and params this model?)")
+        raise ValueError(
+            f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]} "
+            "(does adapter_config.json match these weights, and params this model?)"
+        )
     return spec, out
 
 
@@ -274,9 +319,10 @@ def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict
         node = template
         for k in t.keys:
             node = node[k]
-        flat[t.keys] = {entry: read_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", f"{t.name}/{entry}", node[entry],
-                                           kind)
-                        for entry, suffix, kind in fmt.tensors}
+        flat[t.keys] = {
+            entry: read_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", f"{t.name}/{entry}", node[entry], kind)
+            for entry, suffix, kind in fmt.tensors
+        }
     out = nest(flat)
     for entry in fmt.duplicates:
         for t in selected:
@@ -291,8 +337,10 @@ def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict
             arr = _transform(arr, kind)
             fits = fmt.shared_fits is not None and fmt.shared_fits(entry, arr, like)
             if arr.shape != like.shape and not fits:
-                raise ValueError(f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, expected "
-                                 f"{tuple(_transform(jnp.zeros(like.shape), kind).shape)}")
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(_transform(arr, kind).shape)}, expected "
+                    f"{tuple(_transform(jnp.zeros(like.shape), kind).shape)}"
+                )
             shared[entry] = jnp.asarray(arr, dtype=like.dtype)
         out[SHARED_KEY] = shared
     return out
@@ -303,8 +351,9 @@ def _no_format(variant: str) -> ValueError:
     return ValueError(f"lorajax.peft has no PEFT format for variant {variant!r} (supported: {supported})")
 
 
-def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | None = None,
-                     task_type: str | None = None) -> dict:
+def config_from_spec(
+    spec: Spec, params: Any, base_model_name_or_path: str | None = None, task_type: str | None = None
+) -> dict:
     """The PEFT ``adapter_config.json`` dict for ``spec`` on ``params``."""
     fmt = _format_of(spec.variant)  # aliases ("bone") share their variant's format
     if fmt.to_config is None:
@@ -314,15 +363,30 @@ def config_from_spec(spec: Spec, params: Any, base_model_name_or_path: str | Non
     if any(not n for n in names):
         raise ValueError("cannot save an adapter on a root-level weight (empty module name) in PEFT's format")
     common = {
-        "base_model_name_or_path": base_model_name_or_path, "task_type": task_type, "inference_mode": True,
-        "r": spec.rank, "target_modules": names, "bias": "none", "fan_in_fan_out": False,
-        "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "revision": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "inference_mode": True,
+        "r": spec.rank,
+        "target_modules": names,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "revision": None,
     }
     return {**common, **fmt.to_config(spec, selected)}
 
 
-def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any, *,
-         base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+def save(
+    adapter_dir: str | os.PathLike,
+    spec: Spec,
+    adapters: dict,
+    params: Any,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
     """Write ``adapters`` as a PEFT adapter folder; returns the folder.
 
     ``params`` (the base the adapters are for) fixes the module names and checks
@@ -347,7 +411,8 @@ def save(adapter_dir: str | os.PathLike, spec: Spec, adapters: dict, params: Any
     bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite adapter tensors: {bad[:3]}")
-    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
-                               str(adapter_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    safetensors.flax.save_file(
+        {k: jnp.asarray(v) for k, v in tensors.items()}, str(adapter_dir / WEIGHTS_NAME), metadata={"format": "pt"}
+    )
     (adapter_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     return adapter_dir

@@ -94,23 +94,29 @@ from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY, Factors, Target
 
 __all__ = [
-    "truncate", "squeeze", "squeeze_factors", "squeeze_schedule", "squeeze_opt_state",
+    "truncate",
+    "squeeze",
+    "squeeze_factors",
+    "squeeze_schedule",
+    "squeeze_opt_state",
 ]
 
 
 SQUEEZE_METHODS = ("qr", "rsvd")
 
 
-def _factors(fn: str, path: str, adapter: dict, entries: tuple, exact: bool = True,
-             ab: tuple[str, str] = ("lora_A", "lora_B")) -> tuple[jax.Array, jax.Array, int]:
+def _factors(
+    fn: str, path: str, adapter: dict, entries: tuple, exact: bool = True, ab: tuple[str, str] = ("lora_A", "lora_B")
+) -> tuple[jax.Array, jax.Array, int]:
     """``(A [in, r], B [r, out], r)`` of one adapter holding ``entries`` (exactly, or at least); else a clear error."""
     if (set(adapter) != set(entries)) if exact else not set(entries) <= set(adapter):
         raise ValueError(f"{fn}: adapter at {path} has entries {sorted(adapter)}, expected {list(entries)}")
     a, b = adapter[ab[0]], adapter[ab[1]]
     r = a.shape[-1]
     if a.ndim != 2 or b.ndim != 2 or b.shape[0] != r:
-        raise ValueError(f"{fn}: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; "
-                         "expected [in, r] and [r, out]")
+        raise ValueError(
+            f"{fn}: adapter at {path} has lora_A {a.shape} and lora_B {b.shape}; expected [in, r] and [r, out]"
+        )
     return a, b, r
 
 
@@ -145,8 +151,10 @@ def truncate(spec: Spec, adapters: dict, rank: int) -> tuple[Spec, dict]:
     """
     variant = registry.get(spec.variant)
     if variant.truncate is None:
-        raise ValueError(f"truncate supports the variants with nested ranks {registry.with_capability('truncate')}, "
-                         f"got {spec.variant!r}")
+        raise ValueError(
+            f"truncate supports the variants with nested ranks {registry.with_capability('truncate')}, "
+            f"got {spec.variant!r}"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     index = adapter_paths(adapters)
@@ -176,26 +184,35 @@ def _check_int(value: Any, what: str, low: int) -> int:
 
 def _qr_core_svd(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD ``(U [in, p], σ [p], Vᵀ [p, out])`` of ``A B`` via ``A = Q_A R_A``, ``Bᵀ = Q_B R_B``."""
-    q_a, r_a = jnp.linalg.qr(a)                     # [in, p], [p, r]
-    q_b, r_b = jnp.linalg.qr(b.T)                   # [out, p'], [p', r]
+    q_a, r_a = jnp.linalg.qr(a)  # [in, p], [p, r]
+    q_b, r_b = jnp.linalg.qr(b.T)  # [out, p'], [p', r]
     u_c, sigma, vt_c = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)  # the small core
     return q_a @ u_c, sigma, vt_c @ q_b.T
 
 
 def _rsvd(a: jax.Array, b: jax.Array, width: int, key: jax.Array, niter: int):
     """Randomized SVD of ``A B`` through products with ``A B`` and ``(A B)ᵀ`` only."""
-    omega = jax.random.normal(key, (b.shape[1], width), a.dtype)   # [out, l]
-    q, _ = jnp.linalg.qr(a @ (b @ omega))                          # [in, l]: range of A B
-    for _ in range(niter):                                         # power iterations, re-orthonormalised
-        z, _ = jnp.linalg.qr(b.T @ (a.T @ q))                      # [out, l]
-        q, _ = jnp.linalg.qr(a @ (b @ z))                          # [in, l]
+    omega = jax.random.normal(key, (b.shape[1], width), a.dtype)  # [out, l]
+    q, _ = jnp.linalg.qr(a @ (b @ omega))  # [in, l]: range of A B
+    for _ in range(niter):  # power iterations, re-orthonormalised
+        z, _ = jnp.linalg.qr(b.T @ (a.T @ q))  # [out, l]
+        q, _ = jnp.linalg.qr(a @ (b @ z))  # [in, l]
     u_s, sigma, vt = jnp.linalg.svd((q.T @ a) @ b, full_matrices=False)  # [l, out] sketch
     return q @ u_s, sigma, vt
 
 
-def squeeze_factors(a: jax.Array, b: jax.Array, rank: int, *, scale: float = 1.0, new_scale: float = 1.0,
-                    method: str = "qr", key: jax.Array | None = None, niter: int = 4,
-                    oversample: int = 10) -> tuple[jax.Array, jax.Array]:
+def squeeze_factors(
+    a: jax.Array,
+    b: jax.Array,
+    rank: int,
+    *,
+    scale: float = 1.0,
+    new_scale: float = 1.0,
+    method: str = "qr",
+    key: jax.Array | None = None,
+    niter: int = 4,
+    oversample: int = 10,
+) -> tuple[jax.Array, jax.Array]:
     """``(A' [in, b], B' [b, out])`` with ``new_scale·A'B' = trunc_b(scale·A B)``; never forms ``[in, out]``.
 
     Args:
@@ -237,7 +254,7 @@ def squeeze_factors(a: jax.Array, b: jax.Array, rank: int, *, scale: float = 1.0
         key = jax.random.key(0) if key is None else key
         u, sigma, vt = _rsvd(a32, b32, min(rank + oversample, r, d_in, d_out), key, niter)
     ratio = scale / new_scale
-    root = jnp.sqrt(sigma[:rank] * abs(ratio))                     # [b]
+    root = jnp.sqrt(sigma[:rank] * abs(ratio))  # [b]
     a_new = u[:, :rank] * root[None, :]
     b_new = (math.copysign(1.0, ratio) * root)[:, None] * vt[:rank]
     return a_new.astype(a.dtype), b_new.astype(b.dtype)
@@ -247,15 +264,25 @@ def _target_scale(factors: Factors, spec: Spec, keys: tuple, a: jax.Array, b: ja
     """The variant's ``s`` for the adapter at ``keys`` under ``spec`` at ``rank`` (alpha patterns applied)."""
     name = targets.module_name(keys)
     alpha = float(targets.pattern_value(spec.alpha_pattern, name, spec.alpha))
-    t = Target(keys=keys, name=name, shape=(a.shape[0], b.shape[-1]), in_axes=1, rank=rank, alpha=alpha,
-               options=spec.options)
+    t = Target(
+        keys=keys, name=name, shape=(a.shape[0], b.shape[-1]), in_axes=1, rank=rank, alpha=alpha, options=spec.options
+    )
     if factors.scale is None:
         raise ValueError(f"variant {spec.variant!r} declares no Factors.scale: the scale of its s·A·B term is unknown")
     return factors.scale(t)
 
 
-def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any = None, *,
-            alpha: float | None = None, niter: int = 4, oversample: int = 10) -> tuple[Spec, dict]:
+def squeeze(
+    spec: Spec,
+    adapters: dict,
+    rank: int,
+    method: str = "qr",
+    key: Any = None,
+    *,
+    alpha: float | None = None,
+    niter: int = 4,
+    oversample: int = 10,
+) -> tuple[Spec, dict]:
     """``(spec', adapters')``: every ``s·A B`` replaced by its best rank-``rank`` approximation.
 
     See the module docstring for the maths and the decisions taken.
@@ -283,14 +310,17 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
     """
     factors = registry.get(spec.variant).factors
     if factors is None:
-        raise ValueError(f"squeeze supports the variants with an s·A·B term {registry.with_capability('factors')}, "
-                         f"got {spec.variant!r}")
+        raise ValueError(
+            f"squeeze supports the variants with an s·A·B term {registry.with_capability('factors')}, "
+            f"got {spec.variant!r}"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"squeeze: rank must be an int >= 1, got {rank!r}")
     if method not in SQUEEZE_METHODS:
         raise ValueError(f"squeeze: method must be one of {SQUEEZE_METHODS}, got {method!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not math.isfinite(alpha) or alpha == 0):
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0
+    ):
         raise ValueError(f"squeeze: alpha must be a finite non-zero number or None, got {alpha!r}")
     _check_int(niter, "niter", 0)
     _check_int(oversample, "oversample", 0)
@@ -308,16 +338,18 @@ def squeeze(spec: Spec, adapters: dict, rank: int, method: str = "qr", key: Any 
     new: dict[tuple, dict] = {}
     for keys, adapter in index.items():
         path = "/".join(keys)
-        a, b, r = _factors("squeeze", path, adapter, (factors.a, factors.b), exact=factors.exact,
-                           ab=(factors.a, factors.b))
+        a, b, r = _factors(
+            "squeeze", path, adapter, (factors.a, factors.b), exact=factors.exact, ab=(factors.a, factors.b)
+        )
         if rank >= r:
             raise ValueError(f"squeeze: rank {rank} is not below the rank {r} of the adapter at {path}")
         s_old = _target_scale(factors, spec, keys, a, b, r)
         s_new = _target_scale(factors, spec2, keys, a, b, rank)
         tkeys = keys[1:] if keys[0] == "params" else keys
         tkey = jax.random.fold_in(key, zlib.crc32(".".join(tkeys).encode()) & 0x7FFFFFFF)
-        a2, b2 = squeeze_factors(a, b, rank, scale=s_old, new_scale=s_new, method=method, key=tkey,
-                                 niter=niter, oversample=oversample)
+        a2, b2 = squeeze_factors(
+            a, b, rank, scale=s_old, new_scale=s_new, method=method, key=tkey, niter=niter, oversample=oversample
+        )
         new[keys] = {**adapter, factors.a: a2, factors.b: b2}
     return spec2, _nest_like(adapters, new)
 
@@ -340,14 +372,16 @@ def squeeze_schedule(r0: int, r_target: int, steps: int, n_stages: int) -> tuple
     if r_target >= r0:
         raise ValueError(f"squeeze_schedule: r_target {r_target} must be below r0 {r0}")
     if n_stages > r0 - r_target:
-        raise ValueError(f"squeeze_schedule: {n_stages} stages need {n_stages} distinct ranks below r0={r0} "
-                         f"and >= r_target={r_target}; there are only {r0 - r_target}")
+        raise ValueError(
+            f"squeeze_schedule: {n_stages} stages need {n_stages} distinct ranks below r0={r0} "
+            f"and >= r_target={r_target}; there are only {r0 - r_target}"
+        )
     if steps < n_stages + 1:
         raise ValueError(f"squeeze_schedule: {n_stages} stages need steps >= {n_stages + 1}, got {steps}")
     out, prev = [], r0
     for i in range(1, n_stages + 1):
         r_i = round(r0 * (r_target / r0) ** (i / n_stages))
-        r_i = max(min(r_i, prev - 1), r_target + (n_stages - i))   # strictly decreasing, room for the rest
+        r_i = max(min(r_i, prev - 1), r_target + (n_stages - i))  # strictly decreasing, room for the rest
         out.append((round(i * steps / (n_stages + 1)), r_i))
         prev = r_i
     return tuple(out)
@@ -357,8 +391,9 @@ def _is_record(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
-def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec, new_adapters: dict, *,
-                      mode: str = "reset") -> Any:
+def squeeze_opt_state(
+    opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec, new_adapters: dict, *, mode: str = "reset"
+) -> Any:
     """The optimiser state for ``new_adapters`` after a `squeeze` of ``adapters``.
 
     Every sub-tree of ``opt_state`` with the structure of ``adapters`` (the
@@ -401,15 +436,17 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
     if mode == "project":
         factors = registry.get(spec.variant).factors
         if factors is None:
-            raise ValueError(f"squeeze_opt_state: mode='project' needs a variant with an s·A·B term "
-                             f"{registry.with_capability('factors')}, got {spec.variant!r}")
+            raise ValueError(
+                f"squeeze_opt_state: mode='project' needs a variant with an s·A·B term "
+                f"{registry.with_capability('factors')}, got {spec.variant!r}"
+            )
         for keys, ad in old_index.items():
             nd = new_index[keys]
             s_old = _target_scale(factors, spec, keys, ad[factors.a], ad[factors.b], ad[factors.a].shape[1])
             s_new = _target_scale(factors, new_spec, keys, nd[factors.a], nd[factors.b], nd[factors.a].shape[1])
             f32 = jnp.promote_types(ad["lora_A"].dtype, jnp.float32)
-            t_a = jnp.linalg.lstsq(ad["lora_A"].astype(f32), nd["lora_A"].astype(f32))[0]          # [r, b]
-            t_b_t = jnp.linalg.lstsq(ad["lora_B"].T.astype(f32), nd["lora_B"].T.astype(f32))[0]   # [r, b] = T_Bᵀ
+            t_a = jnp.linalg.lstsq(ad["lora_A"].astype(f32), nd["lora_A"].astype(f32))[0]  # [r, b]
+            t_b_t = jnp.linalg.lstsq(ad["lora_B"].T.astype(f32), nd["lora_B"].T.astype(f32))[0]  # [r, b] = T_Bᵀ
             maps[keys] = (s_new / s_old, t_a, t_b_t)
 
     def moments(tree: Any, field: str) -> Any:
@@ -420,16 +457,18 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
                 out[keys] = jax.tree_util.tree_map(jnp.zeros_like, nd)
                 continue
             if not (field.startswith("mu") or field.startswith("nu")):
-                raise ValueError(f"squeeze_opt_state: cannot project the optimiser field {field!r} "
-                                 "(only mu* first and nu* second moments); use mode='reset'")
+                raise ValueError(
+                    f"squeeze_opt_state: cannot project the optimiser field {field!r} "
+                    "(only mu* first and nu* second moments); use mode='reset'"
+                )
             ratio, t_a, t_b_t = maps[keys]
             if field.startswith("nu"):
                 ratio, t_a, t_b_t = ratio**2, t_a**2, t_b_t**2
             mu_a, mu_b = m["lora_A"], m["lora_B"]
             out[keys] = {
                 **m,
-                "lora_A": (ratio * (mu_a.astype(t_b_t.dtype) @ t_b_t)).astype(mu_a.dtype),   # [in, b]
-                "lora_B": (ratio * (t_a.T @ mu_b.astype(t_a.dtype))).astype(mu_b.dtype),     # [b, out]
+                "lora_A": (ratio * (mu_a.astype(t_b_t.dtype) @ t_b_t)).astype(mu_a.dtype),  # [in, b]
+                "lora_B": (ratio * (t_a.T @ mu_b.astype(t_a.dtype))).astype(mu_b.dtype),  # [b, out]
             }
         return _nest_like(tree, out)
 
@@ -457,6 +496,8 @@ def squeeze_opt_state(opt_state: Any, spec: Spec, adapters: dict, new_spec: Spec
 
     result = walk(opt_state, "")
     if not found:
-        raise ValueError("squeeze_opt_state: no part of opt_state has the structure of the adapters; "
-                         "pass the tree the optimiser was initialised on")
+        raise ValueError(
+            "squeeze_opt_state: no part of opt_state has the structure of the adapters; "
+            "pass the tree the optimiser was initialised on"
+        )
     return result

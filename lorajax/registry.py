@@ -66,6 +66,7 @@ def plain_lora(variant: str, who: str) -> Variant:
     v = get(variant)
     if v.factors is None or not v.factors.exact:
         plain = tuple(sorted({w.name for w in map(get, _MODULES) if w.factors is not None and w.factors.exact}))
-        raise ValueError(f"{who} needs plain LoRA adapters W' = W + s·A·B (the variants {plain}), "
-                         f"got variant {variant!r}")
+        raise ValueError(
+            f"{who} needs plain LoRA adapters W' = W + s·A·B (the variants {plain}), got variant {variant!r}"
+        )
     return v

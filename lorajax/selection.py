@@ -128,9 +128,13 @@ class Selection:
 
     def keywords(self) -> dict[str, Any]:
         """The constructor keywords that rebuild this selection (``Selection(**sel.keywords())``)."""
-        return dict(targets=self.targets, exclude=self.exclude, layers_to_transform=self.layers_to_transform,
-                    layers_pattern=self.layers_pattern,
-                    in_axes=dict(self.in_axes) if isinstance(self.in_axes, tuple) else self.in_axes)
+        return dict(
+            targets=self.targets,
+            exclude=self.exclude,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+            in_axes=dict(self.in_axes) if isinstance(self.in_axes, tuple) else self.in_axes,
+        )
 
     def in_axes_of(self, name: str) -> int:
         """The number of input axes of the module ``name``."""

@@ -59,8 +59,19 @@ from jax.sharding import PartitionSpec as P
 from lorajax import paths
 
 __all__ = [
-    "AXES", "make_mesh", "parse_mesh", "LLAMA_RULES", "BERT_RULES", "default_rules", "shardings", "shard",
-    "shard_batch", "batch_sharding", "token_sharding", "leaf_name", "initialize",
+    "AXES",
+    "make_mesh",
+    "parse_mesh",
+    "LLAMA_RULES",
+    "BERT_RULES",
+    "default_rules",
+    "shardings",
+    "shard",
+    "shard_batch",
+    "batch_sharding",
+    "token_sharding",
+    "leaf_name",
+    "initialize",
 ]
 
 #: mesh axis names lorajax's rules use
@@ -98,8 +109,9 @@ def parse_mesh(axes: str | dict[str, int]) -> dict[str, int]:
             try:
                 out[name.strip()] = int(size_text)
             except ValueError:
-                raise ValueError(f"mesh {axes!r}: size of axis {name.strip()!r} must be an int, "
-                                 f"got {size_text!r}") from None
+                raise ValueError(
+                    f"mesh {axes!r}: size of axis {name.strip()!r} must be an int, got {size_text!r}"
+                ) from None
         axes = out
     if not isinstance(axes, dict) or not axes:
         raise ValueError(f"mesh must be 'name=size,...' or a non-empty dict, got {axes!r}")
@@ -128,10 +140,11 @@ def make_mesh(axes: str | dict[str, int], devices: Sequence[Any] | None = None) 
             raise ValueError(f"mesh {sizes}: {n} devices are not a multiple of {known}")
         sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
     if math.prod(sizes.values()) != n:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {n} "
-                         f"({jax.process_count()} process(es)); use -1 for one axis to fill")
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes),
-                         devices=devices)
+        raise ValueError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {n} "
+            f"({jax.process_count()} process(es)); use -1 for one axis to fill"
+        )
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
 #: a leaf's dotted dict path, as partition rules match it (see `lorajax.paths.dict_path`)
@@ -183,8 +196,9 @@ def _shapes(tree: Any) -> dict[str, tuple]:
     return {leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any = None,
-              strict: bool | None = None) -> Any:
+def shardings(
+    tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any = None, strict: bool | None = None
+) -> Any:
     """A tree of ``NamedSharding`` like ``tree`` (arrays or ``ShapeDtypeStruct``s).
 
     Args:
@@ -231,8 +245,10 @@ def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any
             entries = _fit(spec, mesh, len(shape))
             for dim, (size, e) in enumerate(zip(shape, entries)):
                 if size % _axis_size(mesh, e):
-                    raise ValueError(f"{name}: dimension {dim} of shape {shape} is not divisible by mesh axis "
-                                     f"{e} of size {_axis_size(mesh, e)} (rule {spec})")
+                    raise ValueError(
+                        f"{name}: dimension {dim} of shape {shape} is not divisible by mesh axis "
+                        f"{e} of size {_axis_size(mesh, e)} (rule {spec})"
+                    )
         else:  # an adapter leaf (or its optimiser state) under a weight: follow the weight
             parts = name.split(".")
             for cut in range(len(parts) - 1, 0, -1):
@@ -247,8 +263,7 @@ def shardings(tree: Any, mesh: Mesh, rules: Iterable | None = None, *, like: Any
     if strict:
         unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
         if unused:
-            raise ValueError(f"sharding rule(s) {unused} match no leaf (leaf names look like "
-                             f"{list(weights)[:3]})")
+            raise ValueError(f"sharding rule(s) {unused} match no leaf (leaf names look like {list(weights)[:3]})")
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -312,8 +327,13 @@ def shard_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:
     return jax.tree.map(put, batch)
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cpu_collectives: str = "gloo") -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str = "gloo",
+) -> None:
     """Start a multi-host job: ``jax.distributed.initialize`` (once, before any other jax call).
 
     On TPU pods and under SLURM (and other clusters jax detects) call it with

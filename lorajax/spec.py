@@ -39,6 +39,7 @@ __all__ = ["Spec", "Selection", "HEAD_NAMES"]
 
 _SELECTION_DEFAULTS = dict(exclude=None, layers_to_transform=None, layers_pattern=None, in_axes=1)
 
+
 @dataclasses.dataclass(frozen=True, init=False)
 class Spec:
     """What to adapt and how.
@@ -102,15 +103,21 @@ class Spec:
                 if kind is float and (not isinstance(val, (int, float)) or not math.isfinite(val)):
                     raise ValueError(f"{name}[{key!r}] must be a finite number, got {val!r}")
         if isinstance(targets, Selection):
-            given = dict(exclude=exclude, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-                         in_axes=in_axes)
+            given = dict(
+                exclude=exclude, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, in_axes=in_axes
+            )
             extra = [k for k, v in given.items() if v != _SELECTION_DEFAULTS[k]]
             if extra:
                 raise ValueError(f"{extra} given together with a Selection, which already fixes them")
             selection = targets
         else:
-            selection = Selection(targets, exclude=exclude, layers_to_transform=layers_to_transform,
-                                  layers_pattern=layers_pattern, in_axes=in_axes)
+            selection = Selection(
+                targets,
+                exclude=exclude,
+                layers_to_transform=layers_to_transform,
+                layers_pattern=layers_pattern,
+                in_axes=in_axes,
+            )
 
         built = variant_obj.build_options(**options)
 
@@ -127,8 +134,9 @@ class Spec:
     # the selection's fields, read through the Spec
     targets = property(lambda self: self.selection.targets, doc="`Selection.targets`")
     exclude = property(lambda self: self.selection.exclude, doc="`Selection.exclude`")
-    layers_to_transform = property(lambda self: self.selection.layers_to_transform,
-                                   doc="`Selection.layers_to_transform`")
+    layers_to_transform = property(
+        lambda self: self.selection.layers_to_transform, doc="`Selection.layers_to_transform`"
+    )
     layers_pattern = property(lambda self: self.selection.layers_pattern, doc="`Selection.layers_pattern`")
     in_axes = property(lambda self: self.selection.in_axes, doc="`Selection.in_axes`")
 
@@ -140,8 +148,12 @@ class Spec:
     def replace(self, **changes: Any) -> "Spec":
         """A copy with some fields or options changed (validated again)."""
         kwargs = dict(
-            variant=self.variant, rank=self.rank, alpha=self.alpha, **self.selection.keywords(),
-            rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+            variant=self.variant,
+            rank=self.rank,
+            alpha=self.alpha,
+            **self.selection.keywords(),
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
         )
         if changes.get("variant", self.variant) == self.variant:
             kwargs.update(self.options)

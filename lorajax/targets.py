@@ -41,8 +41,7 @@ def select(spec: Any, params: Any, variant: Any = None) -> list[Target]:
     for w in spec.selection.resolve(params):
         rank = pattern_value(spec.rank_pattern, w.name, spec.rank)
         alpha = float(pattern_value(spec.alpha_pattern, w.name, spec.alpha))
-        t = Target(keys=w.keys, name=w.name, shape=w.shape, in_axes=w.in_axes, rank=rank, alpha=alpha,
-                   options=options)
+        t = Target(keys=w.keys, name=w.name, shape=w.shape, in_axes=w.in_axes, rank=rank, alpha=alpha, options=options)
         if variant.rank_limited and rank > min(t.matrix_shape):
             raise ValueError(
                 f"rank {rank} is larger than min(in, out) = {min(t.matrix_shape)} for {w.name!r} "

@@ -28,8 +28,13 @@ from pallas_kernels.lora_linear import lora_linear, lora_linear_reference
 from pallas_kernels.multi_lora import multi_lora, multi_lora_ragged_dot, multi_lora_reference
 
 __all__ = [
-    "resolve_mode", "COMPILED_BACKENDS",
-    "lora_linear", "lora_linear_reference",
-    "multi_lora", "multi_lora_reference", "multi_lora_ragged_dot",
-    "lora_attention", "lora_attention_reference",
+    "resolve_mode",
+    "COMPILED_BACKENDS",
+    "lora_linear",
+    "lora_linear_reference",
+    "multi_lora",
+    "multi_lora_reference",
+    "multi_lora_ragged_dot",
+    "lora_attention",
+    "lora_attention_reference",
 ]

@@ -48,7 +48,8 @@ def resolve_mode(kernel: str, interpret: bool | None) -> str:
         warnings.warn(
             f"pallas_kernels.{kernel}: no compiled Pallas lowering for backend {backend!r} "
             "(Pallas runs on CPU only with interpret=True); using the jnp reference instead",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
     return "reference"
 
@@ -68,8 +69,9 @@ def compiler_params(dims: int, sequential: Sequence[int] = ()) -> Any:
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=tuple(
-            "arbitrary" if i in sequential else "parallel" for i in range(dims)))
+        return pltpu.CompilerParams(
+            dimension_semantics=tuple("arbitrary" if i in sequential else "parallel" for i in range(dims))
+        )
     return None
 
 
@@ -125,8 +127,10 @@ def check_same_dtype(name: str, **arrays: Any) -> None:
     for key, a in items[1:]:
         if a.dtype != first.dtype:
             listing = ", ".join(f"{k}: {v.dtype}" for k, v in items)
-            raise TypeError(f"{name}: dtype mismatch, {key} is {a.dtype} but {first_key} is {first.dtype} "
-                            f"({listing}); cast them to one dtype")
+            raise TypeError(
+                f"{name}: dtype mismatch, {key} is {a.dtype} but {first_key} is {first.dtype} "
+                f"({listing}); cast them to one dtype"
+            )
 
 
 def check_ndim(name: str, **arrays: tuple[Any, int]) -> None:
@@ -157,6 +161,8 @@ def check_ids(name: str, ids: Any, n: int) -> jax.Array:
         bad = np.flatnonzero((values < 0) | (values >= n))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"{name}: adapter index {int(values.reshape(-1)[i])} at position {i} is out of range "
-                             f"for a pool of {n} adapters ({bad.size} bad entries)")
+            raise ValueError(
+                f"{name}: adapter index {int(values.reshape(-1)[i])} at position {i} is out of range "
+                f"for a pool of {n} adapters ({bad.size} bad entries)"
+            )
     return jnp.asarray(ids, jnp.int32)

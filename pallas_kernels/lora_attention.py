@@ -55,8 +55,9 @@ def _pick(arr, b):
     return arr[0] if arr.shape[0] == 1 else arr[b]
 
 
-def lora_attention_reference(q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale: float = 1.0,
-                             sm_scale: float | None = None, causal: bool = False) -> jax.Array:
+def lora_attention_reference(
+    q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale: float = 1.0, sm_scale: float | None = None, causal: bool = False
+) -> jax.Array:
     """Materialises every ``K_b``, ``V_b`` ([B, Sk, H, D]) and runs softmax attention in float32."""
     bsz, sq, h, d = q.shape
     sk, hkv = k_base.shape[1], k_base.shape[2]
@@ -81,17 +82,35 @@ def lora_attention_reference(q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale: 
     return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
 
 
-def _kernel(q_ref, k_ref, v_ref, lrk_ref, lrv_ref, bk_ref, bv_ref, o_ref, *, sm_scale, scale, causal,
-            block_q, block_k, sq, sk, has_k_lora):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    lrk_ref,
+    lrv_ref,
+    bk_ref,
+    bv_ref,
+    o_ref,
+    *,
+    sm_scale,
+    scale,
+    causal,
+    block_q,
+    block_k,
+    sq,
+    sk,
+    has_k_lora,
+):
     iq = pl.program_id(2)
     f32 = jnp.float32
-    q = q_ref[...]                                                     # [bq, D]
+    q = q_ref[...]  # [bq, D]
     lr_dtype = lrv_ref.dtype
     if has_k_lora:  # s q B_kᵀ: [bq, r], once per q tile
-        qb = scale * jax.lax.dot_general(q.astype(lr_dtype), bk_ref[...], (((1,), (1,)), ((), ())),
-                                         preferred_element_type=f32)
+        qb = scale * jax.lax.dot_general(
+            q.astype(lr_dtype), bk_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=f32
+        )
     rank = lrv_ref.shape[-1]
-    span_q = iq * block_q + jnp.arange(block_q) + (sk - sq)           # key position each query may see up to
+    span_q = iq * block_q + jnp.arange(block_q) + (sk - sq)  # key position each query may see up to
 
     def body(kb, carry):
         acc, acc_lr, m_prev, l_prev = carry
@@ -100,8 +119,9 @@ def _kernel(q_ref, k_ref, v_ref, lrk_ref, lrv_ref, bk_ref, bv_ref, o_ref, *, sm_
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32)
         if has_k_lora:
             lrk = lrk_ref[ks, :]
-            logits += jax.lax.dot_general(qb.astype(lrk.dtype), lrk, (((1,), (1,)), ((), ())),
-                                          preferred_element_type=f32)
+            logits += jax.lax.dot_general(
+                qb.astype(lrk.dtype), lrk, (((1,), (1,)), ((), ())), preferred_element_type=f32
+            )
         logits *= sm_scale
         span_k = kb * block_k + jnp.arange(block_k)
         mask = jnp.broadcast_to(span_k[None, :] < sk, (block_q, block_k))
@@ -123,8 +143,12 @@ def _kernel(q_ref, k_ref, v_ref, lrk_ref, lrv_ref, bk_ref, bv_ref, o_ref, *, sm_
         last = (iq + 1) * block_q - 1 + (sk - sq)
         n_kb = jnp.minimum(jax.lax.div(last + block_k, block_k), n_kb)
     d = q_ref.shape[-1]
-    init = (jnp.zeros((block_q, d), f32), jnp.zeros((block_q, rank), f32),
-            jnp.full((block_q,), -jnp.inf, f32), jnp.zeros((block_q,), f32))
+    init = (
+        jnp.zeros((block_q, d), f32),
+        jnp.zeros((block_q, rank), f32),
+        jnp.full((block_q,), -jnp.inf, f32),
+        jnp.zeros((block_q,), f32),
+    )
     acc, acc_lr, _, l_i = jax.lax.fori_loop(0, n_kb, body, init)
     bv = bv_ref[...]
     acc += scale * jnp.dot(acc_lr.astype(bv.dtype), bv, preferred_element_type=f32)
@@ -164,8 +188,17 @@ def _forward(q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale, sm_scale, causal
         pl.BlockSpec((None, None, rp, dp), lambda b, hh, i: (bk_row(b), kh(hh), 0, 0)),
         pl.BlockSpec((None, None, rp, dp), lambda b, hh, i: (bv_row(b), hh // group, 0, 0)),
     ]
-    kernel = functools.partial(_kernel, sm_scale=sm_scale, scale=scale, causal=causal, block_q=bq,
-                               block_k=bk, sq=sq, sk=sk, has_k_lora=has_k_lora)
+    kernel = functools.partial(
+        _kernel,
+        sm_scale=sm_scale,
+        scale=scale,
+        causal=causal,
+        block_q=bq,
+        block_k=bk,
+        sq=sq,
+        sk=sk,
+        has_k_lora=has_k_lora,
+    )
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, sqp, h, dp), q.dtype),
@@ -191,7 +224,8 @@ def _fwd(q, k_base, v_base, lr_k, lr_v, b_k, b_v, static):
 def _bwd(static, res, g):
     raise NotImplementedError(
         "pallas_kernels.lora_attention is forward-only (serving); differentiate "
-        "pallas_kernels.lora_attention_reference instead")
+        "pallas_kernels.lora_attention_reference instead"
+    )
 
 
 _lora_attention.defvjp(_fwd, _bwd)
@@ -200,8 +234,16 @@ _lora_attention.defvjp(_fwd, _bwd)
 def _validate(q, k_base, v_base, lr_k, lr_v, b_k, b_v):
     name = "lora_attention"
     c.check_float(name, q=q, k_base=k_base, v_base=v_base, lr_k=lr_k, lr_v=lr_v, b_k=b_k, b_v=b_v)
-    c.check_ndim(name, q=(q, 4), k_base=(k_base, 4), v_base=(v_base, 4), lr_k=(lr_k, 3), lr_v=(lr_v, 3),
-                 b_k=(b_k, 4), b_v=(b_v, 4))
+    c.check_ndim(
+        name,
+        q=(q, 4),
+        k_base=(k_base, 4),
+        v_base=(v_base, 4),
+        lr_k=(lr_k, 3),
+        lr_v=(lr_v, 3),
+        b_k=(b_k, 4),
+        b_v=(b_v, 4),
+    )
     if (lr_k is None) != (b_k is None):
         raise ValueError(f"{name}: give lr_k and b_k together (or neither, for a base-only K)")
     bsz, sq, h, d = q.shape
@@ -219,15 +261,30 @@ def _validate(q, k_base, v_base, lr_k, lr_v, b_k, b_v):
         if lr is None:
             continue
         if lr.shape[1:] != (sk, r) or bmat.shape[1:] != (hkv, r, d):
-            raise c.shape_error(name, f"lr_{key} must be [B or 1, Sk={sk}, r={r}] and b_{key} [B or 1, Hkv={hkv}, "
-                                      f"r={r}, D={d}]", **arrays)
+            raise c.shape_error(
+                name,
+                f"lr_{key} must be [B or 1, Sk={sk}, r={r}] and b_{key} [B or 1, Hkv={hkv}, r={r}, D={d}]",
+                **arrays,
+            )
     c.check_same_dtype(name, q=q, k_base=k_base, v_base=v_base)
     c.check_same_dtype(name, lr_v=lr_v, b_v=b_v, lr_k=lr_k, b_k=b_k)
 
 
-def lora_attention(q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale: float = 1.0, sm_scale: float | None = None,
-                   causal: bool = False, block_sizes: BlockSizes | None = None,
-                   interpret: bool | None = None) -> jax.Array:
+def lora_attention(
+    q,
+    k_base,
+    v_base,
+    lr_k,
+    lr_v,
+    b_k,
+    b_v,
+    *,
+    scale: float = 1.0,
+    sm_scale: float | None = None,
+    causal: bool = False,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Attention over ``K = K_base + s LR_k B_k``, ``V = V_base + s LR_v B_v`` without forming K, V.
 
     Args:
@@ -250,8 +307,14 @@ def lora_attention(q, k_base, v_base, lr_k, lr_v, b_k, b_v, *, scale: float = 1.
     c.check_block_sizes("lora_attention", **dataclasses.asdict(block_sizes))
     mode = c.resolve_mode("lora_attention", interpret)
     if mode == "reference":
-        return lora_attention_reference(q, k_base, v_base, lr_k, lr_v, b_k, b_v, scale=scale, sm_scale=sm_scale,
-                                        causal=causal)
-    static = (("scale", scale), ("sm_scale", sm_scale), ("causal", bool(causal)), ("block_sizes", block_sizes),
-              ("interpret", mode == "interpret"))
+        return lora_attention_reference(
+            q, k_base, v_base, lr_k, lr_v, b_k, b_v, scale=scale, sm_scale=sm_scale, causal=causal
+        )
+    static = (
+        ("scale", scale),
+        ("sm_scale", sm_scale),
+        ("causal", bool(causal)),
+        ("block_sizes", block_sizes),
+        ("interpret", mode == "interpret"),
+    )
     return _lora_attention(q, k_base, v_base, lr_k, lr_v, b_k, b_v, static)

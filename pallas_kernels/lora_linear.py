@@ -81,8 +81,7 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *h_ref, scale: float, block_k: in
         ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
         x = x_ref[:, ks]
         if w_transposed:  # w_ref block is [block_n, K]
-            acc += jax.lax.dot_general(x, w_ref[:, ks], (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+            acc += jax.lax.dot_general(x, w_ref[:, ks], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         else:
             acc += jnp.dot(x, w_ref[ks, :], preferred_element_type=jnp.float32)
         a = a_ref[ks, :]
@@ -98,14 +97,25 @@ def _kernel(x_ref, w_ref, a_ref, b_ref, o_ref, *h_ref, scale: float, block_k: in
     lora = jnp.dot(h, b, preferred_element_type=jnp.float32)
     o_ref[...] = (acc + scale * lora).astype(o_ref.dtype)
     if h_ref:  # every column block holds the same h: the first one writes it
+
         @pl.when(pl.program_id(1) == 0)
         def _():
             h_ref[0][...] = h.astype(h_ref[0].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "w_transposed", "emit_h"))
-def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bool, w_transposed: bool = False,
-             emit_h: bool = False):
+def _forward(
+    x,
+    w,
+    a,
+    b,
+    *,
+    scale: float,
+    block_sizes: BlockSizes,
+    interpret: bool,
+    w_transposed: bool = False,
+    emit_h: bool = False,
+):
     """The kernel on 2-D ``x: [M, K]``; ``w: [K, N]`` (or ``[N, K]`` with ``w_transposed``).
 
     Returns ``y``, or ``(y, h)`` with ``emit_h``: ``h = x A`` (``[M, r]``, the
@@ -114,15 +124,19 @@ def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bo
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     r = a.shape[1]
-    bm, bn, bk = (c.fit_block(m, block_sizes.block_m), c.fit_block(n, block_sizes.block_n),
-                  c.fit_block(k, block_sizes.block_k))
+    bm, bn, bk = (
+        c.fit_block(m, block_sizes.block_m),
+        c.fit_block(n, block_sizes.block_n),
+        c.fit_block(k, block_sizes.block_k),
+    )
     mp, np_, kp, rp = c.round_up(m, bm), c.round_up(n, bn), c.round_up(k, bk), c.whole(r)
     x = c.pad_to(x, (mp, kp))
     w = c.pad_to(w, (np_, kp) if w_transposed else (kp, np_))
     a = c.pad_to(a, (kp, rp))
     b = c.pad_to(b, (rp, np_))
-    w_spec = (pl.BlockSpec((bn, kp), lambda i, j: (j, 0)) if w_transposed
-              else pl.BlockSpec((kp, bn), lambda i, j: (0, j)))
+    w_spec = (
+        pl.BlockSpec((bn, kp), lambda i, j: (j, 0)) if w_transposed else pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+    )
     out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
     out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))]
     if emit_h:  # one [bm, r] block per row block, shared by its column blocks (sequential on TPU)
@@ -142,9 +156,11 @@ def _forward(x, w, a, b, *, scale: float, block_sizes: BlockSizes, interpret: bo
         out_specs=out_specs,
         compiler_params=None if interpret else c.compiler_params(2, sequential=(1,) if emit_h else ()),
         cost_estimate=pl.CostEstimate(
-            flops=2 * mp * kp * np_ + 2 * mp * rp * (kp * (np_ // bn) + np_), transcendentals=0,
+            flops=2 * mp * kp * np_ + 2 * mp * rp * (kp * (np_ // bn) + np_),
+            transcendentals=0,
             bytes_accessed=itemsize * (mp * kp * (np_ // bn) + kp * np_ + mp * np_)
-            + (a.dtype.itemsize * mp * rp if emit_h else 0)),
+            + (a.dtype.itemsize * mp * rp if emit_h else 0),
+        ),
         interpret=interpret,
         name="lora_linear",
     )(x, w, a, b)
@@ -183,8 +199,11 @@ def _project(x, a, *, block_sizes: BlockSizes, interpret: bool):
         in_specs=[pl.BlockSpec((bm, kp), lambda i: (i, 0)), pl.BlockSpec((kp, rp), lambda i: (0, 0))],
         out_specs=pl.BlockSpec((bm, rp), lambda i: (i, 0)),
         compiler_params=None if interpret else c.compiler_params(1),
-        cost_estimate=pl.CostEstimate(flops=2 * mp * kp * rp, transcendentals=0,
-                                      bytes_accessed=x.dtype.itemsize * mp * kp + a.dtype.itemsize * rp * (kp + mp)),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * mp * kp * rp,
+            transcendentals=0,
+            bytes_accessed=x.dtype.itemsize * mp * kp + a.dtype.itemsize * rp * (kp + mp),
+        ),
         interpret=interpret,
         name="lora_linear_project",
     )(c.pad_to(x, (mp, kp)), c.pad_to(a, (kp, rp)))
@@ -200,8 +219,12 @@ def _tn_kernel(p_ref, q_ref, o_ref, *, scale: float, block_m: int):
 
     def body(i, acc):
         ms = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
-        return acc + jax.lax.dot_general(p_ref[ms, :].astype(dt), q_ref[ms, :].astype(dt),
-                                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(
+            p_ref[ms, :].astype(dt),
+            q_ref[ms, :].astype(dt),
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
 
     acc = jax.lax.fori_loop(0, p_ref.shape[0] // block_m, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = (scale * acc).astype(dt)
@@ -235,25 +258,43 @@ def _tn(p, q, *, scale: float, block_m: int, block_split: int, split: int, inter
         in_specs=in_specs,
         out_specs=out_spec,
         compiler_params=None if interpret else c.compiler_params(1),
-        cost_estimate=pl.CostEstimate(flops=2 * mp * sp * rp, transcendentals=0,
-                                      bytes_accessed=wide.dtype.itemsize * mp * sp
-                                      + narrow.dtype.itemsize * rp * (mp * (sp // bs) + sp)),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * mp * sp * rp,
+            transcendentals=0,
+            bytes_accessed=wide.dtype.itemsize * mp * sp + narrow.dtype.itemsize * rp * (mp * (sp // bs) + sp),
+        ),
         interpret=interpret,
         name=name,
     )(*(padded if split == 0 else padded[::-1]))
-    return out[:wide.shape[1], :r] if split == 0 else out[:r, :wide.shape[1]]
+    return out[: wide.shape[1], :r] if split == 0 else out[:r, : wide.shape[1]]
 
 
 def _grad_a(x, g, *, scale: float, block_sizes: BlockSizes, interpret: bool):
     """``dA = s xᵀ g`` (``x: [M, K]``, ``g = dy Bᵀ: [M, r]``) in g's dtype: grid over ``K / block_k``."""
-    return _tn(x, g, scale=scale, block_m=block_sizes.block_m, block_split=block_sizes.block_k, split=0,
-               interpret=interpret, name="lora_linear_grad_a")
+    return _tn(
+        x,
+        g,
+        scale=scale,
+        block_m=block_sizes.block_m,
+        block_split=block_sizes.block_k,
+        split=0,
+        interpret=interpret,
+        name="lora_linear_grad_a",
+    )
 
 
 def _grad_b(h, dy, *, scale: float, block_sizes: BlockSizes, interpret: bool):
     """``dB = s hᵀ dy`` (``h = x A: [M, r]``, ``dy: [M, N]``) in h's dtype: grid over ``N / block_n``."""
-    return _tn(h, dy, scale=scale, block_m=block_sizes.block_m, block_split=block_sizes.block_n, split=1,
-               interpret=interpret, name="lora_linear_grad_b")
+    return _tn(
+        h,
+        dy,
+        scale=scale,
+        block_m=block_sizes.block_m,
+        block_split=block_sizes.block_n,
+        split=1,
+        interpret=interpret,
+        name="lora_linear_grad_b",
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -263,8 +304,16 @@ def _lora_linear(x, w, a, b, scale, block_sizes, interpret):
 
 def _fwd(x, w, a, b, scale, block_sizes, interpret):
     need = (x.perturbed, w.perturbed, a.perturbed, b.perturbed)
-    out = _forward(x.value, w.value, a.value, b.value, scale=scale, block_sizes=block_sizes, interpret=interpret,
-                   emit_h=b.perturbed)  # h = x A is dB's residual
+    out = _forward(
+        x.value,
+        w.value,
+        a.value,
+        b.value,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        emit_h=b.perturbed,
+    )  # h = x A is dB's residual
     y, h = out if b.perturbed else (out, None)
     return y, (x.value, w.value, a.value, b.value, h, need)
 
@@ -297,16 +346,23 @@ def _validate(x, w, a, b) -> None:
         raise c.shape_error(name, "x must have at least one axis", x=x)
     k, n = w.shape
     if x.shape[-1] != k or a.shape[0] != k:
-        raise c.shape_error(name, f"the last axis of x and the first of A must equal W's input size {k}",
-                            x=x, w=w, a=a)
+        raise c.shape_error(name, f"the last axis of x and the first of A must equal W's input size {k}", x=x, w=w, a=a)
     if b.shape != (a.shape[1], n):
         raise c.shape_error(name, f"B must be [rank, out] = [{a.shape[1]}, {n}]", w=w, a=a, b=b)
     c.check_same_dtype(name, x=x, w=w)
     c.check_same_dtype(name, a=a, b=b)
 
 
-def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float = 1.0, *,
-                block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+def lora_linear(
+    x: jax.Array,
+    w: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float = 1.0,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Fused ``x W + scale (x A) B`` for ``x: [..., in]``, ``W: [in, out]``, ``A: [in, r]``, ``B: [r, out]``.
 
     Differentiable in ``x``, ``A``, ``B`` (and ``W``, whose gradient is only

@@ -182,21 +182,35 @@ def _multi_lora(x, w, a_pool, b_pool, scales, ids, *, block_sizes: BlockSizes, i
             ],
             out_specs=pl.BlockSpec((bm, bn), lambda i, j, tg, s: (i, j)),
         )
-        out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
-                             interpret=interpret, name="multi_lora")(tile_group, scales, xs, w, a_pool, b_pool)
+        out = pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid_spec=grid_spec,
+            compiler_params=params,
+            interpret=interpret,
+            name="multi_lora",
+        )(tile_group, scales, xs, w, a_pool, b_pool)
     else:
         # Triton wants power-of-two shapes: pad the small index/scale vectors too
         tg = c.pad_to(tile_group, (c.next_pow2(n_tiles),))
         sc = c.pad_to(scales, (c.next_pow2(n_groups),))
         full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
         out = pl.pallas_call(
-            kernel, out_shape=out_shape, grid=(n_tiles, np_ // bn),
-            in_specs=[full(tg.shape), full(sc.shape),
-                      pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-                      pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
-                      full(a_pool.shape), full(b_pool.shape)],
+            kernel,
+            out_shape=out_shape,
+            grid=(n_tiles, np_ // bn),
+            in_specs=[
+                full(tg.shape),
+                full(sc.shape),
+                pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+                pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+                full(a_pool.shape),
+                full(b_pool.shape),
+            ],
             out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            compiler_params=params, interpret=interpret, name="multi_lora",
+            compiler_params=params,
+            interpret=interpret,
+            name="multi_lora",
         )(tg, sc, xs, w, a_pool, b_pool)
     y = out[dest, :n].reshape(x3.shape[0], x3.shape[1], n)
     return _nan_bad_rows(y, ids, n_groups).reshape(*x.shape[:-1], n)
@@ -209,21 +223,44 @@ def _validate(x, w, a_pool, b_pool, scales, ids):
     k, n = w.shape
     g, ka, r = a_pool.shape
     if x.ndim < 2 or x.shape[-1] != k or ka != k:
-        raise c.shape_error(name, f"x must be [S, ..., in] and A pool [G, in, R] with in = {k} (W's input size)",
-                            x=x, w=w, a_pool=a_pool)
+        raise c.shape_error(
+            name,
+            f"x must be [S, ..., in] and A pool [G, in, R] with in = {k} (W's input size)",
+            x=x,
+            w=w,
+            a_pool=a_pool,
+        )
     if b_pool.shape != (g, r, n) or scales.shape != (g,):
-        raise c.shape_error(name, f"B pool must be [G, R, out] = [{g}, {r}, {n}] and scales [G] = [{g}]",
-                            a_pool=a_pool, b_pool=b_pool, scales=scales, w=w)
+        raise c.shape_error(
+            name,
+            f"B pool must be [G, R, out] = [{g}, {r}, {n}] and scales [G] = [{g}]",
+            a_pool=a_pool,
+            b_pool=b_pool,
+            scales=scales,
+            w=w,
+        )
     if getattr(ids, "shape", None) != (x.shape[0],):
-        raise ValueError(f"{name}: ids must be [S] with one adapter index per leading row of x "
-                         f"(x: {tuple(x.shape)}, ids: {tuple(getattr(ids, 'shape', ()))})")
+        raise ValueError(
+            f"{name}: ids must be [S] with one adapter index per leading row of x "
+            f"(x: {tuple(x.shape)}, ids: {tuple(getattr(ids, 'shape', ()))})"
+        )
     c.check_same_dtype(name, x=x, w=w)
     c.check_same_dtype(name, a_pool=a_pool, b_pool=b_pool)
     return c.check_ids(name, ids, g)
 
 
-def multi_lora(x, w, a_pool, b_pool, scales, ids, *, block_sizes: BlockSizes | None = None,
-               interpret: bool | None = None, layout: str | None = None) -> jax.Array:
+def multi_lora(
+    x,
+    w,
+    a_pool,
+    b_pool,
+    scales,
+    ids,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    layout: str | None = None,
+) -> jax.Array:
     """``x W + s[ids] (x A[ids]) B[ids]`` in one Pallas kernel (forward only: serving).
 
     Args:
@@ -245,5 +282,6 @@ def multi_lora(x, w, a_pool, b_pool, scales, ids, *, block_sizes: BlockSizes | N
     mode = c.resolve_mode("multi_lora", interpret)
     if mode == "reference":
         return multi_lora_reference(x, w, a_pool, b_pool, scales, ids)
-    return _multi_lora(x, w, a_pool, b_pool, scales, ids, block_sizes=block_sizes,
-                       interpret=mode == "interpret", layout=layout)
+    return _multi_lora(
+        x, w, a_pool, b_pool, scales, ids, block_sizes=block_sizes, interpret=mode == "interpret", layout=layout
+    )

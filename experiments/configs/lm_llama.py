@@ -16,7 +16,7 @@ def get_config() -> RunConfig:
         steps=300,
         batch_size=32,
         max_length=128,
-        max_test=256,      # held-out windows of max_length + 1 characters
+        max_test=256,  # held-out windows of max_length + 1 characters
         eval_every=300,
         ckpt_every=100,
         baseline=False,

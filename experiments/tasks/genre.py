@@ -63,8 +63,12 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> dict:
     for split, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
         rows = ds[split].select(_subsample(len(ds[split]), cap, cfg.seed))
         enc = tok.encode_batch(rows["text"], max_length=cfg.max_length, padding="max_length")
-        out[split] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                      "token_type_ids": enc["token_type_ids"], "label": np.asarray(rows["genre"], np.int32)}
+        out[split] = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"],
+            "label": np.asarray(rows["genre"], np.int32),
+        }
     return out
 
 
@@ -74,9 +78,13 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
 
     def batch(step: int) -> dict:
         start = step * batch_size
-        idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
-                              for e in range(start // n, (start + batch_size - 1) // n + 1)])
-        idx = idx[start % n: start % n + batch_size]
+        idx = np.concatenate(
+            [
+                np.random.default_rng([seed, e]).permutation(n)
+                for e in range(start // n, (start + batch_size - 1) // n + 1)
+            ]
+        )
+        idx = idx[start % n : start % n + batch_size]
         return {**{k: jnp.asarray(v[idx]) for k, v in data.items()}, "step": jnp.asarray(step, jnp.int32)}
 
     return batch
@@ -136,14 +144,16 @@ def load_encoder(cfg: RunConfig) -> Encoder:
 
 def init_head(cfg: RunConfig, dim: int) -> dict:
     n_classes = len(speeches.GENRES)
-    return {"kernel": 0.02 * jax.random.normal(jax.random.key(cfg.seed), (dim, n_classes)),
-            "bias": jnp.zeros((n_classes,))}
+    return {
+        "kernel": 0.02 * jax.random.normal(jax.random.key(cfg.seed), (dim, n_classes)),
+        "bias": jnp.zeros((n_classes,)),
+    }
 
 
 def _batches(d: dict, size: int = 64):
     """The rows of ``d`` in order, ``size`` at a time, as device arrays (labels left out)."""
     for i in range(0, len(d["label"]), size):
-        yield {k: jnp.asarray(v[i:i + size]) for k, v in d.items() if k != "label"}
+        yield {k: jnp.asarray(v[i : i + size]) for k, v in d.items() if k != "label"}
 
 
 def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
@@ -156,8 +166,10 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
         hidden = cast(jax.Array, enc.model.apply(v, b["input_ids"], b["attention_mask"], b["token_type_ids"]))
         return bert.mean_pool(hidden, b["attention_mask"])
 
-    feats = {split: {"pooled": np.concatenate([np.asarray(encode(variables, b)) for b in _batches(d)]),
-                     "label": d["label"]} for split, d in data.items()}
+    feats = {
+        split: {"pooled": np.concatenate([np.asarray(encode(variables, b)) for b in _batches(d)]), "label": d["label"]}
+        for split, d in data.items()
+    }
 
     def loss_fn(_, tree, batch):
         logits = head_logits(tree["head"], batch["pooled"])
@@ -165,29 +177,53 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
 
     tx = make_tx(cfg, cfg.optim.head_lr, adapters=False)
     head0 = init_head(cfg, enc.model.cfg.hidden_size)
-    state, hist = lorajax.train.fit(loss_fn, tx, None, lorajax.train.TrainState.create(tx, {"head": head0}),
-                                    batch_fn_for(feats["train"], cfg.batch_size, cfg.seed), cfg.steps,
-                                    progress=cfg.progress, desc="baseline: frozen encoder + head")
+    state, hist = lorajax.train.fit(
+        loss_fn,
+        tx,
+        None,
+        lorajax.train.TrainState.create(tx, {"head": head0}),
+        batch_fn_for(feats["train"], cfg.batch_size, cfg.seed),
+        cfg.steps,
+        progress=cfg.progress,
+        desc="baseline: frozen encoder + head",
+    )
     pred = np.argmax(np.asarray(head_logits(state.trainable["head"], jnp.asarray(feats["test"]["pooled"]))), -1)
     curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
-    return {"baseline_test_acc": float(np.mean(pred == feats["test"]["label"])),
-            "baseline_trainable": _size(head0), "baseline_loss_curve": curve, "baseline_final_loss": curve[-1][1]}
+    return {
+        "baseline_test_acc": float(np.mean(pred == feats["test"]["label"])),
+        "baseline_trainable": _size(head0),
+        "baseline_loss_curve": curve,
+        "baseline_final_loss": curve[-1][1],
+    }
 
 
 def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
     """``cfg.spec``'s adapters on the frozen encoder (any registered variant)."""
     s = cfg.spec
     options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
-    spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
-                        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-                        exclude=list(s.exclude) or None, **options)
+    spec = lorajax.Spec(
+        s.variant,
+        rank=s.rank,
+        alpha=s.alpha,
+        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
+        exclude=list(s.exclude) or None,
+        **options,
+    )
     variables = {"params": enc.params}
     trainable, frozen = lorajax.partition(spec, lorajax.init(spec, variables, jax.random.key(cfg.seed + 1)))
     fwd = lorajax.adapt(enc.model.apply, spec, mode="factored")
 
     def hidden(base, adapters, batch, rng, train):  # aux: routing statistics (FlyLoRA, SMoRA), else {}
-        return fwd(base, adapters, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                   adapter_rng=rng, adapter_train=train, adapter_aux=True)
+        return fwd(
+            base,
+            adapters,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            adapter_rng=rng,
+            adapter_train=train,
+            adapter_aux=True,
+        )
 
     def refresh(base, tree, aux):  # routing variants' load-balancing bias; the identity for the others
         return {**tree, "adapters": lorajax.update_state(spec, base, tree["adapters"], aux)}
@@ -197,36 +233,61 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
         ckpt.save(cfg.steps, tree, {"spec": repr(spec)})  # trainable leaves and frozen buffers
         ckpt.close()
         try:
-            lorajax.peft.save(out / "peft_adapter", spec, tree["adapters"], variables,
-                              base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2"
-                              if cfg.model == "minilm" else cfg.model)
+            lorajax.peft.save(
+                out / "peft_adapter",
+                spec,
+                tree["adapters"],
+                variables,
+                base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2"
+                if cfg.model == "minilm"
+                else cfg.model,
+            )
             return {"peft_export": True}
         except ValueError as e:  # a variant PEFT has no format for: the orbax copy is the artefact
             print(f"no PEFT export: {e}", flush=True)
             return {}
 
     mesh = enc.mesh  # BERT rules for the encoder weights, the adapters follow them
-    return Body(name="adapters", run_dir="lora", desc=spec.variant,
-                label=f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}",
-                base=_placed(variables, mesh), trainable=_placed(trainable, mesh, like=variables),
-                frozen=_placed(frozen, mesh, like=variables), tx=make_tx(cfg, cfg.optim.lr, adapters=True, spec=spec),
-                hidden=hidden, refresh=refresh, export=export)
+    return Body(
+        name="adapters",
+        run_dir="lora",
+        desc=spec.variant,
+        label=f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}",
+        base=_placed(variables, mesh),
+        trainable=_placed(trainable, mesh, like=variables),
+        frozen=_placed(frozen, mesh, like=variables),
+        tx=make_tx(cfg, cfg.optim.lr, adapters=True, spec=spec),
+        hidden=hidden,
+        refresh=refresh,
+        export=export,
+    )
 
 
 def full_body(cfg: RunConfig, enc: Encoder) -> Body:
     """Full fine-tuning: every encoder weight is trainable, nothing is frozen, no base params are passed."""
+
     def hidden(_, params, batch, rng, train):
-        return enc.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                               batch["token_type_ids"]), {}
+        return enc.model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        ), {}
 
     def export(out: Path, tree: dict) -> dict:  # HF format (transformers' from_pretrained loads it)
         lorajax.models.save_pretrained(out / "model", enc.model, tree["encoder"])
         return {}
 
-    return Body(name="encoder", run_dir="full", desc="full fine-tuning", label=f"full fine-tuning ({cfg.optim.name})",
-                base=None, trainable=_placed(enc.params, enc.mesh), frozen=jax.tree.map(lambda _: None, enc.params),
-                tx=make_tx(cfg, cfg.optim.lr, adapters=False, full=enc.params), hidden=hidden, refresh=None,
-                export=export)
+    return Body(
+        name="encoder",
+        run_dir="full",
+        desc="full fine-tuning",
+        label=f"full fine-tuning ({cfg.optim.name})",
+        base=None,
+        trainable=_placed(enc.params, enc.mesh),
+        frozen=jax.tree.map(lambda _: None, enc.params),
+        tx=make_tx(cfg, cfg.optim.lr, adapters=False, full=enc.params),
+        hidden=hidden,
+        refresh=None,
+        export=export,
+    )
 
 
 def pooled_fn(cfg: RunConfig, body: Body) -> Callable:
@@ -253,8 +314,9 @@ def accuracy_fn(body: Body, pooled: Callable, test: dict) -> Callable[[lorajax.t
     return accuracy
 
 
-def train(cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, accuracy: Callable, rows: dict,
-          train_dir: Path) -> tuple[lorajax.train.TrainState, list[dict], dict]:
+def train(
+    cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, accuracy: Callable, rows: dict, train_dir: Path
+) -> tuple[lorajax.train.TrainState, list[dict], dict]:
     """The body and a new head trained together on ``rows`` (resumable from ``train_dir``).
 
     Returns ``(state, history, {"opt_state_mb", "train_wall_s"})``.
@@ -274,29 +336,44 @@ def train(cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, accuracy: 
 
     stats = {"opt_state_mb": lorajax.optim.state_bytes(tx, trainable) / 2**20}  # shapes only, nothing allocated
     t0 = time.perf_counter()
-    state, hist = lorajax.train.fit(loss_fn, tx, body.base, lorajax.train.TrainState.create(tx, trainable, frozen),
-                                    batch_fn_for(rows, cfg.batch_size, cfg.seed), cfg.steps,
-                                    out_dir=str(train_dir), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-                                    eval_fn=lambda st: {"test_acc": accuracy(st)}, eval_every=cfg.eval_every,
-                                    progress=cfg.progress, desc=f"{body.desc} + head", state_update=body.refresh,
-                                    mesh=enc.mesh)
+    state, hist = lorajax.train.fit(
+        loss_fn,
+        tx,
+        body.base,
+        lorajax.train.TrainState.create(tx, trainable, frozen),
+        batch_fn_for(rows, cfg.batch_size, cfg.seed),
+        cfg.steps,
+        out_dir=str(train_dir),
+        ckpt_every=cfg.ckpt_every,
+        keep=cfg.keep,
+        eval_fn=lambda st: {"test_acc": accuracy(st)},
+        eval_every=cfg.eval_every,
+        progress=cfg.progress,
+        desc=f"{body.desc} + head",
+        state_update=body.refresh,
+        mesh=enc.mesh,
+    )
     stats["train_wall_s"] = time.perf_counter() - t0
     return state, hist, stats
 
 
-def evaluate(body: Body, state: lorajax.train.TrainState, hist: list[dict], accuracy: Callable,
-             train_dir: Path) -> dict:
+def evaluate(
+    body: Body, state: lorajax.train.TrainState, hist: list[dict], accuracy: Callable, train_dir: Path
+) -> dict:
     """Test accuracy, parameter counts (with the head's), step time and the loss curve of the run."""
     evals = [h["eval/test_acc"] for h in hist if "eval/test_acc" in h]
     n_trained, n_head = _size(state.trainable[body.name]), _size(state.trainable["head"])
     rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
     lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     curve = [(r["step"], r["loss"]) for r in lines if "loss" in r]
-    return {"test_acc": evals[-1] if evals else accuracy(state),
-            "trainable": int(n_trained + n_head),
-            "total": int(_size(body.base) + n_trained + _size(state.frozen[body.name]) + n_head),
-            "step_ms": 1e3 / float(np.median(rates)) if rates else float("nan"),
-            "loss_curve": curve, "final_loss": curve[-1][1] if curve else float("nan")}
+    return {
+        "test_acc": evals[-1] if evals else accuracy(state),
+        "trainable": int(n_trained + n_head),
+        "total": int(_size(body.base) + n_trained + _size(state.frozen[body.name]) + n_head),
+        "step_ms": 1e3 / float(np.median(rates)) if rates else float("nan"),
+        "loss_curve": curve,
+        "final_loss": curve[-1][1] if curve else float("nan"),
+    }
 
 
 def export(out: Path, body: Body, state: lorajax.train.TrainState) -> dict:
@@ -331,33 +408,61 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     rows = []
     total = results.get("total", "")
     if "baseline_test_acc" in results:
-        rows.append(["frozen encoder + head", f"{results['baseline_test_acc']:.4f}",
-                     f"{results['baseline_trainable']:,}", f"{total:,}" if total else "", "—"])
+        rows.append(
+            [
+                "frozen encoder + head",
+                f"{results['baseline_test_acc']:.4f}",
+                f"{results['baseline_trainable']:,}",
+                f"{total:,}" if total else "",
+                "—",
+            ]
+        )
     if "test_acc" in results:
-        rows.append([f"{results['spec']} + head", f"{results['test_acc']:.4f}", f"{results['trainable']:,}",
-                     f"{total:,}", f"{results['step_ms']:.0f} ms"])
-    table = markdown_table(["run", "test accuracy (unseen plays)", "trainable params", "total params",
-                            "step time"], rows)
-    curves = {k: v for k, v in (("frozen encoder + head", results.get("baseline_loss_curve")),
-                                ("full fine-tuning + head" if cfg.spec.variant == "full" else "adapters + head",
-                                 results.get("loss_curve"))) if v}
+        rows.append(
+            [
+                f"{results['spec']} + head",
+                f"{results['test_acc']:.4f}",
+                f"{results['trainable']:,}",
+                f"{total:,}",
+                f"{results['step_ms']:.0f} ms",
+            ]
+        )
+    table = markdown_table(
+        ["run", "test accuracy (unseen plays)", "trainable params", "total params", "step time"], rows
+    )
+    curves = {
+        k: v
+        for k, v in (
+            ("frozen encoder + head", results.get("baseline_loss_curve")),
+            ("full fine-tuning + head" if cfg.spec.variant == "full" else "adapters + head", results.get("loss_curve")),
+        )
+        if v
+    }
     if curves:
         loss_plot(curves, out / "loss.png", title=f"genre task, {cfg.model}")
-    text = (f"# Genre classification of Shakespeare speeches\n\nModel {cfg.model}; {results['n_train']} train / "
-            f"{results['n_test']} test speeches (test plays unseen); {cfg.steps} steps x batch {cfg.batch_size}, "
-            f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
-            f"device {jax.devices()[0].device_kind}.\n\n{table}\n")
+    text = (
+        f"# Genre classification of Shakespeare speeches\n\nModel {cfg.model}; {results['n_train']} train / "
+        f"{results['n_test']} test speeches (test plays unseen); {cfg.steps} steps x batch {cfg.batch_size}, "
+        f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
+        f"device {jax.devices()[0].device_kind}.\n\n{table}\n"
+    )
     (out / "results.md").write_text(text)
     import resource
 
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    (out / "results.json").write_text(json.dumps(
-        {k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str))
+    (out / "results.json").write_text(
+        json.dumps({k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str)
+    )
     results["table"] = table
     results["out_dir"] = str(out)
     peft_dir = "peft_adapter/ (PEFT format), " if results.get("peft_export") else ""
-    kept = ("model/ (HF format), head.safetensors, full/" if cfg.spec.variant == "full" else
-            f"{peft_dir}adapters_orbax/, head.safetensors, lora/")
-    print(f"\n{text}\nArtefacts in {out}/: results.md, loss.png, {kept} (checkpoints, metrics.jsonl, TensorBoard)",
-          flush=True)
+    kept = (
+        "model/ (HF format), head.safetensors, full/"
+        if cfg.spec.variant == "full"
+        else f"{peft_dir}adapters_orbax/, head.safetensors, lora/"
+    )
+    print(
+        f"\n{text}\nArtefacts in {out}/: results.md, loss.png, {kept} (checkpoints, metrics.jsonl, TensorBoard)",
+        flush=True,
+    )
     return results

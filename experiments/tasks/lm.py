@@ -32,9 +32,11 @@ from lorajax.models import llama
 
 def window_batches(ids: np.ndarray, batch: int, seq: int, seed: int):
     """``batch(step) -> [batch, seq + 1]`` windows at offsets drawn from ``(seed, step)``."""
+
     def fn(step: int):
         starts = np.random.default_rng([seed, step]).integers(0, len(ids) - seq - 1, batch)
-        return jnp.asarray(np.stack([ids[s:s + seq + 1] for s in starts]))
+        return jnp.asarray(np.stack([ids[s : s + seq + 1] for s in starts]))
+
     return fn
 
 
@@ -56,9 +58,16 @@ def run(cfg: RunConfig) -> dict:
     if (base_dir / "config.json").exists():
         model, params = lorajax.models.from_pretrained(base_dir)
     else:
-        mcfg = llama.Config(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=344,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=max(seq, 128), architectures=("LlamaForCausalLM",))
+        mcfg = llama.Config(
+            vocab_size=tok.vocab_size,
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max(seq, 128),
+            architectures=("LlamaForCausalLM",),
+        )
         model = llama.build(mcfg)
         params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, seq), jnp.int32))["params"]
 
@@ -66,19 +75,33 @@ def run(cfg: RunConfig) -> dict:
             return lm_loss(model.apply({"params": p}, batch[:, :-1]), batch)
 
         tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(50, steps), max(2 * steps, 2)))
-        state, _ = lorajax.train.fit(full_loss, tx, None, lorajax.train.TrainState.create(tx, params),
-                                     window_batches(ids["pretrain"], cfg.batch_size, seq, cfg.seed), 2 * steps,
-                                     out_dir=str(out / "pretrain"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
-                                     progress=cfg.progress, desc="pre-train base (full)")
+        state, _ = lorajax.train.fit(
+            full_loss,
+            tx,
+            None,
+            lorajax.train.TrainState.create(tx, params),
+            window_batches(ids["pretrain"], cfg.batch_size, seq, cfg.seed),
+            2 * steps,
+            out_dir=str(out / "pretrain"),
+            ckpt_every=cfg.ckpt_every,
+            keep=cfg.keep,
+            progress=cfg.progress,
+            desc="pre-train base (full)",
+        )
         params = state.trainable
         lorajax.models.save_pretrained(base_dir, model, params)
     variables = {"params": params}
 
     s = cfg.spec
     options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
-    spec = lorajax.Spec(s.variant, rank=s.rank, alpha=s.alpha,
-                        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-                        exclude=list(s.exclude) or None, **options)
+    spec = lorajax.Spec(
+        s.variant,
+        rank=s.rank,
+        alpha=s.alpha,
+        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
+        exclude=list(s.exclude) or None,
+        **options,
+    )
     adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
     mesh = None
     if cfg.mesh:  # weights split by lorajax.sharding's Llama rules, adapters follow, batches over data x fsdp
@@ -99,21 +122,37 @@ def run(cfg: RunConfig) -> dict:
     eval_loss = jax.jit(loss_fn)
     test = ids["adapt_test"]
     n = (len(test) - 1) // (seq + 1)
-    windows = np.stack([test[i * (seq + 1): i * (seq + 1) + seq + 1] for i in range(n)])
+    windows = np.stack([test[i * (seq + 1) : i * (seq + 1) + seq + 1] for i in range(n)])
 
     def held_out(a) -> float:
-        return float(np.mean([float(eval_loss(variables, a, jnp.asarray(windows[i:i + cfg.batch_size])))
-                              for i in range(0, n, cfg.batch_size)]))
+        return float(
+            np.mean(
+                [
+                    float(eval_loss(variables, a, jnp.asarray(windows[i : i + cfg.batch_size])))
+                    for i in range(0, n, cfg.batch_size)
+                ]
+            )
+        )
 
     before = held_out(adapters)
     tx = make_tx(cfg, cfg.optim.lr, spec=spec)
     state, hist = lorajax.train.fit(
-        train_loss, tx, variables, lorajax.train.TrainState.create(tx, trainable, frozen),
-        window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2), steps,
-        out_dir=str(out / "lora"), ckpt_every=cfg.ckpt_every, keep=cfg.keep,
+        train_loss,
+        tx,
+        variables,
+        lorajax.train.TrainState.create(tx, trainable, frozen),
+        window_batches(ids["adapt_train"], cfg.batch_size, seq, cfg.seed + 2),
+        steps,
+        out_dir=str(out / "lora"),
+        ckpt_every=cfg.ckpt_every,
+        keep=cfg.keep,
         eval_fn=lambda st: {"held_out_loss": held_out(st.combined)},
-        eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{spec.variant} on comedies", mesh=mesh,
-        state_update=lorajax.train.refresh_state(spec))
+        eval_every=cfg.eval_every,
+        progress=cfg.progress,
+        desc=f"{spec.variant} on comedies",
+        mesh=mesh,
+        state_update=lorajax.train.refresh_state(spec),
+    )
     adapters = state.combined
     after = held_out(adapters)
     counts = lorajax.count_params(spec, variables, adapters)
@@ -123,8 +162,11 @@ def run(cfg: RunConfig) -> dict:
     prompt = jnp.asarray(tok.encode("Viola: ")[None, :])
     if lorajax.registry.get(spec.variant).mergeable:
         merged = lorajax.merge(spec, variables, adapters)["params"]
-        sample = tok.decode(np.asarray(llama.generate(model, merged, prompt, 120, temperature=0.8, top_p=0.95,
-                                                      key=jax.random.key(cfg.seed)))[0])
+        sample = tok.decode(
+            np.asarray(
+                llama.generate(model, merged, prompt, 120, temperature=0.8, top_p=0.95, key=jax.random.key(cfg.seed))
+            )[0]
+        )
     else:  # input-dependent routing cannot be merged into the weights the KV-cache generator uses
         sample = f"(no sample: variant {spec.variant} is not mergeable)"
     try:
@@ -133,8 +175,8 @@ def run(cfg: RunConfig) -> dict:
         print(f"no PEFT export: {e}", flush=True)
     table = markdown_table(
         ["held-out comedies loss (nats/char), base", "after adapters", "trainable", "total", "step time"],
-        [[f"{before:.4f}", f"{after:.4f}", f"{counts['trainable']:,}", f"{counts['total']:,}",
-          f"{step_ms:.0f} ms"]])
+        [[f"{before:.4f}", f"{after:.4f}", f"{counts['trainable']:,}", f"{counts['total']:,}", f"{step_ms:.0f} ms"]],
+    )
     curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
     if curve:
         loss_plot({f"{spec.variant} on comedies": curve}, out / "loss.png", title="lm task")
@@ -142,6 +184,14 @@ def run(cfg: RunConfig) -> dict:
         f"# LM on Shakespeare speeches\n\nBase: Llama-style, pre-trained {2 * steps} steps on histories, "
         f"tragedies and romances; adapters ({spec.variant} r={spec.rank}, targets {s.targets}) {steps} steps on "
         f"comedies; evaluated on unseen comedies. Batch {cfg.batch_size} x {seq} chars.\n\n{table}\n\n"
-        f"Sample (merged adapters, T=0.8, top-p 0.95):\n\n```\n{sample}\n```\n")
-    return {"base_loss": before, "lora_loss": after, "step_ms": step_ms, **counts, "sample": sample,
-            "table": table, "out_dir": str(out)}
+        f"Sample (merged adapters, T=0.8, top-p 0.95):\n\n```\n{sample}\n```\n"
+    )
+    return {
+        "base_loss": before,
+        "lora_loss": after,
+        "step_ms": step_ms,
+        **counts,
+        "sample": sample,
+        "table": table,
+        "out_dir": str(out),
+    }

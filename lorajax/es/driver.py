@@ -47,10 +47,21 @@ def _floats(metrics: dict) -> dict:
     return out
 
 
-def run(essa: ESSA, fitness_fn: Callable, key: jax.Array, generations: int, *args: Any,
-        state: State | None = None, checkpoint_dir: str | None = None, ckpt_every: int = 10, keep: int = 3,
-        eval_fn: Callable[[State], dict] | None = None, eval_every: int = 0, progress: bool = True,
-        desc: str = "ESSA") -> tuple[State, list[dict]]:
+def run(
+    essa: ESSA,
+    fitness_fn: Callable,
+    key: jax.Array,
+    generations: int,
+    *args: Any,
+    state: State | None = None,
+    checkpoint_dir: str | None = None,
+    ckpt_every: int = 10,
+    keep: int = 3,
+    eval_fn: Callable[[State], dict] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    desc: str = "ESSA",
+) -> tuple[State, list[dict]]:
     """Run ``generations`` generations (in total, counting resumed ones).
 
     Args:
@@ -86,8 +97,7 @@ def run(essa: ESSA, fitness_fn: Callable, key: jax.Array, generations: int, *arg
     def save(state: State) -> None:
         if ckpt is not None:
             g = int(state.generation)
-            ckpt.save(g, state, {"history": history, "generation": g,
-                                 "n_nonfinite": int(state.n_nonfinite)})
+            ckpt.save(g, state, {"history": history, "generation": g, "n_nonfinite": int(state.n_nonfinite)})
 
     start = int(state.generation)
     bar = None
@@ -101,8 +111,10 @@ def run(essa: ESSA, fitness_fn: Callable, key: jax.Array, generations: int, *arg
             state, metrics = essa.step(state, jax.random.fold_in(key, g), fitness_fn, *args)
             row = {"generation": g + 1, **_floats(metrics), "wall_s": time.perf_counter() - t0}
             if row.get("n_nonfinite"):
-                msg = (f"generation {g + 1}: {row['n_nonfinite']} of {essa.population_size} members returned a "
-                       f"non-finite fitness (ranked last; {int(state.n_nonfinite)} so far)")
+                msg = (
+                    f"generation {g + 1}: {row['n_nonfinite']} of {essa.population_size} members returned a "
+                    f"non-finite fitness (ranked last; {int(state.n_nonfinite)} so far)"
+                )
                 log.warning(msg)
                 if bar is not None:
                     bar.write(msg)

@@ -167,15 +167,33 @@ class ESSA:
         are not LoRA / SVD trees.
     """
 
-    def __init__(self, spec: Spec, params: Any, adapters: Any, *, population_size: int | None = None,
-                 strategy: str = "cma_es", form: str = "product", genome: str = "absolute",
-                 fraction: float = 1.0, std_init: float | None = None, antithetic: bool | None = None,
-                 fitness_shaping: str | Callable | None = None, learning_rate: float | None = None,
-                 optimizer: Any = None, member_chunk: int | None = None, mesh: Mesh | str | dict | None = None,
-                 member_axis: str = "data", fitness_input: str = "adapters"):
+    def __init__(
+        self,
+        spec: Spec,
+        params: Any,
+        adapters: Any,
+        *,
+        population_size: int | None = None,
+        strategy: str = "cma_es",
+        form: str = "product",
+        genome: str = "absolute",
+        fraction: float = 1.0,
+        std_init: float | None = None,
+        antithetic: bool | None = None,
+        fitness_shaping: str | Callable | None = None,
+        learning_rate: float | None = None,
+        optimizer: Any = None,
+        member_chunk: int | None = None,
+        mesh: Mesh | str | dict | None = None,
+        member_axis: str = "data",
+        fitness_input: str = "adapters",
+    ):
         algorithms, shaping_lib = _evosax()
-        for name, value, allowed in (("strategy", strategy, STRATEGIES), ("genome", genome, GENOMES),
-                                     ("fitness_input", fitness_input, FITNESS_INPUTS)):
+        for name, value, allowed in (
+            ("strategy", strategy, STRATEGIES),
+            ("genome", genome, GENOMES),
+            ("fitness_input", fitness_input, FITNESS_INPUTS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
@@ -184,7 +202,7 @@ class ESSA:
         self.fitness_input = fitness_input
         self.svd0 = svd_lib.as_svd(spec, params, adapters, form)
         self.scales = svd_lib.scales(spec, params)
-        self._slots = []   # (target keys, sigma key, k searched, r)
+        self._slots = []  # (target keys, sigma key, k searched, r)
         entries = adapter_paths(self.svd0)
         for keys, k in svd_lib.sigma_leaves(self.svd0):
             r = int(entries[keys][k].shape[0])
@@ -213,9 +231,12 @@ class ESSA:
             if population_size % 2:
                 raise ValueError(
                     f"population_size={population_size} is odd: "
-                    + ("antithetic sampling evaluates mirrored pairs μ ± σz and needs an even population"
-                       if antithetic else "evosax's Open_ES requires an even population even without antithetic "
-                       "sampling"))
+                    + (
+                        "antithetic sampling evaluates mirrored pairs μ ± σz and needs an even population"
+                        if antithetic
+                        else "evosax's Open_ES requires an even population even without antithetic sampling"
+                    )
+                )
             import optax
 
             shaping = fitness_shaping if fitness_shaping is not None else "centered_rank"
@@ -227,18 +248,26 @@ class ESSA:
                 optimizer = optax.adam(0.5 * self.std_init if learning_rate is None else learning_rate)
             elif learning_rate is not None:
                 raise ValueError("pass either learning_rate or optimizer, not both")
-            self.strategy = algorithms.Open_ES(population_size, solution, use_antithetic_sampling=antithetic,
-                                               optimizer=optimizer,
-                                               std_schedule=optax.constant_schedule(self.std_init),
-                                               fitness_shaping_fn=shaping)
+            self.strategy = algorithms.Open_ES(
+                population_size,
+                solution,
+                use_antithetic_sampling=antithetic,
+                optimizer=optimizer,
+                std_schedule=optax.constant_schedule(self.std_init),
+                fitness_shaping_fn=shaping,
+            )
             self.es_params = self.strategy.default_params
         else:
             if antithetic:
-                raise ValueError(f"antithetic sampling is an OpenAI-ES option; evosax's {strategy} samples "
-                                 "independently (use strategy='open_es')")
+                raise ValueError(
+                    f"antithetic sampling is an OpenAI-ES option; evosax's {strategy} samples "
+                    "independently (use strategy='open_es')"
+                )
             if fitness_shaping is not None or learning_rate is not None or optimizer is not None:
-                raise ValueError(f"fitness_shaping / learning_rate / optimizer are OpenAI-ES options; {strategy} "
-                                 "uses CMA-ES's own rank weights and step-size adaptation")
+                raise ValueError(
+                    f"fitness_shaping / learning_rate / optimizer are OpenAI-ES options; {strategy} "
+                    "uses CMA-ES's own rank weights and step-size adaptation"
+                )
             antithetic = False
             cls = algorithms.CMA_ES if strategy == "cma_es" else algorithms.Sep_CMA_ES
             self.strategy = cls(population_size, solution)
@@ -254,12 +283,16 @@ class ESSA:
                 raise ValueError(f"member_axis {member_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
             n = mesh.shape[member_axis]
             if population_size % n or (member_chunk is not None and member_chunk % n):
-                raise ValueError(f"population_size={population_size} (and member_chunk={member_chunk}) must be "
-                                 f"divisible by the mesh axis {member_axis!r} of size {n}")
+                raise ValueError(
+                    f"population_size={population_size} (and member_chunk={member_chunk}) must be "
+                    f"divisible by the mesh axis {member_axis!r} of size {n}"
+                )
         if member_chunk is not None:
             if not isinstance(member_chunk, int) or member_chunk < 1 or population_size % member_chunk:
-                raise ValueError(f"member_chunk must be a positive divisor of population_size={population_size}, "
-                                 f"got {member_chunk!r}")
+                raise ValueError(
+                    f"member_chunk must be a positive divisor of population_size={population_size}, "
+                    f"got {member_chunk!r}"
+                )
         self.mesh, self.member_axis, self.member_chunk = mesh, member_axis, member_chunk
 
     # ------------------------------------------------------------------ genome <-> adapters
@@ -269,7 +302,7 @@ class ESSA:
         off = 0
         for keys, k, n, _ in self._slots:
             sigma0 = entries[keys][k]
-            part = genome[off:off + n].astype(sigma0.dtype)
+            part = genome[off : off + n].astype(sigma0.dtype)
             off += n
             if self.genome_mode == "relative":
                 part = sigma0[:n] * part
@@ -300,8 +333,7 @@ class ESSA:
         """Initial state: the distribution's mean at the adapters' own singular values (σ₀)."""
         with _allow_rank_promotion():
             es = self.strategy.init(key, self.mean0, self.es_params)
-        return State(es=es, frozen=self.svd0, generation=jnp.zeros((), jnp.int32),
-                     n_nonfinite=jnp.zeros((), jnp.int32))
+        return State(es=es, frozen=self.svd0, generation=jnp.zeros((), jnp.int32), n_nonfinite=jnp.zeros((), jnp.int32))
 
     def ask(self, state: State, key: jax.Array) -> tuple[jax.Array, State]:
         """``(population [P, d], state)`` from evosax's ``ask``."""

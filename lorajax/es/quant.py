@@ -113,8 +113,11 @@ def quantize(params: Any, dtype: str = "int8", targets: str | None = None, exclu
 
 def dequantize(qparams: Any, dtype: Any = jnp.float32) -> Any:
     """Full-precision params back from `quantize` (int8 kernels -> ``q·scale`` in ``dtype``)."""
-    return jax.tree.map(lambda x: (x["int8"].astype(jnp.float32) * x["scale"][None, :]).astype(dtype)
-                        if is_quantized(x) else x, qparams, is_leaf=is_quantized)
+    return jax.tree.map(
+        lambda x: (x["int8"].astype(jnp.float32) * x["scale"][None, :]).astype(dtype) if is_quantized(x) else x,
+        qparams,
+        is_leaf=is_quantized,
+    )
 
 
 def nbytes(tree: Any) -> int:
@@ -127,15 +130,22 @@ def _base(module: nn.Dense, kernel: Any, x2d: jax.Array, compute_dtype: Any) -> 
     dims = (((1,), (0,)), ((), ()))
     if is_quantized(kernel):
         cd = compute_dtype or x2d.dtype
-        y = jax.lax.dot_general(x2d.astype(cd), kernel["int8"].astype(cd), dims, precision=module.precision,
-                                preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(
+            x2d.astype(cd),
+            kernel["int8"].astype(cd),
+            dims,
+            precision=module.precision,
+            preferred_element_type=jnp.float32,
+        )
         return y * kernel["scale"][None, :]
     if kernel.dtype == jnp.bfloat16:
-        return jax.lax.dot_general(x2d.astype(jnp.bfloat16), kernel, dims, precision=module.precision,
-                                   preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(
+            x2d.astype(jnp.bfloat16), kernel, dims, precision=module.precision, preferred_element_type=jnp.float32
+        )
     cd = jnp.result_type(x2d.dtype, kernel.dtype)
-    return jax.lax.dot_general(x2d.astype(cd), kernel.astype(cd), dims, precision=module.precision,
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        x2d.astype(cd), kernel.astype(cd), dims, precision=module.precision, preferred_element_type=jnp.float32
+    )
 
 
 def _make_interceptor(table: dict, used: set, compute_dtype: Any) -> Callable:
@@ -151,8 +161,10 @@ def _make_interceptor(table: dict, used: set, compute_dtype: Any) -> Callable:
         name = ".".join(str(s) for s in module.path)
         if not isinstance(module, nn.Dense):
             if is_quantized(kernel):
-                raise ValueError(f"{name}: an int8 kernel is used by a {type(module).__name__}; lorajax.es.quant "
-                                 "handles nn.Dense only: exclude this module from quantize()")
+                raise ValueError(
+                    f"{name}: an int8 kernel is used by a {type(module).__name__}; lorajax.es.quant "
+                    "handles nn.Dense only: exclude this module from quantize()"
+                )
             return next_fun(*args, **kwargs)
         entry = table.get(name)
         quant = is_quantized(kernel) or (kernel is not None and kernel.dtype == jnp.bfloat16)
@@ -193,8 +205,11 @@ def quantized(apply_fn: Callable, *, compute_dtype: Any = None) -> Callable:
 
 
 def _shapes(qparams: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x["int8"].shape, jnp.float32) if is_quantized(x) else x,
-                        qparams, is_leaf=is_quantized)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x["int8"].shape, jnp.float32) if is_quantized(x) else x,
+        qparams,
+        is_leaf=is_quantized,
+    )
 
 
 def adapt(apply_fn: Callable, spec: Spec, *, compute_dtype: Any = None) -> Callable:

@@ -63,8 +63,10 @@ from lorajax.variants import lora
 __all__ = ["FORMS", "SIGMA_KEYS", "to_svd", "from_svd", "as_svd", "form_of", "sigma_leaves", "scales"]
 
 FORMS = ("product", "factor")
-_KEYS = {"product": frozenset({"U", "sigma", "V"}),
-         "factor": frozenset({"U_A", "sigma_A", "V_A", "U_B", "sigma_B", "V_B"})}
+_KEYS = {
+    "product": frozenset({"U", "sigma", "V"}),
+    "factor": frozenset({"U_A", "sigma_A", "V_A", "U_B", "sigma_B", "V_B"}),
+}
 #: the searched entries of each form, in genome order
 SIGMA_KEYS = {"product": ("sigma",), "factor": ("sigma_A", "sigma_B")}
 _LORA_KEYS = frozenset({"lora_A", "lora_B"})
@@ -78,8 +80,11 @@ def _check_form(form: str) -> None:
 def _check_spec(spec: Spec) -> None:
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a lorajax.Spec, got {type(spec).__name__}")
-    registry.plain_lora(spec.variant, "ESSA's SVD form (base-shifting inits such as PiSSA, OLoRA, LoRA-GA export "
-                                      "to plain LoRA with lorajax.inits.to_plain_lora)")
+    registry.plain_lora(
+        spec.variant,
+        "ESSA's SVD form (base-shifting inits such as PiSSA, OLoRA, LoRA-GA export "
+        "to plain LoRA with lorajax.inits.to_plain_lora)",
+    )
 
 
 def _fix_signs(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,16 +103,16 @@ def _svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _product(a: jax.Array, b: jax.Array, s: float) -> dict:
-    qa, ra = jnp.linalg.qr(a)          # a: [in, r] -> [in, r], [r, r]
-    qb, rb = jnp.linalg.qr(b.T)        # bᵀ: [out, r] -> [out, r], [r, r]
+    qa, ra = jnp.linalg.qr(a)  # a: [in, r] -> [in, r], [r, r]
+    qb, rb = jnp.linalg.qr(b.T)  # bᵀ: [out, r] -> [out, r], [r, r]
     u_c, sigma, v_c = _svd(s * (ra @ rb.T))
     u, v = _fix_signs(qa @ u_c, qb @ v_c)
     return {"U": u, "sigma": sigma, "V": v}
 
 
 def _factor(a: jax.Array, b: jax.Array) -> dict:
-    ua, sa, va = _svd(a)               # [in, r], [r], [r, r]
-    ub, sb, vb = _svd(b)               # [r, r], [r], [out, r]
+    ua, sa, va = _svd(a)  # [in, r], [r], [r, r]
+    ub, sb, vb = _svd(b)  # [r, r], [r], [out, r]
     return {"U_A": ua, "sigma_A": sa, "V_A": va, "U_B": ub, "sigma_B": sb, "V_B": vb}
 
 
@@ -170,9 +175,11 @@ def to_svd(spec: Spec, params: Any, adapters: Any, form: str = "product") -> dic
         b = jnp.asarray(entry["lora_B"], a.dtype)
         d_in, d_out = t.matrix_shape
         if a.shape != (d_in, t.rank) or b.shape != (t.rank, d_out):
-            raise ValueError(f"adapter at {'/'.join(t.keys)}: lora_A {a.shape} / lora_B {b.shape} do not fit "
-                             f"weight {t.matrix_shape} at rank {t.rank} "
-                             f"(expected {(d_in, t.rank)} / {(t.rank, d_out)})")
+            raise ValueError(
+                f"adapter at {'/'.join(t.keys)}: lora_A {a.shape} / lora_B {b.shape} do not fit "
+                f"weight {t.matrix_shape} at rank {t.rank} "
+                f"(expected {(d_in, t.rank)} / {(t.rank, d_out)})"
+            )
         if not (np.all(np.isfinite(np.asarray(a))) and np.all(np.isfinite(np.asarray(b)))):
             raise ValueError(f"adapter at {'/'.join(t.keys)} has non-finite entries")
         out = _product(a, b, lora.scaling(t)) if form == "product" else _factor(a, b)
@@ -180,9 +187,12 @@ def to_svd(spec: Spec, params: Any, adapters: Any, form: str = "product") -> dic
             zero.append(t.name)
         flat[t.keys] = out
     if zero:
-        warnings.warn(f"all singular values are zero for {zero[:3]}{'...' if len(zero) > 3 else ''} "
-                      "(a fresh LoRA has B = 0): searching σ then moves along arbitrary fixed directions; "
-                      "ESSA starts from a supervised fine-tune", stacklevel=2)
+        warnings.warn(
+            f"all singular values are zero for {zero[:3]}{'...' if len(zero) > 3 else ''} "
+            "(a fresh LoRA has B = 0): searching σ then moves along arbitrary fixed directions; "
+            "ESSA starts from a supervised fine-tune",
+            stacklevel=2,
+        )
     return nest(flat)
 
 
@@ -202,8 +212,10 @@ def from_svd(spec: Spec, params: Any, tree: Any, *, scale: dict | None = None) -
     """
     form = form_of(tree)
     if form not in FORMS:
-        raise ValueError("tree is not an SVD tree: each target must hold {'U','sigma','V'} (product) or "
-                         "{'U_A','sigma_A','V_A','U_B','sigma_B','V_B'} (factor)")
+        raise ValueError(
+            "tree is not an SVD tree: each target must hold {'U','sigma','V'} (product) or "
+            "{'U_A','sigma_A','V_A','U_B','sigma_B','V_B'} (factor)"
+        )
     if scale is None:
         scale = scales(spec, params)
         _index(spec, params, tree)  # shape/name check
@@ -223,8 +235,11 @@ def _check_svd(spec: Spec, params: Any, tree: Any, form: str) -> None:
     for t in selected:
         e = index[t.keys]
         (d_in, d_out), r = t.matrix_shape, t.rank
-        want = ({"U": (d_in, r), "sigma": (r,), "V": (d_out, r)} if form == "product" else
-                {"U_A": (d_in, r), "sigma_A": (r,), "V_A": (r, r), "U_B": (r, r), "sigma_B": (r,), "V_B": (d_out, r)})
+        want = (
+            {"U": (d_in, r), "sigma": (r,), "V": (d_out, r)}
+            if form == "product"
+            else {"U_A": (d_in, r), "sigma_A": (r,), "V_A": (r, r), "U_B": (r, r), "sigma_B": (r,), "V_B": (d_out, r)}
+        )
         for k, shape in want.items():
             if tuple(e[k].shape) != shape:
                 raise ValueError(f"SVD entry {'/'.join(t.keys)}/{k} has shape {tuple(e[k].shape)}, expected {shape}")
@@ -244,10 +259,13 @@ def as_svd(spec: Spec, params: Any, tree: Any, form: str = "product") -> dict:
         _check_svd(spec, params, tree, form)
         return tree
     if kind in FORMS:
-        raise ValueError(f"adapters are in SVD form {kind!r}, ESSA was asked for {form!r}; convert back with "
-                         "from_svd first")
-    raise ValueError("expected LoRA adapters ({'lora_A','lora_B'} per target, from lorajax.init) or an SVD tree "
-                     "from lorajax.es.svd.to_svd; got a tree with other entries")
+        raise ValueError(
+            f"adapters are in SVD form {kind!r}, ESSA was asked for {form!r}; convert back with from_svd first"
+        )
+    raise ValueError(
+        "expected LoRA adapters ({'lora_A','lora_B'} per target, from lorajax.init) or an SVD tree "
+        "from lorajax.es.svd.to_svd; got a tree with other entries"
+    )
 
 
 def sigma_leaves(tree: Any) -> list[tuple[tuple, str]]:

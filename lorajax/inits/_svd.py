@@ -60,8 +60,9 @@ def _top_svd(m: jax.Array, key: jax.Array | None, k: int, q: int, niter: int | N
     return u, s[:k], vh
 
 
-def top_svd(m: jax.Array, k: int, *, niter: int | None = None, q: int | None = None,
-            key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def top_svd(
+    m: jax.Array, k: int, *, niter: int | None = None, q: int | None = None, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Leading ``k`` singular triplets ``(U [p, k], S [k], Vh [k, n])`` of ``m: [p, n]`` (float32).
 
     Args:

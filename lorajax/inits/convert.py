@@ -89,8 +89,9 @@ def _get(tree: Any, keys: tuple, what: str) -> Any:
     raise ValueError(f"{what} has no entry for the targeted weight {'/'.join(keys)}")
 
 
-def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapters: Any = None, *,
-                  residual_params: Any = None) -> tuple[Spec, dict]:
+def to_plain_lora(
+    spec: Spec, adapters: Any, original_params: Any, initial_adapters: Any = None, *, residual_params: Any = None
+) -> tuple[Spec, dict]:
     """A rank-2r LoRA on ``original_params`` equal to ``adapters`` on the residual base.
 
     Args:
@@ -112,8 +113,10 @@ def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapt
     """
     registry.plain_lora(spec.variant, "to_plain_lora")
     if initial_adapters is None and residual_params is None:
-        raise ValueError("to_plain_lora needs initial_adapters (the adapters at init) or residual_params "
-                         "(the shifted base the initialiser returned)")
+        raise ValueError(
+            "to_plain_lora needs initial_adapters (the adapters at init) or residual_params "
+            "(the shifted base the initialiser returned)"
+        )
     selected, index, _ = adapters_lib.resolve(spec, original_params, adapters)
     new_spec = doubled_spec(spec)
     for t in selected:
@@ -121,7 +124,8 @@ def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapt
             raise ValueError(
                 f"the plain LoRA of {t.name!r} needs rank 2r = {2 * t.rank} > min(in, out) = "
                 f"{min(t.matrix_shape)}, which lorajax's 'lora' variant does not allow; keep the residual base "
-                "(lorajax.merge(spec, residual_params, adapters)) instead")
+                "(lorajax.merge(spec, residual_params, adapters)) instead"
+            )
     originals = dict(targets.weight_leaves(original_params))
     flat = {}
     for t in selected:
@@ -131,8 +135,10 @@ def to_plain_lora(spec: Spec, adapters: Any, original_params: Any, initial_adapt
             init = _get(initial_adapters, t.keys, "initial_adapters")
             a0, b0 = jnp.asarray(init["lora_A"]), jnp.asarray(init["lora_B"])
             if a0.shape != a.shape or b0.shape != b.shape:
-                raise ValueError(f"initial adapter at {'/'.join(t.keys)} has lora_A {a0.shape}, lora_B {b0.shape}; "
-                                 f"the trained one {a.shape}, {b.shape}")
+                raise ValueError(
+                    f"initial adapter at {'/'.join(t.keys)} has lora_A {a0.shape}, lora_B {b0.shape}; "
+                    f"the trained one {a.shape}, {b.shape}"
+                )
         else:
             res = _get(residual_params, t.keys, "residual_params")
             w0 = adapters_lib.as_matrix(jnp.asarray(originals[t.keys]), t).astype(jnp.float32)

@@ -82,9 +82,15 @@ def _grad_step(loss_fn: Callable) -> Callable:
     return step
 
 
-def estimate_gradients(spec: Spec, loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                       batches: Iterable[Any], *, num_batches: int | None = None,
-                       progress: bool = False) -> dict:
+def estimate_gradients(
+    spec: Spec,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Averaged float32 gradients of the weights ``spec`` selects.
 
     Args:
@@ -103,8 +109,9 @@ def estimate_gradients(spec: Spec, loss_fn: Callable[[Any, Any], jax.Array], par
     Raises:
       ValueError: ``batches`` is empty, or ``num_batches`` is not a positive int.
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches <= 0):
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0
+    ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     selected = targets.select(spec, params)
     leaves = dict(targets.weight_leaves(params))
@@ -147,5 +154,7 @@ def lookup(grads: Any, keys: tuple, shape: tuple) -> jax.Array:
         if tuple(node.shape) != tuple(shape):
             raise ValueError(f"gradient at {_name(keys)} has shape {tuple(node.shape)}, the weight is {tuple(shape)}")
         return jnp.asarray(node)
-    raise ValueError(f"grads has no gradient for the targeted weight {_name(keys)} "
-                     "(make it with lorajax.inits.estimate_gradients for the same spec)")
+    raise ValueError(
+        f"grads has no gradient for the targeted weight {_name(keys)} "
+        "(make it with lorajax.inits.estimate_gradients for the same spec)"
+    )

@@ -106,8 +106,11 @@ def _check(direction: str, scale: str, stable_gamma: Any, source: str, niter: An
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if scale not in SCALES[source]:
         raise ValueError(f"scale must be one of {SCALES[source]} with source={source!r}, got {scale!r}")
-    if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or not (
-            math.isfinite(stable_gamma) and stable_gamma > 0):
+    if (
+        isinstance(stable_gamma, bool)
+        or not isinstance(stable_gamma, (int, float))
+        or not (math.isfinite(stable_gamma) and stable_gamma > 0)
+    ):
         raise ValueError(f"stable_gamma must be a finite number > 0, got {stable_gamma!r}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter must be a non-negative int or None (exact SVD), got {niter!r}")
@@ -127,9 +130,18 @@ def _indices(direction: str, r: int, key: jax.Array, source: str) -> tuple[jax.A
     return perm[:r], perm[:r]  # PEFT: the same r indices for A and B
 
 
-def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *,
-            direction: str = "ArB2r", scale: str = "stable", stable_gamma: float = 16,
-            niter: int | None = 4, source: str = "peft") -> tuple[dict, Any]:
+def lora_ga(
+    spec: Spec,
+    params: Any,
+    grads: Any,
+    key: jax.Array | None = None,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    niter: int | None = 4,
+    source: str = "peft",
+) -> tuple[dict, Any]:
     """LoRA-GA adapters and the shifted base.
 
     Args:
@@ -167,8 +179,10 @@ def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *
     for t in selected:
         g_by_keys[t.keys] = lookup(grads, t.keys, t.shape)
         if 2 * t.rank > min(t.matrix_shape):
-            raise ValueError(f"LoRA-GA takes 2r = {2 * t.rank} singular vectors of the gradient of {t.name!r}, "
-                             f"more than min(in, out) = {min(t.matrix_shape)} (weight {t.shape}); lower the rank")
+            raise ValueError(
+                f"LoRA-GA takes 2r = {2 * t.rank} singular vectors of the gradient of {t.name!r}, "
+                f"more than min(in, out) = {min(t.matrix_shape)} (weight {t.shape}); lower the rank"
+            )
 
     def make(k: jax.Array, t) -> tuple[dict, jax.Array]:
         w = k.T  # [out, in], float32
@@ -180,14 +194,14 @@ def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *
         g = adapters_lib.as_matrix(g_by_keys[t.keys], t).astype(jnp.float32).T  # [out, in]
         u, s_g, vh = top_svd(g, 2 * r, niter=niter, q=min(4 * r, m, n), key=key_svd)
         idx_a, idx_b = _indices(direction, r, key_dir, source)
-        a = vh[idx_a]                                            # [r, in]
-        b = u[:, idx_b]                                          # [out, r]
+        a = vh[idx_a]  # [r, in]
+        b = u[:, idx_b]  # [out, r]
         s_b = s_g[idx_b]
         sc = scaling(t)
         if source == "peft":
             b = b * s_b[None, :]
             if scale == "stable":
-                b = b * (m ** 0.25 / stable_gamma ** 0.5)
+                b = b * (m**0.25 / stable_gamma**0.5)
             elif scale == "weight_svd":
                 s_w = top_svd(w, r, niter=niter, q=r, key=key_w)[1]
                 b = jnp.where(s_b[0] > 0, b * (s_w[0] / s_b[0]), b)
@@ -197,7 +211,7 @@ def lora_ga(spec: Spec, params: Any, grads: Any, key: jax.Array | None = None, *
             b = b.astype(w_dtype)
         else:
             if scale == "stable":
-                c = m ** 0.25 / stable_gamma ** 0.5
+                c = m**0.25 / stable_gamma**0.5
                 a, b = a * c, b * c
             elif scale == "weightS":
                 s_w = top_svd(w, min(4 * r, m, n), niter=niter, q=4 * r, key=key_w)[1]

@@ -97,8 +97,9 @@ def first_update(grad: jax.Array, lr: float) -> jax.Array:
     return -lr * jnp.sign(jnp.asarray(grad, jnp.float32))
 
 
-def lora_sb(spec: Spec, params: Any, grads: Any, *, lr: float, niter: int | None = None,
-            key: jax.Array | None = None) -> dict:
+def lora_sb(
+    spec: Spec, params: Any, grads: Any, *, lr: float, niter: int | None = None, key: jax.Array | None = None
+) -> dict:
     """LoRA-SB adapters for a ``"lora_xs"`` Spec (the base is not changed: see the module docstring).
 
     Args:

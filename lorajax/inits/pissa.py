@@ -81,8 +81,8 @@ def pissa(spec: Spec, params: Any, key: jax.Array | None = None, *, niter: int |
             u, s, vh = _randomized_svd(target_key(key, t), w, t.rank, niter)
         sc = scaling(t)
         root = jnp.sqrt(s[: t.rank] / sc)
-        a = root[:, None] * vh[: t.rank]          # [r, in]
-        b = u[:, : t.rank] * root[None, :]        # [out, r]
+        a = root[:, None] * vh[: t.rank]  # [r, in]
+        b = u[:, : t.rank] * root[None, :]  # [out, r]
         w_res = w - sc * (b @ a)
         return {"lora_A": a.T, "lora_B": b.T}, w_res.T
 

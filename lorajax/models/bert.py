@@ -80,8 +80,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Config", "BertModel", "build", "param_map", "IGNORED", "PREFIXES", "example_inputs",
-           "make_position_ids", "mean_pool", "l2_normalize", "sentence_embeddings", "embed_sentences"]
+__all__ = [
+    "Config",
+    "BertModel",
+    "build",
+    "param_map",
+    "IGNORED",
+    "PREFIXES",
+    "example_inputs",
+    "make_position_ids",
+    "mean_pool",
+    "l2_normalize",
+    "sentence_embeddings",
+    "embed_sentences",
+]
 
 #: ``hidden_act`` -> function (``"gelu"`` is the exact erf GELU, as transformers' ``ACT2FN["gelu"]``)
 ACTIVATIONS = {
@@ -96,15 +108,25 @@ ACTIVATIONS = {
 MODEL_TYPES = ("bert", "roberta")
 
 #: HF architectures built with ``add_pooling_layer=False`` (their checkpoints have no ``pooler.*``)
-NO_POOLER = frozenset({
-    "BertForMaskedLM", "BertLMHeadModel", "BertForTokenClassification", "BertForQuestionAnswering",
-    "RobertaForMaskedLM", "RobertaForCausalLM", "RobertaForSequenceClassification",
-    "RobertaForTokenClassification", "RobertaForQuestionAnswering",
-})
+NO_POOLER = frozenset(
+    {
+        "BertForMaskedLM",
+        "BertLMHeadModel",
+        "BertForTokenClassification",
+        "BertForQuestionAnswering",
+        "RobertaForMaskedLM",
+        "RobertaForCausalLM",
+        "RobertaForSequenceClassification",
+        "RobertaForTokenClassification",
+        "RobertaForQuestionAnswering",
+    }
+)
 
 #: checkpoint names that are not encoder parameters: buffers, and task heads (skipped on load)
-IGNORED = (r"(?:bert\.|roberta\.)?embeddings\.(?:position_ids|token_type_ids)"
-           r"|(?:classifier|cls|lm_head|qa_outputs)\..*")
+IGNORED = (
+    r"(?:bert\.|roberta\.)?embeddings\.(?:position_ids|token_type_ids)"
+    r"|(?:classifier|cls|lm_head|qa_outputs)\..*"
+)
 
 PREFIXES = ("bert.", "roberta.")
 #: older checkpoints spell LayerNorm parameters gamma / beta
@@ -139,21 +161,31 @@ class Config:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings", "type_vocab_size"):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
             raise ValueError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {self.pad_token_id!r}")
         if self.model_type == "roberta" and self.pad_token_id + 2 > self.max_position_embeddings:
-            raise ValueError(f"roberta positions start at pad_token_id + 1 = {self.pad_token_id + 1}, "
-                             f"which max_position_embeddings={self.max_position_embeddings} cannot hold")
+            raise ValueError(
+                f"roberta positions start at pad_token_id + 1 = {self.pad_token_id + 1}, "
+                f"which max_position_embeddings={self.max_position_embeddings} cannot hold"
+            )
 
     @property
     def max_length(self) -> int:
@@ -230,7 +262,8 @@ class Embeddings(nn.Module):
         word = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids_BxS.reshape(T))
         kind = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(token_type_BxS.reshape(T))
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(
-            position_BxS.reshape(T))
+            position_BxS.reshape(T)
+        )
         return LayerNorm(cfg.layer_norm_eps, name="LayerNorm")((word + kind) + pos)
 
 
@@ -354,18 +387,29 @@ class BertModel(nn.Module):
     token_sharding: Any = None
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, *, position_ids: jax.Array | None = None,
-                 output_pooled: bool = False):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        position_ids: jax.Array | None = None,
+        output_pooled: bool = False,
+    ):
         cfg = self.cfg
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         B, S = input_ids.shape
         if S > cfg.max_length:
-            raise ValueError(f"sequence length {S} exceeds the {cfg.max_length} positions of this "
-                             f"{cfg.model_type} model (max_position_embeddings={cfg.max_position_embeddings})")
-        for name, a in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids)):
+            raise ValueError(
+                f"sequence length {S} exceeds the {cfg.max_length} positions of this "
+                f"{cfg.model_type} model (max_position_embeddings={cfg.max_position_embeddings})"
+            )
+        for name, a in (
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+            ("position_ids", position_ids),
+        ):
             if a is not None and a.shape != (B, S):
                 raise ValueError(f"{name} must have the shape of input_ids {(B, S)}, got {a.shape}")
         if attention_mask is None:
@@ -403,7 +447,8 @@ def param_map(cfg: Config) -> dict[str, tuple[tuple[str, ...], str]]:
     """``{hf_name: (flax_path, "linear" | "copy")}``: HF names (no prefix) equal the params paths."""
     out: dict[str, tuple[tuple[str, ...], str]] = {
         f"embeddings.{n}.weight": (("embeddings", n, "embedding"), "copy")
-        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    }
     out.update(_ln("embeddings.LayerNorm", ("embeddings", "LayerNorm")))
     for i in range(cfg.num_hidden_layers):
         p = f"encoder.layer.{i}"
@@ -436,8 +481,9 @@ def l2_normalize(x_BxD: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x_BxD / jnp.maximum(jnp.linalg.norm(x_BxD, axis=-1, keepdims=True), eps)
 
 
-def sentence_embeddings(model: BertModel, params: Any, input_ids, attention_mask, token_type_ids=None, *,
-                        normalize: bool = True) -> jax.Array:
+def sentence_embeddings(
+    model: BertModel, params: Any, input_ids, attention_mask, token_type_ids=None, *, normalize: bool = True
+) -> jax.Array:
     """Mean-pooled (and by default L2-normalised) embeddings ``[B, D]`` of a tokenized batch."""
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.asarray(attention_mask)
@@ -454,8 +500,16 @@ def _jitted(cfg: Config, normalize: bool):
     return jax.jit(lambda p, ids, mask, tt: sentence_embeddings(model, p, ids, mask, tt, normalize=normalize))
 
 
-def embed_sentences(model: BertModel, params: Any, tokenizer: Any, texts: Sequence[str], *,
-                    max_length: int | None = None, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+def embed_sentences(
+    model: BertModel,
+    params: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    normalize: bool = True,
+) -> np.ndarray:
     """Sentence-transformers style embeddings ``[len(texts), D]`` (float32 numpy).
 
     Tokenizes with ``tokenizer`` (a `lorajax.models.tokenizer.Tokenizer`; truncated to
@@ -469,7 +523,7 @@ def embed_sentences(model: BertModel, params: Any, tokenizer: Any, texts: Sequen
     fn = _jitted(model.cfg, bool(normalize))
     out = []
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer.encode_batch(list(texts[i:i + batch_size]), max_length=max_length)
+        batch = tokenizer.encode_batch(list(texts[i : i + batch_size]), max_length=max_length)
         out.append(np.asarray(fn(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])))
     if not out:
         return np.zeros((0, model.cfg.hidden_size), np.float32)

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    vocab_size: int = 96   # characters + 1 for unknown
-    dim: int = 128         # model width D
-    layers: int = 2        # transformer blocks
-    heads: int = 4         # attention heads (D % heads == 0)
-    ffn: int = 344         # SwiGLU hidden width
-    max_len: int = 128     # longest sequence (learned positions)
+    vocab_size: int = 96  # characters + 1 for unknown
+    dim: int = 128  # model width D
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # attention heads (D % heads == 0)
+    ffn: int = 344  # SwiGLU hidden width
+    max_len: int = 128  # longest sequence (learned positions)
 
 
 class Block(nn.Module):
@@ -44,8 +44,10 @@ class Block(nn.Module):
         T, D = x_TxD.shape
         S, H = T // batch, cfg.heads
         h_TxD = nn.RMSNorm(name="attn_norm")(x_TxD)
-        q, k, v = (nn.Dense(D, use_bias=False, name=n)(h_TxD).reshape(batch, S, H, D // H)
-                   for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            nn.Dense(D, use_bias=False, name=n)(h_TxD).reshape(batch, S, H, D // H)
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         logits_BxHxSxS = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(D // H).astype(q.dtype)
         mask_SxS = jnp.tril(jnp.ones((S, S), bool))
         logits_BxHxSxS = jnp.where(mask_SxS[None, None], logits_BxHxSxS, jnp.finfo(q.dtype).min)

@@ -134,8 +134,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
                     for pattern, repl in getattr(fam, "RENAMES", ()):
                         key = re.sub(pattern, repl, key)
                     if key not in mapping:
-                        key = next((key[len(p):] for p in fam.PREFIXES if key.startswith(p)
-                                    and key[len(p):] in mapping), key)
+                        key = next(
+                            (key[len(p) :] for p in fam.PREFIXES if key.startswith(p) and key[len(p) :] in mapping), key
+                        )
                     if key not in mapping:
                         if ignored is None or not ignored.fullmatch(key):
                             unexpected.append(name)
@@ -148,9 +149,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
                         arr = arr.astype(dtype)
                     if tuple(arr.shape) != tuple(shapes[flax_path]):
                         want = shapes[flax_path][::-1] if kind == "linear" else shapes[flax_path]
-                        raise ValueError(f"{file.name}: tensor {name!r} has shape "
-                                         f"{tuple(arr.T.shape if kind == 'linear' else arr.shape)}, "
-                                         f"config.json implies {tuple(want)}")
+                        raise ValueError(
+                            f"{file.name}: tensor {name!r} has shape "
+                            f"{tuple(arr.T.shape if kind == 'linear' else arr.shape)}, "
+                            f"config.json implies {tuple(want)}"
+                        )
                     _set(params, flax_path, arr)
                     loaded.add(key)
         except SafetensorError as e:
@@ -159,8 +162,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} tensors this {config['model_type']} model does not "
-                         f"use, e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"checkpoint has {len(unexpected)} tensors this {config['model_type']} model does not "
+            f"use, e.g. {unexpected[:3]}"
+        )
     return model, params
 
 
@@ -195,9 +200,13 @@ def save_pretrained(path: str | os.PathLike, model: Any, params: dict, *, dtype:
     config = model.cfg.to_hf()
     if len(dtypes) == 1:
         # transformers 5 reads "dtype"; older versions "torch_dtype"
-        config["dtype"] = config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16",
-                                                   "float16": "float16"}.get(dtypes.pop(), "float32")
+        config["dtype"] = config["torch_dtype"] = {
+            "float32": "float32",
+            "bfloat16": "bfloat16",
+            "float16": "float16",
+        }.get(dtypes.pop(), "float32")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path / SINGLE),
-                               metadata={"format": "pt"})
+    safetensors.flax.save_file(
+        {k: jnp.asarray(v) for k, v in tensors.items()}, str(path / SINGLE), metadata={"format": "pt"}
+    )
     return path

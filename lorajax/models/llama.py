@@ -95,8 +95,16 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "Config", "LlamaForCausalLM", "build", "param_map", "IGNORED", "PREFIXES", "example_inputs",
-    "init_cache", "generate", "rope_inv_freq",
+    "Config",
+    "LlamaForCausalLM",
+    "build",
+    "param_map",
+    "IGNORED",
+    "PREFIXES",
+    "example_inputs",
+    "init_cache",
+    "generate",
+    "rope_inv_freq",
 ]
 
 #: HF ``model_type`` -> the ``architectures`` entry written by `Config.to_hf`.
@@ -113,10 +121,28 @@ PREFIXES = ()
 _DROPPED = {"torch_dtype", "dtype", "transformers_version", "_name_or_path"}
 # config.json keys that `Config` models (everything else is kept verbatim in `Config.extra`).
 _MODELLED = {
-    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "rope_parameters", "partial_rotary_factor", "max_position_embeddings", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "layer_types", "hidden_act",
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "layer_types",
+    "hidden_act",
 }
 
 
@@ -167,23 +193,25 @@ class Config:
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {self.model_type!r}; lorajax.models.llama supports "
-                             f"{sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; lorajax.models.llama supports {sorted(ARCHITECTURES)}"
+            )
         object.__setattr__(self, "architectures", tuple(self.architectures or (ARCHITECTURES[self.model_type],)))
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported RoPE type {self.rope_type!r}; supported: {list(ROPE_TYPES)}")
         assert self.num_key_value_heads is not None and self.head_dim is not None  # filled in above
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
-                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                                 f"{self.num_hidden_layers} layers")
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if bad:
                 raise ValueError(f"unsupported layer_types {bad}; supported: {list(LAYER_TYPES)}")
@@ -222,8 +250,9 @@ class Config:
         c = dict(config)
         model_type = c.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {model_type!r}; lorajax.models.llama supports "
-                             f"{sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; lorajax.models.llama supports {sorted(ARCHITECTURES)}"
+            )
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if c.get(k) is None]
         if missing:
@@ -244,8 +273,9 @@ class Config:
             raise ValueError(f"per-layer-type rope_parameters are not supported: {sorted(rope)}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported RoPE type {rope_type!r} (rope_parameters={rope}); "
-                             f"supported: {list(ROPE_TYPES)}")
+            raise ValueError(
+                f"unsupported RoPE type {rope_type!r} (rope_parameters={rope}); supported: {list(ROPE_TYPES)}"
+            )
         partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
         if partial is not None and float(partial) != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} is not supported")
@@ -264,8 +294,10 @@ class Config:
             kw["rope_high_freq_factor"] = float(rope["high_freq_factor"])
             # HF: a top-level original_max_position_embeddings wins over the dict's
             kw["rope_original_max_position_embeddings"] = int(
-                c["original_max_position_embeddings"] if c.get("original_max_position_embeddings")
-                else rope.get("original_max_position_embeddings", max_pos))
+                c["original_max_position_embeddings"]
+                if c.get("original_max_position_embeddings")
+                else rope.get("original_max_position_embeddings", max_pos)
+            )
 
         layer_types = None
         if model_type == "mistral":
@@ -275,25 +307,36 @@ class Config:
             window = c.get("sliding_window", 4096) if c.get("use_sliding_window", False) else None
             n = int(c["num_hidden_layers"])
             layer_types = c.get("layer_types") or [
-                "sliding_attention" if window is not None and i >= int(c.get("max_window_layers", 28))
-                else "full_attention" for i in range(n)]
+                "sliding_attention"
+                if window is not None and i >= int(c.get("max_window_layers", 28))
+                else "full_attention"
+                for i in range(n)
+            ]
             attention_bias, mlp_bias = True, False
         else:
             window = None
             attention_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
         extra = tuple(sorted((k, json.dumps(v)) for k, v in c.items() if k not in _MODELLED | _DROPPED))
         return cls(
-            vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-            intermediate_size=int(c["intermediate_size"]), num_hidden_layers=int(c["num_hidden_layers"]),
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
             num_attention_heads=int(c["num_attention_heads"]),
             num_key_value_heads=None if c.get("num_key_value_heads") is None else int(c["num_key_value_heads"]),
             head_dim=None if c.get("head_dim") is None else int(c["head_dim"]),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias, mlp_bias=mlp_bias,
+            attention_bias=attention_bias,
+            mlp_bias=mlp_bias,
             sliding_window=None if window is None else int(window),
             layer_types=None if layer_types is None else tuple(layer_types),
-            model_type=model_type, architectures=c.get("architectures"), extra=extra, **kw)
+            model_type=model_type,
+            architectures=c.get("architectures"),
+            extra=extra,
+            **kw,
+        )
 
     def rope_parameters(self) -> dict:
         """HF's ``rope_parameters`` dict for this config."""
@@ -301,9 +344,12 @@ class Config:
         if self.rope_type != "default":
             rope["factor"] = self.rope_factor
         if self.rope_type == "llama3":
-            rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_max_position_embeddings
-                        or self.max_position_embeddings)
+            rope.update(
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings
+                or self.max_position_embeddings,
+            )
         return rope
 
     def to_hf(self) -> dict:
@@ -312,12 +358,20 @@ class Config:
         assert self.architectures is not None  # filled in by __post_init__
         rope = self.rope_parameters()
         out.update(
-            model_type=self.model_type, architectures=list(self.architectures),
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act="silu", rope_parameters=rope,
+            model_type=self.model_type,
+            architectures=list(self.architectures),
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            rope_parameters=rope,
             rope_theta=self.rope_theta,  # transformers 4 reads these two
             rope_scaling=None if self.rope_type == "default" else dict(rope),
         )
@@ -328,8 +382,11 @@ class Config:
         elif self.model_type == "mistral":
             out.update(sliding_window=self.sliding_window)
         else:
-            out.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                       layer_types=list(self.layer_types or ["full_attention"] * self.num_hidden_layers))
+            out.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                layer_types=list(self.layer_types or ["full_attention"] * self.num_hidden_layers),
+            )
         return out
 
 
@@ -373,7 +430,7 @@ def _inv_freq(cfg: Config, pos_BxS: jax.Array) -> jax.Array:
     seq_len = jnp.max(pos_BxS).astype(jnp.float32) + 1
     base = cfg.rope_theta * ((f * seq_len / l0) - (f - 1)) ** (dim / (dim - 2))
     exps = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-    dyn = 1.0 / (base ** exps)
+    dyn = 1.0 / (base**exps)
     return jnp.where(seq_len > l0, dyn, inv)
 
 
@@ -438,9 +495,8 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         q_BxSxKxGxd = q.reshape(B, S, K, G, d)
-        s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxd, k) * (d ** -0.5)
-        s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT.astype(jnp.float32),
-                                jnp.finfo(jnp.float32).min)
+        s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxd, k) * (d**-0.5)
+        s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         p_BxKxGxSxT = jax.nn.softmax(s_BxKxGxSxT, axis=-1).astype(v.dtype)
         o_TxHd = jnp.einsum("bkgst,btkd->bskgd", p_BxKxGxSxT, v).reshape(B * S, H * d)
         out = dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(o_TxHd)
@@ -504,7 +560,8 @@ class Layers(nn.Module):
         for i in range(self.cfg.num_hidden_layers):
             x_TxD = _constrain(x_TxD, self.token_sharding)
             x_TxD, c = layer_cls(self.cfg, self.param_dtype, name=str(i))(
-                x_TxD, cos, sin, masks[self.cfg.window(i)], None if cache is None else cache[i], cache_index)
+                x_TxD, cos, sin, masks[self.cfg.window(i)], None if cache is None else cache[i], cache_index
+            )
             new_cache.append(c)
         return x_TxD, (None if cache is None else tuple(new_cache))
 
@@ -519,8 +576,9 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
-                                     embedding_init=nn.initializers.normal(0.02))
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, embedding_init=nn.initializers.normal(0.02)
+        )
         self.layers = Layers(cfg, self.param_dtype, self.remat, self.token_sharding)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
 
@@ -540,8 +598,10 @@ class LlamaModel(nn.Module):
             valid_BxT = jnp.ones((B, T), bool)
         else:
             if attention_mask.shape != (B, T):
-                raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(B, T)} "
-                                 "(with a cache it covers every cache slot)")
+                raise ValueError(
+                    f"attention_mask has shape {attention_mask.shape}, expected {(B, T)} "
+                    "(with a cache it covers every cache slot)"
+                )
             valid_BxT = attention_mask.astype(bool)
         if position_ids is None:
             position_ids = jnp.broadcast_to(q_slots[None, :], (B, S))
@@ -592,8 +652,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits_TxV = model.attend(h_TxD)
         else:
-            logits_TxV = nn.Dense(cfg.vocab_size, use_bias=False, param_dtype=self.param_dtype,
-                                  name="lm_head")(h_TxD)
+            logits_TxV = nn.Dense(cfg.vocab_size, use_bias=False, param_dtype=self.param_dtype, name="lm_head")(h_TxD)
         logits = logits_TxV.reshape(B, S, cfg.vocab_size)
         return logits if cache is None else (logits, new_cache)
 
@@ -613,12 +672,15 @@ def param_map(cfg: Config) -> dict[str, tuple[tuple[str, ...], str]]:
     """``{hf_tensor_name: (flax_path, "linear" | "copy")}`` for every parameter of ``cfg``'s model."""
     out: dict[str, tuple[tuple[str, ...], str]] = {
         "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), "copy"),
-        "model.norm.weight": (("model", "norm", "weight"), "copy")}
+        "model.norm.weight": (("model", "norm", "weight"), "copy"),
+    }
     for i in range(cfg.num_hidden_layers):
         hf, fx = f"model.layers.{i}.", ("model", "layers", str(i))
-        for block, names, bias in (("self_attn", ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias),
-                                   ("self_attn", ("o_proj",), cfg.o_bias),
-                                   ("mlp", ("gate_proj", "up_proj", "down_proj"), cfg.use_mlp_bias)):
+        for block, names, bias in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj"), cfg.qkv_bias),
+            ("self_attn", ("o_proj",), cfg.o_bias),
+            ("mlp", ("gate_proj", "up_proj", "down_proj"), cfg.use_mlp_bias),
+        ):
             for n in names:
                 out[f"{hf}{block}.{n}.weight"] = ((*fx, block, n, "kernel"), "linear")
                 if bias:
@@ -659,10 +721,26 @@ def _top_p_filter(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(keep, logits_BxV, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "greedy", "use_top_p",
-                                             "eos", "pad", "cache_dtype"))
-def _generate(params, input_ids, attention_mask, temperature, top_p, key, *, model, apply_fn, max_new_tokens,
-              greedy, use_top_p, eos, pad, cache_dtype):
+@functools.partial(
+    jax.jit, static_argnames=("model", "apply_fn", "max_new_tokens", "greedy", "use_top_p", "eos", "pad", "cache_dtype")
+)
+def _generate(
+    params,
+    input_ids,
+    attention_mask,
+    temperature,
+    top_p,
+    key,
+    *,
+    model,
+    apply_fn,
+    max_new_tokens,
+    greedy,
+    use_top_p,
+    eos,
+    pad,
+    cache_dtype,
+):
     cfg = model.cfg
     B, S = input_ids.shape
     N = max_new_tokens
@@ -687,8 +765,7 @@ def _generate(params, input_ids, attention_mask, temperature, top_p, key, *, mod
         return tok_B, done_B | jnp.any(tok_B[:, None] == eos_arr[None, :], axis=1)
 
     cache = init_cache(cfg, B, T, cache_dtype)
-    logits, cache = call(params, input_ids, attention_mask=mask_BxT, position_ids=pos_BxS, cache=cache,
-                         cache_index=0)
+    logits, cache = call(params, input_ids, attention_mask=mask_BxT, position_ids=pos_BxS, cache=cache, cache_index=0)
     tok, done = finish(pick(logits[:, -1], 0), jnp.zeros((B,), bool))
     out = jnp.concatenate([input_ids, jnp.full((B, N), pad, jnp.int32)], axis=1).at[:, S].set(tok)
     last_pos = pos_BxS[:, -1]
@@ -699,8 +776,14 @@ def _generate(params, input_ids, attention_mask, temperature, top_p, key, *, mod
 
     def body(carry):
         i, out, cache, tok, done = carry
-        logits, cache = call(params, tok[:, None], attention_mask=mask_BxT, position_ids=(last_pos + 1 + i)[:, None],
-                             cache=cache, cache_index=S + i)
+        logits, cache = call(
+            params,
+            tok[:, None],
+            attention_mask=mask_BxT,
+            position_ids=(last_pos + 1 + i)[:, None],
+            cache=cache,
+            cache_index=S + i,
+        )
         tok, done = finish(pick(logits[:, -1], i + 1), done)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, S + 1 + i))
         return i + 1, out, cache, tok, done
@@ -708,10 +791,20 @@ def _generate(params, input_ids, attention_mask, temperature, top_p, key, *, mod
     return jax.lax.while_loop(cond, body, (jnp.int32(0), out, cache, tok, done))[1]
 
 
-def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-             attention_mask: jax.Array | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, apply_fn: Callable | None = None) -> jax.Array:
+def generate(
+    model: LlamaForCausalLM,
+    params: Any,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    apply_fn: Callable | None = None,
+) -> jax.Array:
     """Autoregressive decoding with a KV cache, jit-compiled: ``[B, S] -> [B, S + max_new_tokens]``.
 
     One prefill over the prompt, then a ``lax.while_loop`` of one-token steps
@@ -752,13 +845,24 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, max_new
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
     if key is None:
         key = jax.random.key(0)
-    mask = (jnp.ones_like(input_ids) if attention_mask is None
-            else jnp.asarray(attention_mask, jnp.int32))
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {input_ids.shape}")
     eos = () if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
-    return _generate(params, input_ids, mask, jnp.float32(temperature if not greedy else 1.0),
-                     jnp.float32(top_p), key, model=model, apply_fn=apply_fn, max_new_tokens=max_new_tokens,
-                     greedy=greedy, use_top_p=(not greedy) and top_p < 1.0, eos=eos, pad=pad,
-                     cache_dtype=_params_dtype(params))
+    return _generate(
+        params,
+        input_ids,
+        mask,
+        jnp.float32(temperature if not greedy else 1.0),
+        jnp.float32(top_p),
+        key,
+        model=model,
+        apply_fn=apply_fn,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        use_top_p=(not greedy) and top_p < 1.0,
+        eos=eos,
+        pad=pad,
+        cache_dtype=_params_dtype(params),
+    )

@@ -107,7 +107,8 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no tokenizer.json or vocab.txt in {path} (other formats, e.g. vocab.json + merges.txt or "
                 "sentencepiece models, are not read: save a tokenizer.json with transformers' "
-                "tokenizer.save_pretrained)")
+                "tokenizer.save_pretrained)"
+            )
         pad = _token_str(special.get("pad_token")) or _token_str(config.get("pad_token"))
         if pad is not None and tok.token_to_id(pad) is None:
             pad = None
@@ -122,8 +123,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode_batch(self, texts: Sequence[str | tuple[str, str]], max_length: int | None = None,
-                     padding: bool | str = True) -> dict[str, np.ndarray]:
+    def encode_batch(
+        self, texts: Sequence[str | tuple[str, str]], max_length: int | None = None, padding: bool | str = True
+    ) -> dict[str, np.ndarray]:
         """Tokenize ``texts`` (strings, or ``(first, second)`` pairs) into int32 ``[B, S]`` arrays.
 
         Args:

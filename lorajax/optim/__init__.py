@@ -43,8 +43,18 @@ from lorajax.optim.sora import gate_penalty, prune, sora
 
 __all__ = [
     # optimisers: name(learning_rate, *, ...)
-    "loraplus", "lora_pro", "allora", "sora", "galore", "adam_8bit",
+    "loraplus",
+    "lora_pro",
+    "allora",
+    "sora",
+    "galore",
+    "adam_8bit",
     # building blocks
-    "scale_by_lora_pro", "scale_by_adam_8bit", "skip_nonfinite", "leaf_labels", "gate_penalty", "prune",
+    "scale_by_lora_pro",
+    "scale_by_adam_8bit",
+    "skip_nonfinite",
+    "leaf_labels",
+    "gate_penalty",
+    "prune",
     "state_bytes",
 ]

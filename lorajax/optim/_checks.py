@@ -29,8 +29,12 @@ def is_number(x: Any) -> bool:
     if isinstance(x, (int, float, np.integer, np.floating)):
         return True
     dtype = getattr(x, "dtype", None)
-    return (getattr(x, "ndim", None) == 0 and dtype is not None and np.issubdtype(dtype, np.number)
-            and not np.issubdtype(dtype, np.complexfloating))
+    return (
+        getattr(x, "ndim", None) == 0
+        and dtype is not None
+        and np.issubdtype(dtype, np.number)
+        and not np.issubdtype(dtype, np.complexfloating)
+    )
 
 
 def check(name: str, value: Any, ok: Callable[[Any], Any], expected: str) -> None:
@@ -49,5 +53,7 @@ def require_static(who: str, **values: Any) -> None:
     """
     traced = [name for name, v in values.items() if isinstance(v, jax.Array)]
     if traced:
-        raise TypeError(f"{who}: {traced} fix(es) the state's shapes or the update's structure and cannot be "
-                        f"traced; with optax.inject_hyperparams pass static_args={tuple(values)}")
+        raise TypeError(
+            f"{who}: {traced} fix(es) the state's shapes or the update's structure and cannot be "
+            f"traced; with optax.inject_hyperparams pass static_args={tuple(values)}"
+        )

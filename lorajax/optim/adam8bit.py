@@ -128,8 +128,16 @@ from lorajax.optim._checks import check, is_traced, require_static
 from lorajax.optim.lora_pro import skip_nonfinite
 
 __all__ = [
-    "dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantizedMoment", "ScaleByAdam8bitState",
-    "scale_by_adam_8bit", "adam_8bit", "adam_8bit_state_bytes", "moment_bytes", "BLOCK_SIZES",
+    "dynamic_map",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "QuantizedMoment",
+    "ScaleByAdam8bitState",
+    "scale_by_adam_8bit",
+    "adam_8bit",
+    "adam_8bit_state_bytes",
+    "moment_bytes",
+    "BLOCK_SIZES",
 ]
 
 #: block sizes bitsandbytes' block-wise quantiser accepts (``functional.quantize_blockwise``)
@@ -152,7 +160,7 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 def _dynamic_map(signed: bool) -> np.ndarray:
     values = [np.float32(0.0), np.float32(1.0)]
     for i in range(7):
-        n = 2 ** i if signed else 2 ** (i + 1)
+        n = 2**i if signed else 2 ** (i + 1)
         b = _torch_linspace_f32(0.1, 1.0, n + 1)
         means = (b[:-1] + b[1:]) / np.float32(2.0)
         decade = np.float32(10.0 ** (i - 6)) * means
@@ -176,8 +184,10 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
 
 def check_block_size(block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of bitsandbytes' block sizes {BLOCK_SIZES} "
-                         f"(8-bit optimisers: 256; before bitsandbytes 0.44: 2048), got {block_size!r}")
+        raise ValueError(
+            f"block_size must be one of bitsandbytes' block sizes {BLOCK_SIZES} "
+            f"(8-bit optimisers: 256; before bitsandbytes 0.44: 2048), got {block_size!r}"
+        )
     return int(block_size)
 
 
@@ -261,12 +271,15 @@ def moment_bytes(size: int, *, block_size: int = 256, min_8bit_size: int = 4096)
     return 4 * size
 
 
-def adam_8bit_state_bytes(params: Any, *, block_size: int = 256, min_8bit_size: int = 4096,
-                          nonfinite: str = "skip") -> int:
+def adam_8bit_state_bytes(
+    params: Any, *, block_size: int = 256, min_8bit_size: int = 4096, nonfinite: str = "skip"
+) -> int:
     """`scale_by_adam_8bit`'s state size in bytes for ``params`` (arrays or shape structs), from the formula."""
     check_block_size(block_size)
-    total = sum(2 * moment_bytes(math.prod(x.shape), block_size=block_size, min_8bit_size=min_8bit_size)
-                for x in jax.tree.leaves(params))
+    total = sum(
+        2 * moment_bytes(math.prod(x.shape), block_size=block_size, min_8bit_size=min_8bit_size)
+        for x in jax.tree.leaves(params)
+    )
     return total + 4 * (2 if nonfinite == "skip" else 1)
 
 
@@ -279,8 +292,15 @@ def _one_minus_power(b: Any, t: jax.Array) -> jax.Array:
     return -jnp.expm1(t * jnp.float32(math.log(b)))
 
 
-def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, block_size: int = 256,
-                       min_8bit_size: int = 4096, nonfinite: str = "skip") -> optax.GradientTransformation:
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformation:
     """Adam with block-wise 8-bit moments (bitsandbytes ``Adam8bit``); params-free, outputs ``m̂ / (√v̂ + ε)``.
 
     Args:
@@ -310,8 +330,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         size = math.prod(x.shape)
         if _uses_8bit(size, min_8bit_size):
             # bnb starts from zero codes and zero absmax: dequantises to 0
-            return QuantizedMoment(jnp.zeros(x.shape, jnp.uint8),
-                                   jnp.zeros((_blocks(size, block_size),), jnp.float32))
+            return QuantizedMoment(jnp.zeros(x.shape, jnp.uint8), jnp.zeros((_blocks(size, block_size),), jnp.float32))
         return jnp.zeros(x.shape, jnp.float32)
 
     def init(params):
@@ -353,16 +372,26 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
             outs.append(u.astype(g.dtype))
             new_mu.append(store(mu, m, signed))
             new_nu.append(store(nu, v, unsigned))
-        return (treedef.unflatten(outs),
-                ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)))
+        return (
+            treedef.unflatten(outs),
+            ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)),
+        )
 
     tx = optax.GradientTransformation(init, update)
     return skip_nonfinite(tx) if nonfinite == "skip" else tx
 
 
-def adam_8bit(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              weight_decay: float = 0.0, block_size: int = 256, min_8bit_size: int = 4096,
-              nonfinite: str = "skip") -> optax.GradientTransformation:
+def adam_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformation:
     """bitsandbytes' ``Adam8bit`` (``weight_decay > 0``: ``AdamW8bit``, decoupled) as an optax optimiser.
 
     ``chain(scale_by_adam_8bit(b1, b2, eps, ...), add_decayed_weights(weight_decay),

@@ -58,7 +58,7 @@ def allora_coefficient(theta: jax.Array, eta: float = 2.0, power: int = 2) -> ja
         norm = jnp.linalg.norm(t)
     else:
         norm = jnp.sqrt(jnp.sum(t * t, axis=0, keepdims=True))
-    return jax.lax.rsqrt(norm ** power + 1.0 / eta ** 2)
+    return jax.lax.rsqrt(norm**power + 1.0 / eta**2)
 
 
 def scale_by_allora(eta: float = 2.0, power: int = 2) -> optax.GradientTransformation:
@@ -70,14 +70,21 @@ def scale_by_allora(eta: float = 2.0, power: int = 2) -> optax.GradientTransform
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_allora needs params: call tx.update(grads, state, params)")
-        return jax.tree.map(lambda u, p: (u * allora_coefficient(p, eta, power)).astype(u.dtype),
-                            updates, params), state
+        return jax.tree.map(
+            lambda u, p: (u * allora_coefficient(p, eta, power)).astype(u.dtype), updates, params
+        ), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def allora(learning_rate: optax.ScalarOrSchedule, *, eta: float = 2.0, power: int = 2, position: str = "post",
-           optimizer: Callable[[Any], optax.GradientTransformation] | None = None) -> optax.GradientTransformation:
+def allora(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    eta: float = 2.0,
+    power: int = 2,
+    position: str = "post",
+    optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
+) -> optax.GradientTransformation:
     """``optimizer(learning_rate)`` with ALLoRA's per-row scaling after (``post``) or before (``pre``) it.
 
     Args:

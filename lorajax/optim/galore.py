@@ -122,8 +122,13 @@ from lorajax.spec import Spec
 from lorajax.variants.base import Target
 
 __all__ = [
-    "galore", "galore_targets", "galore_dimension_numbers", "galore_mask",
-    "state_bytes", "galore_state_formula", "GaLoreStateSize",
+    "galore",
+    "galore_targets",
+    "galore_dimension_numbers",
+    "galore_mask",
+    "state_bytes",
+    "galore_state_formula",
+    "GaLoreStateSize",
 ]
 
 _SELECTION_DEFAULTS = dict(exclude=None, layers_to_transform=None, layers_pattern=None, in_axes=1)
@@ -135,13 +140,21 @@ def _check_rank(rank: Any) -> None:
 
 
 def _is_target_list(targets: Any) -> bool:
-    return (isinstance(targets, (list, tuple)) and bool(targets)
-            and all(isinstance(t, (Target, Weight)) for t in targets))
+    return (
+        isinstance(targets, (list, tuple)) and bool(targets) and all(isinstance(t, (Target, Weight)) for t in targets)
+    )
 
 
-def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclude: Any = None,
-                   layers_to_transform: Any = None, layers_pattern: Any = None,
-                   in_axes: int | dict = 1) -> list[Target | Weight]:
+def galore_targets(
+    params: Any,
+    targets: Any = "all-linear",
+    *,
+    rank: int,
+    exclude: Any = None,
+    layers_to_transform: Any = None,
+    layers_pattern: Any = None,
+    in_axes: int | dict = 1,
+) -> list[Target | Weight]:
     """The kernels of ``params`` that get GaLore, checked against ``rank``.
 
     Args:
@@ -162,8 +175,9 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
         selected kernel's smaller side (naming its path).
     """
     _check_rank(rank)
-    selection = dict(exclude=exclude, layers_to_transform=layers_to_transform,
-                     layers_pattern=layers_pattern, in_axes=in_axes)
+    selection = dict(
+        exclude=exclude, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, in_axes=in_axes
+    )
     if _is_target_list(targets) or isinstance(targets, (Spec, Selection)):
         changed = [k for k, v in selection.items() if v != _SELECTION_DEFAULTS[k]]
         if changed:
@@ -172,8 +186,10 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
         found = {key_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         for t in targets:
             if found.get(tuple(t.keys)) != tuple(t.shape):
-                raise ValueError(f"target {'/'.join(t.keys)!r} with shape {t.shape} is not a leaf of params "
-                                 f"(found shape {found.get(tuple(t.keys))})")
+                raise ValueError(
+                    f"target {'/'.join(t.keys)!r} with shape {t.shape} is not a leaf of params "
+                    f"(found shape {found.get(tuple(t.keys))})"
+                )
         selected = list(targets)
     else:
         if isinstance(targets, Spec):
@@ -192,8 +208,9 @@ def galore_targets(params: Any, targets: Any = "all-linear", *, rank: int, exclu
 
 
 def _dimension_numbers(t: Target | Weight) -> GaLoreDimensionNumbers:
-    return GaLoreDimensionNumbers(reduction_axis=tuple(range(t.in_axes)),
-                                  output_axis=tuple(range(t.in_axes, len(t.shape))))
+    return GaLoreDimensionNumbers(
+        reduction_axis=tuple(range(t.in_axes)), output_axis=tuple(range(t.in_axes, len(t.shape)))
+    )
 
 
 def galore_dimension_numbers(params: Any, targets: Any = "all-linear", *, rank: int, **selection) -> Any:
@@ -217,13 +234,30 @@ def galore_mask(params: Any, targets: Any = "all-linear", *, rank: int, **select
     return jax.tree.map(lambda _, d: d is not None, params, dims, is_leaf=lambda x: x is None)
 
 
-def galore(learning_rate: optax.ScalarOrSchedule, *, targets: Any = "all-linear", rank: int = 128,
-           update_proj_gap: int = 200, scale: float = 1.0, b1: float = 0.9, b2: float = 0.999,
-           eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Any = None, weight_decay: float = 0.0,
-           weight_decay_mask: Any = None, base_optimizer: optax.GradientTransformation | None = None,
-           optim_bits: int = 32, block_size: int = 256, min_8bit_size: int = 4096,
-           exclude: Any = None, layers_to_transform: Any = None, layers_pattern: Any = None,
-           in_axes: int | dict = 1, params: Any = None) -> optax.GradientTransformation:
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    targets: Any = "all-linear",
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    base_optimizer: optax.GradientTransformation | None = None,
+    optim_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    exclude: Any = None,
+    layers_to_transform: Any = None,
+    layers_pattern: Any = None,
+    in_axes: int | dict = 1,
+    params: Any = None,
+) -> optax.GradientTransformation:
     """GaLore-Adam on the selected kernels, Adam on every other leaf (`optax.contrib.galore`).
 
     Args:
@@ -262,14 +296,22 @@ def galore(learning_rate: optax.ScalarOrSchedule, *, targets: Any = "all-linear"
     (``learning_rate``, ``scale``, ``b1``, ``b2``, ``eps``, ``weight_decay``)
     are injectable.
     """
-    require_static("galore", rank=rank, update_proj_gap=update_proj_gap, optim_bits=optim_bits,
-                   block_size=block_size, min_8bit_size=min_8bit_size, in_axes=in_axes)
+    require_static(
+        "galore",
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        optim_bits=optim_bits,
+        block_size=block_size,
+        min_8bit_size=min_8bit_size,
+        in_axes=in_axes,
+    )
     _check_rank(rank)
     if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
         raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
     check("scale", scale, math.isfinite, "a finite number")
-    selection = dict(exclude=exclude, layers_to_transform=layers_to_transform,
-                     layers_pattern=layers_pattern, in_axes=in_axes)
+    selection = dict(
+        exclude=exclude, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, in_axes=in_axes
+    )
 
     def dimension_numbers(tree: Any) -> Any:
         return galore_dimension_numbers(tree, targets, rank=rank, **selection)
@@ -282,18 +324,27 @@ def galore(learning_rate: optax.ScalarOrSchedule, *, targets: Any = "all-linear"
         given = [n for n, v in (("base_optimizer", base_optimizer), ("mu_dtype", mu_dtype)) if v is not None]
         given += ["eps_root"] if not is_traced(eps_root) and eps_root != 0.0 else []
         if given:
-            raise ValueError(f"optim_bits=8 chooses the base optimiser (scale_by_adam_8bit); {given} cannot be "
-                             f"combined with it (pass base_optimizer=scale_by_adam_8bit(...) instead)")
+            raise ValueError(
+                f"optim_bits=8 chooses the base optimiser (scale_by_adam_8bit); {given} cannot be "
+                f"combined with it (pass base_optimizer=scale_by_adam_8bit(...) instead)"
+            )
         base_optimizer = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
     if params is not None:
         dimension_numbers(params)
     if base_optimizer is None:
         base_optimizer = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
-    return _none_leaves_as_masked(optax.contrib.galore(
-        learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale if is_traced(scale) else float(scale),
-        base_optimizer=base_optimizer, weight_decay=weight_decay, mask=weight_decay_mask,
-        weight_dimension_numbers=dimension_numbers,
-    ))
+    return _none_leaves_as_masked(
+        optax.contrib.galore(
+            learning_rate,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale if is_traced(scale) else float(scale),
+            base_optimizer=base_optimizer,
+            weight_decay=weight_decay,
+            mask=weight_decay_mask,
+            weight_dimension_numbers=dimension_numbers,
+        )
+    )
 
 
 def _none_leaves_as_masked(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -308,8 +359,11 @@ def _none_leaves_as_masked(inner: optax.GradientTransformation) -> optax.Gradien
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
 
     def masked(tree):
-        return None if tree is None else jax.tree.map(lambda x: optax.MaskedNode() if x is None else x, tree,
-                                                       is_leaf=is_none)
+        return (
+            None
+            if tree is None
+            else jax.tree.map(lambda x: optax.MaskedNode() if x is None else x, tree, is_leaf=is_none)
+        )
 
     def init(params):
         return inner.init(masked(params))
@@ -337,19 +391,29 @@ def state_bytes(tx: optax.GradientTransformation | Callable[[Any], Any], params:
 class GaLoreStateSize(NamedTuple):
     """Optimiser-state bytes by part (see `galore_state_formula`)."""
 
-    projector: int          # Σ_targets max(a, b)·r  (official "std": min(a, b)·r)
-    low_rank_moments: int   # Σ_targets 2·min(a, b)·r (official "std": 2·max(a, b)·r); 8-bit: see moment_bytes
-    full_moments: int       # Σ_other leaves 2·size (Adam's m, v); 8-bit: see moment_bytes
-    scalars: int            # int32 step counts (8-bit: + the skipped-steps count)
+    projector: int  # Σ_targets max(a, b)·r  (official "std": min(a, b)·r)
+    low_rank_moments: int  # Σ_targets 2·min(a, b)·r (official "std": 2·max(a, b)·r); 8-bit: see moment_bytes
+    full_moments: int  # Σ_other leaves 2·size (Adam's m, v); 8-bit: see moment_bytes
+    scalars: int  # int32 step counts (8-bit: + the skipped-steps count)
 
     @property
     def total(self) -> int:
         return self.projector + self.low_rank_moments + self.full_moments + self.scalars
 
 
-def galore_state_formula(params: Any, targets: Any = "all-linear", *, rank: int = 128, mu_dtype: Any = None,
-                         schedule: bool = False, side: str = "optax", optim_bits: int = 32, block_size: int = 256,
-                         min_8bit_size: int = 4096, **selection) -> GaLoreStateSize:
+def galore_state_formula(
+    params: Any,
+    targets: Any = "all-linear",
+    *,
+    rank: int = 128,
+    mu_dtype: Any = None,
+    schedule: bool = False,
+    side: str = "optax",
+    optim_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    **selection,
+) -> GaLoreStateSize:
     """Analytic state size of `galore` with the default Adam base, in bytes.
 
     For each selected kernel viewed as ``a×b``: projector ``max(a, b)·r`` and

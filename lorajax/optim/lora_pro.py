@@ -139,9 +139,18 @@ from lorajax.targets import key_names, module_name, pattern_value
 from lorajax.variants.base import Target
 
 __all__ = [
-    "lora_gradients", "equivalent_gradient", "lora_pro_projection", "solve_sylvester", "optimal_x",
-    "adjusted_gradients", "ScaleByLoraProState", "scale_by_lora_pro", "adjust_lora_gradients",
-    "SkipNonFiniteState", "skip_nonfinite", "lora_pro",
+    "lora_gradients",
+    "equivalent_gradient",
+    "lora_pro_projection",
+    "solve_sylvester",
+    "optimal_x",
+    "adjusted_gradients",
+    "ScaleByLoraProState",
+    "scale_by_lora_pro",
+    "adjust_lora_gradients",
+    "SkipNonFiniteState",
+    "skip_nonfinite",
+    "lora_pro",
 ]
 
 X_MODES = ("sylvester", "zero", "symmetry")
@@ -149,6 +158,7 @@ MODES = ("full", "efficient", "sgd")
 
 
 # --------------------------------------------------------------------------- pure maths (Flax orientation)
+
 
 def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
@@ -187,8 +197,9 @@ def _damped_pinv(vals: jax.Array, vecs: jax.Array, delta: Any) -> jax.Array:
 def _grams(A: jax.Array, B: jax.Array, delta: Any) -> _Grams:
     a_vals, a_vecs = jnp.linalg.eigh(A.T @ A)
     b_vals, b_vecs = jnp.linalg.eigh(B @ B.T)
-    return _Grams(a_vals, a_vecs, b_vals, b_vecs,
-                  _damped_pinv(a_vals, a_vecs, delta), _damped_pinv(b_vals, b_vecs, delta))
+    return _Grams(
+        a_vals, a_vecs, b_vals, b_vecs, _damped_pinv(a_vals, a_vecs, delta), _damped_pinv(b_vals, b_vecs, delta)
+    )
 
 
 def _sylvester_eigh(lam: jax.Array, P: jax.Array, mu: jax.Array, Q: jax.Array, C: jax.Array) -> jax.Array:
@@ -272,8 +283,9 @@ def optimal_x(A: jax.Array, B: jax.Array, g_A: jax.Array, s: Any, *, delta: floa
     return _sylvester_x(A, g_A, _grams(A, B, delta), s)
 
 
-def adjusted_gradients(A: jax.Array, B: jax.Array, grads: Any, s: Any, *, x: Any = "sylvester",
-                       delta: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+def adjusted_gradients(
+    A: jax.Array, B: jax.Array, grads: Any, s: Any, *, x: Any = "sylvester", delta: float = 1e-8
+) -> tuple[jax.Array, jax.Array]:
     """LoRA-Pro's adjusted ``(g̃_A: [in, r], g̃_B: [r, out])``.
 
     Args:
@@ -307,9 +319,10 @@ def lora_pro_projection(A: jax.Array, B: jax.Array, G: jax.Array, *, delta: floa
 
 # --------------------------------------------------------------------------- finding (A, B) pairs
 
+
 class _Pair(NamedTuple):
     keys: tuple  # path of the dict holding lora_A / lora_B
-    ia: int      # index of lora_A among the flattened leaves
+    ia: int  # index of lora_A among the flattened leaves
     ib: int
 
 
@@ -332,38 +345,56 @@ def _find_pairs(tree: Any, who: str, *, allow_other: bool) -> tuple[list[_Pair],
     for keys, g in groups.items():
         if len(g) != 2:
             have, lack = ("lora_A", "lora_B") if "lora_A" in g else ("lora_B", "lora_A")
-            raise ValueError(f"{who}: {_path_str(keys)} has {have} but no {lack} (frozen or None?): "
-                             "LoRA-Pro needs both factors of every adapted weight")
+            raise ValueError(
+                f"{who}: {_path_str(keys)} has {have} but no {lack} (frozen or None?): "
+                "LoRA-Pro needs both factors of every adapted weight"
+            )
         a, b = flat[g["lora_A"]][1], flat[g["lora_B"]][1]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise ValueError(f"{who}: {_path_str(keys)} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                             "expected [in, r] and [r, out]")
+            raise ValueError(
+                f"{who}: {_path_str(keys)} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected [in, r] and [r, out]"
+            )
         pairs.append(_Pair(keys, g["lora_A"], g["lora_B"]))
     if not pairs:
         shown = [_path_str(k) for k in others[:8]] + (["..."] if len(others) > 8 else [])
-        raise ValueError(f"{who}: no lora_A/lora_B pair in the tree (leaves: {shown or 'none'}); "
-                         "LoRA-Pro needs a LoRA adapters tree")
+        raise ValueError(
+            f"{who}: no lora_A/lora_B pair in the tree (leaves: {shown or 'none'}); LoRA-Pro needs a LoRA adapters tree"
+        )
     if others and not allow_other:
-        raise ValueError(f"{who}: leaf {_path_str(others[0])} is not a lora_A/lora_B factor; "
-                         "use lorajax.optim.lora_pro (routes other leaves to AdamW) or optax.multi_transform")
+        raise ValueError(
+            f"{who}: leaf {_path_str(others[0])} is not a lora_A/lora_B factor; "
+            "use lorajax.optim.lora_pro (routes other leaves to AdamW) or optax.multi_transform"
+        )
     return pairs, [leaf for _, leaf in flat], treedef
 
 
 def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
     """``(pair keys, lora_A) -> s`` from a Spec, a number, a ``{regex: s}`` mapping or a callable."""
     if isinstance(spec, Spec):
-        factors = registry.plain_lora(spec.variant, "lora_pro (its equations assume W + s·A·B; pass the scale "
-                                                    "itself, a number or mapping, to use other trees)").factors
+        factors = registry.plain_lora(
+            spec.variant,
+            "lora_pro (its equations assume W + s·A·B; pass the scale itself, a number or mapping, to use other trees)",
+        ).factors
         scale = None if factors is None else factors.scale
         if scale is None:
-            raise ValueError(f"lora_pro: variant {spec.variant!r} declares no Factors.scale; pass the scale itself, "
-                             "a number or mapping")
+            raise ValueError(
+                f"lora_pro: variant {spec.variant!r} declares no Factors.scale; pass the scale itself, "
+                "a number or mapping"
+            )
 
         def from_spec(keys, a):
             name = module_name(keys)
             alpha = float(pattern_value(spec.alpha_pattern, name, spec.alpha))
-            t = Target(keys=tuple(keys), name=name, shape=(a.shape[0], 1), in_axes=1, rank=a.shape[1], alpha=alpha,
-                       options=spec.options)
+            t = Target(
+                keys=tuple(keys),
+                name=name,
+                shape=(a.shape[0], 1),
+                in_axes=1,
+                rank=a.shape[1],
+                alpha=alpha,
+                options=spec.options,
+            )
             return scale(t)
 
         return from_spec
@@ -382,15 +413,19 @@ def _scale_fn(spec: Any) -> Callable[[tuple, jax.Array], float]:
             name = module_name(keys)
             s = pattern_value(pattern, name, None)
             if s is None:
-                raise ValueError(f"lora_pro: no scale for the pair at {_path_str(keys)} (module name {name!r}); "
-                                 f"scale keys: {[k for k, _ in pattern]}")
+                raise ValueError(
+                    f"lora_pro: no scale for the pair at {_path_str(keys)} (module name {name!r}); "
+                    f"scale keys: {[k for k, _ in pattern]}"
+                )
             return s
 
         return from_mapping
     if callable(spec):
         return lambda keys, a: float(spec(_path_str(keys)))
-    raise TypeError("lora_pro: spec must be a lorajax.Spec, a number, a {regex: scale} mapping or a "
-                    f"callable(path) -> scale, got {type(spec).__name__}")
+    raise TypeError(
+        "lora_pro: spec must be a lorajax.Spec, a number, a {regex: scale} mapping or a "
+        f"callable(path) -> scale, got {type(spec).__name__}"
+    )
 
 
 def _check_hparams(b1, b2, eps, delta, x_mode):
@@ -404,6 +439,7 @@ def _check_hparams(b1, b2, eps, delta, x_mode):
 
 # --------------------------------------------------------------------------- transformations
 
+
 class ScaleByLoraProState(NamedTuple):
     """Full-space Adam state: ``mu``/``nu`` map each pair's path (``"q/kernel"``) to ``[in, out]``."""
 
@@ -412,9 +448,17 @@ class ScaleByLoraProState(NamedTuple):
     nu: dict
 
 
-def scale_by_lora_pro(spec: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                      x_mode: str = "sylvester", delta: float = 1e-8, moment_dtype: Any = None,
-                      official_quirks: bool = False) -> optax.GradientTransformation:
+def scale_by_lora_pro(
+    spec: Any,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    x_mode: str = "sylvester",
+    delta: float = 1e-8,
+    moment_dtype: Any = None,
+    official_quirks: bool = False,
+) -> optax.GradientTransformation:
     """The full-mode direction ``(Δ_A, Δ_B)`` per pair (no learning rate, no decay; needs ``params``).
 
     Every leaf must be a ``lora_A``/``lora_B`` factor (wrap with ``optax.masked`` /
@@ -458,8 +502,8 @@ def scale_by_lora_pro(spec: Any, b1: float = 0.9, b2: float = 0.999, eps: float 
                 sq = jnp.where(count == 0, eq, eq.astype(jnp.bfloat16).astype(dtype))
             m = b1 * state.mu[key].astype(dtype) + (1 - b1) * eq
             v = b2 * state.nu[key].astype(dtype) + (1 - b2) * (sq * sq)
-            bc1 = (1 - jnp.asarray(b1, dtype) ** k.astype(dtype))
-            bc2 = (1 - jnp.asarray(b2, dtype) ** k.astype(dtype))
+            bc1 = 1 - jnp.asarray(b1, dtype) ** k.astype(dtype)
+            bc2 = 1 - jnp.asarray(b2, dtype) ** k.astype(dtype)
             G_hat = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
             # 3. pretend Ĝ is the full gradient; adjust with the chosen X
             dA, dB = _adjust(A, B, *lora_gradients(A, B, G_hat, s), s, x_mode, grams)
@@ -467,14 +511,12 @@ def scale_by_lora_pro(spec: Any, b1: float = 0.9, b2: float = 0.999, eps: float 
             new[p.ib] = dB.astype(grads[p.ib].dtype)
             mu[key] = m.astype(state.mu[key].dtype)
             nu[key] = v.astype(state.nu[key].dtype)
-        return (jax.tree_util.tree_unflatten(treedef, new),
-                ScaleByLoraProState(optax.safe_increment(count), mu, nu))
+        return (jax.tree_util.tree_unflatten(treedef, new), ScaleByLoraProState(optax.safe_increment(count), mu, nu))
 
     return optax.GradientTransformation(init, update)
 
 
-def adjust_lora_gradients(spec: Any, *, x_mode: str = "sylvester", delta: float = 1e-8
-                          ) -> optax.GradientTransformation:
+def adjust_lora_gradients(spec: Any, *, x_mode: str = "sylvester", delta: float = 1e-8) -> optax.GradientTransformation:
     """Stateless: replace each pair's ``(g_A, g_B)`` by `adjusted_gradients` (needs ``params``).
 
     Chain an optimiser after it (``mode="efficient"``: AdamW; ``"sgd"``: SGD).
@@ -497,8 +539,9 @@ def adjust_lora_gradients(spec: Any, *, x_mode: str = "sylvester", delta: float 
         new = list(grads)
         for p in pairs:
             A = plist[p.ia]
-            new[p.ia], new[p.ib] = adjusted_gradients(A, plist[p.ib], (grads[p.ia], grads[p.ib]),
-                                                      scale_of(p.keys, A), x=x_mode, delta=delta)
+            new[p.ia], new[p.ib] = adjusted_gradients(
+                A, plist[p.ib], (grads[p.ia], grads[p.ib]), scale_of(p.keys, A), x=x_mode, delta=delta
+            )
         return jax.tree_util.tree_unflatten(treedef, new), state
 
     return optax.GradientTransformation(init, update)
@@ -572,12 +615,23 @@ def _official_clip(inner: optax.GradientTransformation, max_norm: float) -> opta
     return optax.GradientTransformation(init, update)
 
 
-def lora_pro(learning_rate: optax.ScalarOrSchedule, *, spec: Any, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "full", x_mode: str = "sylvester",
-             delta: float = 1e-8,
-             other: optax.GradientTransformation | None = None, moment_dtype: Any = None,
-             official_quirks: bool = False, official_clip_norm: float | None = None,
-             skip_nonfinite_steps: bool = True) -> optax.GradientTransformation:
+def lora_pro(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    spec: Any,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mode: str = "full",
+    x_mode: str = "sylvester",
+    delta: float = 1e-8,
+    other: optax.GradientTransformation | None = None,
+    moment_dtype: Any = None,
+    official_quirks: bool = False,
+    official_clip_norm: float | None = None,
+    skip_nonfinite_steps: bool = True,
+) -> optax.GradientTransformation:
     """LoRA-Pro's optimiser over an adapters tree (see the module docstring for the maths).
 
     Args:
@@ -614,19 +668,30 @@ def lora_pro(learning_rate: optax.ScalarOrSchedule, *, spec: Any, b1: float = 0.
     _scale_fn(spec)  # validate now
     if mode == "full":
         pair_tx = optax.chain(
-            scale_by_lora_pro(spec, b1, b2, eps, x_mode=x_mode, delta=delta, moment_dtype=moment_dtype,
-                              official_quirks=official_quirks),
+            scale_by_lora_pro(
+                spec,
+                b1,
+                b2,
+                eps,
+                x_mode=x_mode,
+                delta=delta,
+                moment_dtype=moment_dtype,
+                official_quirks=official_quirks,
+            ),
             optax.scale_by_learning_rate(learning_rate),
             _decay_product(learning_rate, weight_decay),  # always (as optax.adamw): one state for every decay
         )
     elif mode == "efficient":
-        pair_tx = optax.chain(adjust_lora_gradients(spec, x_mode=x_mode, delta=delta),
-                              optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay,
-                                          mu_dtype=moment_dtype))
+        pair_tx = optax.chain(
+            adjust_lora_gradients(spec, x_mode=x_mode, delta=delta),
+            optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mu_dtype=moment_dtype),
+        )
     else:
-        pair_tx = optax.chain(adjust_lora_gradients(spec, x_mode=x_mode, delta=delta),
-                              optax.add_decayed_weights(weight_decay),
-                              optax.scale_by_learning_rate(learning_rate))
+        pair_tx = optax.chain(
+            adjust_lora_gradients(spec, x_mode=x_mode, delta=delta),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(learning_rate),
+        )
     if other is None:
         other = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay)
 

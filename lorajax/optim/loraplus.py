@@ -44,9 +44,13 @@ def scaled_lr(learning_rate: Any, factor: Any) -> Any:
     return factor * learning_rate
 
 
-def loraplus(learning_rate: optax.ScalarOrSchedule, *, lr_ratio: float,
-             optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
-             one_d_as_b: bool = False) -> optax.GradientTransformation:
+def loraplus(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    lr_ratio: float,
+    optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
+    one_d_as_b: bool = False,
+) -> optax.GradientTransformation:
     """``optimizer(lr)`` for A and other leaves, ``optimizer(λ·lr)`` for B.
 
     Args:

@@ -71,8 +71,9 @@ class ProximalState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
 
 
-def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: bool = False
-             ) -> optax.GradientTransformation:
+def proximal(
+    threshold: float, *, learning_rate: Any = None, official_quirk: bool = False
+) -> optax.GradientTransformation:
     """Turn an update ``u`` into ``T_ξ(p + u) − p`` (needs ``params`` in ``update``).
 
     With ``learning_rate`` (float or schedule), ``ξ = threshold · lr(step)``.
@@ -96,21 +97,35 @@ def proximal(threshold: float, *, learning_rate: Any = None, official_quirk: boo
     return optax.GradientTransformation(init, update)
 
 
-def sora_gate_optimizer(learning_rate: optax.ScalarOrSchedule, *, threshold: float, b1: float = 0.9,
-                        b2: float = 0.999, eps: float = 1e-6, threshold_times_lr: bool = False,
-                        official_quirk: bool = False) -> optax.GradientTransformation:
+def sora_gate_optimizer(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    threshold: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    threshold_times_lr: bool = False,
+    official_quirk: bool = False,
+) -> optax.GradientTransformation:
     """The official ``SparseAdamW`` for gates: Adam (no weight decay), then the proximal step."""
     return optax.chain(
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-        proximal(threshold, learning_rate=learning_rate if threshold_times_lr else None,
-                 official_quirk=official_quirk),
+        proximal(threshold, learning_rate=learning_rate if threshold_times_lr else None, official_quirk=official_quirk),
     )
 
 
-def sora(learning_rate: optax.ScalarOrSchedule, *, threshold: float, gate_lr: optax.ScalarOrSchedule | None = None,
-         optimizer: Callable[[Any], optax.GradientTransformation] | None = None, gate_b1: float = 0.9,
-         gate_b2: float = 0.999, gate_eps: float = 1e-6, threshold_times_lr: bool = False,
-         official_quirk: bool = False) -> optax.GradientTransformation:
+def sora(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    threshold: float,
+    gate_lr: optax.ScalarOrSchedule | None = None,
+    optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
+    gate_b1: float = 0.9,
+    gate_b2: float = 0.999,
+    gate_eps: float = 1e-6,
+    threshold_times_lr: bool = False,
+    official_quirk: bool = False,
+) -> optax.GradientTransformation:
     """``optimizer(learning_rate)`` for every leaf but the ``gate`` leaves, which get `sora_gate_optimizer`.
 
     Args:
@@ -126,9 +141,15 @@ def sora(learning_rate: optax.ScalarOrSchedule, *, threshold: float, gate_lr: op
       official_quirk: the official three-step threshold (`quirk_threshold`).
     """
     main = (optax.adamw if optimizer is None else optimizer)(learning_rate)
-    gate = sora_gate_optimizer(learning_rate if gate_lr is None else gate_lr, threshold=threshold, b1=gate_b1,
-                               b2=gate_b2, eps=gate_eps, threshold_times_lr=threshold_times_lr,
-                               official_quirk=official_quirk)
+    gate = sora_gate_optimizer(
+        learning_rate if gate_lr is None else gate_lr,
+        threshold=threshold,
+        b1=gate_b1,
+        b2=gate_b2,
+        eps=gate_eps,
+        threshold_times_lr=threshold_times_lr,
+        official_quirk=official_quirk,
+    )
 
     def labels(params):
         return jax.tree.map(lambda r: "gate" if r == "gate" else "main", leaf_labels(params))
@@ -138,8 +159,7 @@ def sora(learning_rate: optax.ScalarOrSchedule, *, threshold: float, gate_lr: op
 
 def gate_penalty(adapters: Any, lam: float) -> jax.Array:
     """``λ · Σ|g| / N_g`` over every ``gate`` leaf (add it to the task loss)."""
-    gates = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]
-             if leaf_name(path) == "gate"]
+    gates = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0] if leaf_name(path) == "gate"]
     if not gates:
         raise ValueError("gate_penalty: the tree has no 'gate' leaves (is it a SoRA adapters tree?)")
     total = sum(jnp.sum(jnp.abs(g)) for g in gates)
@@ -180,7 +200,13 @@ def prune(spec: Spec, params: Any, adapters: Any) -> tuple[Spec, dict]:
     names = [t.name for t in kept]
     top = max(ranks.values())
     pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
-    new_spec = Spec("lora", rank=top, alpha=float(top), targets="|".join(re.escape(n) for n in names),
-                    rank_pattern=pattern or None, alpha_pattern={k: float(v) for k, v in pattern.items()} or None,
-                    dtype=spec.options.get("dtype"))
+    new_spec = Spec(
+        "lora",
+        rank=top,
+        alpha=float(top),
+        targets="|".join(re.escape(n) for n in names),
+        rank_pattern=pattern or None,
+        alpha_pattern={k: float(v) for k, v in pattern.items()} or None,
+        dtype=spec.options.get("dtype"),
+    )
     return new_spec, nest(flat)

@@ -54,8 +54,13 @@ class Checkpointer:
         self._mgr.reload()
         if step in self._mgr.all_steps():
             self._mgr.delete(step)
-        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
-                                                     meta=ocp.args.JsonSave(meta or {})), force=True)
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_without_empty(state)), meta=ocp.args.JsonSave(meta or {})
+            ),
+            force=True,
+        )
         self._mgr.wait_until_finished()
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -70,8 +75,13 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         like_saved = _without_empty(like)
-        out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-            jax.tree.map(_host_if_uncommitted, like_saved)), meta=ocp.args.JsonRestore()))
+        out = self._mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(_host_if_uncommitted, like_saved)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         state = jax.tree.map(lambda ref, x: jnp.asarray(x) if _uncommitted(ref) else x, like_saved, out["state"])
         return _with_empty(state, like), dict(out["meta"])
 
@@ -99,5 +109,6 @@ def _without_empty(tree: Any) -> Any:
 
 def _with_empty(tree: Any, like: Any) -> Any:
     """Put the zero-size arrays of ``like`` back where `_without_empty` left None."""
-    return jax.tree.map(lambda ref, x: jnp.zeros(ref.shape, ref.dtype) if _is_empty(ref) else x, like, tree,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda ref, x: jnp.zeros(ref.shape, ref.dtype) if _is_empty(ref) else x, like, tree, is_leaf=lambda x: x is None
+    )

@@ -38,17 +38,32 @@ __all__ = ["fit"]
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= last_step]
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", -1) <= last_step
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def fit(loss_fn: Callable, tx: optax.GradientTransformation, params: Any, state: TrainState,
-        batch_fn: Callable[[int], Any], steps: int, *, out_dir: str | None = None, ckpt_every: int = 100,
-        keep: int = 3, log_every: int = 10, eval_fn: Callable[[TrainState], dict] | None = None,
-        eval_every: int | None = None, progress: bool = True, desc: str = "train",
-        state_update: Callable | None = None, mesh: Any = None,
-        local_batches: bool = False) -> tuple[TrainState, list[dict]]:
+def fit(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    params: Any,
+    state: TrainState,
+    batch_fn: Callable[[int], Any],
+    steps: int,
+    *,
+    out_dir: str | None = None,
+    ckpt_every: int = 100,
+    keep: int = 3,
+    log_every: int = 10,
+    eval_fn: Callable[[TrainState], dict] | None = None,
+    eval_every: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    state_update: Callable | None = None,
+    mesh: Any = None,
+    local_batches: bool = False,
+) -> tuple[TrainState, list[dict]]:
     """Train ``state`` up to ``steps`` steps; resume from ``out_dir`` if it has checkpoints.
 
     Args:

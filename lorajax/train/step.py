@@ -40,8 +40,13 @@ from lorajax.train.state import TrainState
 __all__ = ["make_lora_step", "refresh_state"]
 
 
-def make_lora_step(loss_fn: Callable[[Any, Any, Any], Any], tx: optax.GradientTransformation,
-                   *, jit: bool = True, state_update: Callable | None = None) -> Callable:
+def make_lora_step(
+    loss_fn: Callable[[Any, Any, Any], Any],
+    tx: optax.GradientTransformation,
+    *,
+    jit: bool = True,
+    state_update: Callable | None = None,
+) -> Callable:
     """``step(params, state, batch) -> (state, metrics)``: one optimiser step of ``state.trainable``.
 
     Args:
@@ -76,8 +81,9 @@ def make_lora_step(loss_fn: Callable[[Any, Any, Any], Any], tx: optax.GradientTr
             if aux is None:
                 raise ValueError("state_update needs loss_fn to return (loss, aux), got a bare loss")
             refreshed = state_update(params, combine(trainable, frozen), jax.lax.stop_gradient(aux))
-            frozen = jax.tree.map(lambda f, new: None if f is None else new, frozen, refreshed,
-                                  is_leaf=lambda x: x is None)
+            frozen = jax.tree.map(
+                lambda f, new: None if f is None else new, frozen, refreshed, is_leaf=lambda x: x is None
+            )
         finite = jnp.isfinite(loss)
         for g in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(g))

@@ -46,8 +46,18 @@ import jax.numpy as jnp
 
 from lorajax.variants.options import NoOptions, Options
 
-__all__ = ["Variant", "Target", "Context", "EVAL", "Factors", "PeftFormat", "SHARED_KEY", "scaling", "additive",
-           "balance_bias"]
+__all__ = [
+    "Variant",
+    "Target",
+    "Context",
+    "EVAL",
+    "Factors",
+    "PeftFormat",
+    "SHARED_KEY",
+    "scaling",
+    "additive",
+    "balance_bias",
+]
 
 #: Key of model-level adapter state in an adapters tree.
 SHARED_KEY = "_shared"
@@ -204,8 +214,9 @@ class Variant:
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"variant {self.name!r}: options must be an Options dataclass, got {self.options!r}")
         if isinstance(self.buffers, str):
-            raise TypeError(f"variant {self.name!r}: buffers must be a tuple of regexes, "
-                            f"got the string {self.buffers!r}")
+            raise TypeError(
+                f"variant {self.name!r}: buffers must be a tuple of regexes, got the string {self.buffers!r}"
+            )
         object.__setattr__(self, "_buffer_res", tuple(re.compile(p) for p in self.buffers))
 
     @property

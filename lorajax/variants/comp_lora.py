@@ -101,8 +101,10 @@ def subspace_size(sv: jax.Array, t: Target) -> int:
     try:
         sv2 = np.asarray(sv, np.float64) ** 2
     except jax.errors.TracerArrayConversionError:
-        raise ValueError(f"comp_lora energy={energy} needs concrete weights at init for {t.name!r}: "
-                         "call lorajax.init outside jit, or set top_k") from None
+        raise ValueError(
+            f"comp_lora energy={energy} needs concrete weights at init for {t.name!r}: "
+            "call lorajax.init outside jit, or set top_k"
+        ) from None
     share = np.cumsum(sv2) / max(sv2.sum(), np.finfo(np.float64).tiny)
     return int(np.searchsorted(share, energy - 1e-12) + 1)
 
@@ -129,8 +131,13 @@ def projected(w: jax.Array, adapter: dict) -> tuple[jax.Array, jax.Array]:
     u, v = adapter["comp_U"], adapter["comp_V"]
     d_in, d_out = w.shape
     k = u.shape[1]
-    if a.shape[0] != d_in or b.shape[1] != d_out or a.shape[1] != b.shape[0] or u.shape[0] != d_in \
-            or v.shape != (d_out, k):
+    if (
+        a.shape[0] != d_in
+        or b.shape[1] != d_out
+        or a.shape[1] != b.shape[0]
+        or u.shape[0] != d_in
+        or v.shape != (d_out, k)
+    ):
         raise ValueError(
             f"comp_lora needs lora_A: [in, r], lora_B: [r, out], comp_U: [in, k], comp_V: [out, k] for a weight "
             f"[in, out] = {w.shape}; got {a.shape}, {b.shape}, {u.shape}, {v.shape}"

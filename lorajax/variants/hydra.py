@@ -106,8 +106,10 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
     d_in, d_out = w.shape
     r_p, r_s = t.rank, seq_rank(t)
     if r_s > d_out:
-        raise ValueError(f"hydra: seq_rank {r_s} is larger than out = {d_out} for {t.name!r} "
-                         f"(kernel viewed as {tuple(w.shape)}); lower seq_rank")
+        raise ValueError(
+            f"hydra: seq_rank {r_s} is larger than out = {d_out} for {t.name!r} "
+            f"(kernel viewed as {tuple(w.shape)}); lower seq_rank"
+        )
     dtype = lora.adapter_dtype(t, w)
     mode = t.options.init_weights
     key_p, key_s = jax.random.split(key)
@@ -122,8 +124,12 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
 def _factors(w: jax.Array, adapter: dict) -> tuple[jax.Array, ...]:
     a_p, b_p, a_s, b_s = (adapter[k] for k in NAMES)
     d_in, d_out = w.shape
-    ok = (a_p.shape[0] == d_in and b_p.shape == (a_p.shape[1], d_out)
-          and a_s.shape[0] == d_out and b_s.shape == (a_s.shape[1], d_out))
+    ok = (
+        a_p.shape[0] == d_in
+        and b_p.shape == (a_p.shape[1], d_out)
+        and a_s.shape[0] == d_out
+        and b_s.shape == (a_s.shape[1], d_out)
+    )
     if not ok:
         raise ValueError(
             f"hydra needs hydra_par_A: [in, r_p], hydra_par_B: [r_p, out], hydra_seq_A: [out, r_s], "

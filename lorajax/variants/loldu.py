@@ -155,8 +155,9 @@ def _init_z(key: jax.Array, d_r: jax.Array, method: str, t: Target) -> jax.Array
         return jax.random.uniform(key, (r,), dtype, -1.0, 1.0) * half
     if method == "normal":
         if r < 2:
-            raise ValueError(f"LoLDU at {t.name!r}: init_method='normal' uses the unbiased std of D_r, "
-                             "which needs rank >= 2")
+            raise ValueError(
+                f"LoLDU at {t.name!r}: init_method='normal' uses the unbiased std of D_r, which needs rank >= 2"
+            )
         return jnp.mean(d_r) + jnp.std(d_r, ddof=1) * jax.random.normal(key, (r,), dtype)
     if method == "s_uniform":
         return jax.random.uniform(key, (r,), dtype, -1.0, 1.0)

@@ -55,7 +55,8 @@ INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 
 def _check_init(name: str, value: Any) -> None:
     ok = any(value == c and type(value) is type(c) for c in INIT_CHOICES) or (
-        isinstance(value, str) and value.startswith("pissa_niter_"))
+        isinstance(value, str) and value.startswith("pissa_niter_")
+    )
     if not ok:
         raise ValueError(f"{name} must be one of {INIT_CHOICES} or 'pissa_niter_K', got {value!r}")
 
@@ -138,8 +139,9 @@ def truncate(spec: Any, ranks: dict[str, int], rank: int) -> Any:
     def ratio(r: int) -> float:
         return math.sqrt(rank / r) if rslora else rank / r
 
-    new_alpha = {name: float(pattern_value(spec.alpha_pattern, name, spec.alpha)) * ratio(r)
-                 for name, r in ranks.items()}
+    new_alpha = {
+        name: float(pattern_value(spec.alpha_pattern, name, spec.alpha)) * ratio(r) for name, r in ranks.items()
+    }
     values = set(new_alpha.values())
     if len(values) == 1:
         return spec.replace(rank=rank, rank_pattern={}, alpha=values.pop(), alpha_pattern={})
@@ -160,17 +162,30 @@ def peft_from_config(config: dict, common: dict, options: dict | None = None, *,
     """The Spec of a ``LoraConfig`` (``options``: `lorajax.peft`'s load options, not used by LoRA)."""
     from lorajax.spec import Spec
 
-    return Spec(variant, alpha=float(config.get("lora_alpha", 8)), **common,
-                rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None,
-                use_rslora=bool(config.get("use_rslora", False)))
+    return Spec(
+        variant,
+        alpha=float(config.get("lora_alpha", 8)),
+        **common,
+        rank_pattern=config.get("rank_pattern") or None,
+        alpha_pattern=config.get("alpha_pattern") or None,
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
 
 
 def peft_to_config(spec: Any, targets: list[Target], *, use_dora: bool = False) -> dict:
     rank_pattern = {re.escape(t.name): t.rank for t in targets if t.rank != spec.rank}
     alpha_pattern = {re.escape(t.name): t.alpha for t in targets if t.alpha != spec.alpha}
-    return {"peft_type": "LORA", "lora_alpha": spec.alpha, "use_rslora": bool(spec.options["use_rslora"]),
-            "use_dora": use_dora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "lora_dropout": 0.0, "init_lora_weights": True, "exclude_modules": None}
+    return {
+        "peft_type": "LORA",
+        "lora_alpha": spec.alpha,
+        "use_rslora": bool(spec.options["use_rslora"]),
+        "use_dora": use_dora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "exclude_modules": None,
+    }
 
 
 PEFT_FIELDS = frozenset({"lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"})
@@ -185,9 +200,14 @@ VARIANT = Variant(
     options=Options,
     factors=Factors("lora_A", "lora_B", scale=scaling, exact=True),
     truncate=truncate,
-    peft=PeftFormat(("LORA",), fields=PEFT_FIELDS, tensors=PEFT_TENSORS,
-                    accepts=lambda config: not config.get("use_dora"),
-                    from_config=peft_from_config, to_config=peft_to_config),
+    peft=PeftFormat(
+        ("LORA",),
+        fields=PEFT_FIELDS,
+        tensors=PEFT_TENSORS,
+        accepts=lambda config: not config.get("use_dora"),
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )

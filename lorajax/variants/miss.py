@@ -236,8 +236,12 @@ def peft_from_config(config: dict, common: dict, options: dict | None = None) ->
 
 
 def peft_to_config(spec: Any, targets: list[Target]) -> dict:
-    return {"peft_type": "MISS", "init_weights": spec.options.init_weights, "mini_r": spec.options.mini_r,
-            "miss_dropout": 0.0}
+    return {
+        "peft_type": "MISS",
+        "init_weights": spec.options.init_weights,
+        "mini_r": spec.options.mini_r,
+        "miss_dropout": 0.0,
+    }
 
 
 VARIANT = Variant(
@@ -247,9 +251,13 @@ VARIANT = Variant(
     apply=apply,
     unadapted=unadapted,
     options=Options,
-    peft=PeftFormat(("MISS", "BONE"), fields=frozenset({"init_weights", "mini_r"}),
-                    tensors=(("miss_block", "miss_block", None),),
-                    from_config=peft_from_config, to_config=peft_to_config),
+    peft=PeftFormat(
+        ("MISS", "BONE"),
+        fields=frozenset({"init_weights", "mini_r"}),
+        tensors=(("miss_block", "miss_block", None),),
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -75,8 +75,10 @@ class Options(Mapping):
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=3)
                 hint = f" Did you mean {close}?" if close else ""
-                raise TypeError(f"unknown option {key!r} for variant {variant!r}.{hint} "
-                                f"Options of {variant!r}: {sorted(known) or 'none'}")
+                raise TypeError(
+                    f"unknown option {key!r} for variant {variant!r}.{hint} "
+                    f"Options of {variant!r}: {sorted(known) or 'none'}"
+                )
         return cls(**values)
 
     def replace(self, **changes: Any) -> "Options":

@@ -104,8 +104,9 @@ SCALINGS = ("peft", "official")
 
 def _check_scaling(name: str, value: Any) -> None:
     if value not in SCALINGS:
-        raise ValueError(f"{name} must be one of {SCALINGS} ('peft': alpha/r; 'official': alpha/r/sqrt(nb)), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be one of {SCALINGS} ('peft': alpha/r; 'official': alpha/r/sqrt(nb)), got {value!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +205,15 @@ def factors(w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, jax.Arra
     lam, gam = adapter["randlora_lambda"], adapter["randlora_gamma"]
     r, nb = lam.shape
     a_sh, b_sh = adapter["randlora_A"], adapter["randlora_B"]
-    if (a_sh.ndim != 3 or b_sh.ndim != 3 or a_sh.shape[:2] != (r, 1) or a_sh.shape[2] < d_min
-            or b_sh.shape[0] < d_max or b_sh.shape[1] < nb or b_sh.shape[2] != r):
+    if (
+        a_sh.ndim != 3
+        or b_sh.ndim != 3
+        or a_sh.shape[:2] != (r, 1)
+        or a_sh.shape[2] < d_min
+        or b_sh.shape[0] < d_max
+        or b_sh.shape[1] < nb
+        or b_sh.shape[2] != r
+    ):
         raise ValueError(
             f"RandLoRA bases randlora_A {a_sh.shape}, randlora_B {b_sh.shape} do not fit a weight {w.shape} "
             f"with randlora_lambda {lam.shape}: need A [{r}, 1, >={d_min}] and B [>={d_max}, >={nb}, {r}]"
@@ -256,18 +264,29 @@ def trainable_count(targets: list[Target]) -> int:
 def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
     from lorajax.spec import Spec
 
-    return Spec("randlora", alpha=float(config.get("randlora_alpha", 640)), **common,
-                projection_prng_key=int(config.get("projection_prng_key", 0)),
-                sparse=bool(config.get("sparse", False)), very_sparse=bool(config.get("very_sparse", False)))
+    return Spec(
+        "randlora",
+        alpha=float(config.get("randlora_alpha", 640)),
+        **common,
+        projection_prng_key=int(config.get("projection_prng_key", 0)),
+        sparse=bool(config.get("sparse", False)),
+        very_sparse=bool(config.get("very_sparse", False)),
+    )
 
 
 def peft_to_config(spec: Any, targets: list[Target]) -> dict:
     opts = spec.options
     if opts.scaling != "peft":
         raise ValueError("PEFT's RandLoRA format uses scaling='peft' (alpha / r)")
-    return {"peft_type": "RANDLORA", "randlora_alpha": spec.alpha, "save_projection": True,
-            "projection_prng_key": opts.projection_prng_key, "sparse": opts.sparse,
-            "very_sparse": opts.very_sparse, "randlora_dropout": 0.0}
+    return {
+        "peft_type": "RANDLORA",
+        "randlora_alpha": spec.alpha,
+        "save_projection": True,
+        "projection_prng_key": opts.projection_prng_key,
+        "sparse": opts.sparse,
+        "very_sparse": opts.very_sparse,
+        "randlora_dropout": 0.0,
+    }
 
 
 VARIANT = Variant(
@@ -280,13 +299,15 @@ VARIANT = Variant(
     options=Options,
     buffers=("randlora_A", "randlora_B"),
     rank_limited=False,
-    peft=PeftFormat(("RANDLORA",), fields=frozenset({"randlora_alpha", "projection_prng_key", "sparse",
-                                                     "very_sparse"}),
-                    tensors=(("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)),
-                    shared=(("randlora_A", "base_model.randlora_A", None),
-                            ("randlora_B", "base_model.randlora_B", None)),
-                    duplicates=("randlora_A", "randlora_B"),  # PEFT also writes the bases per module
-                    from_config=peft_from_config, to_config=peft_to_config),
+    peft=PeftFormat(
+        ("RANDLORA",),
+        fields=frozenset({"randlora_alpha", "projection_prng_key", "sparse", "very_sparse"}),
+        tensors=(("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)),
+        shared=(("randlora_A", "base_model.randlora_A", None), ("randlora_B", "base_model.randlora_B", None)),
+        duplicates=("randlora_A", "randlora_B"),  # PEFT also writes the bases per module
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )

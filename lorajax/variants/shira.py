@@ -216,8 +216,7 @@ def _sampled_product(x: jax.Array, g: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def sparse_matmul(x: jax.Array, values: jax.Array, idx: jax.Array, d_out: int,
-                  backward: str = "sampled") -> jax.Array:
+def sparse_matmul(x: jax.Array, values: jax.Array, idx: jax.Array, d_out: int, backward: str = "sampled") -> jax.Array:
     """``x S: [T, out]`` for ``x: [T, in]``; only ``x``, ``values``, ``idx`` are kept for the backward pass.
 
     ``backward="sampled"``: ``∂values`` by the chunked sampled product (no
@@ -281,10 +280,14 @@ VARIANT = Variant(
     unadapted=unadapted,
     options=Options,
     buffers=("shira_indices",),
-    peft=PeftFormat(("SHIRA",), fields=frozenset({"mask_type"}),
-                    # PEFT's [2, K] indices are (out, in): the rows swapped
-                    tensors=(("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")),
-                    from_config=peft_from_config, to_config=peft_to_config),
+    peft=PeftFormat(
+        ("SHIRA",),
+        fields=frozenset({"mask_type"}),
+        # PEFT's [2, K] indices are (out, in): the rows swapped
+        tensors=(("shira_weight", "shira_weight", None), ("shira_indices", "shira_indices", "swap")),
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )

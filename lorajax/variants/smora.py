@@ -206,8 +206,7 @@ update = balance_bias("lora_biases", "bias_update_rate")
 
 def trainable_count(targets: list[Target]) -> int:
     """``Σ r · (in + out) + (r / p) · in`` (``A``, ``B`` and the router)."""
-    return sum(t.rank * sum(t.matrix_shape) + (t.rank // t.options.rank_partition) * t.matrix_shape[0]
-               for t in targets)
+    return sum(t.rank * sum(t.matrix_shape) + (t.rank // t.options.rank_partition) * t.matrix_shape[0] for t in targets)
 
 
 VARIANT = Variant(

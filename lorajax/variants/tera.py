@@ -121,9 +121,12 @@ def split(n: int, n_modes: int) -> tuple[int, ...]:
 
 
 def _is_pair(value) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, (list, tuple)) for v in value)
-            and all(isinstance(e, int) and not isinstance(e, bool) for v in value for e in v))
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (list, tuple)) for v in value)
+        and all(isinstance(e, int) and not isinstance(e, bool) for v in value for e in v)
+    )
 
 
 def _factor_table(factors) -> list[tuple[str | None, tuple]] | None:
@@ -134,8 +137,9 @@ def _factor_table(factors) -> list[tuple[str | None, tuple]] | None:
         return [(str(k), v) for k, v in factors.items()]
     if _is_pair(factors):
         return [(None, factors)]
-    if isinstance(factors, (list, tuple)) and all(isinstance(e, (list, tuple)) and len(e) == 2
-                                                   and isinstance(e[0], str) for e in factors):
+    if isinstance(factors, (list, tuple)) and all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) for e in factors
+    ):
         return [(k, v) for k, v in factors]  # a dict frozen by Spec into ((key, value), ...)
     raise ValueError(
         "factors must be None, a pair ((i_1, ..., i_N), (o_1, ..., o_N)) of int tuples, or a "
@@ -148,8 +152,10 @@ def _check_pair(pair, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise ValueError(f"{where}: expected a pair ((i_1, ..., i_N), (o_1, ..., o_N)) of int tuples, got {pair!r}")
     f_in, f_out = (tuple(int(e) for e in v) for v in pair)
     if len(f_in) != len(f_out) or not 1 <= len(f_in) <= MAX_MODES:
-        raise ValueError(f"{where}: the in and out factors need the same length N in [1, {MAX_MODES}], "
-                         f"got {len(f_in)} and {len(f_out)}")
+        raise ValueError(
+            f"{where}: the in and out factors need the same length N in [1, {MAX_MODES}], "
+            f"got {len(f_in)} and {len(f_out)}"
+        )
     if min(f_in + f_out) < 1:
         raise ValueError(f"{where}: factors must be positive ints, got {pair!r}")
     return f_in, f_out
@@ -192,11 +198,11 @@ def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
     pair = None
     table = _factor_table(t.options.factors)
     if table is not None:
-        hits = {tuple(map(tuple, v)) for k, v in table
-                if k is None or re.match(rf"(.*\.)?({k})$", t.name)}
+        hits = {tuple(map(tuple, v)) for k, v in table if k is None or re.match(rf"(.*\.)?({k})$", t.name)}
         if len(hits) > 1:
-            raise ValueError(f"TeRA at {t.name!r}: several factors keys match with different tensorisations "
-                             f"{sorted(hits)}")
+            raise ValueError(
+                f"TeRA at {t.name!r}: several factors keys match with different tensorisations {sorted(hits)}"
+            )
         pair = hits.pop() if hits else None
     if pair is None:
         n = t.options.n_modes
@@ -235,7 +241,7 @@ def draw_base(seed: int, key: str, f_in: tuple, f_out: tuple, rank: int, dtype: 
     flat = jax.random.normal(k, (sum(sizes),), jnp.dtype(dtype))
     parts, pos = [], 0
     for shape, size in zip(shapes, sizes):
-        parts.append(flat[pos: pos + size].reshape(shape))
+        parts.append(flat[pos : pos + size].reshape(shape))
         pos += size
     out = {"tera_core": parts[0] / math.sqrt(math.prod(f_in))}
     for j, part in enumerate(parts[1:]):
@@ -276,8 +282,10 @@ def _operands(w: jax.Array, adapter: dict, t: Target):
         raise ValueError(f"TeRA at {t.name!r}: weight {w.shape} does not fit the tensorisation {f_in} x {f_out}")
     bases = adapter.get("tera_bases", {})
     if name not in bases:
-        raise ValueError(f"TeRA at {t.name!r}: adapters['_shared']['tera_bases'] has no entry {name!r} "
-                         f"(it has {sorted(bases)[:5]}): the adapters were made for other shapes or options")
+        raise ValueError(
+            f"TeRA at {t.name!r}: adapters['_shared']['tera_bases'] has no entry {name!r} "
+            f"(it has {sorted(bases)[:5]}): the adapters were made for other shapes or options"
+        )
     base, n = bases[name], len(f_in)
     scaled = []
     for k in range(n):

@@ -97,8 +97,12 @@ from lorajax.variants.options import checks, option
 def _check_order(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
-            or not all(isinstance(e, str) and e for e in value):
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(e, str) and e for e in value)
+    ):
         raise ValueError(f"{name} must be None or a non-empty list of module-name suffixes, got {value!r}")
 
 
@@ -179,9 +183,9 @@ def init_shared(key: jax.Array, targets: list[Target]) -> dict:
     blocks, pos = {}, 0
     for t in ordered:
         (d_in, d_out), r = t.matrix_shape, t.rank
-        idx_a = idx[pos: pos + r * d_in].reshape(r, d_in).T  # PEFT [r, in] -> [in, r]
+        idx_a = idx[pos : pos + r * d_in].reshape(r, d_in).T  # PEFT [r, in] -> [in, r]
         pos += r * d_in
-        idx_b = idx[pos: pos + d_out * r].reshape(d_out, r).T  # PEFT [out, r] -> [r, out]
+        idx_b = idx[pos : pos + d_out * r].reshape(d_out, r).T  # PEFT [out, r] -> [r, out]
         pos += d_out * r
         blocks[t.name] = {
             "unilora_indices_A": jnp.asarray(idx_a, jnp.int32),
@@ -212,8 +216,13 @@ def factors(w: jax.Array, adapter: dict, t: Target) -> tuple[jax.Array, jax.Arra
         )
     idx_a, idx_b = blocks[t.name]["unilora_indices_A"], blocks[t.name]["unilora_indices_B"]
     d_in, d_out = w.shape
-    if idx_a.ndim != 2 or idx_b.ndim != 2 or idx_a.shape[0] != d_in or idx_b.shape[1] != d_out \
-            or idx_a.shape[1] != idx_b.shape[0]:
+    if (
+        idx_a.ndim != 2
+        or idx_b.ndim != 2
+        or idx_a.shape[0] != d_in
+        or idx_b.shape[1] != d_out
+        or idx_a.shape[1] != idx_b.shape[0]
+    ):
         raise ValueError(
             f"Uni-LoRA indices of {t.name!r}: A {idx_a.shape}, B {idx_b.shape} do not fit the weight {w.shape} "
             "(need A [in, r] and B [r, out])"
@@ -265,17 +274,27 @@ def peft_from_config(config: dict, common: dict, options: dict | None = None) ->
     order = options.get("module_order")
     if any(k.endswith(_INDICES_SUFFIX) for k in options.get("tensor_names", ())):
         order = None  # the file's own indices fix the layout
-    return Spec("unilora", **common, theta_d_length=int(config.get("theta_d_length", 256)),
-                proj_seed=int(config.get("proj_seed", 42)),
-                init_theta_d_bound=float(config.get("init_theta_d_bound", 0.02)),
-                target_order=None if order is None else tuple(order))
+    return Spec(
+        "unilora",
+        **common,
+        theta_d_length=int(config.get("theta_d_length", 256)),
+        proj_seed=int(config.get("proj_seed", 42)),
+        init_theta_d_bound=float(config.get("init_theta_d_bound", 0.02)),
+        target_order=None if order is None else tuple(order),
+    )
 
 
 def peft_to_config(spec: Any, targets: list[Target]) -> dict:
     opts = spec.options
-    return {"peft_type": "UNILORA", "theta_d_length": opts.theta_d_length, "proj_seed": opts.proj_seed,
-            "init_theta_d_bound": opts.init_theta_d_bound, "save_indices": True, "unilora_dropout": 0.0,
-            "init_weights": True}
+    return {
+        "peft_type": "UNILORA",
+        "theta_d_length": opts.theta_d_length,
+        "proj_seed": opts.proj_seed,
+        "init_theta_d_bound": opts.init_theta_d_bound,
+        "save_indices": True,
+        "unilora_dropout": 0.0,
+        "init_weights": True,
+    }
 
 
 def peft_load(spec: Any, params: Any, targets: list[Target], tensors: dict, template: Any, options: dict) -> dict:
@@ -286,21 +305,27 @@ def peft_load(spec: Any, params: Any, targets: list[Target], tensors: dict, temp
     try:
         adapters = template()
     except ValueError as e:
-        raise ValueError(f"{e}. The Uni-LoRA file has no indices: pass unilora_order=[...] (the torch "
-                         "registration order of the adapted modules) or save it with save_indices=True") from e
+        raise ValueError(
+            f"{e}. The Uni-LoRA file has no indices: pass unilora_order=[...] (the torch "
+            "registration order of the adapted modules) or save it with save_indices=True"
+        ) from e
     shared = dict(adapters[SHARED_KEY])
     like = shared["unilora_theta_d"]
-    shared["unilora_theta_d"] = read_tensor(tensors, "base_model.unilora_theta_d", "_shared/unilora_theta_d",
-                                            like, None)
+    shared["unilora_theta_d"] = read_tensor(
+        tensors, "base_model.unilora_theta_d", "_shared/unilora_theta_d", like, None
+    )
     d = like.shape[0]
     if has_indices:
         blocks, scales = {}, {}
         for t in targets:
             old = shared["unilora_indices"][t.name]
             pre = f"{PREFIX}{t.name}.unilora_"
-            blocks[t.name] = {f"unilora_indices_{x}": read_tensor(tensors, pre + f"indices_{x}",
-                                                                  f"{t.name}/indices_{x}",
-                                                                  old[f"unilora_indices_{x}"], "T") for x in "AB"}
+            blocks[t.name] = {
+                f"unilora_indices_{x}": read_tensor(
+                    tensors, pre + f"indices_{x}", f"{t.name}/indices_{x}", old[f"unilora_indices_{x}"], "T"
+                )
+                for x in "AB"
+            }
             scales[t.name] = {x: tensors.pop(pre + f"scales_{x}", None) for x in "AB"}
         flat_idx = np.concatenate([np.asarray(b[k]).ravel() for b in blocks.values() for k in sorted(b)])
         if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= d):
@@ -312,8 +337,10 @@ def peft_load(spec: Any, params: Any, targets: list[Target], tensors: dict, temp
                     continue
                 want = norm[np.asarray(blocks[name][f"unilora_indices_{x}"])].T
                 if saved.shape != want.shape or not np.allclose(np.asarray(saved, np.float64), want, rtol=1e-5):
-                    raise ValueError(f"{PREFIX}{name}.unilora_scales_{x} disagrees with 1/sqrt(count) of the "
-                                     "saved indices: the file is inconsistent")
+                    raise ValueError(
+                        f"{PREFIX}{name}.unilora_scales_{x} disagrees with 1/sqrt(count) of the "
+                        "saved indices: the file is inconsistent"
+                    )
         shared["unilora_indices"] = blocks
         shared["unilora_norm"] = jnp.asarray(norm, like.dtype)
     return {**{k: v for k, v in adapters.items() if k != SHARED_KEY}, SHARED_KEY: shared}
@@ -342,10 +369,14 @@ VARIANT = Variant(
     init_shared=init_shared,
     options=Options,
     buffers=("unilora_size", "unilora_norm", r"unilora_indices_[AB]"),
-    peft=PeftFormat(("UNILORA",), fields=frozenset({"theta_d_length", "proj_seed", "init_theta_d_bound",
-                                                    "init_weights"}),
-                    from_config=peft_from_config, to_config=peft_to_config,
-                    load_extra=peft_load, save_extra=peft_save),
+    peft=PeftFormat(
+        ("UNILORA",),
+        fields=frozenset({"theta_d_length", "proj_seed", "init_theta_d_bound", "init_weights"}),
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+        load_extra=peft_load,
+        save_extra=peft_save,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )

@@ -95,9 +95,7 @@ def _slices(w: jax.Array, adapter: dict) -> tuple[jax.Array, jax.Array]:
     d_in, d_out = w.shape
     a_sh, b_sh = adapter["vera_A"], adapter["vera_B"]
     if a_sh.shape[0] < d_in or b_sh.shape[1] < d_out:
-        raise ValueError(
-            f"VeRA projections {a_sh.shape}, {b_sh.shape} are smaller than the weight {w.shape}"
-        )
+        raise ValueError(f"VeRA projections {a_sh.shape}, {b_sh.shape} are smaller than the weight {w.shape}")
     return a_sh[:d_in], b_sh[:, :d_out]
 
 
@@ -130,20 +128,32 @@ def trainable_count(targets: list[Target]) -> int:
 def peft_from_config(config: dict, common: dict, options: dict | None = None) -> Any:
     from lorajax.spec import Spec
 
-    return Spec("vera", **common, projection_prng_key=int(config.get("projection_prng_key", 0)),
-                d_initial=float(config.get("d_initial", 0.1)))
+    return Spec(
+        "vera",
+        **common,
+        projection_prng_key=int(config.get("projection_prng_key", 0)),
+        d_initial=float(config.get("d_initial", 0.1)),
+    )
 
 
 def peft_to_config(spec: Any, targets: list[Target]) -> dict:
-    return {"peft_type": "VERA", "projection_prng_key": spec.options.projection_prng_key,
-            "d_initial": spec.options.d_initial, "save_projection": True, "vera_dropout": 0.0}
+    return {
+        "peft_type": "VERA",
+        "projection_prng_key": spec.options.projection_prng_key,
+        "d_initial": spec.options.d_initial,
+        "save_projection": True,
+        "vera_dropout": 0.0,
+    }
 
 
 def peft_shared_fits(entry: str, array: Any, like: Any) -> bool:
     """PEFT's projections may be larger than needed (sliced per weight); the rank axis must match."""
     rank_axis = 1 if entry == "vera_A" else 0
-    return array.ndim == 2 and all(a >= b for a, b in zip(array.shape, like.shape)) \
+    return (
+        array.ndim == 2
+        and all(a >= b for a, b in zip(array.shape, like.shape))
         and array.shape[rank_axis] == like.shape[rank_axis]
+    )
 
 
 VARIANT = Variant(
@@ -156,10 +166,15 @@ VARIANT = Variant(
     options=Options,
     buffers=("vera_A", "vera_B"),
     rank_limited=False,
-    peft=PeftFormat(("VERA",), fields=frozenset({"projection_prng_key", "d_initial"}),
-                    tensors=(("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)),
-                    shared=(("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")),
-                    from_config=peft_from_config, to_config=peft_to_config, shared_fits=peft_shared_fits),
+    peft=PeftFormat(
+        ("VERA",),
+        fields=frozenset({"projection_prng_key", "d_initial"}),
+        tensors=(("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)),
+        shared=(("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")),
+        from_config=peft_from_config,
+        to_config=peft_to_config,
+        shared_fits=peft_shared_fits,
+    ),
     trainable_count=trainable_count,
     doc=__doc__,
 )
