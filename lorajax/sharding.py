@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -57,6 +57,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lorajax import paths
+from lorajax.selection import Selection
 
 __all__ = [
     "AXES",
@@ -204,8 +205,10 @@ def shardings(
     Args:
       tree: params, adapters, optimiser state, or a tuple/dict of them.
       mesh: from `make_mesh`.
-      rules: ordered ``(regex, PartitionSpec)`` pairs; None = `default_rules`
-        (of ``like`` when given, else of ``tree``).
+      rules: ordered ``(pattern, PartitionSpec)`` pairs; a pattern is a regex
+        (``re.fullmatch`` on the leaf's dotted name) or a `lorajax.Selection`
+        (the kernels it selects, with the grammar of a Spec's targets); None =
+        `default_rules` (of ``like`` when given, else of ``tree``).
       like: the base params, when ``tree`` holds adapters (or their optimiser
         state) without the weights: adapter factors then follow their weight.
       strict: raise if a rule matches no leaf (default: True for rules you pass).
@@ -218,15 +221,17 @@ def shardings(
         rules, strict = default_rules(tree if like is None else like), bool(strict)
     elif strict is None:
         strict = True
-    rules = [(re.compile(rx), spec if isinstance(spec, P) else P(*spec)) for rx, spec in rules]
+    rules = [
+        (_matcher(rx, tree if like is None else like), spec if isinstance(spec, P) else P(*spec)) for rx, spec in rules
+    ]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     like_shapes = {} if like is None else _shapes(like)
     weights = _shapes(tree) if like is None else {**like_shapes, **_shapes(tree)}
     used = [False] * len(rules)
 
     def rule_for(name: str):
-        for i, (rx, spec) in enumerate(rules):
-            if rx.fullmatch(name):
+        for i, ((_, matches), spec) in enumerate(rules):
+            if matches(name):
                 used[i] = True
                 return spec
         return None
@@ -261,10 +266,23 @@ def shardings(
                     break
         out.append(NamedSharding(mesh, P(*entries)))
     if strict:
-        unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
+        unused = [rules[i][0][0] for i, u in enumerate(used) if not u]
         if unused:
             raise ValueError(f"sharding rule(s) {unused} match no leaf (leaf names look like {list(weights)[:3]})")
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _matcher(pattern: Any, tree: Any) -> tuple[Any, Callable[[str], bool]]:
+    """``(label, matches(leaf name))`` of a rule's pattern: a regex, or a `Selection` resolved on ``tree``."""
+    if isinstance(pattern, Selection):
+        try:
+            weights = pattern.resolve(tree)
+        except ValueError:  # selects nothing here: the rule is unused (strict mode names it)
+            weights = []
+        names = {".".join(w.keys[1:] if w.keys[0] == "params" else w.keys) for w in weights}
+        return pattern, names.__contains__
+    rx = re.compile(pattern)
+    return pattern, lambda name: rx.fullmatch(name) is not None
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -52,3 +52,22 @@ def test_galore_selects_with_the_same_grammar():
     assert [w.name for w in got] == ["layers_0.q"]
     spec = lorajax.Spec("lora", rank=4, targets=sel)
     assert [w.name for w in galore_targets(PARAMS, spec, rank=2)] == ["layers_0.q"]
+
+
+def test_a_selection_can_be_a_partition_rule():
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from lorajax import sharding
+
+    mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
+    rules = [(Selection(["q"], layers_to_transform=1), P("fsdp", None))]
+    got = sharding.shardings(PARAMS, mesh, rules)
+    assert got["params"]["layers_1"]["q"]["kernel"].spec == P("fsdp", None)
+    assert got["params"]["layers_0"]["q"]["kernel"].spec == P(None, None)  # not selected: replicated
+    spec = lorajax.Spec("lora", rank=2, targets=["q"])
+    adapters = lorajax.init(spec, PARAMS, 0)
+    on_adapters = sharding.shardings(adapters, mesh, rules, like=PARAMS)
+    assert on_adapters["params"]["layers_1"]["q"]["kernel"]["lora_A"].spec == P("fsdp", None)  # follows its weight
+    with pytest.raises(ValueError, match="match no leaf"):
+        sharding.shardings(PARAMS, mesh, [(Selection("nothing.*"), P("fsdp"))])
