@@ -14,7 +14,7 @@ Table 2 (step time). The CPU tiny Llama of shared/specs/performance.md §7 (voca
 AdamW lr 1e-4), shrunk to fit ~6 minutes on 2 shared cores: fewer layers and tokens (see the
 header of the results file). For each variant: `lorajax.adapt(..., mode="factored")`,
 `lorajax.train.make_lora_step` (adapters only differentiated; FlyLoRA and SMoRA with
-``adapter_aux=True`` and ``state_update=lorajax.train.refresh_state(spec)``), the first call
+``aux=True`` and ``state_update=lorajax.train.refresh_state(spec)``), the first call
 (trace + compile + one step) timed on its own, one more warm-up call, then ``--steps`` rounds that
 alternate one plain-LoRA step and one variant step; the ratio is median(variant) / median(LoRA)
 over those rounds. A second plain-LoRA instance gives the noise floor (its ratio should be ~1).
@@ -207,11 +207,11 @@ def make_runner(variant: str, model, variables, batch):
     spec = lorajax.Spec(variant, rank=RANK, alpha=ALPHA, targets=TARGETS)
     adapters = lorajax.init(spec, variables, 0)
     trainable, frozen = lorajax.partition(spec, adapters)
-    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    fwd = lorajax.adapt(model.apply, spec, mode="factored", aux=True)
 
     def loss_fn(v, adapters, batch):  # aux: routing statistics (FlyLoRA, SMoRA), {} for the others
         ids, rng = batch  # the rng only matters to sampling variants (DyLoRA's rank)
-        logits, aux = fwd(v, adapters, ids, adapter_rng=rng, adapter_train=True, adapter_aux=True)
+        logits, aux = fwd(v, adapters, ids, adapter_rng=rng, adapter_train=True)
         return ce(logits, ids), aux
 
     tx = optax.adamw(1e-4)
@@ -367,7 +367,7 @@ SVD/LU factors, indices) are not counted. Every row matches its formula: **{"yes
 one plain-LoRA step then one variant step, after two warm-up calls; "first call" is trace + compile +
 one step. Options are each variant's defaults (e.g. SHiRA's `backward="sampled"`, SMoRA's dense
 compute, FlyLoRA k = r/4 = 4, TeRA 3 modes, Uni-LoRA d = 256); FlyLoRA and SMoRA run with
-`adapter_aux=True` and `state_update=lorajax.train.refresh_state(spec)`; DyLoRA samples its rank
+`aux=True` and `state_update=lorajax.train.refresh_state(spec)`; DyLoRA samples its rank
 (`adapter_train=True`).
 
 {steps}

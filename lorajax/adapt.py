@@ -69,7 +69,13 @@ KERNELS = (None, "pallas")
 
 
 def adapt(
-    apply_fn: Callable, spec: Spec, mode: str = "factored", *, debug: bool = False, kernel: str | None = None
+    apply_fn: Callable,
+    spec: Spec,
+    mode: str = "factored",
+    *,
+    aux: bool = False,
+    debug: bool = False,
+    kernel: str | None = None,
 ) -> Callable:
     """Wrap ``apply_fn(params, *a, **kw)`` as ``fn(params, adapters, *a, **kw)``.
 
@@ -77,6 +83,7 @@ def adapt(
       apply_fn: e.g. ``model.apply`` (linen) or a function of an NNX State.
       spec: the `Spec` the adapters were made with.
       mode: ``"factored"`` (default) or ``"merged"``.
+      aux: the returned function gives ``(out, aux)`` (see below) instead of ``out``.
       debug: check adapters for NaN/Inf on every call (raises FloatingPointError).
       kernel: ``None`` (jnp) or ``"pallas"``: the fused `pallas_kernels.lora_linear`
         kernel (factored mode and the ``lora`` variant only).
@@ -84,7 +91,8 @@ def adapt(
     The returned function also takes keyword-only ``adapter_rng`` (a PRNG key;
     folded per target) and ``adapter_train`` (bool) for variants that sample in
     training (e.g. DyLoRA's rank); they are not passed on to ``apply_fn``.
-    With ``adapter_aux=True`` (factored mode) it returns ``(out, aux)``: for
+    With ``aux=True`` (or ``adapter_aux=True`` on one call, which overrides
+    it) it returns ``(out, aux)``: for
     variants with load-balancing state (FlyLoRA, SMoRA) ``aux`` is a tree like
     the adapters holding each target's statistics (summed over the calls of
     that layer), to be passed to `lorajax.update_state`; for other variants it
@@ -110,7 +118,7 @@ def adapt(
             raise ValueError(f"variant {spec.variant!r} is input-dependent and cannot be merged: use mode='factored'")
 
         @functools.wraps(apply_fn)
-        def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
+        def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=aux, **kwargs):
             if debug:
                 check_finite(adapters)
             merged = merge(spec, params, adapters, rng=adapter_rng, train=adapter_train, variant=variant)
@@ -120,7 +128,7 @@ def adapt(
         return merged_fn
 
     @functools.wraps(apply_fn)
-    def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=False, **kwargs):
+    def factored_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=aux, **kwargs):
         if debug:
             check_finite(adapters)
         plan = make_plan(spec, params, adapters, registered)

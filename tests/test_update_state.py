@@ -1,4 +1,4 @@
-"""Load-balancing state: adapt(..., adapter_aux=True) -> update_state, and the train step.
+"""Load-balancing state: adapt(..., aux=True) -> update_state, and the train step.
 
 Uses a toy routing-style variant registered for the test only: ``y = x W + (x A) B``
 with statistics ``counts[j] = #tokens with (x A)[:, j] > 0`` and the frozen
@@ -63,9 +63,9 @@ def _setup():
 
 def test_aux_collected_per_target_and_summed_over_calls():
     model, x, variables, spec, adapters = _setup()
-    fwd = lorajax.adapt(model.apply, spec, mode="factored")
-    out, aux = jax.jit(lambda v, a, x: fwd(v, a, x, adapter_aux=True))(variables, adapters, x)
-    np.testing.assert_allclose(out, fwd(variables, adapters, x))
+    fwd = lorajax.adapt(model.apply, spec, mode="factored", aux=True)  # decided when adapt is built
+    out, aux = jax.jit(fwd)(variables, adapters, x)
+    np.testing.assert_allclose(out, fwd(variables, adapters, x)[0])
     a_d = adapters["params"]["d"]["kernel"]["A"]
     want = np.sum(np.asarray(x @ a_d) > 0, 0) + np.sum(np.asarray(x[::-1] @ a_d) > 0, 0)
     np.testing.assert_array_equal(aux["params"]["d"]["kernel"]["counts"], want)

@@ -211,7 +211,7 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
     )
     variables = {"params": enc.params}
     trainable, frozen = lorajax.partition(spec, lorajax.init(spec, variables, jax.random.key(cfg.seed + 1)))
-    fwd = lorajax.adapt(enc.model.apply, spec, mode="factored")
+    fwd = lorajax.adapt(enc.model.apply, spec, mode="factored", aux=True)
 
     def hidden(base, adapters, batch, rng, train):  # aux: routing statistics (FlyLoRA, SMoRA), else {}
         return fwd(
@@ -222,7 +222,6 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
             batch["token_type_ids"],
             adapter_rng=rng,
             adapter_train=train,
-            adapter_aux=True,
         )
 
     def refresh(base, tree, aux):  # routing variants' load-balancing bias; the identity for the others

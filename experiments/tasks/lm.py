@@ -111,12 +111,13 @@ def run(cfg: RunConfig) -> dict:
         variables = sharding.shard(variables, mesh)
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
+    fwd_aux = lorajax.adapt(model.apply, spec, mode="factored", aux=True)  # also gives routing statistics
 
     def loss_fn(v, a, batch):
         return lm_loss(fwd(v, a, batch[:, :-1]), batch)
 
     def train_loss(v, a, batch):  # aux: routing statistics (FlyLoRA, SMoRA) for refresh_state, else {}
-        logits, aux = fwd(v, a, batch[:, :-1], adapter_aux=True)
+        logits, aux = fwd_aux(v, a, batch[:, :-1])
         return lm_loss(logits, batch) + extra_loss(cfg, a), aux
 
     eval_loss = jax.jit(loss_fn)

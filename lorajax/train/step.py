@@ -53,7 +53,7 @@ def make_lora_step(
       loss_fn: ``loss_fn(params, combined, batch) -> loss`` or ``-> (loss, aux)``,
         ``combined`` being ``combine(state.trainable, state.frozen)`` and
         ``loss`` a scalar; ``aux`` is what the adapted forward returns with
-        ``adapter_aux=True`` (routing statistics; ``{}`` for other variants).
+        ``aux=True`` (routing statistics; ``{}`` for other variants).
       tx: an optax transformation over the trainable tree (the one that made ``state.opt_state``).
       jit: compile the step; the state passed in is donated (its buffers are
         reused for the new state: do not use it afterwards). ``params`` is not donated.

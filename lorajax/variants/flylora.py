@@ -32,8 +32,8 @@ Shapes and init (``init``):
 * ``lora_topk_bias: [r]`` zeros, frozen (float32), refreshed by `update`.
 
 ``apply`` returns ``y`` and hands ``{"counts": float32[r]}`` to
-``ctx.sow``; ``counts`` adds up over calls and batches. Get it with ``lorajax.adapt(...)(params, adapters, x,
-adapter_aux=True) -> (out, aux)``; `lorajax.update_state` applies ``update``
+``ctx.sow``; ``counts`` adds up over calls and batches. Get it with ``lorajax.adapt(..., aux=True)(params,
+adapters, x) -> (out, aux)``; `lorajax.update_state` applies ``update``
 (in training: ``lorajax.train.make_lora_step(..., state_update=
 lorajax.train.refresh_state(spec))``).
 
