@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclasses.dataclass
@@ -15,6 +15,21 @@ class SpecConfig:
     targets: Union[str, tuple[str, ...]] = ("query", "value")  # module suffixes, a regex or "all-linear"
     exclude: tuple[str, ...] = ()  # module suffixes to leave out (e.g. "pooler.dense")
     use_rslora: bool = False  # s = alpha / sqrt(r) (lora, dora)
+
+    def to_spec(self):
+        """The `lorajax.Spec` these launcher flags describe (a registered variant)."""
+        import lorajax
+
+        options: dict[str, Any] = {"use_rslora": True} if self.use_rslora else {}
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return lorajax.Spec(
+            self.variant,
+            rank=self.rank,
+            alpha=self.alpha,
+            targets=targets,
+            exclude=list(self.exclude) or None,
+            **options,
+        )
 
 
 @dataclasses.dataclass

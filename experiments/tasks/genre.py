@@ -199,16 +199,7 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
 
 def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
     """``cfg.spec``'s adapters on the frozen encoder (any registered variant)."""
-    s = cfg.spec
-    options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
-    spec = lorajax.Spec(
-        s.variant,
-        rank=s.rank,
-        alpha=s.alpha,
-        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-        exclude=list(s.exclude) or None,
-        **options,
-    )
+    spec = cfg.spec.to_spec()
     variables = {"params": enc.params}
     trainable, frozen = lorajax.partition(spec, lorajax.init(spec, variables, jax.random.key(cfg.seed + 1)))
     fwd = lorajax.adapt(enc.model.apply, spec, mode="factored", aux=True)
@@ -251,7 +242,7 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
         name="adapters",
         run_dir="lora",
         desc=spec.variant,
-        label=f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={s.targets}",
+        label=f"{spec.variant} r={spec.rank} alpha={spec.alpha} targets={cfg.spec.targets}",
         base=_placed(variables, mesh),
         trainable=_placed(trainable, mesh, like=variables),
         frozen=_placed(frozen, mesh, like=variables),

@@ -13,7 +13,6 @@ comedies (Twelfth Night, Much Ado). Characters are the tokens.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,16 +91,7 @@ def run(cfg: RunConfig) -> dict:
         lorajax.models.save_pretrained(base_dir, model, params)
     variables = {"params": params}
 
-    s = cfg.spec
-    options: dict[str, Any] = {"use_rslora": True} if s.use_rslora else {}
-    spec = lorajax.Spec(
-        s.variant,
-        rank=s.rank,
-        alpha=s.alpha,
-        targets=s.targets if isinstance(s.targets, str) else list(s.targets),
-        exclude=list(s.exclude) or None,
-        **options,
-    )
+    spec = cfg.spec.to_spec()
     adapters = lorajax.init(spec, variables, jax.random.key(cfg.seed + 1))
     mesh = None
     if cfg.mesh:  # weights split by lorajax.sharding's Llama rules, adapters follow, batches over data x fsdp
@@ -183,7 +173,7 @@ def run(cfg: RunConfig) -> dict:
         loss_plot({f"{spec.variant} on comedies": curve}, out / "loss.png", title="lm task")
     (out / "results.md").write_text(
         f"# LM on Shakespeare speeches\n\nBase: Llama-style, pre-trained {2 * steps} steps on histories, "
-        f"tragedies and romances; adapters ({spec.variant} r={spec.rank}, targets {s.targets}) {steps} steps on "
+        f"tragedies and romances; adapters ({spec.variant} r={spec.rank}, targets {cfg.spec.targets}) {steps} steps on "
         f"comedies; evaluated on unseen comedies. Batch {cfg.batch_size} x {seq} chars.\n\n{table}\n\n"
         f"Sample (merged adapters, T=0.8, top-p 0.95):\n\n```\n{sample}\n```\n"
     )
