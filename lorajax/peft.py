@@ -61,11 +61,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import safetensors.flax
 from safetensors import SafetensorError
 
 from lorajax import adapters as adapters_lib
-from lorajax import registry
+from lorajax import atomic, registry
 from lorajax import targets as targets_lib
 from lorajax.jsonfile import read_object
 from lorajax.plan import nest
@@ -252,6 +253,27 @@ def _read_tensors(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or malformed?): {e}") from e
 
 
+def _check_finite(tensors: dict, path: Path) -> None:
+    """Raise ValueError naming the first tensor of ``tensors`` (read from ``path``) that holds NaN or Inf.
+
+    One ``np.isfinite(...).all()`` per floating tensor, on the host; integer
+    tensors (indices) are skipped.
+    """
+    for name, arr in tensors.items():
+        if not jnp.issubdtype(arr.dtype, jnp.inexact):
+            continue
+        host = np.asarray(arr)
+        if np.isfinite(host).all():
+            continue
+        finite = np.isfinite(host)
+        bad = int(finite.size - np.count_nonzero(finite))
+        nan = int(np.count_nonzero(np.isnan(host)))
+        raise ValueError(
+            f"{path}: tensor {name!r} has {bad} non-finite values of {host.size} ({nan} NaN, {bad - nan} Inf): "
+            "a diverged or corrupted adapter; pass allow_nonfinite=True to load it anyway"
+        )
+
+
 def read_tensor(tensors: dict, name: str, where: str, like: Any, kind: str | None) -> Any:
     """Take tensor ``name`` out of ``tensors``, transformed (``kind``) and checked against ``like``'s shape/dtype.
 
@@ -272,7 +294,12 @@ def read_tensor(tensors: dict, name: str, where: str, like: Any, kind: str | Non
 
 
 def load(
-    adapter_dir: str | os.PathLike, params: Any, *, dtype: Any = None, unilora_order: Any = TORCH_MODULE_ORDER
+    adapter_dir: str | os.PathLike,
+    params: Any,
+    *,
+    dtype: Any = None,
+    unilora_order: Any = TORCH_MODULE_ORDER,
+    allow_nonfinite: bool = False,
 ) -> tuple[Spec, dict]:
     """Read a PEFT adapter folder into ``(spec, adapters)`` for ``params``.
 
@@ -284,14 +311,17 @@ def load(
       unilora_order: for Uni-LoRA files saved without indices: the torch
         registration order of the adapted modules (name suffixes, see
         `TORCH_MODULE_ORDER`); ignored when the file has the indices.
+      allow_nonfinite: load tensors holding NaN or Inf (default: refuse them).
 
     Raises:
       FileNotFoundError / ValueError naming the missing file, the missing,
-      unknown or wrongly shaped tensor, or the unsupported config field.
+      unknown, wrongly shaped or non-finite tensor, or the unsupported config field.
     """
     adapter_dir = Path(adapter_dir)
     config = _read_config(adapter_dir)
     tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
+    if not allow_nonfinite:
+        _check_finite(tensors, adapter_dir / WEIGHTS_NAME)
     options = {"module_order": unilora_order, "tensor_names": tuple(tensors), "dtype": dtype}
     spec = _spec_from_config(config, params, options)
     if dtype is not None:
@@ -390,7 +420,14 @@ def save(
     """Write ``adapters`` as a PEFT adapter folder; returns the folder.
 
     ``params`` (the base the adapters are for) fixes the module names and checks
-    that ``adapters`` fits. Tensors are written in the adapters' dtype.
+    that ``adapters`` fits. Tensors are written in the adapters' dtype; a
+    non-finite one raises FloatingPointError before anything is written.
+
+    The folder is written atomically (`lorajax.atomic.directory`): a process
+    killed mid-export leaves the previous folder (or none), never a config
+    without its weights. Into an existing folder, ``adapter_config.json`` and
+    ``adapter_model.safetensors`` are replaced and every other file (README,
+    tokenizer, ...) is kept.
     """
     adapter_dir = Path(adapter_dir)
     config = config_from_spec(spec, params, base_model_name_or_path, task_type)
@@ -407,12 +444,13 @@ def save(
         tensors[name] = _transform(jnp.asarray(shared[entry]), kind)
     if fmt.save_extra is not None:
         tensors.update(fmt.save_extra(spec, selected, index, shared))
-    adapter_dir.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in tensors.items() if not bool(jnp.all(jnp.isfinite(jnp.asarray(v, jnp.float32))))]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite adapter tensors: {bad[:3]}")
-    safetensors.flax.save_file(
-        {k: jnp.asarray(v) for k, v in tensors.items()}, str(adapter_dir / WEIGHTS_NAME), metadata={"format": "pt"}
-    )
-    (adapter_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    own = {CONFIG_NAME, WEIGHTS_NAME}
+    with atomic.directory(adapter_dir, keep=lambda name: name not in own) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        safetensors.flax.save_file(
+            {k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"}
+        )
     return adapter_dir

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import safetensors.flax
 from safetensors import SafetensorError, safe_open
 
+from lorajax import atomic
 from lorajax.jsonfile import read_object
 
 __all__ = ["from_pretrained", "save_pretrained", "FAMILIES", "load_config"]
@@ -68,17 +69,50 @@ def family(model_type: str):
     return importlib.import_module(f"lorajax.models.{FAMILIES[model_type]}")
 
 
+def _shard_path(folder: Path, index_file: Path, name: Any) -> Path:
+    """``folder / name`` for a shard ``name`` of ``index_file``, checked to stay inside ``folder``.
+
+    Raises:
+      ValueError: ``name`` is not a string, is empty, absolute, has a ``..``
+        component, or resolves (after symbolic links) outside ``folder``.
+    """
+    bad = f"{index_file}: shard {name!r} in weight_map"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{bad} is not a file name")
+    if os.path.isabs(name) or Path(name).is_absolute():
+        raise ValueError(f"{bad} is an absolute path: shard names must be relative to the model folder")
+    if ".." in Path(name).parts or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{bad} has a '..' component: shard names must stay inside the model folder")
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if target == root or root not in target.parents:
+        raise ValueError(f"{bad} resolves to {target}, outside the model folder {root} (a symbolic link?)")
+    return folder / name
+
+
+def _index_shards(path: Path) -> list[Path]:
+    """The shard files named by ``path``'s ``model.safetensors.index.json``, checked (see `_shard_path`)."""
+    index_file = path / INDEX
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_file} is malformed: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file} is malformed: it needs a weight_map object {{tensor name: shard file}}")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{index_file} is malformed: weight_map[{bad[0][0]!r}] = {bad[0][1]!r} is not a file name")
+    return [_shard_path(path, index_file, name) for name in sorted(set(weight_map.values()))]
+
+
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX).exists():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            files = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{path / INDEX} is malformed: {e}") from e
-        missing = [f for f in files if not (path / f).exists()]
+        files = _index_shards(path)
+        missing = [f.name for f in files if not f.exists()]
         if missing:
             raise FileNotFoundError(f"shards named in {INDEX} are missing: {missing}")
-        return [path / f for f in files]
+        return files
     if (path / SINGLE).exists():
         return [path / SINGLE]
     bins = sorted(p.name for p in path.glob("*.bin"))
@@ -182,20 +216,48 @@ def to_hf_tensors(model: Any, params: dict) -> dict[str, jax.Array]:
     return out
 
 
+_SHARD_RE = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def _export_files(path: Path) -> set[str]:
+    """Names in an existing folder ``path`` that a previous export wrote (and a new one replaces).
+
+    ``config.json``, the weights (``model.safetensors``, its index, HF-style
+    shards ``model-00001-of-00002.safetensors`` and the shards the old index
+    names). A stale index must not survive next to new weights: loaders prefer it.
+    """
+    own = {"config.json", SINGLE, INDEX}
+    if path.is_dir():
+        own |= {p.name for p in path.iterdir() if _SHARD_RE.fullmatch(p.name)}
+        try:
+            own |= {f.name for f in _index_shards(path) if f.parent == path}
+        except (OSError, ValueError):
+            pass  # unreadable or unsafe old index: it is replaced, shards it names stay as user files
+    return own
+
+
 def save_pretrained(path: str | os.PathLike, model: Any, params: dict, *, dtype: Any = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads.
 
+    The folder is written atomically (`lorajax.atomic.directory`): a process
+    killed mid-export leaves the previous folder (or none), never a
+    ``config.json`` without its weights. Into an existing folder, the previous
+    export's files (``config.json``, ``model.safetensors``, an index and its
+    shards) are replaced and every other file (tokenizer, README, ...) is kept.
+
     Args:
-      path: output folder (created).
+      path: output folder (created; parents too).
       model: a model from `from_pretrained` (or built from a family Config).
       params: its params, e.g. after `lorajax.merge`.
       dtype: cast tensors to this dtype before writing (default: as they are).
+
+    Returns:
+      ``path``.
     """
     path = Path(path)
     tensors = to_hf_tensors(model, params)
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
-    path.mkdir(parents=True, exist_ok=True)
     dtypes = {str(v.dtype) for v in tensors.values()}
     config = model.cfg.to_hf()
     if len(dtypes) == 1:
@@ -205,8 +267,10 @@ def save_pretrained(path: str | os.PathLike, model: Any, params: dict, *, dtype:
             "bfloat16": "bfloat16",
             "float16": "float16",
         }.get(dtypes.pop(), "float32")
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    safetensors.flax.save_file(
-        {k: jnp.asarray(v) for k, v in tensors.items()}, str(path / SINGLE), metadata={"format": "pt"}
-    )
+    own = _export_files(path.resolve()) if path.exists() else set()
+    with atomic.directory(path, keep=lambda name: name not in own) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        safetensors.flax.save_file(
+            {k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / SINGLE), metadata={"format": "pt"}
+        )
     return path
