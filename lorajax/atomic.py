@@ -133,7 +133,8 @@ def directory(path: str | os.PathLike, *, keep: Callable[[str], bool] | None = N
     Args:
       path: the folder. If it is a symbolic link, the folder it points to is
         replaced and the link kept. An existing ``path`` that is not a folder
-        raises NotADirectoryError (a file is never replaced by a folder).
+        raises NotADirectoryError (a file is never replaced by a folder); the
+        working folder or one above it raises ValueError.
       keep: ``keep(name) -> bool`` for the entries of the existing folder that
         the new content does not have: those it accepts are carried into the
         new folder (hard links, else copies; sub-folders whole), the others are
@@ -144,11 +145,14 @@ def directory(path: str | os.PathLike, *, keep: Callable[[str], bool] | None = N
       other's temporaries); entries created in the old folder while the new
       one is written are not carried.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and ".." get a name
     if path.is_symlink():
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder: refusing to replace it by a folder")
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise ValueError(f"{path} holds the working folder, which cannot be replaced: write to a sub-folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path)
     tmp = temporary_name(path)

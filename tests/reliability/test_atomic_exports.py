@@ -87,6 +87,20 @@ def test_directory_symlink_keep_and_file(tmp_path):
     assert a_file.read_text() == "keep me" and _temporaries(tmp_path, "notes.txt") == []
 
 
+def test_directory_refuses_the_working_folder(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "data.txt").write_text("user data")
+    monkeypatch.chdir(work / "sub")
+    for target in (".", "..", work):
+        with pytest.raises(ValueError, match="holds the working folder"):
+            with atomic.directory(target):
+                pass
+    with atomic.directory("out") as tmp:  # relative names work below it
+        (tmp / "x").write_text("x")
+    assert _tree(work) == {"data.txt": b"user data", "sub/out/x": b"x"}
+
+
 # ----------------------------------------------------------------------------- save_pretrained
 
 @pytest.fixture(scope="module")
