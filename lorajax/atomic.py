@@ -159,6 +159,8 @@ def directory(path: str | os.PathLike, *, keep: Callable[[str], bool] | None = N
     tmp.mkdir()
     try:
         yield tmp
+        if path.is_dir():
+            shutil.copymode(path, tmp)  # the folder keeps its permissions (e.g. mkdtemp's 0700)
         if keep is not None and path.is_dir():
             for entry in sorted(path.iterdir()):
                 if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink() and keep(entry.name):

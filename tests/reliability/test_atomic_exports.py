@@ -49,9 +49,10 @@ def test_directory_exception_keeps_old_folder(tmp_path):
             raise RuntimeError("disk full")
     assert _tree(out) == before == {"a.txt": b"old a", "sub/b.txt": b"old b"}
     assert _temporaries(tmp_path, "export") == []
-    with atomic.directory(out) as tmp:  # a complete write replaces the folder whole
+    out.chmod(0o700)
+    with atomic.directory(out) as tmp:  # a complete write replaces the folder whole, keeping its permissions
         (tmp / "c.txt").write_text("c")
-    assert _tree(out) == {"c.txt": b"c"}
+    assert _tree(out) == {"c.txt": b"c"} and out.stat().st_mode & 0o777 == 0o700
     assert _temporaries(tmp_path, "export") == []
 
 
