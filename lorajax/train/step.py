@@ -46,6 +46,7 @@ def make_lora_step(
     *,
     jit: bool = True,
     state_update: Callable | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """``step(params, state, batch) -> (state, metrics)``: one optimiser step of ``state.trainable``.
 
@@ -62,6 +63,13 @@ def make_lora_step(
         leaves after the optimiser step, e.g. `refresh_state` ``(spec)``; only
         the frozen leaves of its result are kept (trainable leaves change only
         by the optimiser). ``loss_fn`` must then return ``(loss, aux)``.
+      skip_nonfinite: a step whose loss or any gradient leaf is not finite
+        leaves ``trainable``, ``frozen`` and ``opt_state`` as they were (selected
+        on the device with ``jnp.where``, no host sync); ``step`` still
+        advances, so ``batch_fn(step)`` stays the same function of the step.
+        (``optax.apply_if_finite`` would do it for the optimiser only, and
+        changes the structure of ``opt_state``; this keeps it, and covers the
+        ``state_update`` refresh of ``frozen`` too.)
 
     Returns:
       ``step``. Its ``metrics`` are device arrays: ``loss`` (float32 []) and
@@ -87,6 +95,10 @@ def make_lora_step(
         finite = jnp.isfinite(loss)
         for g in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(g))
+        if skip_nonfinite:
+            trainable, frozen, opt_state = _keep_if(
+                finite, (trainable, frozen, opt_state), (state.trainable, state.frozen, state.opt_state)
+            )
         # flax.struct.dataclass adds .replace
         new = state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state)  # type: ignore[attr-defined]
         return new, {"loss": loss, "finite": finite}
@@ -94,6 +106,11 @@ def make_lora_step(
     if not jit:
         return step
     return jax.jit(step, donate_argnums=(1,))
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok`` (a bool scalar) else ``old``, leaf by leaf (None leaves stay None)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def refresh_state(spec: Spec) -> Callable:
