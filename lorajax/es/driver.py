@@ -86,9 +86,9 @@ def run(
         from lorajax.train.checkpoint import Checkpointer
 
         ckpt = Checkpointer(checkpoint_dir, keep=keep)
-        if ckpt.latest_step() is not None:
+        if ckpt.all_steps():  # restore verifies; all invalid -> CheckpointError, not a silent restart
             like = essa.init(init_key)
-            state, meta = ckpt.restore(like)
+            state, meta = ckpt.restore(like, check=_generation_matches)
             history = list(meta.get("history", []))
             log.info("resumed ESSA from %s at generation %d", checkpoint_dir, int(state.generation))
     if state is None:
@@ -133,3 +133,9 @@ def run(
         if ckpt is not None:
             ckpt.close()
     return state, history
+
+
+def _generation_matches(state: State, meta: dict, step: int) -> None:
+    """A checkpoint's own generation must be its folder's step (else it counts as invalid on restore)."""
+    if int(state.generation) != step or int(meta.get("generation", step)) != step:
+        raise ValueError(f"generation {int(state.generation)} (meta {meta.get('generation')}) != folder step {step}")
