@@ -1,8 +1,19 @@
-"""Markdown tables and matplotlib plots for experiment results."""
+"""Markdown tables, matplotlib plots, metrics and results files of experiment runs (written atomically)."""
 
 from __future__ import annotations
 
+import io
+import json
+import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorajax import atomic
+
+#: the step-time file of a training folder (written by the call that trained; read by a later resume)
+STEP_TIME = "step_time.json"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -13,7 +24,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
-    """Loss vs step, one line per run, written as a PNG."""
+    """Loss vs step, one line per run, written as a PNG (atomically: the old plot or the new one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,6 +40,74 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, titl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    atomic.write_bytes(path, png.getvalue())
     return Path(path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (none if it is missing); a torn last line (a killed write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # the end of an interrupted append
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON; the metrics file is damaged") from None
+    return records
+
+
+def loss_curve(train_dir: str | Path) -> list[tuple[int, float]]:
+    """``[(step, loss), ...]`` of every call that trained in ``train_dir`` (from its ``metrics.jsonl``)."""
+    return [(r["step"], r["loss"]) for r in read_metrics(Path(train_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def step_time_ms(history: list[dict], train_dir: str | Path) -> float | None:
+    """Median milliseconds per step of the steps timed in ``history``; stored in ``train_dir``.
+
+    A call that trained nothing (resumed after training ended) returns the
+    stored value of the call that did, or None when there is none.
+    """
+    stored = Path(train_dir) / STEP_TIME
+    rates = [h["steps_per_s"] for h in history if "steps_per_s" in h]
+    if rates:
+        ms = 1e3 / float(np.median(rates))
+        atomic.write_text(stored, json.dumps({"step_ms": ms, "timed_records": len(rates)}) + "\n")
+        return ms
+    try:
+        value = json.loads(stored.read_text(encoding="utf-8"))["step_ms"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def format_ms(ms: float | None) -> str:
+    """``"12 ms"``, or ``"n/a (resumed after training)"`` when no step was timed."""
+    return "n/a (resumed after training)" if ms is None or not math.isfinite(ms) else f"{ms:.0f} ms"
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (JSON has no NaN/Infinity)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_results(out: str | Path, markdown: str, results: dict) -> None:
+    """``results.md`` and ``results.json`` (strict JSON, loss curves left out), each written atomically."""
+    out = Path(out)
+    atomic.write_text(out / "results.md", markdown)
+    record = {k: v for k, v in results.items() if not k.endswith("loss_curve")}
+    text = json.dumps(strict_json(record), indent=2, default=str, allow_nan=False)
+    atomic.write_text(out / "results.json", text + "\n")

@@ -62,11 +62,13 @@ def test_launcher_optimisers(tmp_path, extra):
     assert curve and all(l == l for l in curve)  # finite, logged
 
 
-def test_sora_optimiser_needs_sora_variant(tmp_path):
-    with pytest.raises(SystemExit, match="sora"):
+def test_sora_optimiser_needs_sora_variant(tmp_path, capsys):
+    """Refused up front (before the model loads): one line on stderr naming the flag, exit status 2."""
+    with pytest.raises(SystemExit) as e:
         run.main(["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "1",
                   "--max-train", "4", "--max-test", "4", "--out-dir", str(tmp_path), "--no-progress",
                   "--no-baseline", "--optim.name", "sora"])
+    assert e.value.code == 2 and "--optim.name sora" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [["--optim.name", "lora_pro", "--spec.targets", "query", "value"],

