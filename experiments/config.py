@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Optional, Union
 
 
@@ -81,19 +80,3 @@ class RunConfig:
     # when there is nothing to resume); a different config there is always refused (see run_config.json)
     overwrite: bool = False  # start afresh: a previous run's files in out_dir are moved to <out_dir>.replaced-<time>/
     debug: bool = False  # errors with their full traceback (user errors otherwise print one line)
-
-    def fit_options(self, fit: Any) -> dict[str, Any]:
-        """The keyword arguments of `lorajax.train.fit` these flags set (only those ``fit`` accepts)."""
-        return _accepted(fit, {"on_nonfinite": self.on_nonfinite})
-
-    def text_options(self, loader: Any) -> dict[str, Any]:
-        """The keyword arguments of a text loader (``genre_dataset``, ``lm_corpus``) these flags set."""
-        return _accepted(loader, {"encoding": self.encoding})
-
-
-def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The items of ``kwargs`` that ``fn``'s signature names (all of them if it takes ``**kwargs``)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}

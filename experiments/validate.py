@@ -27,12 +27,10 @@ from typing import Any
 
 from experiments.config import RunConfig
 
-__all__ = ["ConfigError", "validate", "flag", "TASKS", "ON_NONFINITE", "RESUME"]
+__all__ = ["ConfigError", "validate", "flag", "TASKS", "RESUME"]
 
 #: the launcher's tasks (``--task``) and their modules
 TASKS = {"genre": "experiments.tasks.genre", "lm": "experiments.tasks.lm"}
-#: ``--on-nonfinite`` policies of `lorajax.train.fit`
-ON_NONFINITE = ("stop", "skip")
 #: ``--resume`` policies (see `experiments.run_identity`)
 RESUME = ("never", "auto", "must")
 #: ``--spec.variant`` values that are not adapters (genre task only)
@@ -165,7 +163,9 @@ def _check_run_options(cfg: RunConfig) -> None:
         text_codec = False
     if not text_codec:
         raise ConfigError(f"--encoding must be a text codec Python knows (utf-8, latin-1, ...), got {cfg.encoding!r}")
-    _one_of(cfg, "on_nonfinite", ON_NONFINITE)
+    from lorajax.train.loop import NONFINITE_POLICIES
+
+    _one_of(cfg, "on_nonfinite", NONFINITE_POLICIES)
     _one_of(cfg, "resume", RESUME)
     if cfg.overwrite and cfg.resume == "must":
         raise ConfigError("--overwrite starts afresh and --resume must continues a run: give only one of them")

@@ -79,7 +79,7 @@ def _check_lengths(ids: dict, seq: int) -> None:
 def run(cfg: RunConfig) -> dict:
     """Pre-train (or load) the base, adapt it to the comedies; the results dict (see the module doc)."""
     out = Path(cfg.out_dir)
-    corpus = speeches.lm_corpus(cfg.data or None, **cfg.text_options(speeches.lm_corpus))
+    corpus = speeches.lm_corpus(cfg.data or None, encoding=cfg.encoding)
     tok = CharTokenizer.fit("".join(corpus.values()))
     ids = {k: tok.encode(v) for k, v in corpus.items()}
     if cfg.max_test is not None:
@@ -122,7 +122,7 @@ def run(cfg: RunConfig) -> dict:
             keep=cfg.keep,
             progress=cfg.progress,
             desc="pre-train base (full)",
-            **cfg.fit_options(lorajax.train.fit),
+            on_nonfinite=cfg.on_nonfinite,
         )
         params = state.trainable
         lorajax.models.save_pretrained(base_dir, model, params)
@@ -180,7 +180,7 @@ def run(cfg: RunConfig) -> dict:
         desc=f"{spec.variant} on comedies",
         mesh=mesh,
         state_update=lorajax.train.refresh_state(spec),
-        **cfg.fit_options(lorajax.train.fit),
+        on_nonfinite=cfg.on_nonfinite,
     )
     adapters = state.combined
     after = held_out(adapters)

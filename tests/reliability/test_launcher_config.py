@@ -7,6 +7,7 @@ one subprocess checks the real command line: exit status and a stderr without a 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -167,3 +168,50 @@ def test_command_line_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: --ckpt-every must be >= 1, got 0"]
     assert not out.exists()
+
+
+class Stop(Exception):
+    """Ends a task once the call under test has been seen (not a user error: the launcher lets it through)."""
+
+
+def test_encoding_reaches_the_loaders_and_a_data_error_writes_nothing(tmp_path, capsys, monkeypatch):
+    from experiments.tasks import genre, lm
+    seen = []
+
+    def undecodable(path=None, *, encoding):
+        seen.append(encoding)
+        raise ValueError(f"{path}: hamlet_gut.txt is not valid {encoding} (byte 0xff at 3); pass --encoding")
+    monkeypatch.setattr(lm.speeches, "lm_corpus", undecodable)
+    monkeypatch.setattr(genre.speeches, "genre_dataset", undecodable)
+    monkeypatch.setattr(genre, "load_encoder", lambda cfg: genre.Encoder(None, {}, None, None))
+    model = tmp_path / "model"  # a folder that passes validation; the stand-in encoder never reads it
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for task in ("lm", "genre"):
+        out = tmp_path / task
+        with pytest.raises(SystemExit) as e:
+            run.main(["--task", task, "--model", str(model), "--encoding", "latin-1", "--out-dir", str(out),
+                      "--no-progress"])
+        assert e.value.code == 2 and "hamlet_gut.txt" in one_error_line(capsys)
+        assert not out.exists()  # the run's config is recorded only once its inputs loaded
+    assert seen == ["latin-1", "latin-1"]
+
+
+def test_on_nonfinite_reaches_fit(tmp_path, monkeypatch):
+    """The lm task's first fit (pre-training) gets the policy (the model is stubbed: only the call is checked)."""
+    import lorajax
+    from experiments.tasks import lm
+    text = "Viola: " + "the quick brown fox jumps over the lazy dog. " * 20
+    monkeypatch.setattr(lm.speeches, "lm_corpus", lambda path=None, *, encoding: dict.fromkeys(
+        ("pretrain", "adapt_train", "adapt_test"), text))
+    calls = []
+
+    def fit(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+    monkeypatch.setattr(lorajax.train, "fit", fit)
+    monkeypatch.setattr(lm.llama, "build", lambda mcfg: SimpleNamespace(init=lambda key, x: {"params": {}}))
+    with pytest.raises(Stop):
+        run.main(["--task", "lm", "--steps", "2", "--max-length", "8", "--batch-size", "2", "--no-progress",
+                  "--on-nonfinite", "skip", "--out-dir", str(tmp_path / "o")])
+    assert calls and calls[0]["on_nonfinite"] == "skip"
