@@ -76,7 +76,7 @@ class RunConfig:
     distributed: bool = False  # multi-host: jax.distributed.initialize() first (TPU pods, SLURM: auto)
     encoding: str = "utf-8"  # text encoding of the play files (a codec Python knows, e.g. latin-1); strict
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop (raise, naming the step) | skip (drop that update)
-    resume: str = "auto"  # an out_dir with this run's checkpoints: auto (resume) | never (refuse) | must (refuse
-    # when there is nothing to resume); a different config there is always refused (see run_config.json)
+    resume: str = "auto"  # this run in out_dir: auto (resume it) | never (refuse) | must (refuse if nothing to resume)
+    # (another config in out_dir is always refused: see run_config.json and experiments/run_identity.py)
     overwrite: bool = False  # start afresh: a previous run's files in out_dir are moved to <out_dir>.replaced-<time>/
     debug: bool = False  # errors with their full traceback (user errors otherwise print one line)

@@ -151,16 +151,18 @@ def is_writer(cfg: RunConfig) -> bool:
 def check(cfg: RunConfig) -> str:
     """Decide what ``cfg`` does with ``cfg.out_dir``: ``"fresh"`` or ``"resume"`` (nothing is loaded).
 
-    With ``--overwrite`` a previous run's files are moved aside first
-    (by the `is_writer` process only; the others of a multi-host job just read).
+    With ``--overwrite`` a previous run's files are moved aside first. In a
+    multi-host job only process 0 (`is_writer`) checks and moves; its refusal ends the job.
 
     Raises:
       RunConflict: ``out_dir`` holds a run of another config, a run of unknown
         config, a run that ``--resume never`` forbids, or nothing that ``--resume must`` needs.
     """
     out = Path(cfg.out_dir)
+    if not is_writer(cfg):  # process 0 decides for a multi-host job (and may have written the file already)
+        return "resume" if (out / FILE).exists() else "fresh"
     if cfg.overwrite:
-        aside = move_aside(out) if is_writer(cfg) and out.is_dir() else None
+        aside = move_aside(out) if out.is_dir() else None
         if aside is not None:
             print(f"--overwrite: the previous run in {out} moved to {aside}", flush=True)
         return "fresh"
