@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ from lorajax import atomic
 STEP_TIME = "step_time.json"
 
 
+def main_process() -> bool:
+    """Whether this process writes a run's shared files: process 0 of a multi-host jax job, or the only one.
+
+    The writers below do nothing elsewhere (two hosts replacing one file on a
+    shared disk would remove each other's temporaries).
+    """
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -25,6 +36,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
     """Loss vs step, one line per run, written as a PNG (atomically: the old plot or the new one)."""
+    if not main_process():
+        return Path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +92,8 @@ def step_time_ms(history: list[dict], train_dir: str | Path) -> float | None:
     rates = [h["steps_per_s"] for h in history if "steps_per_s" in h]
     if rates:
         ms = 1e3 / float(np.median(rates))
-        atomic.write_text(stored, json.dumps({"step_ms": ms, "timed_records": len(rates)}) + "\n")
+        if main_process():
+            atomic.write_text(stored, json.dumps({"step_ms": ms, "timed_records": len(rates)}) + "\n")
         return ms
     try:
         value = json.loads(stored.read_text(encoding="utf-8"))["step_ms"]
@@ -106,6 +120,8 @@ def strict_json(value: Any) -> Any:
 
 def write_results(out: str | Path, markdown: str, results: dict) -> None:
     """``results.md`` and ``results.json`` (strict JSON, loss curves left out), each written atomically."""
+    if not main_process():
+        return
     out = Path(out)
     atomic.write_text(out / "results.md", markdown)
     record = {k: v for k, v in results.items() if not k.endswith("loss_curve")}

@@ -35,7 +35,15 @@ import lorajax
 from experiments import run_identity
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
-from experiments.report import format_ms, loss_curve, loss_plot, markdown_table, step_time_ms, write_results
+from experiments.report import (
+    format_ms,
+    loss_curve,
+    loss_plot,
+    main_process,
+    markdown_table,
+    step_time_ms,
+    write_results,
+)
 from lorajax import atomic, sharding
 from lorajax.data import speeches
 from lorajax.models import bert
@@ -232,10 +240,9 @@ def adapter_body(cfg: RunConfig, enc: Encoder) -> Body:
         return {**tree, "adapters": lorajax.update_state(spec, base, tree["adapters"], aux)}
 
     def export(out: Path, tree: dict) -> dict:
-        with atomic.directory(out / "adapters_orbax") as tmp:  # trainable leaves and frozen buffers
-            ckpt = Checkpointer(tmp, keep=1)
-            ckpt.save(cfg.steps, tree, {"spec": repr(spec)})
-            ckpt.close()
+        save_orbax(out / "adapters_orbax", cfg.steps, tree, {"spec": repr(spec)})  # trainable leaves and buffers
+        if not main_process():
+            return {}
         try:
             lorajax.peft.save(
                 out / "peft_adapter",
@@ -276,7 +283,8 @@ def full_body(cfg: RunConfig, enc: Encoder) -> Body:
         ), {}
 
     def export(out: Path, tree: dict) -> dict:  # HF format (transformers' from_pretrained loads it)
-        lorajax.models.save_pretrained(out / "model", enc.model, tree["encoder"])
+        if main_process():
+            lorajax.models.save_pretrained(out / "model", enc.model, tree["encoder"])
         return {}
 
     return Body(
@@ -384,11 +392,29 @@ def evaluate(
     }
 
 
+def save_orbax(path: Path, step: int, tree: Any, meta: dict) -> None:
+    """``tree`` as a one-checkpoint orbax folder ``path``, replaced atomically (a kill leaves the old or the new).
+
+    In a multi-host job every process takes part in the save, in place (orbax
+    renames the step folder into place once complete).
+    """
+    if jax.process_count() > 1:
+        ckpt = Checkpointer(path, keep=1)
+        ckpt.save(step, tree, meta)
+        ckpt.close()
+        return
+    with atomic.directory(path) as tmp:
+        ckpt = Checkpointer(tmp, keep=1)
+        ckpt.save(step, tree, meta)
+        ckpt.close()
+
+
 def export(out: Path, body: Body, state: lorajax.train.TrainState) -> dict:
     """The head (safetensors) and the body's own artefacts (adapters: orbax + PEFT; full: an HF folder)."""
     tree = state.combined
     head = safetensors.numpy.save({k: np.asarray(v) for k, v in tree["head"].items()})
-    atomic.write_bytes(out / "head.safetensors", head)
+    if main_process():
+        atomic.write_bytes(out / "head.safetensors", head)
     return {**body.export(out, tree), "spec": body.label}
 
 

@@ -29,7 +29,15 @@ import lorajax
 from experiments import run_identity
 from experiments.config import RunConfig
 from experiments.optimizers import extra_loss, make_tx
-from experiments.report import format_ms, loss_curve, loss_plot, markdown_table, step_time_ms, write_results
+from experiments.report import (
+    format_ms,
+    loss_curve,
+    loss_plot,
+    main_process,
+    markdown_table,
+    step_time_ms,
+    write_results,
+)
 from lorajax import sharding
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
@@ -125,7 +133,8 @@ def run(cfg: RunConfig) -> dict:
             on_nonfinite=cfg.on_nonfinite,
         )
         params = state.trainable
-        lorajax.models.save_pretrained(base_dir, model, params)
+        if main_process():  # the other processes of a multi-host job keep the params they trained
+            lorajax.models.save_pretrained(base_dir, model, params)
     variables = {"params": params}
 
     spec = cfg.spec.to_spec()
@@ -200,7 +209,8 @@ def run(cfg: RunConfig) -> dict:
     else:  # input-dependent routing cannot be merged into the weights the KV-cache generator uses
         sample = f"(no sample: variant {spec.variant} is not mergeable)"
     try:
-        lorajax.peft.save(out / "peft_adapter", spec, adapters, variables, base_model_name_or_path=str(base_dir))
+        if main_process():
+            lorajax.peft.save(out / "peft_adapter", spec, adapters, variables, base_model_name_or_path=str(base_dir))
     except ValueError as e:  # a variant PEFT has no format for
         print(f"no PEFT export: {e}", flush=True)
     table = markdown_table(
