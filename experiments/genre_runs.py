@@ -35,6 +35,8 @@ def genre_run(extra: list[str], out: Path, *, data: str, rerun: bool, baseline: 
     ]
     if not baseline:
         cmd.append("--no-baseline")
+    if rerun:  # afresh: the previous run in ``out`` is moved aside (experiments.run_identity), not resumed
+        cmd.append("--overwrite")
     done = out / "results.json"
     if rerun or not done.exists():
         print(" ".join(cmd[2:]), flush=True)
