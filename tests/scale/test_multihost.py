@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import safetensors.numpy
 from test_sharded_training import rel_err
 
@@ -21,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes on loopback, ~70 s: `make test-all`
 def test_two_processes_match_one(ckpt, tmp_path):
     single = tmp_path / "single"
     single.mkdir()

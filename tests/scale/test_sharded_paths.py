@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 JOB = Path(__file__).with_name("sharded_paths_job.py")
+# minutes on 2 cores (8 fake devices / launcher runs): `make test-all` runs them, `make test` leaves them out
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

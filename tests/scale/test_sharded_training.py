@@ -60,6 +60,7 @@ def test_weights_are_really_split(results):
     assert fsdp4 < 0.27 * full, (fsdp4, full)
 
 
+@pytest.mark.slow  # two more 8-device jobs: `make test-all`
 def test_resume_on_another_mesh(ckpt, tmp_path, results):
     """A checkpoint written at step 3 on data=8 resumes on fsdp=2,tensor=4 and ends as the unbroken run."""
     save = tmp_path / "ckpt"
@@ -71,6 +72,7 @@ def test_resume_on_another_mesh(ckpt, tmp_path, results):
         assert rel_err(got[k], v) <= 1e-5, (k, rel_err(got[k], v))
 
 
+@pytest.mark.slow  # two more 8-device jobs each: `make test-all` (tests/optim covers them on one device)
 @pytest.mark.parametrize("optim", ["loraplus", "lora_pro"])
 def test_lorajax_optim_transforms_sharded(ckpt, tmp_path, optim):
     """lorajax.optim transforms (their state placed by the same rules) give the single-device result."""

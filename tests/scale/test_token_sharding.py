@@ -16,6 +16,8 @@ import pytest
 from tests import fake_devices
 
 JOB = Path(__file__).with_name("token_sharding_job.py")
+# one 8-fake-device job (~35 s on 2 cores): `make test-all` runs it, `make test` leaves it out
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
