@@ -8,10 +8,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _tiny_fit import fit
+from _tiny_fit import state_bytes as _bytes
 
-import lorajax
 from lorajax.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, write_manifest
 
 
@@ -134,27 +134,8 @@ def test_good_checkpoint_survives_rotation_after_fallback(ckdir):
 
 # --- fit resumes from the older checkpoint to the same bytes as an uninterrupted run ---
 
-PARAMS = {"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}
-SPEC = lorajax.Spec("lora", rank=2, targets=["dense"], init_weights=False)
-TX = optax.adam(1e-2)
-
-
-def _loss(params, adapters, x):
-    return jnp.mean((x @ lorajax.merge(SPEC, params, adapters)["dense"]["kernel"] - 1.0) ** 2)
-
-
-def _batch(step):
-    return jnp.asarray(np.random.default_rng([3, step]).normal(size=(2, 4)), jnp.float32)
-
-
 def _fit(out, steps):
-    state = lorajax.train.TrainState.create(TX, *lorajax.partition(SPEC, lorajax.init(SPEC, PARAMS, 0)))
-    return lorajax.train.fit(_loss, TX, PARAMS, state, _batch, steps, out_dir=str(out), ckpt_every=2, keep=2,
-                             log_every=2, progress=False)[0]
-
-
-def _bytes(state):
-    return [np.asarray(x).tobytes() for x in jax.tree.leaves(state)]
+    return fit(out, steps)[0]
 
 
 def test_fit_resumes_from_older_checkpoint_bitwise(tmp_path):

@@ -3,45 +3,12 @@ every line is strict JSON (a non-finite value is written as null)."""
 
 import json
 import math
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
-
-import lorajax
-
-PARAMS = {"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}
-SPEC = lorajax.Spec("lora", rank=2, targets=["dense"], init_weights=False)
-TX = optax.adam(1e-2)
-
-
-def _loss(params, adapters, x):
-    return jnp.mean((x @ lorajax.merge(SPEC, params, adapters)["dense"]["kernel"] - 1.0) ** 2)
-
-
-def _batch(step):
-    return jnp.asarray(np.random.default_rng([3, step]).normal(size=(2, 4)), jnp.float32)
-
-
-def _fit(out, steps, **kw):
-    state = lorajax.train.TrainState.create(TX, *lorajax.partition(SPEC, lorajax.init(SPEC, PARAMS, 0)))
-    kw = {"ckpt_every": 2, "keep": 2, "log_every": 2, **kw}
-    return lorajax.train.fit(_loss, TX, PARAMS, state, _batch, steps, out_dir=str(out), progress=False, **kw)
-
-
-def _bytes(state):
-    return [np.asarray(x).tobytes() for x in jax.tree.leaves(state)]
-
-
-def _no_constant(name):
-    raise ValueError(f"not strict JSON: {name}")
-
-
-def _strict_lines(path):
-    return [json.loads(line, parse_constant=_no_constant) for line in Path(path).read_text().splitlines()]
+from _tiny_fit import fit as _fit
+from _tiny_fit import state_bytes as _bytes
+from _tiny_fit import strict_lines as _strict_lines
 
 
 def test_torn_last_line_is_dropped_and_resume_matches(tmp_path):

@@ -1,55 +1,31 @@
 """Non-finite numbers in `fit`: "stop" raises NonFiniteError naming the step before anything non-finite is logged
 or checkpointed; "skip" leaves the state as it was on that step and says so in metrics.jsonl."""
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _tiny_fit import PARAMS, TX, fit
+from _tiny_fit import batch as _batch
+from _tiny_fit import fresh_state as _fresh
+from _tiny_fit import loss as _loss
+from _tiny_fit import state_bytes as _bytes
+from _tiny_fit import strict_lines as _lines
 
 import lorajax
 from lorajax.train.checkpoint import Checkpointer
 
-PARAMS = {"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}
-SPEC = lorajax.Spec("lora", rank=2, targets=["dense"], init_weights=False)
-TX = optax.adam(1e-2)
 K = 4  # the batch index that is NaN: its step number (as in metrics.jsonl) is K + 1
-
-
-def _loss(params, adapters, x):
-    return jnp.mean((x @ lorajax.merge(SPEC, params, adapters)["dense"]["kernel"] - 1.0) ** 2)
-
-
-def _batch(step):
-    return jnp.asarray(np.random.default_rng([3, step]).normal(size=(2, 4)), jnp.float32)
 
 
 def _nan_at(k):
     return lambda step: _batch(step) * jnp.nan if step == k else _batch(step)
 
 
-def _fresh():
-    return lorajax.train.TrainState.create(TX, *lorajax.partition(SPEC, lorajax.init(SPEC, PARAMS, 0)))
-
-
 def _fit(out, steps, batch_fn, **kw):
-    kw = {"ckpt_every": 2, "keep": 3, "log_every": 2, **kw}
-    return lorajax.train.fit(_loss, TX, PARAMS, _fresh(), batch_fn, steps, out_dir=str(out), progress=False, **kw)
-
-
-def _no_constant(name):
-    raise ValueError(f"not strict JSON: {name}")
-
-
-def _lines(path):
-    return [json.loads(line, parse_constant=_no_constant) for line in path.read_text().splitlines()]
-
-
-def _bytes(tree):
-    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+    return fit(out, steps, batch_fn, **{"keep": 3, **kw})
 
 
 def test_stop_names_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
