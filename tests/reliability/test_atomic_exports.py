@@ -24,6 +24,28 @@ def _temporaries(parent, name):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
 
+def _dies_mid_write(error, seen):
+    """A stand-in for safetensors' ``save_file`` that is killed mid-write: it records the files already in the
+    folder, writes 10 bytes of the weights file, then raises ``error``."""
+
+    def save_file(tensors, filename, metadata=None):
+        seen.append(sorted(os.listdir(os.path.dirname(filename))))
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise error
+
+    return save_file
+
+
+def _old_folder_or_none(folder, before):
+    """After a killed export: the folder as it was (``before``), or no folder when there was none; no temporaries."""
+    if before is not None:
+        assert _tree(folder) == before
+    else:
+        assert not folder.exists()
+    assert _temporaries(folder.parent, folder.name) == []
+
+
 # ----------------------------------------------------------------------------- lorajax.atomic
 
 def test_write_bytes_replaces_and_cleans_stale(tmp_path):
@@ -159,22 +181,11 @@ def test_save_pretrained_killed_mid_export(tiny, tmp_path, monkeypatch, existing
         (folder / "README.md").write_text("user readme")
     before = _tree(folder) if existing else None
     seen = []
-
-    def killed(tensors, filename, metadata=None):
-        seen.append(sorted(os.listdir(os.path.dirname(filename))))  # config.json is already written
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 10)  # a partial weights file
-        raise KeyboardInterrupt("killed mid-export")
-
-    monkeypatch.setattr(safetensors.flax, "save_file", killed)
+    monkeypatch.setattr(safetensors.flax, "save_file", _dies_mid_write(KeyboardInterrupt("killed mid-export"), seen))
     with pytest.raises(KeyboardInterrupt):
         lorajax.models.save_pretrained(folder, model, params2)
-    assert seen == [["config.json"]]
-    if existing:
-        assert _tree(folder) == before
-    else:
-        assert not folder.exists()
-    assert _temporaries(tmp_path, "base") == []
+    assert seen == [["config.json"]]  # config.json was already written
+    _old_folder_or_none(folder, before)
 
 
 # ----------------------------------------------------------------------------- lorajax.peft.save
@@ -209,22 +220,11 @@ def test_peft_save_killed_mid_export(adapter, tmp_path, monkeypatch, existing):
     before = _tree(out) if existing else None
 
     seen = []
-
-    def killed(tensors, filename, metadata=None):
-        seen.append(sorted(os.listdir(os.path.dirname(filename))))  # adapter_config.json is already written
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 10)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.flax, "save_file", killed)
+    monkeypatch.setattr(safetensors.flax, "save_file", _dies_mid_write(OSError(28, "No space left on device"), seen))
     with pytest.raises(OSError, match="No space left"):
         lorajax.peft.save(out, spec, adapters, params)
-    assert seen == [["adapter_config.json"]]
-    if existing:
-        assert _tree(out) == before
-    else:
-        assert not out.exists()
-    assert _temporaries(tmp_path, "peft_adapter") == []
+    assert seen == [["adapter_config.json"]]  # adapter_config.json was already written
+    _old_folder_or_none(out, before)
 
 
 def test_peft_save_nonfinite_writes_nothing(adapter, tmp_path):
