@@ -26,11 +26,18 @@ Masks (``mask_type``):
   ``jax.random.key(random_seed)``, as PEFT re-seeds one generator per layer
   (same-shaped layers then share a mask). JAX's RNG is not torch's: to
   reproduce a PEFT adapter, import its ``shira_indices``.
-* ``"wm"``: the ``K`` entries of largest ``|W|`` (ties: lower flat index of
-  ``[out, in]`` first). This is our reading of the paper's SHiRA-WM; the paper
-  could not be checked here (UNVERIFIED). Data-dependent masks (SHiRA-Grad,
-  SHiRA-SNIP) need gradients and are not built by ``init``; `topk_indices` turns
-  any ``[in, out]`` score into indices in this layout.
+* ``"wm"``: the ``K`` entries of largest ``|W|`` in each adapted layer, the
+  paper's SHiRA-WM (§3.1 item 3: "top-K parameters ... based on their weight
+  magnitudes ... for each layer"; App. B.3: top-K weight magnitudes at each
+  layer where SHiRA is employed, K chosen so the trainable count is comparable
+  to LoRA's, which ``K = r · (in + out)`` does). Ties are not specified by the
+  paper; here the lower flat index of ``[out, in]`` wins. The paper's
+  data-dependent masks need gradients and are not built by ``init``:
+  SHiRA-Grad = top-K of gradient magnitudes collected on a small calibration
+  set (§3.1 item 4, App. B.4), SHiRA-SNIP = top-K of ``|W ⊙ ∂L/∂W|`` (§3.1
+  item 5, App. B.5 eq. 2); `topk_indices` turns any such ``[in, out]`` score
+  into indices in this layout. The paper text was read from a Markdown
+  conversion of the arXiv v2 PDF (see ``docs/unverified.md``).
 
 Forward: PEFT adds the dense ``S`` to ``W`` and runs one matmul, so its backward
 forms the full ``[in, out]`` weight gradient and gathers ``K`` entries of it

@@ -146,6 +146,7 @@ def test_sparse_matmul_matches_reference_forward_and_backward(monkeypatch, backw
 
 
 def test_weight_magnitude_mask_picks_the_largest_entries():
+    # SHiRA-WM, arXiv:2406.13175v2 §3.1 item 3 / App. B.3: top-K |W| of each adapted layer
     w = jnp.asarray(np.random.default_rng(0).permutation(70).reshape(10, 7).astype(np.float32) - 35.0)
     w = w.at[0, 0].set(100.0).at[9, 6].set(-100.0)
     params = {"dense": {"kernel": w}}
