@@ -43,7 +43,13 @@ from factors made elsewhere (e.g. the official layer's ``P``, ``lora_B``,
 ``lora_A``, ``vector_z``).
 
 Options: ``train_sigma`` (default False: the official ``get_loldu_params``
-trains only ``vector_z``; the paper's setting is UNVERIFIED); ``init_method``
+trains only ``vector_z``). The paper's setting stays UNVERIFIED: its body
+was not readable here, and the two figure captions seen (quoted by a
+third-party summary page) disagree: Fig. 2 gives the update as
+``σ · P · (L_r, diag(z_r), U_r)`` "involving r + 1 trainable parameters"
+(σ trained), while Fig. 1 counts "24 trainable parameters" for r = 1 on
+ViT-Base, i.e. ``r`` per module for the 24 query/value projections (σ not
+trained). See ``docs/unverified.md``. ``init_method``
 (the official choices, default ``"lu"``: ``z = D_r``; ``"zeros"``, ``"ones"``,
 ``"constant"`` (mean of D_r), ``"uniform"`` (``U(±|mean(D_r)|/2)``),
 ``"normal"`` (``N(mean(D_r), std(D_r))``, unbiased std, needs r ≥ 2),
