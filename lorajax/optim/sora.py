@@ -20,6 +20,27 @@ entries with ``ξ < |g| < 2ξ`` end at 0 instead of ``|g| − ξ``
 Defaults follow the official code: gate AdamW with β = (0.9, 0.999),
 ε = 1e-6, no weight decay, bias correction; scripts use ξ = 3e-4, λ = 10.
 
+Sparsifying scheduler (named in the paper's abstract; the paper body was not
+readable here, so this follows the official code:
+``SparseAdamW._build_lambda_list`` / ``step_lambda`` in
+``src/sparse_optimizer.py`` and the phase loop at the end of ``run_glue.py``,
+TsinghuaC3I/SoRA @ c275ac23). ``num`` thresholds ``ξ_0 .. ξ_{num−1}`` run
+from ``start`` to ``stop`` (`threshold_values`: ``"linear"`` = ``linspace``,
+``"log_linear"`` = ``log(linspace(e^start, e^stop))``, ``"exp_linear"`` =
+``exp(linspace(log start, log stop))``, geometric, needs ``start > 0``). The
+main run uses ``ξ_0``; then ``num − 1`` further phases each re-train with the
+next ``ξ_k`` (official: 15 epochs per phase) and record the metric and the
+number of non-zero gate entries. The official loop keeps the optimiser
+objects, their Adam moments and their LR schedulers across phases; so does
+`sparsifying_schedule`, a step-indexed ``ξ`` for ``threshold`` that switches
+at phase boundaries inside one optimiser state. The official RTE script uses
+``ξ_0 = 0`` (``sparse_lambda_2=0``; with ξ = 0 the official code skips the
+threshold, which is the identity here too), ``stop = 7e-4``, ``num = 7``,
+``"linear"``, λ = 1e-3, 50 epochs then 15 per phase. Which learning rate the
+later phases see is whatever the caller's schedule gives at those steps (the
+official scripts reuse linear-decay schedulers sized for the main run, whose
+HF implementation stays at 0 once reached; as read from the code, not run).
+
 Example:
   >>> import jax, jax.numpy as jnp, optax, lorajax
   >>> params = {"dense": {"kernel": jnp.ones((6, 4))}}
@@ -42,6 +63,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lorajax import adapters as adapters_lib
@@ -52,7 +74,21 @@ from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants import sora as sora_variant
 
-__all__ = ["soft_threshold", "quirk_threshold", "proximal", "sora_gate_optimizer", "sora", "gate_penalty", "prune"]
+__all__ = [
+    "soft_threshold",
+    "quirk_threshold",
+    "proximal",
+    "sora_gate_optimizer",
+    "sora",
+    "gate_penalty",
+    "prune",
+    "THRESHOLD_SCHEDULES",
+    "threshold_values",
+    "sparsifying_schedule",
+]
+
+#: The official ``lambda_schedule`` kinds (``SparseAdamW._build_lambda_list``).
+THRESHOLD_SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 def soft_threshold(x: jax.Array, xi: Any) -> jax.Array:
@@ -71,14 +107,67 @@ class ProximalState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
 
 
+def threshold_values(start: float, stop: float, num: int, kind: str = "linear") -> np.ndarray:
+    """The ``num`` thresholds ``ξ_0 .. ξ_{num−1}`` of the official sparsifying scheduler (float64).
+
+    Args:
+      start: ``ξ_0`` (official ``sparse_lambda_2``), used by the main run.
+      stop: ``ξ_{num−1}`` (official ``max_lambda``).
+      num: number of thresholds, main run included (official ``lambda_num``), ≥ 1.
+      kind: ``"linear"``, ``"log_linear"`` or ``"exp_linear"`` (see the module doc).
+    """
+    if kind not in THRESHOLD_SCHEDULES:
+        raise ValueError(f"kind must be one of {THRESHOLD_SCHEDULES}, got {kind!r}")
+    if not isinstance(num, (int, np.integer)) or isinstance(num, bool) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    check("start", start, lambda v: v >= 0, ">= 0")
+    check("stop", stop, lambda v: v >= 0, ">= 0")
+    if kind == "linear":
+        return np.linspace(start, stop, num)
+    if kind == "log_linear":
+        return np.log(np.linspace(np.exp(start), np.exp(stop), num))
+    if start <= 0:
+        raise ValueError(f"start must be > 0 for kind='exp_linear' (geometric), got {start!r}")
+    return np.exp(np.linspace(np.log(start), np.log(stop), num))
+
+
+def sparsifying_schedule(
+    start: float, stop: float, num: int, *, first_steps: int, phase_steps: int, kind: str = "linear"
+) -> Callable[[Any], jax.Array]:
+    """A step-indexed threshold for `proximal` / `sora`: ``ξ_0`` for the main run, then ``ξ_k`` per phase.
+
+    ``ξ(step) = ξ_0`` for ``step < first_steps`` and ``ξ_k`` with
+    ``k = min(1 + (step − first_steps) // phase_steps, num − 1)`` after it (the
+    last threshold is kept past the end, as the official ``step_lambda``).
+
+    Args:
+      start, stop, num, kind: as `threshold_values`.
+      first_steps: optimiser steps of the main run (≥ 1).
+      phase_steps: optimiser steps of each later phase (≥ 1; official: 15 epochs).
+    """
+    values = jnp.asarray(threshold_values(start, stop, num, kind), jnp.float32)
+    for name, v in (("first_steps", first_steps), ("phase_steps", phase_steps)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+    def schedule(step: Any) -> jax.Array:
+        step = jnp.asarray(step, jnp.int32)
+        k = jnp.where(step < first_steps, 0, 1 + (step - first_steps) // phase_steps)
+        return values[jnp.clip(k, 0, num - 1)]
+
+    return schedule
+
+
 def proximal(
-    threshold: float, *, learning_rate: Any = None, official_quirk: bool = False
+    threshold: optax.ScalarOrSchedule, *, learning_rate: Any = None, official_quirk: bool = False
 ) -> optax.GradientTransformation:
     """Turn an update ``u`` into ``T_ξ(p + u) − p`` (needs ``params`` in ``update``).
 
+    ``threshold`` is a float or a schedule ``step -> ξ`` (e.g. `sparsifying_schedule`).
     With ``learning_rate`` (float or schedule), ``ξ = threshold · lr(step)``.
     """
-    check("threshold", threshold, lambda v: v >= 0, ">= 0")
+    if not callable(threshold):
+        check("threshold", threshold, lambda v: v >= 0, ">= 0")
     op = quirk_threshold if official_quirk else soft_threshold
 
     def init(params):
@@ -88,9 +177,9 @@ def proximal(
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("the SoRA proximal step needs params: call tx.update(grads, state, params)")
-        xi = threshold
+        xi = threshold(state.count) if callable(threshold) else threshold
         if learning_rate is not None:
-            xi = threshold * (learning_rate(state.count) if callable(learning_rate) else learning_rate)
+            xi = xi * (learning_rate(state.count) if callable(learning_rate) else learning_rate)
         new = jax.tree.map(lambda u, p: (op(p + u, xi) - p).astype(u.dtype), updates, params)
         return new, ProximalState(count=optax.safe_increment(state.count))
 
@@ -100,7 +189,7 @@ def proximal(
 def sora_gate_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    threshold: float,
+    threshold: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
@@ -117,7 +206,7 @@ def sora_gate_optimizer(
 def sora(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    threshold: float,
+    threshold: optax.ScalarOrSchedule,
     gate_lr: optax.ScalarOrSchedule | None = None,
     optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
     gate_b1: float = 0.9,
@@ -130,7 +219,8 @@ def sora(
 
     Args:
       learning_rate: float or optax schedule of the main optimiser (A, B, any head).
-      threshold: ``ξ`` of the proximal step (official scripts: 3e-4).
+      threshold: ``ξ`` of the proximal step (official scripts: 3e-4), or a schedule
+        ``step -> ξ`` counted in gate-optimiser steps (`sparsifying_schedule`).
       gate_lr: the gates' learning rate (official ``sparse_lr``; default ``learning_rate``).
       optimizer: a factory ``learning_rate -> GradientTransformation`` for the
         other leaves (default ``optax.adamw``; bind other hyper-parameters with

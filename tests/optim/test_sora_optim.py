@@ -65,9 +65,11 @@ def test_proximal_threshold_times_lr():
 
 
 def test_prune_keeps_the_adapted_weights():
-    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))},
-              "b": {"kernel": jax.random.normal(jax.random.key(1), (4, 5))},
-              "c": {"kernel": jax.random.normal(jax.random.key(2), (5, 5))}}
+    params = {
+        "a": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))},
+        "b": {"kernel": jax.random.normal(jax.random.key(1), (4, 5))},
+        "c": {"kernel": jax.random.normal(jax.random.key(2), (5, 5))},
+    }
     spec = lorajax.Spec("sora", rank=3, alpha=6, targets=["a", "b", "c"])
     adapters = lorajax.init(spec, params, 0)
     adapters = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(x.size), x.shape), adapters)
@@ -95,3 +97,36 @@ def test_prune_errors():
         prune(spec, params, adapters)
     with pytest.raises(ValueError, match="SoRA"):
         prune(lorajax.Spec("lora", rank=2, targets=["a"]), params, adapters)
+
+
+def test_threshold_values_match_the_official_lambda_lists():
+    # SparseAdamW._build_lambda_list, TsinghuaC3I/SoRA @ c275ac23 src/sparse_optimizer.py
+    from lorajax.optim.sora import threshold_values
+
+    np.testing.assert_allclose(threshold_values(0.0, 7e-4, 7), np.arange(7) * 7e-4 / 6, atol=1e-18)
+    np.testing.assert_allclose(threshold_values(1e-4, 1e-2, 3, "exp_linear"), [1e-4, 1e-3, 1e-2], rtol=1e-12)
+    want = np.log(np.array([np.exp(0.0), (np.exp(0.0) + np.exp(2.0)) / 2, np.exp(2.0)]))
+    np.testing.assert_allclose(threshold_values(0.0, 2.0, 3, "log_linear"), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="start must be > 0"):
+        threshold_values(0.0, 1e-3, 3, "exp_linear")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        threshold_values(0.0, 1e-3, 3, "cosine")
+
+
+def test_sparsifying_schedule_switches_threshold_at_phase_boundaries():
+    from lorajax.optim.sora import sparsifying_schedule
+
+    sched = sparsifying_schedule(0.0, 0.3, 4, first_steps=3, phase_steps=2)
+    got = [float(sched(t)) for t in range(11)]
+    np.testing.assert_allclose(got, [0, 0, 0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.3, 0.3], atol=1e-7)
+    # inside the optimiser: ξ = 0 leaves a small gate alone, the next phase's ξ zeroes it
+    tx = proximal(sched)
+    p = {"g": jnp.array([0.05, 1.0])}
+    state = tx.init(p)
+    for _ in range(3):
+        u, state = tx.update({"g": jnp.zeros(2)}, state, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p["g"], [0.05, 1.0], rtol=1e-6)
+    u, state = tx.update({"g": jnp.zeros(2)}, state, p)
+    p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p["g"], [0.0, 0.9], rtol=1e-6)
