@@ -1,0 +1,292 @@
+"""The declared effects run by `experiments.effects` (fixed before their results were seen).
+
+Task: the ``lm`` task of the launcher (`experiments.tasks.lm`) on real text —
+a character-level Llama-style decoder (2 layers, width 128) pre-trained on
+Shakespeare's histories, tragedies and romances (the shared base), adapted to
+the comedies; validation windows come from the end of the training comedies,
+test windows from two unseen comedies (Twelfth Night, Much Ado), 256 windows of
+129 characters (~33k characters). The metric is the held-out loss in nats per
+character (lower is better); "converges faster" claims also use the mean
+training loss over the run (``train_auc``).
+
+Margins of "close to" claims are fixed in advance at 0.01 nats/char: a quarter
+of the gain LoRA r=8 makes over the base in ``experiments/results/lm_llama.md``
+(1.7268 -> 1.6892, single run) — a difference smaller than that is called
+"close".
+
+Papers' numbers are quoted from their abstracts (``../shared/specs``); where the
+paper's own setting differs from ours (models of billions of parameters, GLUE,
+GSM8K), the notes of each effect say what this scale can and cannot show.
+"""
+
+from __future__ import annotations
+
+from experiments.effects import Arm, Contrast, Effect
+
+#: flags shared by the lm effects: batch 16 x 128 characters, LoRA r=8 (alpha 16) on every linear layer
+LM = (
+    "--batch-size", "16", "--max-length", "128", "--max-test", "256",
+    "--spec.rank", "8", "--spec.alpha", "16", "--spec.targets", "all-linear",
+    "--optim.name", "adamw", "--optim.warmup", "10", "--no-sample", "--no-export",
+)  # fmt: skip
+#: a fixed margin for "close to" claims (see the module doc)
+CLOSE = 0.01
+
+
+def _better(a: str, b: str, key: str = "test_loss", name: str = "") -> Contrast:
+    """``key(b) - key(a)``: positive when arm ``a`` has the lower (better) value."""
+    return Contrast(name or f"{key}: {b} − {a}", ((b, key, 1.0), (a, key, -1.0)))
+
+
+def _close(a: str, b: str, key: str = "test_loss") -> Contrast:
+    """Arm ``a`` is no worse than arm ``b`` by more than `CLOSE` (non-inferiority)."""
+    return Contrast(f"{key}: {b} − {a}", ((b, key, 1.0), (a, key, -1.0)), "non-inferiority", CLOSE)
+
+
+EFFECTS: tuple[Effect, ...] = (
+    Effect(
+        name="lora_ga",
+        paper="Wang et al., LoRA-GA: Low-Rank Adaptation with Gradient Approximation, NeurIPS 2024, "
+        "arXiv:2407.05000 (code: Outsider565/LoRA-GA)",
+        claim="Initialising A, B from the top singular vectors of the first gradient makes LoRA converge "
+        "2-4x faster than vanilla LoRA (and +5.69% average on a T5-base GLUE subset).",
+        arms=(Arm("lora"), Arm("lora_ga", ("--init", "lora_ga"))),
+        contrasts=(_better("lora_ga", "lora", "train_auc"), _better("lora_ga", "lora")),
+        steps=100,
+        flags=LM,
+        report=("test_loss", "train_auc"),
+        notes="A short budget (100 steps) because the claim is about early convergence.",
+    ),
+    Effect(
+        name="pissa",
+        paper="Meng et al., PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large "
+        "Language Models, NeurIPS 2024, arXiv:2404.02948 (code: GraphPKU/PiSSA)",
+        claim="Adapting the principal singular components (residual base frozen) converges faster and ends "
+        "better than LoRA (Mistral-7B GSM8K 72.86% vs 67.7%).",
+        arms=(Arm("lora"), Arm("pissa", ("--init", "pissa"))),
+        contrasts=(_better("pissa", "lora", "train_auc"), _better("pissa", "lora")),
+        steps=100,
+        flags=LM,
+        report=("test_loss", "train_auc"),
+        notes="A short budget (100 steps) because the claim is about early convergence.",
+    ),
+    Effect(
+        name="loraplus",
+        paper="Hayou et al., LoRA+: Efficient Low Rank Adaptation of Large Models, ICML 2024, "
+        "arXiv:2402.12354 (code: nikhil-ghosh-berkeley/loraplus)",
+        claim="Setting lr_B = 16 lr_A (each arm's lr tuned) gives 1-2% better results and up to ~2x faster "
+        "fine-tuning than LoRA at the same compute.",
+        arms=(Arm("lora"), Arm("loraplus", ("--optim.name", "loraplus", "--optim.lr-ratio", "16"))),
+        contrasts=(_better("loraplus", "lora", "train_auc"), _better("loraplus", "lora")),
+        steps=200,
+        flags=LM,
+        lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+        report=("test_loss", "train_auc"),
+    ),
+    Effect(
+        name="dora",
+        paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024, arXiv:2402.09353 "
+        "(code: NVlabs/DoRA)",
+        claim="Training magnitude and direction separately beats LoRA at equal rank (+3.7 points average on "
+        "commonsense reasoning with LLaMA-7B).",
+        arms=(Arm("lora"), Arm("dora", ("--spec.variant", "dora"))),
+        contrasts=(_better("dora", "lora"),),
+        steps=200,
+        flags=LM,
+    ),
+    Effect(
+        name="rslora",
+        paper="Kalajdzievski, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA, 2023, "
+        "arXiv:2312.03732 (PEFT use_rslora)",
+        claim="With s = alpha/r learning slows as r grows and larger ranks bring no gain; s = alpha/sqrt(r) "
+        "keeps improving with rank (the paper's perplexity falls monotonically from r=4 to r=2048).",
+        arms=(
+            Arm("lora_r4", ("--spec.rank", "4")),
+            Arm("lora_r64", ("--spec.rank", "64")),
+            Arm("rslora_r4", ("--spec.rank", "4", "--spec.use-rslora")),
+            Arm("rslora_r64", ("--spec.rank", "64", "--spec.use-rslora")),
+        ),
+        contrasts=(
+            _better("rslora_r64", "rslora_r4", name="rsLoRA: test_loss r4 − r64 (gain from rank)"),
+            Contrast(
+                "rank gain (r4 − r64) of rsLoRA minus that of LoRA",
+                (
+                    ("rslora_r4", "test_loss", 1.0),
+                    ("rslora_r64", "test_loss", -1.0),
+                    ("lora_r4", "test_loss", -1.0),
+                    ("lora_r64", "test_loss", 1.0),
+                ),
+            ),
+        ),
+        steps=200,
+        flags=LM,
+        lrs=(3e-3,),
+        notes="One learning rate (3e-3, the lm task's default) for every arm, as in the paper, whose point is "
+        "that alpha/r shrinks the effective step at high rank; tuning the lr per arm would hide it.",
+    ),
+    Effect(
+        name="dylora",
+        paper="Valipour et al., DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic "
+        "Search-Free Low-Rank Adaptation, EACL 2023, arXiv:2210.07558 (code: huawei-noah/KD-NLP DyLoRA)",
+        claim="One DyLoRA run (r_max=8) serves every rank b <= 8 close to a LoRA trained at rank b, "
+        "while a LoRA trained at r=8 and truncated degrades; 4-7x faster than searching ranks.",
+        arms=(
+            Arm("dylora", ("--spec.variant", "dylora", "--eval-ranks", "1", "2", "4", "8")),
+            Arm("lora_r8", ("--eval-ranks", "1", "2", "4", "8")),
+            Arm("lora_r1", ("--spec.rank", "1", "--spec.alpha", "2")),
+            Arm("lora_r2", ("--spec.rank", "2", "--spec.alpha", "4")),
+            Arm("lora_r4", ("--spec.rank", "4", "--spec.alpha", "8")),
+        ),
+        contrasts=(
+            *(
+                Contrast(
+                    f"test_loss: lora_r{b} − dylora@{b}",
+                    ((f"lora_r{b}", "test_loss", 1.0), ("dylora", f"rank_eval.{b}.test_loss", -1.0)),
+                    "non-inferiority",
+                    CLOSE,
+                )
+                for b in (1, 2, 4)
+            ),
+            Contrast(
+                "test_loss: lora_r8 − dylora@8",
+                (("lora_r8", "test_loss", 1.0), ("dylora", "rank_eval.8.test_loss", -1.0)),
+                "non-inferiority",
+                CLOSE,
+            ),
+            Contrast(
+                "test_loss at rank 1: lora_r8 truncated − dylora@1",
+                (("lora_r8", "rank_eval.1.test_loss", 1.0), ("dylora", "rank_eval.1.test_loss", -1.0)),
+            ),
+        ),
+        steps=200,
+        flags=LM,
+        report=("test_loss", "rank_eval.1.test_loss", "rank_eval.4.test_loss"),
+        notes="alpha = 2r for every LoRA arm (s = 2 throughout, as the r=8 arm).",
+    ),
+    Effect(
+        name="sora",
+        paper="Ding et al., Sparse Low-rank Adaptation of Pre-trained Language Models, EMNLP 2023, "
+        "arXiv:2311.11696 (code: TsinghuaC3I/SoRA)",
+        claim="Gated ranks pruned by a proximal step keep LoRA's quality with fewer ranks (\"can outperform "
+        'other baselines even with 70% retained parameters").',
+        arms=(
+            Arm("lora"),
+            Arm(
+                "sora",
+                ("--spec.variant", "sora", "--optim.name", "sora", "--optim.sora-threshold", "6e-3")
+                + ("--optim.sora-lambda", "10"),
+            ),
+        ),
+        contrasts=(
+            _close("sora", "lora"),
+            Contrast(
+                "ranks pruned (of 8 per target)",
+                (("sora", "sora.ranks_total", 1.0), ("sora", "sora.ranks_kept", -1.0)),
+                unit="ranks",
+            ),
+        ),
+        steps=200,
+        flags=LM,
+        report=("test_loss", "sora.ranks_kept", "sora.ranks_total"),
+        notes="Threshold xi = 6e-3 per step: the official scripts' 3e-4 over ~4,000 steps shrinks a gate by "
+        "1.2 in all; 6e-3 over our 200 steps gives the same total shrinkage. lambda = 10 as the scripts.",
+    ),
+    Effect(
+        name="squeeze",
+        paper="LoRA-Squeeze (post-hoc and in-training rank compression of LoRA adapters), spec "
+        "../shared/specs/optim.md §9",
+        claim="Training at a high rank (32) and compressing to the target rank (4) beats training at rank 4 "
+        "directly, with or without a few extra steps at the target rank (qualitative in the abstract).",
+        arms=(
+            Arm("lora_r4", ("--spec.rank", "4", "--spec.alpha", "8")),
+            Arm("r32_to_4", ("--spec.rank", "32", "--spec.alpha", "64", "--squeeze-to", "4")),
+            Arm(
+                "r32_to_4_ft", ("--spec.rank", "32", "--spec.alpha", "64", "--squeeze-to", "4", "--squeeze-steps", "20")
+            ),
+        ),
+        contrasts=(
+            Contrast(
+                "test_loss: lora_r4 − squeezed r32→4",
+                (("lora_r4", "test_loss", 1.0), ("r32_to_4", "squeezed.test_loss", -1.0)),
+            ),
+            Contrast(
+                "test_loss: lora_r4 − squeezed r32→4 + 20 steps",
+                (("lora_r4", "test_loss", 1.0), ("r32_to_4_ft", "squeezed.test_loss", -1.0)),
+            ),
+        ),
+        steps=200,
+        flags=LM,
+        report=("test_loss", "squeezed.test_loss"),
+        notes="alpha = 2r (s = 2) for both ranks. The +20-step arm spends 10% more optimiser steps than lora_r4.",
+    ),
+    Effect(
+        name="param_efficiency",
+        paper="Kopiczko et al., VeRA, ICLR 2024, arXiv:2310.11454; Bałazy et al., LoRA-XS, arXiv:2405.17604; "
+        "Li et al., Uni-LoRA, arXiv:2506.00799",
+        claim="VeRA (10x fewer trainable parameters than LoRA, 'yet maintains the same performance'), "
+        "LoRA-XS (>100x fewer, 'competitive') and Uni-LoRA (one vector) reach LoRA's quality.",
+        arms=(
+            Arm("lora"),
+            Arm("vera", ("--spec.variant", "vera", "--spec.rank", "64"), lrs=(3e-3, 1e-2, 3e-2)),
+            Arm("lora_xs", ("--spec.variant", "lora_xs", "--spec.rank", "8"), lrs=(3e-3, 1e-2, 3e-2)),
+            Arm("unilora", ("--spec.variant", "unilora"), lrs=(3e-3, 1e-2, 3e-2)),
+        ),
+        contrasts=(_close("vera", "lora"), _close("lora_xs", "lora"), _close("unilora", "lora")),
+        steps=200,
+        flags=LM,
+        report=("test_loss", "trainable"),
+        notes="Higher lr grids for the vector/core methods (their papers train them at 10x LoRA's lr).",
+    ),
+    Effect(
+        name="lora_pro",
+        paper="Wang et al., LoRA-Pro: Are Low-Rank Adapters Properly Optimized?, ICLR 2025, "
+        "arXiv:2407.18242 (code: mrflogs/LoRA-Pro)",
+        claim="Adjusting LoRA's gradients to match full fine-tuning's step 'effectively narrows the gap "
+        "with full fine-tuning'.",
+        arms=(
+            Arm("lora"),
+            Arm("lora_pro", ("--optim.name", "lora_pro")),
+            Arm("full", ("--spec.variant", "full"), lrs=(1e-4, 3e-4, 1e-3)),
+        ),
+        contrasts=(
+            _better("lora_pro", "lora"),
+            Contrast(
+                "gap to full FT, reference: test_loss lora − full",
+                (("lora", "test_loss", 1.0), ("full", "test_loss", -1.0)),
+            ),
+        ),
+        steps=200,
+        flags=LM,
+    ),
+    Effect(
+        name="galore",
+        paper="Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, ICML 2024, "
+        "arXiv:2403.03507 (code: jiaweizzhao/GaLore)",
+        claim="Pre-training from scratch with gradients projected to rank r keeps full-rank Adam's quality "
+        "with up to 65.5% less optimizer-state memory.",
+        arms=(
+            Arm("adam", ("--spec.variant", "full", "--model", "scratch")),
+            Arm(
+                "galore",
+                ("--spec.variant", "full", "--model", "scratch", "--optim.name", "galore")
+                + ("--optim.galore-rank", "32", "--optim.galore-gap", "50", "--optim.galore-scale", "0.25"),
+            ),
+        ),
+        contrasts=(
+            _close("galore", "adam"),
+            Contrast(
+                "optimizer-state bytes: adam − galore",
+                (("adam", "opt_state_bytes", 1.0), ("galore", "opt_state_bytes", -1.0)),
+                unit="bytes",
+            ),
+        ),
+        steps=400,
+        flags=LM,
+        shared_base=False,
+        lrs=(1e-3, 3e-3, 1e-2),
+        report=("test_loss", "opt_state_bytes"),
+        notes="From scratch on the comedies (no pre-trained base). Rank 32 = width/4 and scale 0.25 as the "
+        "official 60M recipe (rank 128 of 512, scale 0.25); projector refreshed every 50 steps (official 200 "
+        "over 10k steps). Embeddings and norms get plain Adam in both arms.",
+    ),
+)

@@ -1,0 +1,156 @@
+"""The effects harness without training: intervals, verdicts, contrasts over seeds, failed runs, reports."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from experiments import effects, stats
+from experiments.effect_list import EFFECTS
+
+
+def test_t_interval_matches_scipy():
+    x = np.random.default_rng(0).normal(0.3, 0.1, 5)
+    ci = stats.t_interval(x)
+    low, high = sps.t.interval(0.95, 4, loc=x.mean(), scale=sps.sem(x))
+    np.testing.assert_allclose([ci.mean, ci.low, ci.high, ci.se], [x.mean(), low, high, sps.sem(x)], rtol=1e-12)
+    assert ci.n == 5
+
+
+def test_t_interval_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        stats.t_interval([])
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.t_interval([0.1, float("nan")])
+    one = stats.t_interval([0.2])
+    assert one.low == one.high == 0.2 and math.isnan(one.se)
+
+
+@pytest.mark.parametrize(
+    "values, kind, margin, expected",
+    [
+        ([0.3, 0.25, 0.35], "superiority", 0.0, "reproduced"),
+        ([-0.3, -0.25, -0.35], "superiority", 0.0, "not reproduced"),
+        ([0.3, -0.25, 0.05], "superiority", 0.0, "inconclusive"),
+        ([-0.01, -0.02, -0.015], "non-inferiority", 0.05, "reproduced"),  # worse, but within the margin
+        ([-0.2, -0.25, -0.22], "non-inferiority", 0.05, "not reproduced"),
+        ([-0.2, 0.1, 0.0], "non-inferiority", 0.05, "inconclusive"),
+        ([0.5], "superiority", 0.0, "single observation"),
+    ],
+)
+def test_verdicts(values, kind, margin, expected):
+    assert stats.verdict(stats.t_interval(values), kind, margin) == expected
+
+
+def test_verdict_rejects_bad_claims():
+    ci = stats.t_interval([1.0, 2.0])
+    with pytest.raises(ValueError, match="kind"):
+        stats.verdict(ci, "better")
+    with pytest.raises(ValueError, match="margin"):
+        stats.verdict(ci, "non-inferiority", 0.0)
+
+
+def test_declarations_are_valid():
+    names = [e.name for e in EFFECTS]
+    assert len(names) == len(set(names)) >= 10
+    for e in EFFECTS:
+        assert e.claim and e.paper and e.contrasts and e.seeds >= 3
+    with pytest.raises(ValueError, match="unknown arm"):
+        effects.Effect("x", "p", "c", (effects.Arm("a"),), (effects.Contrast("d", (("b", "test_loss", 1.0),)),), 10)
+
+
+def _arms(per_seed):
+    """Arms a (treatment) and b (control) with test losses per seed; None = that run failed."""
+    out = {}
+    for arm, values in per_seed.items():
+        out[arm] = {"results": [{"failed": "x"} if v is None else {"test_loss": v} for v in values], "lr": 1e-3}
+    return out
+
+
+def test_contrast_is_paired_by_seed():
+    # b - a per seed = 0.10, 0.11, 0.09: the arms vary a lot across seeds but the paired difference does not
+    arms = _arms({"a": [1.0, 2.0, 3.0], "b": [1.10, 2.11, 3.09]})
+    c = effects.Contrast("b - a", (("b", "test_loss", 1.0), ("a", "test_loss", -1.0)))
+    record = effects.summarise(c, arms, 3)
+    np.testing.assert_allclose(record["per_seed"], [0.10, 0.11, 0.09], atol=1e-12)
+    assert record["verdict"] == "reproduced" and record["low"] > 0.0
+
+
+def test_failed_seed_is_reported_not_dropped():
+    arms = _arms({"a": [1.0, None, 3.0, 4.0], "b": [1.2, 2.2, 3.2, 4.2]})
+    c = effects.Contrast("b - a", (("b", "test_loss", 1.0), ("a", "test_loss", -1.0)))
+    record = effects.summarise(c, arms, 4)
+    assert math.isnan(record["per_seed"][1]) and record["n"] == 3
+    assert record["verdict"] == "inconclusive" and "1 of 4 seeds" in record["why"]
+
+
+def test_metric_reads_dotted_keys():
+    result = {"test_loss": 1.5, "rank_eval": {"4": {"test_loss": 1.7}}, "trainable": 96}
+    assert effects.metric(result, "rank_eval.4.test_loss") == 1.7
+    assert effects.metric(result, "trainable") == 96.0
+    assert math.isnan(effects.metric(result, "rank_eval.2.test_loss"))
+    assert math.isnan(effects.metric({"failed": "x"}, "test_loss"))
+
+
+def test_lr_is_picked_on_validation_and_runs_resume(tmp_path, monkeypatch):
+    """Grid runs use the tuning seed and the validation metric; finished runs are read, not re-run."""
+    calls = []
+
+    def fake_launch(argv, folder):
+        lr, seed = float(argv[argv.index("--optim.lr") + 1]), int(argv[argv.index("--seed") + 1])
+        calls.append((lr, seed))
+        # validation prefers 3e-3; the test metric alone would prefer 1e-2 (must not be looked at)
+        result = {"val_loss": abs(math.log10(lr / 3e-3)) + seed * 1e-3, "test_loss": -lr}
+        (folder / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(effects, "launch", fake_launch)
+    effect = effects.Effect(
+        "toy", "p", "c", (effects.Arm("a"), effects.Arm("b", lrs=(1e-2,))),
+        (effects.Contrast("b - a", (("b", "test_loss", 1.0), ("a", "test_loss", -1.0))),),
+        steps=10, shared_base=False, lrs=(1e-3, 3e-3, 1e-2),
+    )  # fmt: skip
+    sweep = effects.Sweep(tmp_path)
+    record = effects.run_effect(effect, sweep, seeds=3)
+    assert record["arms"]["a"]["lr"] == 3e-3 and record["arms"]["b"]["lr"] == 1e-2
+    assert sorted(calls) == sorted([(1e-3, 100), (3e-3, 100), (1e-2, 100)] + [(3e-3, s) for s in range(3)] +
+                                   [(1e-2, s) for s in range(3)])  # fmt: skip
+    calls.clear()
+    again = effects.run_effect(effect, sweep, seeds=3)
+    assert calls == [] and again["contrasts"] == record["contrasts"]
+    effects.write_reports({"toy": record}, tmp_path / "results", ["toy"])
+    md = (tmp_path / "results" / "effects.md").read_text()
+    assert "## toy" in md and "reproduced" in md and (tmp_path / "results" / "effects" / "toy.png").stat().st_size > 0
+    loaded = json.loads((tmp_path / "results" / "effects.json").read_text())
+    assert loaded["toy"]["arms"]["a"]["lr"] == 3e-3
+
+
+def test_failed_run_is_recorded_once(tmp_path, monkeypatch):
+    from experiments import run
+
+    def diverge(argv):
+        raise SystemExit(run.EXIT_TRAINING)
+
+    monkeypatch.setattr(run, "main", diverge)
+    effect = effects.Effect(
+        "toy", "p", "c", (effects.Arm("a", lrs=(1.0,)),), (effects.Contrast("a", (("a", "test_loss", 1.0),)),),
+        steps=10, shared_base=False,
+    )  # fmt: skip
+    record = effects.run_effect(effect, effects.Sweep(tmp_path), seeds=2)
+    assert record["arms"]["a"]["failed"] == [0, 1]
+    assert (tmp_path / "toy" / "a" / "lr1e0-seed0" / "failed.json").exists()
+    monkeypatch.setattr(run, "main", lambda argv: pytest.fail("a failed run is not re-run"))
+    assert effects.run_effect(effect, effects.Sweep(tmp_path), seeds=2)["arms"]["a"]["failed"] == [0, 1]
+
+    def refuse(argv):
+        raise SystemExit(2)
+
+    monkeypatch.setattr(run, "main", refuse)
+    other = effects.Effect(
+        "toy2", "p", "c", (effects.Arm("a", lrs=(1.0,)),), (effects.Contrast("a", (("a", "test_loss", 1.0),)),),
+        steps=10, shared_base=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="refused"):
+        effects.run_effect(other, effects.Sweep(tmp_path), seeds=1)
