@@ -51,7 +51,8 @@ with power iterations) that touches ``ΔW`` only through ``ΔW·X = A(B X)`` and
 ``rank(ΔW) <= r``, so with ``oversample >= r - b`` it is exact up to round-off.
 
 Decisions where the paper (Vulić et al., arXiv:2602.10993; no official code
-found) is UNVERIFIED here:
+found; only its abstract and introduction were readable, see
+``docs/unverified.md``) is UNVERIFIED here:
 
 * Σ split: balanced, ``√Σ_b`` into each factor (``A'ᵀA' = B'B'ᵀ``), so that
   neither factor dominates the gradients of continued training.

@@ -11,7 +11,7 @@
 
 The paper's method section and code were not available: options that go beyond
 its abstract are documented in `lorajax.es.essa` as UNVERIFIED with the default
-chosen.
+chosen. Sources tried: ``docs/unverified.md``.
 """
 
 from lorajax.es import quant, svd

@@ -5,7 +5,8 @@ arXiv 2507.04453 (v3, 2025-12-22). What is verified (abstract; third-party
 summaries): gradient-free alignment with forward inference only; LoRA adapters
 put in SVD form and **only the singular values searched**; INT4/INT8 inference;
 start from a supervised fine-tune; verifiable rewards (accuracy). No official
-code was found, and the method section could not be read. Everything below
+code was found, and the method section could not be read (sources tried:
+``docs/unverified.md``). Everything below
 that goes beyond that is a lorajax design choice, exposed as an option:
 
 ==================  =========================================================

@@ -33,7 +33,9 @@ Example:
 
 References:
   Huang and Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal
-  Flaws", arXiv:2410.09692 (abstract). No official code found.
+  Flaws", arXiv:2410.09692 (abstract). No official code found. Sources
+  tried for the formula (arXiv HTML v1, OpenReview 7X65yoKl3Y, code search):
+  ``docs/unverified.md``.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ Example:
 References:
   "Comp-LoRA" (complementary-subspace low-rank adaptation for VLM few-shot
   classification), arXiv:2501.15040 (abstract only; no official code found).
-  Design: specs/adapters.md §12a (hard projection). LoRA factors as PEFT
+  Design: specs/adapters.md §12a (hard projection). Sources tried:
+  ``docs/unverified.md``. LoRA factors as PEFT
   ``src/peft/tuners/lora/layer.py``; not in PEFT.
 """
 

@@ -72,7 +72,8 @@ References:
   Gu, Zhou, Iacovides, Mandic, "TeRA: Vector-based Random Tensor Network for
   High-Rank Adaptation of Large Language Models", ACL 2026 (long 106),
   arXiv:2509.03234 (abstract only was readable). Official code announced at
-  github.com/guyuxuan9/TeRA (not obtainable here). Not in PEFT. Related
+  github.com/guyuxuan9/TeRA (not obtainable here). Not in PEFT. Sources
+  tried: ``docs/unverified.md``. Related
   design: VeRA (``lorajax/variants/vera.py``).
 """
 
