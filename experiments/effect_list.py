@@ -289,4 +289,38 @@ EFFECTS: tuple[Effect, ...] = (
         "official 60M recipe (rank 128 of 512, scale 0.25); projector refreshed every 50 steps (official 200 "
         "over 10k steps). Embeddings and norms get plain Adam in both arms.",
     ),
+    Effect(
+        name="essa",
+        paper="Korotyshova et al., ESSA: Evolutionary Strategies for Scalable Alignment, arXiv:2507.04453 "
+        "(no official code found; lorajax.es)",
+        claim="Evolution strategies over the singular values of an SFT'd LoRA, with forward passes only, "
+        "reach the verifiable reward of gradient training (+12.6% GSM8K over GRPO with Qwen2.5-Math-7B).",
+        arms=(
+            Arm("gradient", ("--method", "gradient"), lrs=(3e-4, 1e-3, 3e-3)),
+            Arm("essa", ("--method", "essa"), lrs=(0.5, 1.0, 2.0)),
+        ),
+        contrasts=(
+            Contrast(
+                "test accuracy: essa − gradient",
+                (("essa", "test_accuracy", 1.0), ("gradient", "test_accuracy", -1.0)),
+                "non-inferiority",
+                0.005,
+                "accuracy",
+            ),
+            Contrast(
+                "test accuracy: essa − its warm start",
+                (("essa", "test_accuracy", 1.0), ("essa", "warm_test_accuracy", -1.0)),
+                unit="accuracy",
+            ),
+        ),
+        steps=200,
+        flags=("--batch-size", "16", "--max-length", "128", "--max-test", "256", "--warm-steps", "100"),
+        runner="experiments.essa_lm",
+        select="val_error",
+        report=("test_accuracy", "warm_test_accuracy"),
+        notes="Reward: exact match of the greedy next character (a verifiable, non-differentiable reward). "
+        "Equal budgets in example forwards (a gradient step counts 3 forwards per window). The ESSA arm's "
+        "'lr' multiplies its default std_init (0.1 x RMS of the singular values); margin 0.005 accuracy. "
+        "The paper's setting (RL on GSM8K with 7B models vs GRPO) is far from this one.",
+    ),
 )

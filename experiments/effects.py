@@ -100,6 +100,8 @@ class Effect:
     seeds: int = 3
     tune_seed: int = 100
     shared_base: bool = True  # lm: every arm adapts the one pre-trained base (``--model <out>/_base/base``)
+    runner: str = "experiments.run"  # the module whose ``main(argv)`` runs one arm (the launcher, or a script
+    # taking the same run flags: --steps, --optim.lr, --seed, --out-dir, --no-progress, ...)
     report: tuple[str, ...] = ("test_loss",)  # per-arm metrics shown in the table
     notes: str = ""  # what this small scale cannot show
 
@@ -154,7 +156,7 @@ def launcher_argv(effect: Effect, arm: Arm, lr: float, seed: int, folder: Path, 
     return argv
 
 
-def launch(argv: list[str], folder: Path) -> dict:
+def launch(argv: list[str], folder: Path, runner: str = "experiments.run") -> dict:
     """Run the launcher in this process; its results dict (read back from ``results.json``).
 
     Raises:
@@ -164,10 +166,12 @@ def launch(argv: list[str], folder: Path) -> dict:
       RuntimeError: a bad config or a folder holding another run (exit 2): a
         mistake in the declaration or the flags, which stops the sweep.
     """
+    import importlib
+
     from experiments import run
 
     try:
-        run.main(argv)
+        importlib.import_module(runner).main(argv)
     except SystemExit as e:  # the launcher printed one line
         if e.code != run.EXIT_TRAINING:
             raise RuntimeError(f"{folder}: the launcher refused {' '.join(argv)} (exit {e.code})") from None
@@ -200,7 +204,7 @@ def get_run(effect: Effect, arm: Arm, lr: float, seed: int, sweep: Sweep) -> dic
         started = time.time()
         print(f"[{effect.name}] {arm.name} lr={lr:g} seed={seed}", flush=True)
         try:
-            result = launch(launcher_argv(effect, arm, lr, seed, folder, sweep), folder)
+            result = launch(launcher_argv(effect, arm, lr, seed, folder, sweep), folder, effect.runner)
         except RunFailed as e:
             print(f"[{effect.name}] failed: {e}", flush=True)
             return {"failed": str(e)}
