@@ -98,7 +98,7 @@ def test_lr_is_picked_on_validation_and_runs_resume(tmp_path, monkeypatch):
     """Grid runs use the tuning seed and the validation metric; finished runs are read, not re-run."""
     calls = []
 
-    def fake_launch(argv, folder):
+    def fake_launch(argv, folder, runner):
         lr, seed = float(argv[argv.index("--optim.lr") + 1]), int(argv[argv.index("--seed") + 1])
         calls.append((lr, seed))
         # validation prefers 3e-3; the test metric alone would prefer 1e-2 (must not be looked at)
