@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from experiments.genre_runs import genre_run
+from experiments.report import SINGLE_SEED_NOTE as SINGLE
 from experiments.report import markdown_table
 
 LORA_LR, FULL_LR = 1e-3, 1e-4
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
     res.mkdir(parents=True, exist_ok=True)
     cmdline = " ".join(sys.argv[1:] if argv is None else argv)
     (res / "optimizers_genre.md").write_text(
-        f"# Optimiser-side methods on the genre task (equal steps)\n\nall-MiniLM-L6-v2 + linear head; "
+        f"# Optimiser-side methods on the genre task (equal steps)\n\n{SINGLE}\n\nall-MiniLM-L6-v2 + linear head; "
         f"{args.steps} steps x batch {args.batch_size} ({args.max_train} training speeches, one epoch; the same "
         f"batches for every run), max_length {args.max_length}, {args.max_test} test speeches from unseen plays, "
         f"seed {args.seed}; warm-up 20 steps then cosine to 0; head lr 3e-3 (AdamW) in every run; weight decay 0. "

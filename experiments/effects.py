@@ -38,6 +38,7 @@ minutes; its verdicts say "single observation").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -438,6 +439,20 @@ def write_reports(records: dict[str, dict], results: Path, order: Sequence[str])
     atomic.write_text(results / "effects.json", text + "\n")
 
 
+@contextlib.contextmanager
+def _locked(results: Path):
+    """An exclusive lock on ``results/.effects.lock`` (POSIX ``flock``) while the reports are rewritten."""
+    import fcntl
+
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".effects.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_records(results: Path) -> dict[str, dict]:
     path = results / "effects.json"
     if not path.exists():
@@ -479,10 +494,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         out = out / ("flags-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8])
     sweep = Sweep(out, args.steps_scale, extra)
     results = Path(args.results)
-    records = load_records(results)
+    records = {}
     for name in args.only or list(by_name):
-        records[name] = {**run_effect(by_name[name], sweep, args.seeds), "extra": list(extra)}
-        write_reports(records, results, list(by_name))
+        record = {**run_effect(by_name[name], sweep, args.seeds), "extra": list(extra)}
+        with _locked(results):  # two sweeps (--only A / --only B) may finish at once: merge, do not clobber
+            records = load_records(results)
+            records[name] = record
+            write_reports(records, results, list(by_name))
         verdicts = ", ".join(f"{c['name']}: {c['verdict']}" for c in records[name]["contrasts"])
         print(f"[{name}] {verdicts} ({records[name]['wall_s']:.0f} s)", flush=True)
     return records

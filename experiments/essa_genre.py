@@ -39,6 +39,7 @@ import optax
 
 import lorajax
 from experiments.config import RunConfig
+from experiments.report import SINGLE_SEED_NOTE as SINGLE
 from experiments.report import markdown_table
 from experiments.tasks.genre import load_data, model_path
 from lorajax.data import speeches
@@ -308,6 +309,8 @@ def main(argv=None) -> dict:
             )
         notes.append(line + ".")
     text = f"""# ESSA vs gradient fine-tuning: genre exact-match accuracy (MiniLM, LoRA on the last layer)
+
+{SINGLE}
 
 {__doc__.split(chr(10), 2)[2].split("Command:")[0].strip()}
 

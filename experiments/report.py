@@ -13,6 +13,11 @@ import numpy as np
 
 from lorajax import atomic
 
+#: the line that marks a single-seed table (no confidence interval) in the older results files
+SINGLE_SEED_NOTE = (
+    "**Single observation**: one seed, no confidence interval (the standard error of one accuracy on these "
+    "test sets is ~2 points); seeded comparisons with 95% CIs are in `effects.md`."
+)
 #: the step-time file of a training folder (written by the call that trained; read by a later resume)
 STEP_TIME = "step_time.json"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lorajax
 from experiments.genre_runs import genre_run
+from experiments.report import SINGLE_SEED_NOTE as SINGLE
 from experiments.report import markdown_table
 from lorajax import registry
 
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "variants_genre.md").write_text(
-        f"# Variants on the genre task (equal budget)\n\nall-MiniLM-L6-v2, targets query/key/value/dense "
+        f"# Variants on the genre task (equal budget)\n\n{SINGLE}\n\nall-MiniLM-L6-v2, targets query/key/value/dense "
         f"(not the pooler), {args.steps} steps x batch {args.batch_size} ({args.max_train} training speeches, one "
         f"epoch), {args.max_test} test speeches from unseen plays, max_length 64, 2 CPU cores. Produced by "
         f"`python -m experiments.sweep_variants {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table}\n"
