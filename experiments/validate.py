@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import difflib
 import importlib.util
 import json
 from pathlib import Path
@@ -27,14 +29,32 @@ from typing import Any
 
 from experiments.config import RunConfig
 
-__all__ = ["ConfigError", "validate", "flag", "TASKS", "RESUME"]
+__all__ = ["ConfigError", "validate", "flag", "TASKS", "RESUME", "LM_ONLY", "INITS", "LM_MODELS", "LLAMA_TYPES"]
 
 #: the launcher's tasks (``--task``) and their modules
 TASKS = {"genre": "experiments.tasks.genre", "lm": "experiments.tasks.lm"}
 #: ``--resume`` policies (see `experiments.run_identity`)
 RESUME = ("never", "auto", "must")
-#: ``--spec.variant`` values that are not adapters (genre task only)
+#: ``--spec.variant`` values that are not adapters: "none" (genre only) and "full" (both tasks)
 NO_ADAPTERS = ("none", "full")
+#: fields only the lm task reads, with their defaults: another value with ``--task genre`` is refused
+LM_ONLY = {
+    "init": "default",
+    "init_batches": 8,
+    "max_val": None,
+    "eval_ranks": (),
+    "squeeze_to": 0,
+    "squeeze_steps": 0,
+    "sample": True,
+    "export": True,
+}
+#: ``--init``: the adapters' initialiser (lm task) -> the variant it needs
+INITS = {"default": None, "pissa": "lora", "olora": "lora", "lora_ga": "lora", "lora_sb": "lora_xs"}
+#: lm ``--model`` names that are not folders: the built-in tiny Llama (pre-trained; "minilm" is the
+#: default's spelling) and its random init
+LM_MODELS = ("tiny", "minilm", "scratch")
+#: HF ``model_type`` values of the Llama family (`lorajax.models.llama`)
+LLAMA_TYPES = ("llama", "qwen2", "mistral")
 
 
 class ConfigError(ValueError):
@@ -105,11 +125,41 @@ def _check_spec(cfg: RunConfig) -> None:
     import lorajax
 
     variants = lorajax.list_variants()
-    allowed = variants + list(NO_ADAPTERS) if cfg.task == "genre" else variants
+    allowed = variants + list(NO_ADAPTERS) if cfg.task == "genre" else variants + ["full"]
     _one_of(cfg, "spec.variant", allowed)
     _at_least(cfg, "spec.rank", 1)
     targets = cfg.spec.targets
     _need(bool(targets), "spec.targets", "must name at least one module (suffixes, a regex or all-linear)", targets)
+    _check_options(cfg)
+
+
+def _check_options(cfg: RunConfig) -> None:
+    """``--spec.options``: key=value pairs naming fields of the variant's `Options`, with values it accepts."""
+    from experiments.config import parse_options
+    from lorajax import registry
+
+    try:
+        options = cfg.spec.option_values()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.spec.variant in NO_ADAPTERS:
+        if cfg.spec.options:
+            raise ConfigError(f"--spec.options sets adapter options; --spec.variant {cfg.spec.variant} has no adapters")
+        return
+    variant = registry.get(cfg.spec.variant)
+    known = [f.name for f in dataclasses.fields(variant.options)]
+    for key in parse_options(cfg.spec.options):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {' | '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"--spec.options: variant {cfg.spec.variant!r} has no option {key!r}{hint}; "
+                f"its options: {' | '.join(sorted(known)) or 'none'}"
+            )
+    try:
+        variant.build_options(**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--spec.options: {e}") from None
 
 
 def _check_optim(cfg: RunConfig) -> None:
@@ -138,6 +188,80 @@ def _check_optim(cfg: RunConfig) -> None:
     _at_least(cfg, "optim.galore_rank", 1)
     _at_least(cfg, "optim.galore_gap", 1, " (steps)")
     _one_of(cfg, "optim.galore_bits", (32, 8))
+
+
+def _check_lm_only(cfg: RunConfig) -> None:
+    """Fields only the lm task reads keep their defaults with ``--task genre``."""
+    if cfg.task == "lm":
+        return
+    for field, default in LM_ONLY.items():
+        value = getattr(cfg, field)
+        if value != default and not (isinstance(default, tuple) and tuple(value) == default):
+            name = flag(f"no_{field}") if default is True else flag(field)  # a switch the user turned off
+            raise ConfigError(f"{name} is supported with --task lm (got --task {cfg.task})")
+
+
+def _check_lm(cfg: RunConfig) -> None:
+    """The lm task's init, rank evaluation, squeeze and model (nothing is loaded)."""
+    from lorajax import registry
+
+    variant = cfg.spec.variant
+    _one_of(cfg, "init", tuple(INITS))
+    _at_least(cfg, "init_batches", 1, " (batches of gradient estimation)")
+    if cfg.max_val is not None:
+        _at_least(cfg, "max_val", 1, " (leave it out for every validation window)")
+    needs = INITS[cfg.init]
+    if needs is not None and (variant == "full" or registry.get(variant).name != registry.get(needs).name):
+        raise ConfigError(
+            f"--init {cfg.init} initialises {needs} adapters: use it with --spec.variant {needs}, got {variant!r}"
+        )
+    if cfg.eval_ranks:
+        truncatable = registry.with_capability("truncate")
+        if variant == "full" or registry.get(variant).name not in truncatable:
+            raise ConfigError(
+                f"--eval-ranks truncates the adapters: --spec.variant must be one of {' | '.join(truncatable)}, "
+                f"got {variant!r}"
+            )
+        for r in cfg.eval_ranks:
+            _need(1 <= r <= cfg.spec.rank, "eval_ranks", f"must each be in 1..--spec.rank {cfg.spec.rank}", r)
+    _at_least(cfg, "squeeze_to", 0, " (0 = no squeeze)")
+    _at_least(cfg, "squeeze_steps", 0)
+    if cfg.squeeze_steps and not cfg.squeeze_to:
+        raise ConfigError("--squeeze-steps continues training after a squeeze: give --squeeze-to too")
+    if cfg.squeeze_to:
+        squeezable = registry.with_capability("factors")
+        if variant == "full" or registry.get(variant).name not in squeezable:
+            raise ConfigError(
+                f"--squeeze-to needs adapters with an s·A·B term: --spec.variant must be one of "
+                f"{' | '.join(squeezable)}, got {variant!r}"
+            )
+        ok = cfg.squeeze_to < cfg.spec.rank
+        _need(ok, "squeeze_to", f"must be below --spec.rank {cfg.spec.rank} (0 = no squeeze)", cfg.squeeze_to)
+    if variant == "full" and cfg.init != "default":
+        raise ConfigError(f"--init {cfg.init} initialises adapters; --spec.variant full has none")
+    if cfg.model not in LM_MODELS:
+        _check_lm_model(cfg)
+
+
+def _check_lm_model(cfg: RunConfig) -> None:
+    """An lm ``--model`` folder: config.json of a Llama-family model whose positions hold --max-length."""
+    folder = Path(cfg.model)
+    ok = folder.is_dir()
+    _need(ok, "model", "must be tiny | scratch or an existing HF Llama-family folder (lm task)", cfg.model)
+    _need((folder / "config.json").is_file(), "model", "has no config.json (not a HF model folder)", cfg.model)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model_type, positions = config.get("model_type"), config.get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--model {cfg.model!r}: unreadable config.json ({e})") from None
+    if model_type not in LLAMA_TYPES:
+        raise ConfigError(
+            f"--model {cfg.model!r}: the lm task takes Llama-family models (model_type "
+            f"{' | '.join(LLAMA_TYPES)}), config.json says {model_type!r}"
+        )
+    if isinstance(positions, int):
+        ok = cfg.max_length <= positions
+        _need(ok, "max_length", f"must be <= {positions} (the model's positions)", cfg.max_length)
 
 
 def _check_sizes(cfg: RunConfig) -> None:
@@ -185,10 +309,13 @@ def validate(cfg: RunConfig) -> None:
       ConfigError: the first bad field, as one line naming its flag and the allowed values.
     """
     _one_of(cfg, "task", tuple(TASKS))
+    _check_lm_only(cfg)
     _check_sizes(cfg)
     _check_spec(cfg)
     _check_optim(cfg)
     _check_run_options(cfg)
     _check_paths(cfg)
-    if cfg.task == "genre":  # the lm task trains its own base model: --model is not used
+    if cfg.task == "genre":
         _check_model(cfg)
+    else:
+        _check_lm(cfg)
