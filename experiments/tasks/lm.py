@@ -309,6 +309,14 @@ class Evaluator:
                 raise FloatingPointError(f"{k} is {v}: the model diverged; lower --optim.lr")
         return out
 
+    def final(self, history: list[dict], steps: int, loss: Callable) -> dict[str, float]:
+        """The losses after training: the last step's evaluation in ``history`` if there (finite), else computed."""
+        last = history[-1] if history else {}
+        got = {"val_loss": last.get("eval/val_loss"), "test_loss": last.get("eval/held_out_loss")}
+        if last.get("step") == steps and all(v is not None and np.isfinite(v) for v in got.values()):
+            return got
+        return self(loss)
+
     def metrics(self, loss: Callable) -> dict[str, float]:
         """The losses as training metrics: ``val_loss`` and ``held_out_loss`` (the test loss)."""
         out = self(loss)
@@ -496,7 +504,7 @@ def run(cfg: RunConfig) -> dict:
             desc=f"{spec.variant} on comedies",
         )
         adapters = state.combined
-        final = evaluate(lambda b: loss(variables, adapters, b))
+        final = evaluate.final(hist, cfg.steps, lambda b: loss(variables, adapters, b))
         counts = lorajax.count_params(spec, variables, adapters)
         opt_bytes = lorajax.optim.state_bytes(tx, state.trainable)
         if cfg.eval_ranks:
@@ -599,7 +607,7 @@ def _train_full(cfg: RunConfig, model, variables, train_fn, out: Path, evaluate:
         on_nonfinite=cfg.on_nonfinite,
     )
     trained = state.trainable
-    final = evaluate(lambda b: apply(trained, b))
+    final = evaluate.final(hist, cfg.steps, lambda b: apply(trained, b))
     n = sum(int(x.size) for x in jax.tree.leaves(trained))
     counts = {"trainable": n, "frozen_adapter": 0, "base": n, "total": n, "trainable_percent": 100.0}
     return final, hist, counts, lorajax.optim.state_bytes(tx, params), trained, train_dir
