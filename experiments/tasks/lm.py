@@ -312,9 +312,9 @@ class Evaluator:
     def final(self, history: list[dict], steps: int, loss: Callable) -> dict[str, float]:
         """The losses after training: the last step's evaluation in ``history`` if there (finite), else computed."""
         last = history[-1] if history else {}
-        got = {"val_loss": last.get("eval/val_loss"), "test_loss": last.get("eval/held_out_loss")}
-        if last.get("step") == steps and all(v is not None and np.isfinite(v) for v in got.values()):
-            return got
+        val, test = last.get("eval/val_loss"), last.get("eval/held_out_loss")
+        if last.get("step") == steps and val is not None and test is not None and np.isfinite([val, test]).all():
+            return {"val_loss": float(val), "test_loss": float(test)}
         return self(loss)
 
     def metrics(self, loss: Callable) -> dict[str, float]:
