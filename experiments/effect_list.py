@@ -25,7 +25,7 @@ from experiments.effects import Arm, Contrast, Effect
 
 #: flags shared by the lm effects: batch 16 x 128 characters, LoRA r=8 (alpha 16) on every linear layer
 LM = (
-    "--batch-size", "16", "--max-length", "128", "--max-test", "256",
+    "--batch-size", "16", "--max-length", "128", "--max-test", "256", "--max-val", "256",
     "--spec.rank", "8", "--spec.alpha", "16", "--spec.targets", "all-linear",
     "--optim.name", "adamw", "--optim.warmup", "10", "--no-sample", "--no-export",
 )  # fmt: skip

@@ -56,7 +56,8 @@ from lorajax import atomic
 __all__ = ["Arm", "Contrast", "Effect", "run_effect", "summarise", "main"]
 
 #: the shared pre-trained base of the lm effects: ``<out>/_base/base`` (trained once by the lm task)
-BASE_FLAGS = ("--task", "lm", "--model", "tiny", "--steps", "300", "--batch-size", "32", "--max-length", "128")
+BASE_FLAGS: tuple[str, ...] = ("--task", "lm", "--model", "tiny", "--steps", "300", "--batch-size", "32")
+BASE_FLAGS += ("--max-length", "128", "--spec.targets", "all-linear", "--no-export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +440,18 @@ def write_reports(records: dict[str, dict], results: Path, order: Sequence[str])
     atomic.write_text(results / "effects.json", text + "\n")
 
 
+def _compile_cache(folder: Path) -> None:
+    """Share compiled programs between the sweep's runs (same shapes and settings compile once), unless the
+    user chose a cache (``JAX_COMPILATION_CACHE_DIR``)."""
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not getattr(jax.config, "jax_compilation_cache_dir", None):
+        jax.config.update("jax_compilation_cache_dir", str(folder.absolute()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 @contextlib.contextmanager
 def _locked(results: Path):
     """An exclusive lock on ``results/.effects.lock`` (POSIX ``flock``) while the reports are rewritten."""
@@ -493,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if extra:  # other flags, other runs: a folder per flag set
         out = out / ("flags-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8])
     sweep = Sweep(out, args.steps_scale, extra)
+    _compile_cache(Path(args.out) / "_jax_cache")
     results = Path(args.results)
     records = {}
     for name in args.only or list(by_name):

@@ -61,7 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=16, help="windows per gradient step")
     ap.add_argument("--max-length", type=int, default=128, help="characters per window")
-    ap.add_argument("--max-test", type=int, default=256, help="test (and validation) windows")
+    ap.add_argument("--max-test", type=int, default=256, help="test windows")
+    ap.add_argument("--max-val", type=int, default=256, help="validation windows")
     ap.add_argument("--warm-steps", type=int, default=100)
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--members-batch", type=int, default=16, help="windows in ESSA's fixed reward set")
@@ -71,7 +72,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "max_length", "max_test", "warm_steps", "population", "members_batch"):
+    sizes = ("steps", "batch_size", "max_length", "max_test", "max_val", "warm_steps", "population", "members_batch")
+    for name in sizes:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     train_all = tok.encode(corpus["adapt_train"])
     cut = int(len(train_all) * 0.9)
     train, seq = train_all[:cut], args.max_length
-    val = jnp.asarray(windows(train_all[cut:], args.max_test, seq))
+    val = jnp.asarray(windows(train_all[cut:], args.max_val, seq))
     test = jnp.asarray(windows(tok.encode(corpus["adapt_test"]), args.max_test, seq))
     variables = {"params": params}
     spec = lorajax.Spec("lora", rank=RANK, alpha=ALPHA, targets=TARGETS)

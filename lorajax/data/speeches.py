@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -414,6 +415,12 @@ def parse_play(text: str, play: str = "") -> list[Speech]:
     return speeches
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str, play: str) -> tuple[Speech, ...]:
+    """`parse_play` of one text, remembered: a sweep of many runs in one process parses each play once (~4 s)."""
+    return tuple(parse_play(text, play=play))
+
+
 def load_speeches(archive_or_folder=None, plays=None, *, encoding: str = "utf-8") -> dict[str, list[Speech]]:
     """``{play: list[Speech]}`` for the labelled plays (default: all of `PLAY_GENRE`).
 
@@ -437,7 +444,7 @@ def load_speeches(archive_or_folder=None, plays=None, *, encoding: str = "utf-8"
     texts = shakespeare.load_texts(archive_or_folder, names, encoding=encoding)
     out = {}
     for p in names:
-        out[p] = parse_play(texts[p], play=p)
+        out[p] = list(_parsed(texts[p], p))
         if not out[p]:
             raise ValueError(
                 f"no speeches found in {p}_gut.txt (play {p!r}, in {archive_or_folder}): "

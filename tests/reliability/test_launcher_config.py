@@ -4,6 +4,7 @@ Everything here runs in-process and loads no model (a stand-in task records whet
 one subprocess checks the real command line: exit status and a stderr without a traceback.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ BAD = [  # (flags, the flag the message must name)
     (["--max-test", "0"], "--max-test"),
     (["--max-train", "0"], "--max-train"),
     (["--spec.variant", "lorra"], "--spec.variant"),
-    (["--spec.variant", "full"], "--spec.variant"),  # the lm task adapts a frozen base: adapters only
+    (["--spec.variant", "none"], "--spec.variant"),  # "none" (head only) is the genre task's alone
     (["--spec.rank", "0"], "--spec.rank"),
     (["--optim.name", "adamm"], "--optim.name"),
     (["--optim.name", "sora"], "--optim.name"),  # SoRA's optimiser needs the sora variant
@@ -186,7 +187,7 @@ def test_encoding_reaches_the_loaders_and_a_data_error_writes_nothing(tmp_path, 
     monkeypatch.setattr(genre, "load_encoder", lambda cfg: genre.Encoder(None, {}, None, None))
     model = tmp_path / "model"  # a folder that passes validation; the stand-in encoder never reads it
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     for task in ("lm", "genre"):
         out = tmp_path / task
         with pytest.raises(SystemExit) as e:
