@@ -290,7 +290,19 @@ def run_effect(effect: Effect, sweep: Sweep, seeds: int | None = None) -> dict:
         "arms": arms,
         "contrasts": contrasts,
         "wall_s": time.time() - started,
+        "run_seconds": run_seconds(sweep.out / effect.name),
     }
+
+
+def run_seconds(folder: Path) -> float:
+    """The wall time of every run (grid and seeds) under an effect's folder, from their ``wall.json``."""
+    total = 0.0
+    for path in folder.glob("*/*/wall.json"):
+        try:
+            total += float(json.loads(path.read_text(encoding="utf-8"))["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return total
 
 
 def summarise(c: Contrast, arms: dict[str, dict], n: int) -> dict:
@@ -353,7 +365,8 @@ def effect_markdown(record: dict, plot: str | None) -> str:
     setup = (
         f"**Setup.** task `{record['task']}`, {record['steps']} steps per arm, seeds 0..{record['seeds'] - 1}, "
         f"lr per arm picked on `{record['select']}` (validation) with a separate tuning seed; "
-        f"common flags `{' '.join(record['flags']) or '—'}`."
+        f"common flags `{' '.join(record['flags']) or '—'}`; "
+        f"{record.get('run_seconds', 0) / 60:.0f} min of runs on this machine."
     )
     lines += [setup, ""]
     header = ["arm", "lr", *[f"{k} (mean ± 95% CI)" for k in record["report"]], f"{record['report'][0]} per seed"]
