@@ -350,7 +350,7 @@ def _arm_rows(record: dict) -> list[list[str]]:
             finite = [v for v in values if math.isfinite(v)]
             if finite:
                 ci = stats.t_interval(finite)
-                cell = _fmt(ci.mean) if ci.n < 2 else f"{_fmt(ci.mean)} ± {_fmt(ci.high - ci.mean, 2)}"
+                cell = _fmt(ci.mean) if ci.n < 2 else f"{_fmt(ci.mean)} ± {_fmt(ci.high - ci.mean)}"
             else:
                 cell = "—"
             cells.append(cell + (f" ({len(values) - len(finite)} failed)" if len(finite) < len(values) else ""))
