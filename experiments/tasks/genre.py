@@ -17,6 +17,13 @@ identity, see `experiments.run_identity`); full fine-tuning: ``full/`` and
 ``model/`` (HF format: config.json + model.safetensors) instead of the adapter
 folders. Every export is written atomically (a kill leaves the old file or
 folder or the new one), so a restart after a kill ends with complete artefacts.
+
+Scores: ``results.json`` holds ``baseline_accuracy``/``baseline_se`` and ``accuracy``/``se`` (SE of a mean of
+per-speech 0/1 scores) and ``gain``/``gain_se``, the SE of the per-speech difference (paired: both runs are
+scored on the same speeches; ``gain_se_unpaired`` for comparison), plus per-genre accuracies. Recipes are
+chosen on `VAL_PLAYS` (``python -m experiments.tasks.genre <launcher flags>``), never on the test plays.
+Batches hold speeches of similar length cut to their longest (in 32-token steps), so long ``max_length``
+costs only the speeches that use it.
 """
 
 from __future__ import annotations
@@ -68,14 +75,38 @@ def _subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
     return idx
 
 
-def load_data(cfg: RunConfig, tok: Tokenizer) -> dict:
-    """Tokenized ``train`` / ``test`` splits (capped by ``--max-train`` / ``--max-test``)."""
+#: held-out TRAINING plays (one per genre) whose speeches form the validation split (``split="val"``): recipes
+#: are chosen there, never on the test plays
+VAL_PLAYS = ("as_you_like_it", "hamlet", "henry_iv_part_1", "tempest")
+#: where the evaluation rows come from: the unseen test plays, or `VAL_PLAYS` carved out of the training plays
+SPLITS = ("test", "val")
+
+
+def load_data(cfg: RunConfig, tok: Tokenizer, *, split: str = "test") -> dict:
+    """Tokenized ``train`` / ``test`` rows (capped by ``--max-train`` / ``--max-test``).
+
+    Args:
+      cfg: the run's config (data, encoding, max_length, caps, seed).
+      tok: the encoder's tokenizer.
+      split: ``"test"``: ``test`` holds the unseen test plays' speeches; ``"val"``: it holds the speeches of
+        `VAL_PLAYS` instead, and ``train`` leaves those plays out (the test plays are not read at all).
+
+    Returns:
+      ``{"train": rows, "test": rows}``, rows = ``{"input_ids", "attention_mask", "token_type_ids"}`` int32
+      ``[N, max_length]`` (right-padded) and ``"label"`` int32 ``[N]``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     ds = speeches.genre_dataset(cfg.data or None, encoding=cfg.encoding)
+    pools = {"train": ds["train"], "test": ds["test"]}
+    if split == "val":
+        held = np.isin(np.asarray(ds["train"]["play"]), VAL_PLAYS)
+        pools = {"train": ds["train"].select(np.flatnonzero(~held)), "test": ds["train"].select(np.flatnonzero(held))}
     out = {}
-    for split, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
-        rows = ds[split].select(_subsample(len(ds[split]), cap, cfg.seed))
+    for name, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
+        rows = pools[name].select(_subsample(len(pools[name]), cap, cfg.seed))
         enc = tok.encode_batch(rows["text"], max_length=cfg.max_length, padding="max_length")
-        out[split] = {
+        out[name] = {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "token_type_ids": enc["token_type_ids"],
@@ -84,22 +115,105 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> dict:
     return out
 
 
-def batch_fn_for(data: dict, batch_size: int, seed: int):
-    """``batch(step)``: epoch-wise permutations from ``(seed, epoch)``; a pure function of ``step``."""
-    n = len(data["label"])
+def mean_se(x_N: np.ndarray) -> tuple[float, float]:
+    """The mean of ``x`` and its standard error ``std(x, ddof=1) / sqrt(N)``.
+
+    Args:
+      x_N: ``[N]`` per-example values (e.g. 1.0 / 0.0 correct), ``N >= 2``.
+    """
+    x = np.asarray(x_N, np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"mean_se needs a 1-D array of at least 2 values, got shape {x.shape}")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def paired_gain(correct_N: np.ndarray, baseline_correct_N: np.ndarray) -> dict:
+    """Accuracy gain of a run over a baseline scored on the SAME ``N`` examples, with its standard errors.
+
+    The paired SE is the SE of the mean of the per-example differences ``correct_i - baseline_correct_i``
+    (the right one here: both runs see the same examples, so their errors are correlated); the unpaired
+    SE ``sqrt(se^2 + baseline_se^2)`` treats the two accuracies as independent, for comparison.
+
+    Args:
+      correct_N: ``[N]`` 1/0 (or bool): the run's prediction on example i is right.
+      baseline_correct_N: ``[N]`` the same for the baseline, same examples in the same order.
+
+    Returns:
+      ``{"accuracy", "se", "baseline_accuracy", "baseline_se", "gain", "gain_se", "gain_se_unpaired"}``.
+    """
+    a, b = np.asarray(correct_N, np.float64), np.asarray(baseline_correct_N, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_gain needs both runs scored on the same examples, got shapes {a.shape} and {b.shape}")
+    acc, se = mean_se(a)
+    base, base_se = mean_se(b)
+    gain, gain_se = mean_se(a - b)
+    return {
+        "accuracy": acc,
+        "se": se,
+        "baseline_accuracy": base,
+        "baseline_se": base_se,
+        "gain": gain,
+        "gain_se": gain_se,
+        "gain_se_unpaired": float(np.hypot(se, base_se)),
+    }
+
+
+def per_class_accuracy(correct_N: np.ndarray, label_N: np.ndarray) -> dict[str, float]:
+    """``{genre: accuracy on the examples of that genre}`` (genres absent from ``label_N`` left out)."""
+    correct, label = np.asarray(correct_N, np.float64), np.asarray(label_N)
+    return {g: float(correct[label == i].mean()) for i, g in enumerate(speeches.GENRES) if np.any(label == i)}
+
+
+#: token arrays ``[N, max_length]`` that a batch cuts to its bucketed longest row
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def batch_order(lengths_N: np.ndarray, batch_size: int, seed: int, epoch: int, group: int = 32) -> np.ndarray:
+    """The rows of one epoch as ``[N // batch_size, batch_size]`` batches of similar lengths.
+
+    A permutation from ``(seed, epoch)`` is cut into groups of ``group`` batches; each group is sorted by
+    length and cut into batches, and the batches' order is shuffled again (so short and long batches
+    alternate). The ``N % batch_size`` rows left over are left out of this epoch (others in the next).
+    """
+    n = len(lengths_N)
+    nb = n // batch_size
+    if nb == 0:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {n} training rows (--max-train)")
+    perm = np.random.default_rng([seed, epoch]).permutation(n)[: nb * batch_size]
+    chunk = group * batch_size
+    perm = np.concatenate(
+        [c[np.argsort(lengths_N[c], kind="stable")] for c in np.split(perm, range(chunk, len(perm), chunk))]
+    )
+    batches = perm.reshape(nb, batch_size)
+    return batches[np.random.default_rng([seed, epoch, 1]).permutation(nb)]
+
+
+def batch_fn_for(data: dict, batch_size: int, seed: int, lengths_N: np.ndarray, bucket: int = 32):
+    """``batch(step)``: a pure function of ``step`` (`batch_order`'s epoch-wise batches of similar lengths).
+
+    Token arrays are cut to the batch's longest row rounded up to ``bucket`` (right padding only: the
+    outputs do not change; a few batch shapes instead of one, far fewer padded tokens). The same
+    ``lengths_N`` and seed give the same rows at every step, whatever ``data`` holds (tokens or features).
+    """
+    nb = len(lengths_N) // batch_size
+    epochs: dict[int, np.ndarray] = {}
 
     def batch(step: int) -> dict:
-        start = step * batch_size
-        idx = np.concatenate(
-            [
-                np.random.default_rng([seed, e]).permutation(n)
-                for e in range(start // n, (start + batch_size - 1) // n + 1)
-            ]
-        )
-        idx = idx[start % n : start % n + batch_size]
-        return {**{k: jnp.asarray(v[idx]) for k, v in data.items()}, "step": jnp.asarray(step, jnp.int32)}
+        e = step // max(nb, 1)
+        if e not in epochs:
+            epochs.clear()  # one epoch kept
+            epochs[e] = batch_order(lengths_N, batch_size, seed, e)
+        idx = epochs[e][step % nb]
+        cut = -(-int(lengths_N[idx].max()) // bucket) * bucket
+        rows = {k: v[idx, :cut] if k in TOKEN_KEYS else v[idx] for k, v in data.items()}
+        return {**{k: jnp.asarray(v) for k, v in rows.items()}, "step": jnp.asarray(step, jnp.int32)}
 
     return batch
+
+
+def token_lengths(rows: dict) -> np.ndarray:
+    """``[N]`` tokens per row (its attention mask's sum)."""
+    return np.asarray(rows["attention_mask"]).sum(axis=1)
 
 
 def head_logits(head: dict, pooled_BxD: jax.Array) -> jax.Array:
@@ -169,10 +283,34 @@ def finite(x, what: str):
     return x
 
 
-def _batches(d: dict, size: int = 64):
-    """The rows of ``d`` in order, ``size`` at a time, as device arrays (labels left out)."""
-    for i in range(0, len(d["label"]), size):
-        yield {k: jnp.asarray(v[i : i + size]) for k, v in d.items() if k != "label"}
+def _batches(d: dict, size: int = 64, bucket: int = 32):
+    """The rows of ``d`` as ``(rows, batch)`` pairs for forward-only passes (labels left out).
+
+    Rows are taken shortest first and each batch is cut to its longest row rounded up to ``bucket``
+    tokens (right padding only, so the cut changes no output): a few batch shapes, far fewer padded
+    tokens. The last batch is filled up to ``size`` rows by repeating its last row (one shape for all);
+    ``rows`` are the row indices of the batch's first ``len(rows)`` outputs.
+    """
+    lengths = token_lengths(d)
+    order = np.argsort(lengths, kind="stable")
+    width = d["input_ids"].shape[1]
+    for i in range(0, len(order), size):
+        rows = order[i : i + size]
+        idx = np.concatenate([rows, np.full(size - len(rows), rows[-1])])
+        cut = min(width, -(-int(lengths[rows].max()) // bucket) * bucket)
+        yield rows, {k: jnp.asarray(v[idx, :cut]) for k, v in d.items() if k != "label"}
+
+
+def _forward_all(fn: Callable, d: dict) -> np.ndarray:
+    """``fn(batch) -> [B, ...]`` over every row of ``d`` (see `_batches`), back in ``d``'s row order."""
+    out: np.ndarray | None = None
+    for rows, b in _batches(d):
+        y = np.asarray(fn(b))[: len(rows)]
+        if out is None:
+            out = np.empty((len(d["label"]), *y.shape[1:]), y.dtype)
+        out[rows] = y
+    assert out is not None, "no rows to evaluate"
+    return out
 
 
 def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
@@ -186,7 +324,7 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
         return bert.mean_pool(hidden, b["attention_mask"])
 
     feats = {
-        split: {"pooled": np.concatenate([np.asarray(encode(variables, b)) for b in _batches(d)]), "label": d["label"]}
+        split: {"pooled": _forward_all(lambda b: encode(variables, b), d), "label": d["label"]}
         for split, d in data.items()
     }
 
@@ -201,7 +339,7 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
         tx,
         None,
         lorajax.train.TrainState.create(tx, {"head": head0}),
-        batch_fn_for(feats["train"], cfg.batch_size, cfg.seed),
+        batch_fn_for(feats["train"], cfg.batch_size, cfg.seed, token_lengths(data["train"])),
         cfg.steps,
         progress=cfg.progress,
         desc="baseline: frozen encoder + head",
@@ -210,8 +348,10 @@ def train_baseline(cfg: RunConfig, enc: Encoder, data: dict) -> dict:
     logits = np.asarray(head_logits(state.trainable["head"], jnp.asarray(feats["test"]["pooled"])))
     pred = np.argmax(finite(logits, "the baseline's test logits"), -1)
     curve = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+    correct = pred == feats["test"]["label"]
     return {
-        "baseline_test_acc": float(np.mean(pred == feats["test"]["label"])),
+        "baseline_correct": correct,
+        "baseline_test_acc": float(np.mean(correct)),
         "baseline_trainable": _size(head0),
         "baseline_loss_curve": curve,
         "baseline_final_loss": curve[-1][1],
@@ -314,20 +454,27 @@ def pooled_fn(cfg: RunConfig, body: Body) -> Callable:
     return pooled
 
 
-def accuracy_fn(body: Body, pooled: Callable, test: dict) -> Callable[[lorajax.train.TrainState], float]:
-    """``accuracy(state)`` on the ``test`` rows."""
+def correct_fn(body: Body, pooled: Callable, test: dict) -> Callable[[lorajax.train.TrainState], np.ndarray]:
+    """``correct(state) -> bool [N]``: is the prediction on each ``test`` row right.
+
+    The last state's answer is kept, so the end-of-training evaluation and the final report share one pass.
+    """
     predict = jax.jit(lambda base, tree, b: head_logits(tree["head"], pooled(base, tree, b, False)[0]))
+    last: dict = {}
 
-    def accuracy(state: lorajax.train.TrainState) -> float:
-        tree = state.combined
-        logits = np.concatenate([np.asarray(predict(body.base, tree, b)) for b in _batches(test)])
-        return float(np.mean(np.argmax(finite(logits, "the test logits"), -1) == test["label"]))
+    def correct(state: lorajax.train.TrainState) -> np.ndarray:
+        key = int(state.step)
+        if last.get("step") != key:
+            tree = state.combined
+            logits = _forward_all(lambda b: predict(body.base, tree, b), test)
+            last.update(step=key, correct=np.argmax(finite(logits, "the test logits"), -1) == test["label"])
+        return last["correct"]
 
-    return accuracy
+    return correct
 
 
 def train(
-    cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, accuracy: Callable, rows: dict, train_dir: Path
+    cfg: RunConfig, enc: Encoder, body: Body, pooled: Callable, correct: Callable, rows: dict, train_dir: Path
 ) -> tuple[lorajax.train.TrainState, list[dict], dict]:
     """The body and a new head trained together on ``rows`` (resumable from ``train_dir``).
 
@@ -353,12 +500,12 @@ def train(
         tx,
         body.base,
         lorajax.train.TrainState.create(tx, trainable, frozen),
-        batch_fn_for(rows, cfg.batch_size, cfg.seed),
+        batch_fn_for(rows, cfg.batch_size, cfg.seed, token_lengths(rows)),
         cfg.steps,
         out_dir=str(train_dir),
         ckpt_every=cfg.ckpt_every,
         keep=cfg.keep,
-        eval_fn=lambda st: {"test_acc": accuracy(st)},
+        eval_fn=lambda st: {"test_acc": float(np.mean(correct(st)))},
         eval_every=cfg.eval_every,
         progress=cfg.progress,
         desc=f"{body.desc} + head",
@@ -370,20 +517,19 @@ def train(
     return state, hist, stats
 
 
-def evaluate(
-    body: Body, state: lorajax.train.TrainState, hist: list[dict], accuracy: Callable, train_dir: Path
-) -> dict:
-    """Test accuracy, parameter counts (with the head's), step time and the loss curve of the run.
+def evaluate(body: Body, state: lorajax.train.TrainState, hist: list[dict], correct: Callable, train_dir: Path) -> dict:
+    """Test accuracy (and which rows were right), parameter counts (with the head's), step time and loss curve.
 
     The curve comes from ``train_dir``'s metrics (every call's steps, also when
     this call resumed after training had ended); the step time is this call's,
     else the one stored by the call that trained (None if none was).
     """
-    evals = [h["eval/test_acc"] for h in hist if "eval/test_acc" in h]
+    right = correct(state)  # the end-of-training evaluation's answer when this call trained
     n_trained, n_head = _size(state.trainable[body.name]), _size(state.trainable["head"])
     curve = loss_curve(train_dir)
     return {
-        "test_acc": evals[-1] if evals else accuracy(state),
+        "correct": right,
+        "test_acc": float(np.mean(right)),
         "trainable": int(n_trained + n_head),
         "total": int(_size(body.base) + n_trained + _size(state.frozen[body.name]) + n_head),
         "step_ms": step_time_ms(hist, train_dir),
@@ -418,54 +564,90 @@ def export(out: Path, body: Body, state: lorajax.train.TrainState) -> dict:
     return {**body.export(out, tree), "spec": body.label}
 
 
-def run(cfg: RunConfig) -> dict:
-    """Baseline and adapter (or full) runs into ``cfg.out_dir``; the results dict (see the module doc)."""
+def run(cfg: RunConfig, *, split: str = "test") -> dict:
+    """Baseline and adapter (or full) runs into ``cfg.out_dir``; the results dict (see the module doc).
+
+    ``split="val"`` scores both runs on `VAL_PLAYS` (held out of training) instead of the test plays: the
+    split on which recipes are chosen (``python -m experiments.tasks.genre --val ...``).
+    """
+    t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     enc = load_encoder(cfg)
-    data = load_data(cfg, enc.tok)
+    data = load_data(cfg, enc.tok, split=split)
     run_identity.record(cfg)  # inputs loaded: out_dir is created with the run's config, then written
-    results: dict = {"n_train": int(len(data["train"]["label"])), "n_test": int(len(data["test"]["label"]))}
+    results: dict = {
+        "eval_split": split,
+        "n_train": int(len(data["train"]["label"])),
+        "n_test": int(len(data["test"]["label"])),
+    }
     if cfg.baseline:  # 1. frozen encoder + head
         results.update(train_baseline(cfg, enc, data))
-    if cfg.spec.variant == "none":
-        return _finish(cfg, out, results)
-    # 2. adapters on the encoder + head, or (variant "full") every encoder weight + head
-    body = full_body(cfg, enc) if cfg.spec.variant == "full" else adapter_body(cfg, enc)
-    pooled = pooled_fn(cfg, body)
-    accuracy = accuracy_fn(body, pooled, data["test"])
-    train_dir = out / body.run_dir
-    state, hist, stats = train(cfg, enc, body, pooled, accuracy, data["train"], train_dir)
-    results.update({**stats, **evaluate(body, state, hist, accuracy, train_dir)})
-    results.update(export(out, body, state))
+    if cfg.spec.variant != "none":
+        # 2. adapters on the encoder + head, or (variant "full") every encoder weight + head
+        body = full_body(cfg, enc) if cfg.spec.variant == "full" else adapter_body(cfg, enc)
+        pooled = pooled_fn(cfg, body)
+        correct = correct_fn(body, pooled, data["test"])
+        train_dir = out / body.run_dir
+        state, hist, stats = train(cfg, enc, body, pooled, correct, data["train"], train_dir)
+        results.update({**stats, **evaluate(body, state, hist, correct, train_dir)})
+        results.update(export(out, body, state))
+    results.update(scores(results.pop("correct", None), results.pop("baseline_correct", None), data["test"]["label"]))
+    results["wall_s"] = time.perf_counter() - t0
     return _finish(cfg, out, results)
+
+
+def scores(correct_N: np.ndarray | None, baseline_correct_N: np.ndarray | None, label_N: np.ndarray) -> dict:
+    """Accuracies with standard errors, the paired gain and per-genre accuracies of the runs that ran."""
+    out: dict = {}
+    for prefix, c in (("", correct_N), ("baseline_", baseline_correct_N)):
+        if c is not None:
+            out[f"{prefix}accuracy"], out[f"{prefix}se"] = mean_se(c)
+            out[f"{prefix}per_genre"] = per_class_accuracy(c, label_N)
+    if correct_N is not None and baseline_correct_N is not None:
+        out.update(paired_gain(correct_N, baseline_correct_N))
+    return out
 
 
 def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     rows = []
     total = results.get("total", "")
-    if "baseline_test_acc" in results:
+    genres = list(speeches.GENRES)
+    if "baseline_accuracy" in results:
         rows.append(
             [
                 "frozen encoder + head",
-                f"{results['baseline_test_acc']:.4f}",
+                f"{results['baseline_accuracy']:.4f} ± {results['baseline_se']:.4f}",
+                *(f"{results['baseline_per_genre'].get(g, float('nan')):.3f}" for g in genres),
                 f"{results['baseline_trainable']:,}",
                 f"{total:,}" if total else "",
                 "—",
             ]
         )
-    if "test_acc" in results:
+    if "accuracy" in results:
         rows.append(
             [
                 f"{results['spec']} + head",
-                f"{results['test_acc']:.4f}",
+                f"{results['accuracy']:.4f} ± {results['se']:.4f}",
+                *(f"{results['per_genre'].get(g, float('nan')):.3f}" for g in genres),
                 f"{results['trainable']:,}",
                 f"{total:,}",
                 format_ms(results["step_ms"]),
             ]
         )
+    where = "unseen test plays" if results["eval_split"] == "test" else "validation: held-out training plays"
     table = markdown_table(
-        ["run", "test accuracy (unseen plays)", "trainable params", "total params", "step time"], rows
+        [f"run ({where})", "accuracy ± SE", *genres, "trainable params", "total params", "step time"], rows
     )
+    gain = ""
+    if "gain" in results:
+        g, g_se = results["gain"], results["gain_se"]
+        ratio = f"{g / g_se:+.1f}" if g_se > 0 else ("+inf" if g > 0 else "-inf" if g < 0 else "0")
+        gain = (
+            f"\nGain over the frozen encoder: {100 * g:+.2f} points ± {100 * g_se:.2f} "
+            f"(paired SE: the SE of the per-speech difference correct_adapted - correct_frozen, both runs scored on "
+            f"the same {results['n_test']} speeches) = {ratio} SE; "
+            f"the unpaired SE sqrt(SE_a^2 + SE_b^2) would be {100 * results['gain_se_unpaired']:.2f} points.\n"
+        )
     curves = {
         k: v
         for k, v in (
@@ -476,11 +658,13 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
     }
     if curves:
         loss_plot(curves, out / "loss.png", title=f"genre task, {cfg.model}")
+    plays = "test plays unseen" if results["eval_split"] == "test" else f"validation plays {', '.join(VAL_PLAYS)}"
     text = (
         f"# Genre classification of Shakespeare speeches\n\nModel {cfg.model}; {results['n_train']} train / "
-        f"{results['n_test']} test speeches (test plays unseen); {cfg.steps} steps x batch {cfg.batch_size}, "
-        f"max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head {cfg.optim.head_lr}); "
-        f"device {jax.devices()[0].device_kind}.\n\n{table}\n"
+        f"{results['n_test']} {results['eval_split']} speeches ({plays}); {cfg.steps} steps x batch "
+        f"{cfg.batch_size}, max_length {cfg.max_length}, {cfg.optim.name} lr {cfg.optim.lr} (head "
+        f"{cfg.optim.head_lr}); device {jax.devices()[0].device_kind}; wall time {results['wall_s']:.0f} s.\n\n"
+        f"{table}\n{gain}"
     )
     import resource
 
@@ -499,3 +683,29 @@ def _finish(cfg: RunConfig, out: Path, results: dict) -> dict:
         flush=True,
     )
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m experiments.tasks.genre <launcher flags>``: the launcher's genre run scored on `VAL_PLAYS`.
+
+    Training leaves those (training) plays out and never reads the test plays; the run goes to
+    ``<out_dir>-val`` so it never resumes or overwrites the test run. Pick recipes here, then run the
+    launcher once with the chosen one.
+    """
+    import dataclasses
+    import sys
+
+    from experiments import run as launcher
+    from experiments.validate import validate
+
+    cfg = launcher.parse(sys.argv[1:] if argv is None else list(argv))
+    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir.rstrip("/") + "-val")
+    if cfg.task != "genre":
+        raise SystemExit(f"error: --task must be genre here, got {cfg.task!r}")
+    validate(cfg)
+    run_identity.check(cfg)
+    return run(cfg, split="val")
+
+
+if __name__ == "__main__":
+    main()
