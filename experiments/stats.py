@@ -52,7 +52,7 @@ class Interval(NamedTuple):
     n: int
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:
     """The Student t confidence interval of the mean of ``values`` (one per seed).
 
     Args:

@@ -58,6 +58,9 @@ def test_validation_split_results_and_a_shared_base(base_run):
     assert 8 * stored["trainable"] <= stored["opt_state_bytes"] <= 8 * stored["trainable"] + 64
     assert (out / "base" / "char_tokenizer.json").is_file() and not (out / "peft_adapter").exists()
     assert stored["sample"] is None
+    # the gain over the base on the test windows, with its paired SE (the demo's printed numbers)
+    assert stored["gain"] == pytest.approx(stored["base_loss"] - stored["test_loss"], abs=1e-5)
+    assert stored["gain_se"] > 0 and stored["base_loss_se"] > 0 and stored["test_loss_se"] > 0
 
 
 def test_dylora_rank_eval(base_run):

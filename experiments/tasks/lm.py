@@ -95,6 +95,35 @@ def lm_loss(logits_BxSxV, tokens_BxS1):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, tokens_BxS1[:, 1:]).mean()
 
 
+def window_losses(logits_BxSxV, tokens_BxS1):
+    """``[B]``: each window's mean next-token loss (their mean is `lm_loss`: every window has S tokens)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, tokens_BxS1[:, 1:]).mean(-1)
+
+
+def per_window(loss_B: Callable, wins: np.ndarray, batch_size: int) -> np.ndarray:
+    """``[N]``: ``loss_B(batch)`` (per-window losses) over ``wins`` in batches of ``batch_size``."""
+    return np.concatenate(
+        [np.asarray(loss_B(jnp.asarray(wins[i : i + batch_size]))) for i in range(0, len(wins), batch_size)]
+    )
+
+
+def paired_gain(base_N: np.ndarray, after_N: np.ndarray) -> dict[str, float]:
+    """Loss before and after training on the same ``N`` test windows, each with its standard error, and the
+    gain ``base - after`` with its paired standard error (the SE of the per-window differences' mean: both
+    are scored on the same windows, so their errors are correlated)."""
+    from experiments.stats import t_interval
+
+    before, after, gain = (t_interval(x) for x in (base_N, after_N, np.asarray(base_N) - np.asarray(after_N)))
+    return {
+        "base_loss_se": before.se,
+        "test_loss_se": after.se,
+        "gain": gain.mean,
+        "gain_se": gain.se,
+        "gain_in_se": gain.mean / gain.se if gain.se > 0 else float("nan"),
+        "test_windows": len(base_N),
+    }
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
@@ -471,6 +500,8 @@ def run(cfg: RunConfig) -> dict:
     variables = {"params": params}
     base_apply = jax.jit(lambda v, batch: lm_loss(model.apply(v, batch[:, :-1]), batch))
     base = evaluate(lambda b: base_apply(variables, b))
+    base_windows = jax.jit(lambda v, batch: window_losses(model.apply(v, batch[:, :-1]), batch))
+    base_test = per_window(lambda b: base_windows(variables, b), evaluate.test, cfg.batch_size)
     train_fn = window_batches(ids["train"], cfg.batch_size, seq, cfg.seed + 2)
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     if mesh is not None:  # FSDP gathers weights, not tokens
@@ -482,6 +513,7 @@ def run(cfg: RunConfig) -> dict:
             cfg, model, variables, train_fn, out, evaluate, mesh
         )
         desc, export_spec = "full fine-tuning", None
+        after_test = per_window(lambda b: base_windows({"params": params_after}, b), evaluate.test, cfg.batch_size)
     else:
         spec = cfg.spec.to_spec()
         adapters, variables = init_adapters(cfg, spec, model, variables, ids["train"])
@@ -505,6 +537,9 @@ def run(cfg: RunConfig) -> dict:
         )
         adapters = state.combined
         final = evaluate.final(hist, cfg.steps, lambda b: loss(variables, adapters, b))
+        fwd = lorajax.adapt(model.apply, spec, mode="factored")
+        adapted_windows = jax.jit(lambda v, a, batch: window_losses(fwd(v, a, batch[:, :-1]), batch))
+        after_test = per_window(lambda b: adapted_windows(variables, adapters, b), evaluate.test, cfg.batch_size)
         counts = lorajax.count_params(spec, variables, adapters)
         opt_bytes = lorajax.optim.state_bytes(tx, state.trainable)
         if cfg.eval_ranks:
@@ -531,13 +566,28 @@ def run(cfg: RunConfig) -> dict:
         else:
             _export_adapters(cfg, out, export_spec, adapters, initial, variables, params, base_name)
 
+    gain = paired_gain(base_test, after_test)
     table = markdown_table(
         ["loss (nats/token)", "base", "after training"],
         [
             ["validation (end of the adaptation plays)", f"{base['val_loss']:.4f}", f"{final['val_loss']:.4f}"],
-            ["test (unseen comedies)", f"{base['test_loss']:.4f}", f"{final['test_loss']:.4f}"],
+            [
+                f"test (unseen comedies, {gain['test_windows']} windows) ± SE",
+                f"{base['test_loss']:.4f} ± {gain['base_loss_se']:.4f}",
+                f"{final['test_loss']:.4f} ± {gain['test_loss_se']:.4f}",
+            ],
         ],
     )
+    gain_line = (
+        f"Gain on the unseen comedies: {gain['gain']:.4f} ± {gain['gain_se']:.4f} nats/token "
+        f"(paired SE over the {gain['test_windows']} test windows scored by both) = {gain['gain_in_se']:.1f} SE."
+    )
+    print(
+        f"test loss (unseen comedies): base {base['test_loss']:.4f} ± {gain['base_loss_se']:.4f}, "
+        f"after {final['test_loss']:.4f} ± {gain['test_loss_se']:.4f}; {gain_line}",
+        flush=True,
+    )
+    table += "\n\n" + gain_line
     table += "\n\n" + markdown_table(
         ["trainable", "total", "optimiser state", "step time"],
         [[f"{counts['trainable']:,}", f"{counts['total']:,}", f"{opt_bytes:,} B", format_ms(step_ms)]],
@@ -565,6 +615,7 @@ def run(cfg: RunConfig) -> dict:
         "val_loss": final["val_loss"],
         "test_loss": final["test_loss"],
         "lora_loss": final["test_loss"],
+        **gain,
         "steps": cfg.steps,
         "lr": cfg.optim.lr,
         "opt_state_bytes": opt_bytes,
