@@ -2,7 +2,8 @@
 
 Command: ``python -m experiments.run --config experiments/configs/lm_llama.py``
 Expected: ~4 min on 2 CPU cores (600 pre-train + 300 LoRA steps); held-out comedy loss drops
-after adapting (single-seed numbers from before the validation split: experiments/results/lm_llama.md; the demo config lm_demo.py reports the gain with its SE).
+after adapting (single-seed numbers from before the validation split: experiments/results/lm_llama.md;
+the demo config lm_demo.py reports the gain with its SE).
 
 ``model`` is left at the launcher's default "minilm", which for the lm task means "tiny": the built-in
 small Llama pre-trained into ``out_dir/base`` (with its ``char_tokenizer.json``). Other bases:
