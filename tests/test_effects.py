@@ -156,13 +156,13 @@ def test_failed_run_is_recorded_once(tmp_path, monkeypatch):
         effects.run_effect(other, effects.Sweep(tmp_path), seeds=1)
 
 
-def test_lm_paired_gain_is_the_se_of_the_window_differences():
-    from experiments.tasks.lm import paired_gain
+def test_lm_loss_gain_is_the_paired_se_of_the_window_differences():
+    from experiments.tasks.lm import loss_gain
 
     rng = np.random.default_rng(1)
     base = rng.normal(1.8, 0.2, 50)
     after = base - 0.03 + rng.normal(0, 0.01, 50)  # correlated with the base: the paired SE is much smaller
-    g = paired_gain(base, after)
+    g = loss_gain(base, after)
     d = base - after
     assert g["gain"] == pytest.approx(d.mean()) and g["gain_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(50))
     assert g["base_loss_se"] == pytest.approx(base.std(ddof=1) / np.sqrt(50)) and g["gain_se"] < g["base_loss_se"] / 5

@@ -107,7 +107,7 @@ def per_window(loss_B: Callable, wins: np.ndarray, batch_size: int) -> np.ndarra
     )
 
 
-def paired_gain(base_N: np.ndarray, after_N: np.ndarray) -> dict[str, float]:
+def loss_gain(base_N: np.ndarray, after_N: np.ndarray) -> dict[str, float]:
     """Loss before and after training on the same ``N`` test windows, each with its standard error, and the
     gain ``base - after`` with its paired standard error (the SE of the per-window differences' mean: both
     are scored on the same windows, so their errors are correlated)."""
@@ -566,7 +566,7 @@ def run(cfg: RunConfig) -> dict:
         else:
             _export_adapters(cfg, out, export_spec, adapters, initial, variables, params, base_name)
 
-    gain = paired_gain(base_test, after_test)
+    gain = loss_gain(base_test, after_test)
     table = markdown_table(
         ["loss (nats/token)", "base", "after training"],
         [
