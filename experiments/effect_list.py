@@ -180,7 +180,7 @@ EFFECTS: tuple[Effect, ...] = (
         contrasts=(
             _close("sora", "lora"),
             Contrast(
-                "ranks pruned (of 8 per target)",
+                "ranks pruned (of 8 x 14 targets = 112)",
                 (("sora", "sora.ranks_total", 1.0), ("sora", "sora.ranks_kept", -1.0)),
                 unit="ranks",
             ),
