@@ -142,7 +142,7 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--spec.options", "use_rlsora=true"], "did you mean use_rslora"),
+    (["--spec.options", "use_rlsora=true"], "Did you mean ['use_rslora']"),
     (["--spec.options", "use_rslora"], "key=value"),
     (["--spec.variant", "vera", "--spec.options", "d_initial=x"], "--spec.options"),
     (["--init", "gaussian"], "--init"),
