@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -215,6 +215,19 @@ def forward(variant, t, adapter, ctx: Context, x2d: jax.Array, w: jax.Array) -> 
     return x2d @ call_variant(variant, variant.adapted, w, adapter, t, ctx=ctx)
 
 
+def _in_compute_dtype(adapter: Any, dtype: Any) -> Any:
+    """The adapter's floating leaves cast to a layer's compute ``dtype`` (None: as stored).
+
+    With ``Dense(dtype=bfloat16)`` over float32 parameters the layer computes in bf16; its adapter does
+    too, while the stored (master) adapter stays float32 and receives float32 gradients through the cast.
+    """
+    if dtype is None:
+        return adapter
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, adapter
+    )
+
+
 def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
     p = module.variables["params"]
     kernel, bias = p["kernel"], p.get("bias") if module.use_bias else None
@@ -231,6 +244,7 @@ def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
             f"in_axes={t.in_axes}; set Spec(in_axes={{{t.name.split('.')[-1]!r}: {len(axis)}}})"
         )
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    adapter = _in_compute_dtype(adapter, module.dtype)
     n = len(axis)
     x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     batch_shape = x.shape[: x.ndim - n]
@@ -261,6 +275,7 @@ def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> 
         _, bias_shape = module._get_bias_shape(einsum_str, x, kernel)
         bias = p["bias"]
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    adapter = _in_compute_dtype(adapter, module.dtype)
     xt = jnp.einsum(f"{lhs}->{batch}{in_letters}", x)
     batch_shape = xt.shape[: len(batch)]
     y2d = forward(variant, t, adapter, ctx, xt.reshape(math.prod(batch_shape), -1), as_matrix(kernel, t))

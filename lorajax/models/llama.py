@@ -94,6 +94,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax.models.attention import IMPLEMENTATIONS, blockwise_attention, dense_attention
+
 __all__ = [
     "Config",
     "LlamaForCausalLM",
@@ -442,12 +444,32 @@ def _rope_tables(cfg: Config, pos_BxS: jax.Array, dtype) -> tuple[jax.Array, jax
     return jnp.cos(emb_BxSxd).astype(dtype), jnp.sin(emb_BxSxd).astype(dtype)
 
 
+def _rope_constants(cfg: Config, S: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin [1, S, d]`` for the default positions ``0 .. S-1``, computed when tracing (compile-time constants).
+
+    The same float32 arithmetic as `_rope_tables` (for ``dynamic``, the longest position is ``S - 1``), in
+    NumPy: the step then carries two constant tables instead of recomputing sin/cos in every layer's fusions.
+    """
+    inv = rope_inv_freq(cfg)
+    dim, f, l0 = cfg.head_dim, cfg.rope_factor, cfg.max_position_embeddings
+    if cfg.rope_type == "dynamic" and S > l0:
+        assert dim is not None  # filled in by Config.__post_init__
+        base = np.float32(cfg.rope_theta) * ((np.float32(f) * np.float32(S) / l0) - (f - 1)) ** (dim / (dim - 2))
+        inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
+            np.float32
+        )
+    freqs_Sxh = np.arange(S, dtype=np.float32)[:, None] * inv[None, :]
+    emb_1xSxd = np.concatenate([freqs_Sxh, freqs_Sxh], axis=-1)[None]
+    return jnp.asarray(np.cos(emb_1xSxd), dtype), jnp.asarray(np.sin(emb_1xSxd), dtype)
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     h = x.shape[-1] // 2
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
 def _apply_rope(x_BxSxHxd: jax.Array, cos_BxSxd: jax.Array, sin_BxSxd: jax.Array) -> jax.Array:
+    """``x·cos + rotate_half(x)·sin``; ``cos, sin`` are ``[B, S, d]`` or ``[1, S, d]`` (default positions)."""
     cos, sin = cos_BxSxd[:, :, None, :], sin_BxSxd[:, :, None, :]
     return x_BxSxHxd * cos + _rotate_half(x_BxSxHxd) * sin
 
@@ -458,6 +480,8 @@ class RMSNorm(nn.Module):
 
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
+    #: compute dtype: the weight and the normalised x are cast to it (None: x's dtype, weight as stored)
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -465,23 +489,35 @@ class RMSNorm(nn.Module):
         h = x.astype(jnp.float32)
         var = jnp.mean(h * h, axis=-1, keepdims=True)
         h = h * jax.lax.rsqrt(var + self.eps)
-        return w.reshape((1,) * (x.ndim - 1) + w.shape) * h.astype(x.dtype)
+        if self.dtype is not None:
+            w = w.astype(self.dtype)
+        return w.reshape((1,) * (x.ndim - 1) + w.shape) * h.astype(self.dtype or x.dtype)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; ``q_proj/k_proj/v_proj/o_proj`` on ``[B·S, D]``."""
+    """Grouped-query self-attention with RoPE; ``q_proj/k_proj/v_proj/o_proj`` on ``[B·S, D]``.
+
+    ``attention``: ``"auto"``/``"blockwise"`` use `lorajax.models.attention.blockwise_attention`
+    without a cache (query blocks of ``block`` rows skip the keys no query of the
+    block can see), ``"dense"`` always forms the whole score matrix (the reference).
+    """
 
     cfg: Config
     param_dtype: Any = jnp.float32
+    dtype: Any = None
+    attention: str = "auto"
+    block: int = 64
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_TxD, cos_BxSxd, sin_BxSxd, mask_BxSxT, cache=None, cache_index=None):
         cfg = self.cfg
-        B, S, d = cos_BxSxd.shape
+        _, S, d = cos_BxSxd.shape
+        B = x_TxD.shape[0] // S
         H, K = cfg.num_attention_heads, cfg.num_key_value_heads
         assert K is not None  # filled in by Config.__post_init__
         G = H // K
-        dense = functools.partial(nn.Dense, param_dtype=self.param_dtype)
+        dense = functools.partial(nn.Dense, param_dtype=self.param_dtype, dtype=self.dtype)
         q = dense(H * d, use_bias=cfg.qkv_bias, name="q_proj")(x_TxD).reshape(B, S, H, d)
         k = dense(K * d, use_bias=cfg.qkv_bias, name="k_proj")(x_TxD).reshape(B, S, K, d)
         v = dense(K * d, use_bias=cfg.qkv_bias, name="v_proj")(x_TxD).reshape(B, S, K, d)
@@ -495,10 +531,11 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         q_BxSxKxGxd = q.reshape(B, S, K, G, d)
-        s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxd, k) * (d**-0.5)
-        s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        p_BxKxGxSxT = jax.nn.softmax(s_BxKxGxSxT, axis=-1).astype(v.dtype)
-        o_TxHd = jnp.einsum("bkgst,btkd->bskgd", p_BxKxGxSxT, v).reshape(B * S, H * d)
+        if cache is None and self.attention != "dense":
+            o = blockwise_attention(q_BxSxKxGxd, k, v, mask_BxSxT, window=self.window, block=self.block)
+        else:
+            o = dense_attention(q_BxSxKxGxd, k, v, mask_BxSxT)
+        o_TxHd = o.reshape(B * S, H * d)
         out = dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(o_TxHd)
         return out, new_cache
 
@@ -508,11 +545,12 @@ class MLP(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dense = functools.partial(nn.Dense, use_bias=cfg.use_mlp_bias, param_dtype=self.param_dtype)
+        dense = functools.partial(nn.Dense, use_bias=cfg.use_mlp_bias, param_dtype=self.param_dtype, dtype=self.dtype)
         gate_TxF = dense(cfg.intermediate_size, name="gate_proj")(x_TxD)
         up_TxF = dense(cfg.intermediate_size, name="up_proj")(x_TxD)
         return dense(cfg.hidden_size, name="down_proj")(jax.nn.silu(gate_TxF) * up_TxF)
@@ -521,15 +559,40 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     cfg: Config
     param_dtype: Any = jnp.float32
+    dtype: Any = None
+    attention: str = "auto"
+    attention_block: int = 64
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_TxD, cos, sin, mask_BxSxT, cache=None, cache_index=None):
         cfg = self.cfg
-        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_TxD)
-        a, new_cache = Attention(cfg, self.param_dtype, name="self_attn")(h, cos, sin, mask_BxSxT, cache, cache_index)
+        pd, dt = self.param_dtype, self.dtype
+        h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="input_layernorm")(x_TxD)
+        attn = Attention(cfg, pd, dt, self.attention, self.attention_block, self.window, name="self_attn")
+        a, new_cache = attn(h, cos, sin, mask_BxSxT, cache, cache_index)
         x_TxD = x_TxD + a
-        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_TxD)
-        return x_TxD + MLP(cfg, self.param_dtype, name="mlp")(h), new_cache
+        h = RMSNorm(cfg.rms_norm_eps, pd, dt, name="post_attention_layernorm")(x_TxD)
+        return x_TxD + MLP(cfg, pd, dt, name="mlp")(h), new_cache
+
+
+#: ``remat`` names -> ``jax.checkpoint_policies`` (what a recomputed layer may keep from its forward pass)
+REMAT_POLICIES = {
+    "nothing_saveable": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+    "everything_saveable": "everything_saveable",
+}
+
+
+def remat_policy(remat: bool | str):
+    """``False`` (no remat), or the ``jax.checkpoint_policies`` function of ``remat`` (True = nothing_saveable)."""
+    if remat is False or remat is None or remat == "none":
+        return False
+    name = "nothing_saveable" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose False, True, 'none' or one of {sorted(REMAT_POLICIES)}")
+    return getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
 
 
 def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
@@ -539,7 +602,8 @@ def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
 class Layers(nn.Module):
     """The ``layers`` container: children named ``"0"``, ``"1"``, ... like HF's ModuleList.
 
-    ``remat=True`` recomputes each layer in the backward pass (``nn.remat``):
+    ``remat`` (True or a policy name of `REMAT_POLICIES`) recomputes each layer in the backward pass
+    (``nn.remat``; True = ``"nothing_saveable"``, ``"dots_saveable"`` keeps the matmul outputs):
     only the layer inputs are kept, and under FSDP the all-gathered weights are
     gathered again instead of living from the forward to the backward pass.
     ``token_sharding`` (a ``jax.sharding.Sharding`` of the ``[B·S, D]`` hidden
@@ -550,16 +614,29 @@ class Layers(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     token_sharding: Any = None
+    attention: str = "auto"
+    attention_block: int = 64
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, cos, sin, masks: dict, cache=None, cache_index=None):
         new_cache = []
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        policy = remat_policy(self.remat)
+        layer_cls = DecoderLayer if policy is False else nn.remat(DecoderLayer, policy=policy)
         for i in range(self.cfg.num_hidden_layers):
             x_TxD = _constrain(x_TxD, self.token_sharding)
-            x_TxD, c = layer_cls(self.cfg, self.param_dtype, name=str(i))(
+            layer = layer_cls(
+                self.cfg,
+                self.param_dtype,
+                self.dtype,
+                self.attention,
+                self.attention_block,
+                self.cfg.window(i),
+                name=str(i),
+            )
+            x_TxD, c = layer(
                 x_TxD, cos, sin, masks[self.cfg.window(i)], None if cache is None else cache[i], cache_index
             )
             new_cache.append(c)
@@ -571,16 +648,25 @@ class LlamaModel(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     token_sharding: Any = None
+    attention: str = "auto"
+    attention_block: int = 64
+    dtype: Any = None
 
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, embedding_init=nn.initializers.normal(0.02)
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
         )
-        self.layers = Layers(cfg, self.param_dtype, self.remat, self.token_sharding)
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
+        self.layers = Layers(
+            cfg, self.param_dtype, self.remat, self.token_sharding, self.attention, self.attention_block, self.dtype
+        )
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype, self.dtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         cfg = self.cfg
@@ -603,6 +689,7 @@ class LlamaModel(nn.Module):
                     "(with a cache it covers every cache slot)"
                 )
             valid_BxT = attention_mask.astype(bool)
+        default_positions = position_ids is None and cache is None
         if position_ids is None:
             position_ids = jnp.broadcast_to(q_slots[None, :], (B, S))
         elif position_ids.shape != (B, S):
@@ -615,7 +702,10 @@ class LlamaModel(nn.Module):
             masks[w] = masks[None] & win_SxT[None, :, :]
 
         x_BxSxD = self.embed_tokens(input_ids)
-        cos, sin = _rope_tables(cfg, position_ids, x_BxSxD.dtype)
+        if default_positions:
+            cos, sin = _rope_constants(cfg, S, x_BxSxD.dtype)
+        else:
+            cos, sin = _rope_tables(cfg, position_ids, x_BxSxD.dtype)
         x_TxD = x_BxSxD.reshape(B * S, cfg.hidden_size)
         x_TxD, new_cache = self.layers(x_TxD, cos, sin, masks, cache, cache_index)
         return _constrain(self.norm(x_TxD), self.token_sharding), new_cache
@@ -638,21 +728,51 @@ class LlamaForCausalLM(nn.Module):
 
     cfg: Config
     param_dtype: Any = jnp.float32
-    #: recompute each decoder layer in the backward pass (activation checkpointing; see `Layers`)
-    remat: bool = False
+    #: recompute each decoder layer in the backward pass (activation checkpointing): False, True, or a
+    #: policy name of `REMAT_POLICIES` (see `Layers`)
+    remat: bool | str = False
     #: sharding of the [B·S, D] hidden states at layer boundaries (see `Layers`); None = XLA decides
     token_sharding: Any = None
+    #: attention core without a cache: "auto" / "blockwise" (query blocks skip the keys they cannot see,
+    #: `lorajax.models.attention.blockwise_attention`) or "dense" (the whole score matrix, the reference)
+    attention: str = "auto"
+    #: query rows per block of the blockwise path
+    attention_block: int = 64
+    #: compute dtype (e.g. ``jnp.bfloat16``) of the matmuls, embeddings and norms' outputs; parameters stay in
+    #: their own dtype (f32 master weights and adapters are cast inside the step, gradients flow back in f32).
+    #: Norm statistics and the softmax stay float32. None: compute in the parameters' dtype.
+    dtype: Any = None
+
+    def __post_init__(self):
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; choose one of {list(IMPLEMENTATIONS)}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
+        remat_policy(self.remat)  # raises for an unknown policy name
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         cfg = self.cfg
         B, S = input_ids.shape
-        model = LlamaModel(cfg, self.param_dtype, self.remat, self.token_sharding, name="model")
+        model = LlamaModel(
+            cfg,
+            self.param_dtype,
+            self.remat,
+            self.token_sharding,
+            self.attention,
+            self.attention_block,
+            self.dtype,
+            name="model",
+        )
         h_TxD, new_cache = model(input_ids, attention_mask, position_ids, cache, cache_index)
         if cfg.tie_word_embeddings:
             logits_TxV = model.attend(h_TxD)
         else:
-            logits_TxV = nn.Dense(cfg.vocab_size, use_bias=False, param_dtype=self.param_dtype, name="lm_head")(h_TxD)
+            head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head"
+            )
+            logits_TxV = head(h_TxD)
         logits = logits_TxV.reshape(B, S, cfg.vocab_size)
         return logits if cache is None else (logits, new_cache)
 

@@ -1,0 +1,93 @@
+"""Grouped-query attention cores: the dense reference and a blockwise causal path that skips masked blocks.
+
+Both compute, per query head ``h`` reading kv head ``h // G``,
+``softmax(q kᵀ / sqrt(d) + mask) v`` with the scores and the softmax in float32
+(as HF's eager attention), on ``q [B, S, K, G, d]``, ``k, v [B, T, K, d]`` and a
+boolean ``mask [B, S, T]`` (True = the query may read the key). They return
+``o [B, S, K, G, d]`` in ``v``'s dtype.
+
+* `dense_attention` forms the whole ``[B, K, G, S, T]`` score tensor: the
+  reference, and the path for decoding with a KV cache.
+* `blockwise_attention` is for self-attention without a cache (``T == S``, query
+  ``s`` sits at key slot ``s``), where causality is known when tracing: queries
+  are cut into blocks of ``block`` rows and block ``i`` reads only the keys
+  ``lo_i .. hi_i`` that any of its queries can see (``hi_i`` = its last query + 1;
+  ``lo_i`` = its first query − window + 1 with a sliding window, else 0). Keys
+  past ``hi_i`` are masked for every query of the block, so skipping them
+  changes no visible row: for a causal ``S``-token sequence it computes about
+  half the score and probability entries (``(n+1)/2n`` of them for ``n``
+  blocks) and each block's scores are ``[block, ≤ S]`` instead of ``[S, S]``.
+  A query row with no visible key at all (a left-padded query) is a padding
+  row whose output is not defined to match the dense path (the dense path
+  averages all ``T`` values, this one the block's keys); no valid row differs.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lorajax.models import attention
+  >>> ks = jax.random.split(jax.random.key(0), 3)
+  >>> q = jax.random.normal(ks[0], (1, 8, 2, 2, 4)); k, v = (jax.random.normal(x, (1, 8, 2, 4)) for x in ks[1:])
+  >>> mask = jnp.tril(jnp.ones((8, 8), bool))[None]
+  >>> ref = attention.dense_attention(q, k, v, mask)
+  >>> bool(jnp.allclose(attention.blockwise_attention(q, k, v, mask, block=3), ref, atol=1e-6))
+  True
+
+References: T. Dao et al., "FlashAttention", arXiv:2205.14135 (skipping fully
+masked blocks of a causal mask, §3.1 block-sparse); M. Rabe & C. Staats,
+"Self-attention Does Not Need O(n²) Memory", arXiv:2112.05682.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["dense_attention", "blockwise_attention", "IMPLEMENTATIONS"]
+
+#: names accepted by the models' ``attention`` field
+IMPLEMENTATIONS = ("auto", "dense", "blockwise")
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def _scores_softmax(q_BxSxKxGxd, k_BxTxKxd, mask_BxSxT):
+    d = q_BxSxKxGxd.shape[-1]
+    s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxd, k_BxTxKxd) * (d**-0.5)
+    s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT.astype(jnp.float32), _NEG)
+    return jax.nn.softmax(s_BxKxGxSxT, axis=-1)
+
+
+def dense_attention(q_BxSxKxGxd, k_BxTxKxd, v_BxTxKxd, mask_BxSxT):
+    """``softmax(q kᵀ/√d + mask) v`` over the whole ``[S, T]`` score matrix -> ``o [B, S, K, G, d]``."""
+    p_BxKxGxSxT = _scores_softmax(q_BxSxKxGxd, k_BxTxKxd, mask_BxSxT).astype(v_BxTxKxd.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", p_BxKxGxSxT, v_BxTxKxd)
+
+
+def blockwise_attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, window: int | None = None, block: int = 64):
+    """Causal self-attention (no cache) by query blocks, each reading only the keys it can see.
+
+    ``mask [B, S, S]`` must already hold the causal (and window, and padding)
+    mask; ``window`` only narrows which key columns a block reads (None: all
+    earlier keys). Equal to `dense_attention` on every row with a visible key.
+    """
+    B, S, K, G, d = q_BxSxKxGxd.shape
+    if k_BxSxKxd.shape[1] != S or mask_BxSxS.shape[-2:] != (S, S):
+        raise ValueError(
+            f"blockwise_attention is self-attention without a cache: q has {S} rows, "
+            f"k {k_BxSxKxd.shape[1]}, mask {mask_BxSxS.shape}"
+        )
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if S <= block:
+        return dense_attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS)
+    outs = []
+    for start in range(0, S, block):
+        stop = min(start + block, S)
+        lo = 0 if window is None else max(0, start - window + 1)
+        outs.append(
+            dense_attention(
+                q_BxSxKxGxd[:, start:stop],
+                k_BxSxKxd[:, lo:stop],
+                v_BxSxKxd[:, lo:stop],
+                mask_BxSxS[:, start:stop, lo:stop],
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
