@@ -48,14 +48,35 @@ evosax 0.3.2); lorajax only maps the genome to adapters, evaluates the
 population and handles failed evaluations. evosax minimises; ``fitness_fn``
 here returns a reward (**higher is better**) and is negated for evosax.
 
-Evaluation: the whole population goes through ``jax.vmap`` of ``fitness_fn``
-inside one jit (optionally in chunks of ``member_chunk`` members through
-``jax.lax.map``: on CPU, chunks of ~8 members beat one vmap of a large
-population, whose activations no longer fit in cache; and with the member axis
-sharded over a device mesh, ``mesh``: members then run in parallel on the
-devices; the base params and the prompts are shared by all members; pass them
-uncommitted or replicated on the mesh). The distribution update after the
-evaluation runs replicated, so a sharded run gives the single-device result.
+Evaluation: the population goes through ``jax.vmap`` of ``fitness_fn`` inside
+one jit, in chunks of vmapped members run one after the other by
+``jax.lax.map``. Under ``vmap`` whatever does not depend on the member stays
+unbatched and is computed once (e.g. the first adapted layer's base product x·W
+of the shared prompt batch; XLA's loop-invariant code motion moves it out of
+the chunk loop - seen in the optimised CPU HLO of experiments/bench_essa.py's
+model), and a base matmul of member-dependent activations is one
+``[chunk·tokens, n] x [n, m]`` product: the base weights are read once per
+chunk, not once per member. Chunk size (``member_chunk``):
+
+* ``None`` (default): chosen automatically, deterministically from shapes (see
+  `auto_member_chunk` and `member_bytes`). On CPU, one vmap of a large
+  population is *slower* than a Python loop over members (its activations
+  outgrow the caches; experiments/results/bench_essa.md), so chunks are sized
+  so that one chunk's working set - members × the peak live bytes of one
+  member's member-dependent values, read off ``fitness_fn``'s jaxpr without
+  compiling - stays within `CPU_CHUNK_BYTES`; among the chunk sizes that fit,
+  the largest divisor of the population is taken if it is at least half the
+  largest size that fits, else the population is split into equal chunks and
+  padded with copies of its last member (their fitness is dropped). On other
+  backends the whole population is one vmap (as before).
+* an int: that many members per chunk (the last chunk padded when it does not
+  divide the population); ``member_chunk >= population_size``: one vmap.
+
+With the member axis sharded over a device mesh (``mesh``) members run in
+parallel on the devices, and a chunk is a multiple of the mesh axis; the base
+params and the prompts are shared by all members (pass them uncommitted or
+replicated on the mesh). The distribution update after the evaluation runs
+replicated, so a sharded run gives the single-device result.
 ``fitness_fn(member, *args) -> scalar`` gets each
 member as LoRA adapters (``fitness_input="adapters"``, default), as its SVD
 tree (``"svd"``) or as the raw genome vector (``"genome"``); ``args`` (base
@@ -102,12 +123,95 @@ from lorajax.es import svd as svd_lib
 from lorajax.plan import adapter_paths, nest
 from lorajax.spec import Spec
 
-__all__ = ["ESSA", "State", "STRATEGIES", "FITNESS_SHAPING"]
+__all__ = ["ESSA", "State", "STRATEGIES", "FITNESS_SHAPING", "auto_member_chunk", "member_bytes", "CPU_CHUNK_BYTES"]
 
 STRATEGIES = ("cma_es", "sep_cma_es", "open_es")
 FITNESS_SHAPING = ("centered_rank", "standardize", "normalize", "identity")
 GENOMES = ("absolute", "relative")
 FITNESS_INPUTS = ("adapters", "svd", "genome")
+
+#: Working-set budget of one chunk of members for the automatic chunking on CPU (bytes). Measured on the
+#: tiny Llama of experiments/bench_essa.py (~1 MiB per member; 2-core EPYC, 1 MiB L2 per core, 32 MiB L3):
+#: chunks of 1-16 members ran alike, 32 members fell to the Python loop's speed and 128 below it.
+CPU_CHUNK_BYTES = 8 * 2**20
+
+
+def _nbytes(aval: Any) -> int:
+    try:
+        return int(np.prod(aval.shape, dtype=np.int64)) * int(np.dtype(aval.dtype).itemsize)
+    except (AttributeError, TypeError):  # tokens, PRNG key types: no plain itemsize
+        return 0
+
+
+def _peak_live_bytes(jaxpr: Any, dependent: list[bool]) -> int:
+    """Peak bytes of simultaneously live values of ``jaxpr`` that depend on the invars flagged ``dependent``.
+
+    Values are live from the equation that makes them to their last use; an equation with sub-jaxprs (a
+    nested jit, custom derivative, loop or branch) adds its own peak (all its inputs taken as dependent when
+    any is) while it runs. Member-independent values are left out: under ``vmap`` they exist once.
+    """
+    from jax.extend.core import Var, jaxprs_in_params
+
+    dep = {v for v, d in zip(jaxpr.invars, dependent) if d}
+    last: dict[Any, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var):
+                last[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, Var):
+            last[v] = len(jaxpr.eqns)
+    live = peak = sum(_nbytes(v.aval) for v in dep)
+    for i, eqn in enumerate(jaxpr.eqns):
+        if not any(isinstance(v, Var) and v in dep for v in eqn.invars):
+            continue
+        inner = max(
+            (_peak_live_bytes(j, [True] * len(j.invars)) for j in jaxprs_in_params(eqn.params)),
+            default=0,
+        )
+        outs = [v for v in eqn.outvars if isinstance(v, Var)]
+        dep.update(outs)
+        made = sum(_nbytes(v.aval) for v in outs)
+        peak = max(peak, live + inner + made)
+        live += made
+        done = {v for v in [*eqn.invars, *outs] if isinstance(v, Var) and v in dep and last.get(v, -1) <= i}
+        live -= sum(_nbytes(v.aval) for v in done)
+    return peak
+
+
+def member_bytes(fn: Callable, member: Any) -> int:
+    """Estimated working set of one member: the peak live bytes of ``fn(member)``'s member-dependent values.
+
+    ``member``: arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are used; ``fn`` is traced to a
+    jaxpr, not compiled or run). Everything ``fn`` closes over counts as shared by all members.
+    """
+    leaves = jax.tree.leaves(member)
+    closed = jax.make_jaxpr(lambda *xs: fn(jax.tree.unflatten(jax.tree.structure(member), xs)))(
+        *[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    )
+    return _peak_live_bytes(closed.jaxpr, [True] * len(leaves))
+
+
+def auto_member_chunk(population_size: int, bytes_per_member: int, budget_bytes: int | None, multiple: int = 1) -> int:
+    """Members per chunk for a population (a pure function of its arguments).
+
+    ``cap``: the most members whose working set (``bytes_per_member`` each) fits ``budget_bytes`` (at least
+    ``multiple``, and a multiple of it: the mesh axis size). ``budget_bytes=None`` or ``cap >=
+    population_size``: the whole population (one vmap). Otherwise the largest divisor of the population
+    that is a multiple of ``multiple`` and ``<= cap``, if it is ``>= cap / 2``; else equal chunks of
+    ``ceil(P / ceil(P / cap))`` (rounded up to a multiple of ``multiple``; ``<= cap``), the last one padded.
+    """
+    p, m = population_size, multiple
+    if budget_bytes is None:
+        return p
+    cap = max(m, budget_bytes // max(bytes_per_member, 1) // m * m)
+    if cap >= p:
+        return p
+    divisor = max((c for c in range(m, cap + 1, m) if p % c == 0), default=0)
+    if 2 * divisor >= cap:
+        return divisor
+    n_chunks = -(-p // cap)
+    return -(-(-(-p // n_chunks)) // m) * m
 
 
 def _evosax():
@@ -157,7 +261,8 @@ class ESSA:
       antithetic: OpenAI-ES mirrored sampling (default True there; CMA-ES: must be None/False).
       fitness_shaping: OpenAI-ES fitness shaping name or an evosax-style function.
       learning_rate / optimizer: OpenAI-ES's update (default ``optax.adam(0.5 * std_init)``).
-      member_chunk: evaluate the population in chunks of this many members (memory).
+      member_chunk: members per vmapped chunk (the chunks run one after the other); ``None``:
+        chosen automatically (`auto_member_chunk`; the module docstring says how).
       mesh: a `jax.sharding.Mesh` or a `lorajax.sharding.make_mesh` string such as
         ``"data=8"``; the member axis is sharded over ``member_axis``.
       fitness_input: what ``fitness_fn`` receives: ``"adapters"``, ``"svd"`` or ``"genome"``.
@@ -289,11 +394,8 @@ class ESSA:
                     f"divisible by the mesh axis {member_axis!r} of size {n}"
                 )
         if member_chunk is not None:
-            if not isinstance(member_chunk, int) or member_chunk < 1 or population_size % member_chunk:
-                raise ValueError(
-                    f"member_chunk must be a positive divisor of population_size={population_size}, "
-                    f"got {member_chunk!r}"
-                )
+            if isinstance(member_chunk, bool) or not isinstance(member_chunk, int) or member_chunk < 1:
+                raise ValueError(f"member_chunk must be a positive int or None (automatic), got {member_chunk!r}")
         self.mesh, self.member_axis, self.member_chunk = mesh, member_axis, member_chunk
 
     # ------------------------------------------------------------------ genome <-> adapters
@@ -347,9 +449,7 @@ class ESSA:
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    def evaluate(self, state: State, population: jax.Array, fitness_fn: Callable, *args: Any) -> jax.Array:
-        """``fitness [P]``: ``fitness_fn`` of every member, vmapped (and chunked / sharded if configured)."""
-
+    def _one(self, state: State, fitness_fn: Callable, args: tuple) -> Callable:
         def one(genome):
             out = fitness_fn(self._member(state.frozen, genome), *args)
             out = jnp.asarray(out)
@@ -357,14 +457,38 @@ class ESSA:
                 raise ValueError(f"fitness_fn must return a scalar, got shape {out.shape}")
             return out.astype(jnp.float32)
 
-        ax = self.member_axis
-        if self.member_chunk is None or self.member_chunk == self.population_size:
+        return one
+
+    def _platform(self) -> str:
+        return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
+    def chunk_size(self, state: State, population: jax.Array, fitness_fn: Callable, *args: Any) -> int:
+        """Members per chunk that `evaluate` uses for these shapes (``member_chunk`` if set, else automatic)."""
+        p = population.shape[0]
+        if self.member_chunk is not None:
+            return min(self.member_chunk, p)
+        budget = CPU_CHUNK_BYTES if self._platform() == "cpu" else None
+        if budget is None:
+            return p
+        nbytes = member_bytes(self._one(state, fitness_fn, args), population[0])
+        multiple = 1 if self.mesh is None else self.mesh.shape[self.member_axis]
+        return auto_member_chunk(p, nbytes, budget, multiple)
+
+    def evaluate(self, state: State, population: jax.Array, fitness_fn: Callable, *args: Any) -> jax.Array:
+        """``fitness [P]``: ``fitness_fn`` of every member, vmapped in chunks (`chunk_size`; sharded if configured)."""
+        one = self._one(state, fitness_fn, args)
+        ax, p = self.member_axis, population.shape[0]
+        c = self.chunk_size(state, population, fitness_fn, *args)
+        if c >= p:
             pop = self._constrain(population, P(ax, None))
             return self._constrain(jax.vmap(one)(pop), P(ax))
-        chunks = population.reshape(-1, self.member_chunk, population.shape[-1])
+        pad = -p % c
+        if pad:  # copies of the last member; their fitness is dropped
+            population = jnp.concatenate([population, jnp.repeat(population[-1:], pad, axis=0)])
+        chunks = population.reshape(-1, c, population.shape[-1])
         chunks = self._constrain(chunks, P(None, ax, None))
-        fit = jax.lax.map(lambda c: self._constrain(jax.vmap(one)(c), P(ax)), chunks)
-        return self._constrain(fit.reshape(-1), P(ax))
+        fit = jax.lax.map(lambda ch: self._constrain(jax.vmap(one)(ch), P(ax)), chunks)
+        return self._constrain(fit.reshape(-1)[:p], P(ax))
 
     def tell(self, state: State, key: jax.Array, population: jax.Array, fitness: jax.Array) -> tuple[State, dict]:
         """Update the distribution with ``fitness [P]`` (higher is better; non-finite ranked last)."""

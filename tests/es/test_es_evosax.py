@@ -70,7 +70,7 @@ def test_bad_options():
     with pytest.raises(ValueError, match="fitness_shaping must be one of"):
         ESSA(SPEC, VARIABLES, ADAPTERS, population_size=8, strategy="open_es", fitness_shaping="softmax")
     with pytest.raises(ValueError, match="member_chunk"):
-        ESSA(SPEC, VARIABLES, ADAPTERS, population_size=8, member_chunk=3)
+        ESSA(SPEC, VARIABLES, ADAPTERS, population_size=8, member_chunk=0)
     with pytest.raises(ValueError, match="fraction"):
         ESSA(SPEC, VARIABLES, ADAPTERS, fraction=0.0)
     essa = ESSA(SPEC, VARIABLES, ADAPTERS, population_size=8)
