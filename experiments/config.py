@@ -134,5 +134,9 @@ class RunConfig:
     # (dylora, or any variant lorajax.truncate supports); results.json "rank_eval"
     squeeze_to: int = 0  # after training, lorajax.squeeze the adapters to this rank (0 = off); "squeezed"
     squeeze_steps: int = 0  # then train this many more steps at that rank (fresh optimiser state and schedule)
+    attention: str = "auto"  # attention core: auto = blockwise (query blocks skip keys they cannot see) | dense
+    remat: str = "none"  # recompute each decoder layer in the backward pass: none | nothing_saveable |
+    # dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint_policies: what a layer keeps)
+    compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16 (f32 master weights/adapters, f32 softmax/norms)
     sample: bool = True  # generate a text sample after training (--no-sample: skip it)
     export: bool = True  # write the PEFT adapter / the fine-tuned model (--no-export: skip it)

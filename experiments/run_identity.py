@@ -37,10 +37,23 @@ __all__ = ["RunConflict", "FILE", "NOT_IDENTITY", "identity", "differences", "ch
 FILE = "run_config.json"
 #: fields that do not change a run's results: output place and display, checkpoint cadence (a resume is
 #: bitwise equal whatever the period), evaluation cadence (an evaluation runs at the end anyway), the device
-#: mesh (the same numbers up to float reassociation; a preempted job may come back on another slice), and
+#: mesh (the same numbers up to float reassociation; a preempted job may come back on another slice), the
+#: remat policy (recomputation, the same numbers; a resumed job may need it for memory), and
 #: the launcher's own policies
 NOT_IDENTITY = frozenset(
-    {"out_dir", "progress", "debug", "resume", "overwrite", "ckpt_every", "keep", "eval_every", "mesh", "distributed"}
+    {
+        "out_dir",
+        "progress",
+        "debug",
+        "resume",
+        "overwrite",
+        "ckpt_every",
+        "keep",
+        "eval_every",
+        "mesh",
+        "distributed",
+        "remat",
+    }
 )
 #: entries of ``out_dir`` that only a run writes (a pre-trained ``base/`` alone may be supplied by hand)
 RUN_FILES = (

@@ -43,9 +43,16 @@ LM_ONLY = {
     "eval_ranks": (),
     "squeeze_to": 0,
     "squeeze_steps": 0,
+    "attention": "auto",
+    "remat": "none",
+    "compute_dtype": "float32",
     "sample": True,
     "export": True,
 }
+#: ``--compute-dtype`` values (lm task)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+#: ``--remat`` values (lm task): none, or a `lorajax.models.llama.REMAT_POLICIES` name
+REMAT = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 #: ``--init``: the adapters' initialiser (lm task) -> the variant it needs
 INITS = {"default": None, "pissa": "lora", "olora": "lora", "lora_ga": "lora", "lora_sb": "lora_xs"}
 #: lm ``--model`` names that are not folders: the built-in tiny Llama (pre-trained; "minilm" is the
@@ -195,6 +202,9 @@ def _check_lm(cfg: RunConfig) -> None:
 
     variant = cfg.spec.variant
     _one_of(cfg, "init", tuple(INITS))
+    _one_of(cfg, "attention", ("auto", "blockwise", "dense"))
+    _one_of(cfg, "remat", REMAT)
+    _one_of(cfg, "compute_dtype", COMPUTE_DTYPES)
     _at_least(cfg, "init_batches", 1, " (batches of gradient estimation)")
     if cfg.max_val is not None:
         _at_least(cfg, "max_val", 1, " (leave it out for every validation window)")

@@ -125,6 +125,17 @@ def test_galore_trains_every_weight_from_scratch(lm_task, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file() and not (tmp_path / "base").exists()
 
 
+def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_path):
+    """bf16 compute + remat + the dense attention path: the same training in ~bf16 precision (f32 reference)."""
+    common = [*TINY, "--model", str(base_run[0] / "base"), "--spec.rank", "2", "--no-export"]
+    ref = run.main([*common, "--out-dir", str(tmp_path / "f32")])
+    res = run.main([*common, "--compute-dtype", "bfloat16", "--remat", "nothing_saveable", "--attention", "dense",
+                    "--out-dir", str(tmp_path / "bf16")])
+    assert res["test_loss"] == pytest.approx(ref["test_loss"], rel=0.02)
+    cfg = json.loads((tmp_path / "bf16" / "run_config.json").read_text())
+    assert (cfg["compute_dtype"], cfg["attention"]) == ("bfloat16", "dense")
+
+
 @pytest.fixture
 def no_task(monkeypatch):
     def load_task(name):
@@ -152,8 +163,11 @@ def _error(capsys, argv) -> str:
     (["--spec.rank", "4", "--squeeze-to", "4"], "--squeeze-to"),
     (["--squeeze-steps", "3"], "--squeeze-to"),
     (["--model", "/nonexistent/llama"], "--model"),
+    (["--attention", "flash"], "--attention"),
+    (["--remat", "everything"], "--remat"),
+    (["--compute-dtype", "float16"], "--compute-dtype"),
 ], ids=["option-name", "option-pair", "option-value", "init", "init-variant", "eval-variant", "eval-rank",
-        "squeeze-rank", "squeeze-steps-alone", "model-folder"])
+        "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype"])
 def test_bad_lm_flags_are_refused_before_loading(tmp_path, capsys, no_task, flags, needle):
     assert needle in _error(capsys, ["--task", "lm", "--out-dir", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()
@@ -167,7 +181,7 @@ def test_lm_model_folder_must_be_llama_family(tmp_path, capsys, no_task):
 
 
 @pytest.mark.parametrize("flags", [["--init", "pissa"], ["--eval-ranks", "2"], ["--squeeze-to", "2"],
-                                   ["--no-sample"], ["--max-val", "3"]])
+                                   ["--no-sample"], ["--max-val", "3"], ["--compute-dtype", "bfloat16"]])
 def test_lm_flags_with_genre_are_refused(tmp_path, capsys, no_task, flags):
     line = _error(capsys, ["--task", "genre", "--out-dir", str(tmp_path / "o"), *flags])
     assert "is supported with --task lm" in line and flags[0] in line

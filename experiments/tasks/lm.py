@@ -92,12 +92,15 @@ def window_batches(ids: np.ndarray, batch: int, seq: int, seed: int):
 
 
 def lm_loss(logits_BxSxV, tokens_BxS1):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, tokens_BxS1[:, 1:]).mean()
+    """Mean next-token cross-entropy, in float32 whatever the logits' dtype (``--compute-dtype bfloat16``)."""
+    logits = logits_BxSxV.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxS1[:, 1:]).mean()
 
 
 def window_losses(logits_BxSxV, tokens_BxS1):
     """``[B]``: each window's mean next-token loss (their mean is `lm_loss`: every window has S tokens)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, tokens_BxS1[:, 1:]).mean(-1)
+    logits = logits_BxSxV.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxS1[:, 1:]).mean(-1)
 
 
 def per_window(loss_B: Callable, wins: np.ndarray, batch_size: int) -> np.ndarray:
@@ -496,6 +499,11 @@ def run(cfg: RunConfig) -> dict:
     out = Path(cfg.out_dir)
     corpus = speeches.lm_corpus(cfg.data or None, encoding=cfg.encoding)
     model, params, tok, ids, base_name = load_model(cfg, out, corpus)
+    model = model.clone(
+        attention=cfg.attention,
+        remat=cfg.remat,
+        dtype=None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype),
+    )
     seq = cfg.max_length
     evaluate = Evaluator(windows(ids["val"], seq), windows(ids["test"], seq), cfg.batch_size)
     variables = {"params": params}
