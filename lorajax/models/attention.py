@@ -41,11 +41,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dense_attention", "blockwise_attention", "IMPLEMENTATIONS"]
+__all__ = ["dense_attention", "blockwise_attention", "auto_block", "IMPLEMENTATIONS"]
 
 #: names accepted by the models' ``attention`` field
 IMPLEMENTATIONS = ("auto", "dense", "blockwise")
 _NEG = jnp.finfo(jnp.float32).min
+
+
+def auto_block(S: int, min_block: int = 64, max_blocks: int = 8) -> int:
+    """Query rows per block for a length-``S`` sequence: ``min_block``, or more so that there are at most
+    ``max_blocks`` blocks (a multiple of ``min_block``). Each block is its own pair of matmuls in the
+    program, so the block count bounds the compile time; 8 blocks already skip ``7/16`` of the scores."""
+    per = -(-S // max_blocks)
+    return max(min_block, -(-per // min_block) * min_block)
 
 
 def _scores_softmax(q_BxSxKxGxd, k_BxTxKxd, mask_BxSxT):
@@ -61,12 +69,15 @@ def dense_attention(q_BxSxKxGxd, k_BxTxKxd, v_BxTxKxd, mask_BxSxT):
     return jnp.einsum("bkgst,btkd->bskgd", p_BxKxGxSxT, v_BxTxKxd)
 
 
-def blockwise_attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, window: int | None = None, block: int = 64):
+def blockwise_attention(
+    q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, window: int | None = None, block: int | None = None
+):
     """Causal self-attention (no cache) by query blocks, each reading only the keys it can see.
 
     ``mask [B, S, S]`` must already hold the causal (and window, and padding)
     mask; ``window`` only narrows which key columns a block reads (None: all
-    earlier keys). Equal to `dense_attention` on every row with a visible key.
+    earlier keys). ``block``: query rows per block (None: `auto_block`). Equal to `dense_attention` on
+    every row with a visible key.
     """
     B, S, K, G, d = q_BxSxKxGxd.shape
     if k_BxSxKxd.shape[1] != S or mask_BxSxS.shape[-2:] != (S, S):
@@ -74,6 +85,8 @@ def blockwise_attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, window
             f"blockwise_attention is self-attention without a cache: q has {S} rows, "
             f"k {k_BxSxKxd.shape[1]}, mask {mask_BxSxS.shape}"
         )
+    if block is None:
+        block = auto_block(S)
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     if S <= block:

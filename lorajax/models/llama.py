@@ -506,7 +506,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     dtype: Any = None
     attention: str = "auto"
-    block: int = 64
+    block: int | None = None
     window: int | None = None
 
     @nn.compact
@@ -561,7 +561,7 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     dtype: Any = None
     attention: str = "auto"
-    attention_block: int = 64
+    attention_block: int | None = None
     window: int | None = None
 
     @nn.compact
@@ -617,7 +617,7 @@ class Layers(nn.Module):
     remat: bool | str = False
     token_sharding: Any = None
     attention: str = "auto"
-    attention_block: int = 64
+    attention_block: int | None = None
     dtype: Any = None
 
     @nn.compact
@@ -651,7 +651,7 @@ class LlamaModel(nn.Module):
     remat: bool | str = False
     token_sharding: Any = None
     attention: str = "auto"
-    attention_block: int = 64
+    attention_block: int | None = None
     dtype: Any = None
 
     def setup(self):
@@ -736,8 +736,9 @@ class LlamaForCausalLM(nn.Module):
     #: attention core without a cache: "auto" / "blockwise" (query blocks skip the keys they cannot see,
     #: `lorajax.models.attention.blockwise_attention`) or "dense" (the whole score matrix, the reference)
     attention: str = "auto"
-    #: query rows per block of the blockwise path
-    attention_block: int = 64
+    #: query rows per block of the blockwise path (None: `lorajax.models.attention.auto_block`: 64, or
+    #: S/8 rounded up to a multiple of 64 for long sequences)
+    attention_block: int | None = None
     #: compute dtype (e.g. ``jnp.bfloat16``) of the matmuls, embeddings and norms' outputs; parameters stay in
     #: their own dtype (f32 master weights and adapters are cast inside the step, gradients flow back in f32).
     #: Norm statistics and the softmax stay float32. None: compute in the parameters' dtype.
@@ -746,7 +747,7 @@ class LlamaForCausalLM(nn.Module):
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}; choose one of {list(IMPLEMENTATIONS)}")
-        if self.attention_block < 1:
+        if self.attention_block is not None and self.attention_block < 1:
             raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
         remat_policy(self.remat)  # raises for an unknown policy name
         super().__post_init__()

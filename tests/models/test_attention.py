@@ -122,3 +122,8 @@ def test_remat_policies_same_values_and_unknown_names_refused(params):
         llama.LlamaForCausalLM(CFG, remat="everything")
     with pytest.raises(ValueError, match="attention="):
         llama.LlamaForCausalLM(CFG, attention="flash")
+
+
+def test_auto_block_bounds_the_block_count():
+    assert [attention.auto_block(s) for s in (10, 128, 256, 1000, 2048, 8192)] == [64, 64, 64, 128, 256, 1024]
+    assert all(-(-s // attention.auto_block(s)) <= 8 for s in range(1, 5000, 37))
