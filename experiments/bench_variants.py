@@ -20,7 +20,9 @@ alternate one plain-LoRA step and one variant step; the ratio is median(variant)
 over those rounds. A second plain-LoRA instance gives the noise floor (its ratio should be ~1).
 
 Command: ``python -m experiments.bench_variants [--steps 5 --layers 2 --batch 4 --seq 128]``.
-Writes ``experiments/results/variants.md`` and ``variants_step_time.png``.
+Writes ``experiments/results/variants.md`` and ``variants_step_time.png``. ``--only lora shira
+shira:backward=dense`` times only those rows (``name:key=value,...`` sets Spec options) and prints the
+step table. The 1-minute load average is read once per round (its range is a table column).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from lorajax.models import bert, llama
 VARIANTS = [v for v in lorajax.list_variants() if registry.get(v).name == v]
 ALIASES = {v: registry.get(v).name for v in lorajax.list_variants() if registry.get(v).name != v}
 RESULTS = Path(__file__).resolve().parent / "results"
+#: extra step-time rows with non-default options (the faster paths that form one [in, out] product per layer)
+EXTRA_ROWS = ["shira:backward=dense", "tera:compute=dense"]
 
 LLAMA_7B = llama.Config(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
@@ -202,9 +206,28 @@ def ce(logits, ids):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
+def parse_row(row: str) -> tuple[str, dict[str, Any]]:
+    """``"shira:backward=dense,scale=1.0"`` -> ``("shira", {"backward": "dense", "scale": 1.0})``."""
+    import ast
+
+    variant, _, rest = row.partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key] = value
+    return variant, opts
+
+
 def make_runner(variant: str, model, variables, batch):
-    """``(run, trainable count)``: ``run()`` does one jitted train step of ``variant`` and blocks on the state."""
-    spec = lorajax.Spec(variant, rank=RANK, alpha=ALPHA, targets=TARGETS)
+    """``(run, trainable count)``: ``run()`` does one jitted train step of ``variant`` and blocks on the state.
+
+    ``variant`` may carry options, ``"name:key=value,..."`` (see `parse_row`).
+    """
+    name, opts = parse_row(variant)
+    spec = lorajax.Spec(name, rank=RANK, alpha=ALPHA, targets=TARGETS, **opts)
     adapters = lorajax.init(spec, variables, 0)
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd = lorajax.adapt(model.apply, spec, mode="factored", aux=True)
@@ -248,26 +271,29 @@ def step_table(args) -> tuple[str, list[tuple[str, float]], str]:
     lora_first = timed(lora)
     lora()
     rows, ratios, lora_medians = [], [], []
-    for v in VARIANTS:
+    variants = args.only or VARIANTS + EXTRA_ROWS
+    for v in variants:
         run, n_train = make_runner(v, model, variables, batch)
         first = timed(run)
         run()  # second warm-up step
-        lt, vt = [], []
+        lt, vt, loads = [], [], []
         for _ in range(args.steps):
             lt.append(timed(lora))
             vt.append(timed(run))
+            loads.append(os.getloadavg()[0])  # the 1-minute load average, once per round
         lm, vm = statistics.median(lt), statistics.median(vt)
         lora_medians.append(lm)
         ratios.append((v, vm / lm))
         rows.append(
             [
                 v,
-                "yes" if registry.get(v).mergeable else "no",
+                "yes" if registry.get(parse_row(v)[0]).mergeable else "no",
                 f"{n_train:,}",
                 f"{first:.1f} s",
                 f"{1e3 * vm:.0f} ms",
                 f"{1e3 * lm:.0f} ms",
                 f"**{vm / lm:.2f}**",
+                f"{min(loads):.1f}–{max(loads):.1f}",
             ]
         )
         print(v, rows[-1][3:], flush=True)
@@ -281,13 +307,14 @@ def step_table(args) -> tuple[str, list[tuple[str, float]], str]:
             "median step",
             "LoRA median, same rounds",
             "ratio vs LoRA",
+            "load (1 min) over the rounds",
         ],
         rows,
     )
     spread = (
         f"Plain-LoRA reference: first call {lora_first:.1f} s; its median over each variant's rounds "
         f"ranged {1e3 * min(lora_medians):.0f}–{1e3 * max(lora_medians):.0f} ms "
-        f"(median {1e3 * statistics.median(lora_medians):.0f} ms) across the {len(VARIANTS)} blocks."
+        f"(median {1e3 * statistics.median(lora_medians):.0f} ms) across the {len(variants)} blocks."
     )
     return table, ratios, spread
 
@@ -320,7 +347,20 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences per step (§7: 8)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (§7: 256)")
     p.add_argument("--out", default=str(RESULTS / "variants.md"), help="Markdown output (the PNG goes beside it)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="ROW",
+        help="time only these rows, e.g. lora shira shira:backward=dense tera:compute=dense (name:key=value,... "
+        "sets Spec options); skips Table 1 and prints the step table instead of writing --out",
+    )
     args = p.parse_args(argv)
+    if args.only:
+        load0 = os.getloadavg()[0]
+        steps, _, spread = step_table(args)
+        print(steps)
+        print(f"{spread} Load average (1 min) before / after: {load0:.2f} / {os.getloadavg()[0]:.2f}.")
+        return
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -366,7 +406,8 @@ SVD/LU factors, indices) are not counted. Every row matches its formula: **{"yes
 8x256 tokens) to keep the whole run near 6 minutes on 2 busy cores. {args.steps} rounds per variant, each
 one plain-LoRA step then one variant step, after two warm-up calls; "first call" is trace + compile +
 one step. Options are each variant's defaults (e.g. SHiRA's `backward="sampled"`, SMoRA's dense
-compute, FlyLoRA k = r/4 = 4, TeRA 3 modes, Uni-LoRA d = 256); FlyLoRA and SMoRA run with
+compute, FlyLoRA k = r/4 = 4, TeRA 3 modes, Uni-LoRA d = 256), plus the rows
+{", ".join(f"`{r}`" for r in EXTRA_ROWS)} (`name:option=value`); FlyLoRA and SMoRA run with
 `aux=True` and `state_update=lorajax.train.refresh_state(spec)`; DyLoRA samples its rank
 (`adapter_train=True`).
 

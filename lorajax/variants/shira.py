@@ -42,20 +42,28 @@ Masks (``mask_type``):
 Forward: PEFT adds the dense ``S`` to ``W`` and runs one matmul, so its backward
 forms the full ``[in, out]`` weight gradient and gathers ``K`` entries of it
 (that is lorajax's merged mode, which also keeps each ``W'`` for the backward
-pass). The factored mode computes ``x W + c · (x S)`` with a dense ``S``
-(scattered from ``v``; the backward pass keeps only ``x``, ``v``, ``idx`` and
-scatters ``S`` again) under a custom VJP. ``backward`` picks the ``v``-gradient
-``∂v_k = Σ_t x[t, i_k] · g[t, o_k]``:
+pass). The factored mode (`fused_matmul`, a custom VJP) runs the same single
+product ``x (W + c · S)`` with ``S`` scattered from ``v``, keeps only ``x``,
+``W``, ``v``, ``idx`` for the backward pass and forms ``∂x = g (W + c · S)ᵀ``
+(one matmul, skipped where ``x`` needs no gradient); ``∂W = xᵀ g`` only if the
+base itself is differentiated. It equals the two-product formula
+``x W + c · (x S)`` (`apply_reference`, also used when ``x``, ``W`` and ``v``
+differ in dtype, e.g. a bf16 base) up to float rounding. ``backward`` picks the
+``v``-gradient ``∂v_k = c · Σ_t x[t, i_k] · g[t, o_k]``:
 
 * ``"sampled"`` (default): gathered in token chunks (`CHUNK_ELEMENTS`); no
-  weight-sized array is ever formed. It moves ``2·T·K`` gathered elements, which
-  on matmul hardware can cost more than the dense product (on a 2-core CPU,
-  1024x1024 layer, T=2048, r=8: about 3-7x the merged mode's step time).
-* ``"dense"``: ``(xᵀ g)[i_k, o_k]``: one transient ``[in, out]`` product per
-  layer, as PEFT; about the merged mode's speed, without keeping ``W'``.
+  weight-sized array is ever formed in the frozen-base step (what
+  ``tests/test_conformance.py`` checks for every variant). It gathers ``2·T·K``
+  elements; on XLA-CPU a gathered element costs ~10 ns against ~0.02 ns per
+  matmul FLOP, so this gather dominates the step (tiny Llama, T = 512, r = 16,
+  2 busy cores: ~7x a LoRA step; ``experiments/results/variants.md``).
+* ``"dense"``: ``c · (xᵀ g)[i_k, o_k]``: one transient ``[in, out]`` product per
+  layer, as PEFT (``2·T·in·out`` FLOPs, i.e. ``in·out / K`` times the sampled
+  product's, but at matmul speed); ~1.3x a LoRA step on the same benchmark.
 
-`sparse_matmul_reference` (gather + segment sum) is the plain-jnp reference
-both are tested against, forward and backward.
+`sparse_matmul` is the unfused ``x S`` with the same two backward choices, and
+`sparse_matmul_reference` (gather + segment sum) the plain-jnp reference both
+are tested against, forward and backward.
 
 Trainable per target: ``K = r · (in + out)``; frozen: ``2K`` int32 indices.
 Flat indices must fit int32 (``in · out < 2³¹``).
@@ -107,7 +115,8 @@ class Options(options.Options):
     init_weights: bool = option(True, checks.boolean)
     #: ``c`` in ``W' = W + c · S`` (PEFT's ``set_scale``)
     scale: float = option(1.0, checks.finite)
-    #: the factored mode's ``v``-gradient: ``"sampled"`` (chunked, no weight-sized array) or ``"dense"``
+    #: the factored mode's ``v``-gradient: ``"sampled"`` (chunked gathers, no weight-sized array) or
+    #: ``"dense"`` (``(xᵀ g)[idx]``, one ``[in, out]`` product; much faster on XLA-CPU)
     backward: str = option("sampled", checks.one_of(*BACKWARDS))
     #: adapter dtype; None: float32, or the weight's dtype if wider
     dtype: str | None = option(None, checks.dtype)
@@ -251,12 +260,65 @@ def _sparse_matmul_bwd(d_out, backward, res, g):
 sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
-    """``x W + c · (x S)`` for ``x: [T, in]``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_matmul(
+    x: jax.Array, w: jax.Array, values: jax.Array, idx: jax.Array, scale: float, backward: str = "sampled"
+) -> jax.Array:
+    """``x (W + c · S): [T, out]``, one matmul; only ``x``, ``W``, ``values``, ``idx`` are kept for backward.
+
+    Backward: ``∂x = g (W + c · S)ᵀ`` (one matmul; skipped when ``x`` is not
+    differentiated), ``∂values = c · Σ_t x[t, i_k] g[t, o_k]`` as in
+    `sparse_matmul` (``backward``), and ``∂W = xᵀ g`` only when ``W`` itself is
+    differentiated (never in the factored mode's frozen-base step). Equal to
+    ``x W + c · (x S)`` up to float rounding (`apply_reference`).
+    """
+    return x @ (w + scale * densify(values, idx, w.shape))
+
+
+def _fused_fwd(x, w, values, idx, scale, backward):
+    # symbolic zeros: which inputs are differentiated is known here, so the bwd skips the rest
+    flags = tuple(() if a.perturbed else None for a in (x, w, values))
+    x, w, values, idx = x.value, w.value, values.value, idx.value
+    return fused_matmul(x, w, values, idx, scale, backward), (x, w, values, idx, flags)
+
+
+def _fused_bwd(scale, backward, res, g):
+    x, w, values, idx, (dx, dw, dv) = res
+    gx = gw = gv = None
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output does not reach the loss
+        return gx, gw, gv, None
+    if dx == ():
+        gx = g @ (w + scale * densify(values, idx, w.shape)).T
+    full = x.T @ g if dw == () or (dv == () and backward == "dense") else None  # the [in, out] product
+    if dw == () and full is not None:
+        gw = full.astype(w.dtype)
+    if dv == ():
+        gv = full[idx[0], idx[1]] if full is not None else _sampled_product(x, g, idx)
+        gv = (scale * gv).astype(values.dtype)
+    return gx, gw, gv, None
+
+
+fused_matmul.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def apply_reference(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x W + c · (x S)`` as two products (the formula `apply` is tested against)."""
     v, idx = _check(w.shape, adapter)
     y = x @ w
     h = sparse_matmul(x.astype(v.dtype), v, idx, w.shape[1], t.options.backward)
     return y + (t.options.scale * h).astype(y.dtype)
+
+
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x W + c · (x S)`` for ``x: [T, in]``: `fused_matmul` when ``x``, ``W`` and ``v`` share a dtype.
+
+    Otherwise (e.g. a bf16 base under an f32 adapter) `apply_reference`, which
+    keeps the base product in the weight's dtype.
+    """
+    v, idx = _check(w.shape, adapter)
+    if not x.dtype == w.dtype == v.dtype:
+        return apply_reference(x, w, adapter, t, ctx)
+    return fused_matmul(x, w, v, idx, float(t.options.scale), t.options.backward)
 
 
 def trainable_count(targets: list[Target]) -> int:

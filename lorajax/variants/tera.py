@@ -51,6 +51,13 @@ Its intermediates hold about ``T · R · o_1 · in / i_1`` numbers (``N ≤ 3``;
 ``R^{N-2}`` times more beyond), far more than LoRA's ``T · r``: a high-rank
 update has no cheap factored form. The merged mode forms ``ΔK`` (and, in
 training, its ``[in, out]`` gradient) instead; pick by ``T`` versus ``in · out``.
+``compute="dense"`` does that inside the factored mode (`fused_matmul`): ``ΔK``
+from `contract` (``≈ 2·R·in·out`` FLOPs), one product ``x (K + ΔK)``, ``∂x = g (K +
+ΔK)ᵀ`` and ``∂ΔK = xᵀ g`` (one ``[in, out]`` product, which the default path
+never forms), ``∂λ`` through `contract`'s VJP; ``ΔK`` is not kept for the backward
+pass. Equal to `apply_reference` (the factored formula) up to float rounding. On
+the tiny-Llama CPU benchmark (T = 512, R = 16, ``in = 512 = 8·8·8``) the default
+costs ~11x a LoRA step, the dense one ~1.3x (``experiments/results/variants.md``).
 
 Trainable per target: ``N · R``. Frozen, once per (tensorisation, R):
 ``R^N + R · Σ_k i_k o_k``.
@@ -94,6 +101,7 @@ from lorajax.variants import options
 from lorajax.variants.base import EVAL, Context, Target, Variant, additive
 from lorajax.variants.options import checks, option
 
+COMPUTES = ("factored", "dense")
 #: Largest number of tensor modes (einsum letters are provided up to it).
 MAX_MODES = 8
 _R, _I, _O = "abcdefgh", "ijklmnpq", "stuvwxyz"  # einsum letters for r_k, i_k, o_k; "T" for tokens
@@ -191,6 +199,9 @@ class Options(options.Options):
     projection_prng_key: int = option(0, checks.integer)
     #: adapter dtype; None: float32
     dtype: str | None = option(None, checks.dtype)
+    #: the factored mode's compute: ``"factored"`` (pairwise contractions, no weight-sized array) or
+    #: ``"dense"`` (form ``ΔK``, one matmul ``x (K + ΔK)``, ``λ``-gradients through ``xᵀ g: [in, out]``)
+    compute: str = option("factored", checks.one_of(*COMPUTES))
 
 
 def plan(t: Target) -> tuple[tuple[int, ...], tuple[int, ...], str]:
@@ -336,11 +347,54 @@ def factored_update(x: jax.Array, f_in, f_out, core: jax.Array, scaled: list[jax
     return y.reshape(tokens, math.prod(f_out))
 
 
-def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
-    """``x K + x ΔK`` for ``x: [T, in]``; never forms ``ΔK`` (see `factored_update`)."""
+@jax.custom_vjp
+def fused_matmul(x: jax.Array, w: jax.Array, dk: jax.Array) -> jax.Array:
+    """``x (K + ΔK): [T, out]``, one matmul; only ``x``, ``K``, ``ΔK`` are kept for the backward pass.
+
+    Backward: ``∂x = g (K + ΔK)ᵀ`` (skipped when ``x`` is not differentiated) and
+    ``∂ΔK = xᵀ g`` (one ``[in, out]`` product, also ``∂K`` when the base is
+    differentiated); ``∂λ`` follows from ``∂ΔK`` through `contract`'s VJP.
+    """
+    return x @ (w + dk)
+
+
+def _fused_fwd(x, w, dk):
+    flags = tuple(() if a.perturbed else None for a in (x, w, dk))
+    x, w, dk = x.value, w.value, dk.value
+    return fused_matmul(x, w, dk), (x, w, dk, flags)
+
+
+def _fused_bwd(res, g):
+    x, w, dk, (dx, dw, ddk) = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the output does not reach the loss
+        return None, None, None
+    gx = g @ (w + dk).T if dx == () else None
+    full = x.T @ g if dw == () or ddk == () else None
+    return gx, full if dw == () else None, full if ddk == () else None
+
+
+fused_matmul.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def apply_reference(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x K + x ΔK`` with `factored_update` (the formula `apply` is tested against)."""
     f_in, f_out, core, scaled = _operands(w, adapter, t)
     y = x @ w
     return y + factored_update(x.astype(core.dtype), f_in, f_out, core, scaled).astype(y.dtype)
+
+
+def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
+    """``x K + x ΔK`` for ``x: [T, in]``.
+
+    ``compute="factored"``: `apply_reference` (never forms ``ΔK``). ``"dense"``:
+    `fused_matmul` on ``ΔK = contract(...)`` when ``x``, ``K`` and the adapter
+    share a dtype (else `apply_reference`).
+    """
+    if t.options.compute == "dense":
+        _, _, core, scaled = _operands(w, adapter, t)
+        if x.dtype == w.dtype == core.dtype:
+            return fused_matmul(x, w, contract(core, scaled).reshape(w.shape))
+    return apply_reference(x, w, adapter, t, ctx)
 
 
 def trainable_count(targets: list[Target]) -> int:
