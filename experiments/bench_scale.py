@@ -167,6 +167,73 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
     return rows
 
 
+#: ``--levers``: LoRA r=16 steps with the memory levers added one at a time (label, LlamaForCausalLM kwargs).
+#: "before" is the model as it was before the levers existed: dense attention, and f32 compute wherever the
+#: f32 adapters promote the bf16 activations.
+LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("LoRA, before: dense attention, no remat, f32 adapters promote", dict(attention="dense")),
+    ("+ remat (nothing_saveable)", dict(attention="dense", remat="nothing_saveable")),
+    ("+ bf16 compute (adapters cast to bf16)", dict(attention="dense", remat="nothing_saveable", dtype="bfloat16")),
+    ("+ blockwise causal attention (library default)", dict(remat="nothing_saveable", dtype="bfloat16")),
+)
+
+
+def measure_levers(model_name: str, devices: int, seq: int, layers: int | None, only: list[int]) -> list[dict]:
+    """In a process with ``devices`` fake CPU devices: the LoRA step with each `LEVERS` entry (indices ``only``)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lorajax
+    from lorajax import sharding
+    from lorajax.models import llama
+
+    cfg_kw: dict[str, Any] = dict(MODELS[model_name])
+    if layers is not None:
+        cfg_kw["num_hidden_layers"] = layers
+    cfg = llama.Config(**cfg_kw, architectures=("LlamaForCausalLM",))
+    mesh = sharding.make_mesh(f"fsdp={devices}")
+    tok = sharding.token_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((devices, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+    base = llama.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16, token_sharding=tok)
+    params = jax.eval_shape(lambda: base.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+
+    def place(tree, like=None):
+        sh = sharding.shardings(tree, mesh, like=like)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    def ce(logits, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
+
+    spec = lorajax.Spec("lora", rank=RANK, alpha=ALPHA, targets=TARGETS, dtype="float32")
+    adapters = jax.eval_shape(lambda p: lorajax.init(spec, p, 0), params)
+    tx = optax.adam(1e-4)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+    rows = []
+    for i in only:
+        label, levers = LEVERS[i]
+        kw: dict[str, Any] = {k: (jnp.dtype(v) if k == "dtype" else v) for k, v in levers.items()}
+        m = base.clone(**kw)
+        fwd = lorajax.adapt(m.apply, spec, mode="factored")
+
+        def lora_loss(p, a, batch, fwd=fwd):
+            return ce(fwd({"params": p}, a, batch[:, :-1]), batch)
+
+        step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
+        state = lorajax.train.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
+            trainable=place(adapters, like=params),
+            frozen=jax.tree.map(lambda _: None, adapters),
+            opt_state=place(jax.eval_shape(tx.init, adapters), like=params),
+        )
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(1,)).lower(place(params), state, tokens).compile()
+        seconds = time.perf_counter() - t0
+        rows.append(_row(label, model_name, cfg_kw, devices, seq, compiled, seconds, n_params, n_adapter, False))
+    return rows
+
+
 def _row(method, model_name, cfg, devices, seq, compiled, compile_s, n_params, n_train, full) -> dict:
     m = compiled.memory_analysis()
     measured = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -207,12 +274,28 @@ def main() -> None:
     ap.add_argument("--extrapolate", action="store_true", help="compile --layers-fit depths and extrapolate (quick)")
     ap.add_argument("--layers-fit", type=int, nargs=2, default=[2, 4], help="depths for --extrapolate")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "DEVICES"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--levers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="LoRA step with the memory levers added one by one (indices into LEVERS; none given: all); "
+        "writes --levers-out",
+    )
+    ap.add_argument("--levers-out", default="experiments/results/scale_levers.md")
     ap.add_argument("--out", default="experiments/results/scale.md")
     args = ap.parse_args()
+    if args.levers is not None and not args.levers:
+        args.levers = list(range(len(LEVERS)))
     if args.worker:
-        rows = measure(args.worker[0], int(args.worker[1]), args.seq, args.layers)
+        if args.levers is not None:
+            rows = measure_levers(args.worker[0], int(args.worker[1]), args.seq, args.layers, args.levers)
+        else:
+            rows = measure(args.worker[0], int(args.worker[1]), args.seq, args.layers)
         print("ROWS " + json.dumps(rows))
         return
+    if args.levers is not None:
+        return run_levers(args)
     rows = []
     depths = list(args.layers_fit) if args.extrapolate else [None]
     for name in args.models:
@@ -243,6 +326,53 @@ def main() -> None:
             else:
                 rows += runs[0] if len(runs) == 1 else extrapolate(runs, MODELS[name]["num_hidden_layers"])
                 write(rows, Path(args.out), args)  # after every mesh: a stopped run keeps what it measured
+
+
+def run_levers(args) -> None:
+    """Each (model, devices, lever) compiled in its own subprocess (a compile's memory is freed with it)."""
+    from experiments.report import markdown_table
+
+    out, rows = Path(args.levers_out), []
+    for name in args.models:
+        for n in args.devices:
+            for i in args.levers:
+                env = {
+                    **os.environ,
+                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SCHEDULER_FLAG}",
+                    "JAX_PLATFORMS": "cpu",
+                }
+                cmd = [sys.executable, "-m", "experiments.bench_scale", "--worker", name, str(n)]
+                cmd += ["--seq", str(args.seq), "--levers", str(i)]
+                cmd += ["--layers", str(args.layers)] if args.layers else []
+                print("compiling", name, "on", n, "devices:", LEVERS[i][0], flush=True)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    print(proc.stderr[-2000:], file=sys.stderr)
+                    continue
+                rows += json.loads(proc.stdout.split("ROWS ", 1)[1])
+                table = markdown_table(
+                    ["model", "layers", "devices", "LoRA r=16 step", "measured GiB/device", "of which temp",
+                     "fits 16 GiB", "fits 40 GiB", "compile s"],
+                    [
+                        [r["model"], str(r["layers"]), str(r["devices"]), r["method"], f"{r['measured_gib']:.2f}",
+                         f"{r['temp_gib']:.2f}", "yes" if r["measured_gib"] <= 16 else "no",
+                         "yes" if r["measured_gib"] <= 40 else "no", f"{r['compile_s']:.0f}"]
+                        for r in rows
+                    ],
+                )  # fmt: skip
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(
+                    "# Memory levers of the sharded LoRA step (Llama-3 8B / 70B, AOT on fake CPU meshes)\n\n"
+                    f"Command: `python -m experiments.bench_scale --levers --models {' '.join(args.models)} "
+                    f"--devices {' '.join(map(str, args.devices))} --seq {args.seq}`. Same protocol as `scale.md` "
+                    "(bf16 weights, LoRA r=16 on the seven projections with f32 factors and f32 Adam, one "
+                    f"{args.seq}-token sequence per device, mesh `fsdp=N`, `token_sharding`, XLA:CPU's "
+                    "memory-minimising scheduler, the real depth); each row adds one lever to the row above it "
+                    "(`LEVERS` in experiments/bench_scale.py). measured = arguments + outputs − donated aliases + "
+                    "temporaries of `compiled.memory_analysis()` (CPU buffer assignment; a TPU/GPU compile "
+                    f"differs).\n\n{table}\n"
+                )
+                print(table, flush=True)
 
 
 def extrapolate(runs: list[list[dict]], depth: int) -> list[dict]:
