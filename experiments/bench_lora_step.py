@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ import optax
 
 import lorajax
 from experiments.report import markdown_table
+from lorajax.hlo import count_weight_gradients as weight_gradient_dots
 
 VOCAB, DIM, FFN, LAYERS, HEADS, BATCH, SEQ, RANK, ALPHA = 4096, 512, 1376, 4, 8, 8, 256, 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,40 +61,6 @@ def dot_flops(jaxpr) -> float:
                 if inner is not None:
                     total += dot_flops(inner if hasattr(inner, "eqns") else inner.jaxpr)
     return total
-
-
-_DEF = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = \w+\[([0-9,]*)\]")
-_DOT = re.compile(r"= \w+\[([0-9,]*)\]\{[0-9,]*\} dot\((%[\w.\-]+), (%[\w.\-]+)\).*?lhs_contracting_dims=\{([0-9,]*)\}")
-
-
-def weight_gradient_dots(hlo: str, weight_shapes: set[tuple[int, ...]], tokens: int) -> tuple[int, int]:
-    """(dots with a weight's output shape contracting over ``tokens`` rows, weight-shaped dots in all).
-
-    A weight gradient ``xᵀ dy`` contracts over the token axis; a weight-shaped product contracting over
-    the rank (what a merged-weight custom VJP forms) is not one. Operand shapes are looked up by name
-    within each HLO computation (the text does not print them at the dot).
-    """
-    grads = shaped = 0
-    shapes: dict[str, tuple[int, ...]] = {}
-    for line in hlo.splitlines():
-        if line.rstrip().endswith("{") and "=" not in line.split("(")[0]:
-            shapes = {}  # a new computation: names are local to it
-        d = _DEF.match(line)
-        if d:
-            shapes[d.group(1)] = tuple(int(v) for v in d.group(2).split(",") if v)
-        m = _DOT.search(line)
-        if not m:
-            continue
-        out = tuple(int(v) for v in m.group(1).split(",") if v)
-        if out not in weight_shapes:
-            continue
-        shaped += 1
-        lhs = shapes.get(m.group(2))
-        if lhs is None:
-            raise RuntimeError(f"cannot find the shape of {m.group(2)} in the HLO (format changed?): {line.strip()}")
-        contracted = int(np.prod([lhs[int(i)] for i in m.group(4).split(",") if i] or [1]))
-        grads += contracted >= tokens
-    return grads, shaped
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, list[float]], list[float]]:

@@ -15,14 +15,15 @@ The model mixes every layer kind the factored mode intercepts:
 
 Inputs are ``[2, 5, 12]``, i.e. T = 10 tokens; the rank is 4. Neither 10 nor
 4 equals any kernel dimension, so a matmul whose output has a kernel's shape
-can only be a full-size weight product (see the gradient-graph tests).
+is a full-size weight product, and it is a weight gradient when it contracts
+over the 10 tokens rather than the rank (see the gradient-graph tests).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-import re
 
 import flax.linen as nn
 import jax
@@ -32,7 +33,7 @@ import pytest
 from flax import nnx
 
 import lorajax
-from lorajax import registry
+from lorajax import hlo, registry
 from lorajax.adapters import call_variant
 
 VARIANTS = lorajax.list_variants()
@@ -54,10 +55,6 @@ SPEC_KWARGS = {
     "randlora": dict(rank=4, alpha=2.0),
     # SHiRA needs r·(in+out) <= in·out: rank 4 does not fit the NNX test's 6x10 layer (64 > 60)
     "shira": dict(rank=2),
-    # TeRA (3 modes): at rank 4 merge_heads' first factored contraction, x [T·i_2·i_3 = 20, i_1] by
-    # F_1 diag(λ_1) [i_1, o_1·R = 12], is a [20, 12] activation product that the shape-only HLO check
-    # cannot tell from dense_nobias' weight gradient; rank 5 makes it [20, 15] (the jaxpr check passes at 4)
-    "tera": dict(rank=5),
 }
 
 #: Variants whose factored forward legitimately forms the full-size product
@@ -383,52 +380,42 @@ def test_jaxpr_check_detects_a_weight_gradient():
     assert {(12, 20), (20, 12)} <= {shape for shape, _ in bad}
 
 
-HLO_DOT = re.compile(r"f32\[([0-9,]+)\]\{[0-9,]*\} dot\(")
+#: tokens of the test input: a weight gradient x^T dy contracts over all of them
+TOKENS = math.prod(X_SHAPE[:-1])
 
 
-def _hlo_dots(text):
-    """(shape, hlo line) of every dot in compiled HLO text."""
-    out = []
-    for line in text.splitlines():
-        m = HLO_DOT.search(line)
-        if m:
-            out.append((tuple(int(d) for d in m.group(1).split(",")), line))
-    return out
+def _hlo_weight_gradients(text, variables):
+    """Lines of the compiled HLO's products that are weight gradients (`lorajax.hlo`): a frozen kernel's shape
+    (any order of its axes or of its 2-D view's) and a contraction over at least the input's tokens. A
+    weight-shaped product contracting over the rank (DoRA's detached A @ B) is not one."""
+    assert hlo.dot_products(text), "no matrix product found in the compiled HLO: the parser no longer fits XLA's text"
+    shapes = {p for s in frozen_shapes(variables) for p in itertools.permutations(s)}
+    return [p.line for p in hlo.weight_gradients(text, shapes, TOKENS)]
 
 
 def test_hlo_check_detects_a_weight_gradient():
-    """The HLO regex is not vacuous: differentiating the kernels gives [in, out] dots."""
+    """The HLO check is not vacuous: differentiating the kernels, or the base next to the adapters in the
+    factored mode, forms [in, out] products contracting over the tokens, and they are flagged."""
     variables, x = base()
     g = cotangent()
     text = jax.jit(jax.grad(lambda v: jnp.sum(MODEL.apply(v, x) * g))).lower(variables).compile().as_text()
-    assert {(12, 20), (20, 12)} <= {shape for shape, _ in _hlo_dots(text)}
+    flagged = _hlo_weight_gradients(text, variables)
+    assert len(flagged) == len(TARGETS), flagged  # one per kernel
+    # the factored LoRA step, differentiated with respect to the base kernels as well
+    spec, _, _, _, adapters = setup("lora")
+    trainable, frozen = lorajax.partition(spec, adapters)
+    fwd = lorajax.adapt(MODEL.apply, spec, mode="factored")
+    both = jax.grad(lambda v, tr: jnp.sum(fwd(v, lorajax.combine(tr, frozen), x) * g), argnums=(0, 1))
+    bad = _hlo_weight_gradients(jax.jit(both).lower(variables, trainable).compile().as_text(), variables)
+    assert len(bad) == len(TARGETS), bad
 
 
 @parametrize
 def test_no_base_gradient_in_hlo(variant):
     variables, _ = base()
     grad_fn, trainable = factored_grad_fn(variant)
-    text = jax.jit(grad_fn).lower(trainable).compile().as_text()
-    dots = _hlo_dots(text)
-    assert dots, "no f32 dot found in the compiled HLO: the regex no longer fits XLA's text"
-    dense_2d = set()
-    for name in ("dense_bias", "dense_nobias"):
-        k = kernels(variables)[name]
-        dense_2d |= {tuple(k.shape), tuple(k.shape[::-1])}
-    bad = []
-    for shape, line in dots:
-        if shape not in dense_2d:
-            continue
-        if variant in FORWARD_FULL_PRODUCT and "transpose(" not in line:
-            # DoRA forms A @ B: [in, out] in the forward pass for its detached weight
-            # norm, and the HLO text does not show operand shapes, so an [in, out] dot
-            # cannot be told apart from a weight gradient by shape alone. Only dots
-            # that XLA's metadata marks as coming from the backward pass
-            # ("transpose(jvp(...))") are flagged for such variants; the jaxpr test
-            # above checks the contraction axis exactly.
-            continue
-        bad.append(line.strip())
-    assert not bad, f"{variant}: full-size weight products in compiled HLO:\n" + "\n".join(bad)
+    bad = _hlo_weight_gradients(jax.jit(grad_fn).lower(trainable).compile().as_text(), variables)
+    assert not bad, f"{variant}: weight gradients in compiled HLO:\n" + "\n".join(bad)
 
 
 # ----------------------------------------------------------------------------
@@ -705,14 +692,8 @@ def test_nnx_no_base_gradient(variant):
     jaxpr, compiled = nnx_compiled(variant, "factored")
     bad = _full_size_dots(jaxpr, frozen_shapes(variables), allow_rank_contraction=variant in FORWARD_FULL_PRODUCT)
     assert not bad, f"{variant}: full-size weight products in the gradient graph: {bad}"
-    dots = _hlo_dots(compiled.as_text())
-    assert dots, "no f32 dot found in the compiled HLO: the regex no longer fits XLA's text"
-    dense_2d = {s for name in ("dense_bias", "dense_nobias") for s in (kernels(variables)[name].shape,
-                                                                       kernels(variables)[name].shape[::-1])}
-    # DoRA's detached A @ B: [in, out] is a forward dot: only backward-pass dots are flagged for it (see (d))
-    bad = [line.strip() for shape, line in dots if shape in dense_2d
-           and (variant not in FORWARD_FULL_PRODUCT or "transpose(" in line)]
-    assert not bad, f"{variant}: full-size weight products in compiled HLO:\n" + "\n".join(bad)
+    bad = _hlo_weight_gradients(compiled.as_text(), variables)
+    assert not bad, f"{variant}: weight gradients in compiled HLO:\n" + "\n".join(bad)
 
 
 def test_nnx_factored_list_paths_bf16_and_errors():
