@@ -175,7 +175,10 @@ LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("+ remat (nothing_saveable)", dict(attention="dense", remat="nothing_saveable")),
     ("+ bf16 compute (adapters cast to bf16)", dict(attention="dense", remat="nothing_saveable", dtype="bfloat16")),
     ("+ blockwise causal attention (library default)", dict(remat="nothing_saveable", dtype="bfloat16")),
+    ("+ chunked vocabulary cross-entropy (1024 tokens)", dict(remat="nothing_saveable", dtype="bfloat16")),
 )
+#: `LEVERS` rows whose loss is `lorajax.train.losses.chunked_cross_entropy` over the hidden states
+CHUNKED_CE = {4}
 
 
 def measure_levers(model_name: str, devices: int, seq: int, layers: int | None, only: list[int]) -> list[dict]:
@@ -220,7 +223,13 @@ def measure_levers(model_name: str, devices: int, seq: int, layers: int | None, 
         def lora_loss(p, a, batch, fwd=fwd):
             return ce(fwd({"params": p}, a, batch[:, :-1]), batch)
 
-        step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
+        def chunked_loss(p, a, batch, fwd=fwd):
+            h = fwd({"params": p}, a, batch[:, :-1], return_hidden=True)
+            h_TxD = h.reshape(-1, cfg.hidden_size)
+            w = llama.output_kernel(cfg, p)
+            return lorajax.train.losses.chunked_cross_entropy(h_TxD, w, batch[:, 1:].reshape(-1), chunk=1024)
+
+        step = lorajax.train.make_lora_step(chunked_loss if i in CHUNKED_CE else lora_loss, tx, jit=False)
         state = lorajax.train.TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32),  # type: ignore[arg-type]
             trainable=place(adapters, like=params),
@@ -332,7 +341,9 @@ def run_levers(args) -> None:
     """Each (model, devices, lever) compiled in its own subprocess (a compile's memory is freed with it)."""
     from experiments.report import markdown_table
 
-    out, rows = Path(args.levers_out), []
+    out = Path(args.levers_out)
+    store = out.with_suffix(".json")  # rows of earlier runs, merged by (model, layers, devices, lever)
+    rows: list[dict] = json.loads(store.read_text()) if store.is_file() else []
     for name in args.models:
         for n in args.devices:
             for i in args.levers:
@@ -349,7 +360,13 @@ def run_levers(args) -> None:
                 if proc.returncode:
                     print(proc.stderr[-2000:], file=sys.stderr)
                     continue
-                rows += json.loads(proc.stdout.split("ROWS ", 1)[1])
+                for new in json.loads(proc.stdout.split("ROWS ", 1)[1]):
+                    key = (new["model"], new["layers"], new["devices"], new["method"])
+                    rows = [r for r in rows if (r["model"], r["layers"], r["devices"], r["method"]) != key] + [new]
+                order = [label for label, _ in LEVERS]
+                rows.sort(key=lambda r: (r["model"], r["devices"], order.index(r["method"])))
+                store.parent.mkdir(parents=True, exist_ok=True)
+                store.write_text(json.dumps(rows, indent=1))
                 table = markdown_table(
                     ["model", "layers", "devices", "LoRA r=16 step", "measured GiB/device", "of which temp",
                      "fits 16 GiB", "fits 40 GiB", "compile s"],
@@ -360,6 +377,9 @@ def run_levers(args) -> None:
                         for r in rows
                     ],
                 )  # fmt: skip
+                marker = "\nNotes (by hand"  # notes written after a run are kept across re-runs
+                old = out.read_text() if out.is_file() else ""
+                notes = old[old.index(marker) :] if marker in old else ""
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(
                     "# Memory levers of the sharded LoRA step (Llama-3 8B / 70B, AOT on fake CPU meshes)\n\n"
@@ -370,7 +390,7 @@ def run_levers(args) -> None:
                     "memory-minimising scheduler, the real depth); each row adds one lever to the row above it "
                     "(`LEVERS` in experiments/bench_scale.py). measured = arguments + outputs − donated aliases + "
                     "temporaries of `compiled.memory_analysis()` (CPU buffer assignment; a TPU/GPU compile "
-                    f"differs).\n\n{table}\n"
+                    f"differs).\n\n{table}\n{notes}"
                 )
                 print(table, flush=True)
 

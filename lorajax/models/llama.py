@@ -107,6 +107,7 @@ __all__ = [
     "init_cache",
     "generate",
     "rope_inv_freq",
+    "output_kernel",
 ]
 
 #: HF ``model_type`` -> the ``architectures`` entry written by `Config.to_hf`.
@@ -753,7 +754,9 @@ class LlamaForCausalLM(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None, return_hidden=False
+    ):
         cfg = self.cfg
         B, S = input_ids.shape
         model = LlamaModel(
@@ -767,6 +770,10 @@ class LlamaForCausalLM(nn.Module):
             name="model",
         )
         h_TxD, new_cache = model(input_ids, attention_mask, position_ids, cache, cache_index)
+        if return_hidden:  # the final-norm hidden states, for a chunked loss over `output_kernel`
+            if cache is not None:
+                raise ValueError("return_hidden is for training losses: not with a cache")
+            return h_TxD.reshape(B, S, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             logits_TxV = model.attend(h_TxD)
         else:
@@ -776,6 +783,18 @@ class LlamaForCausalLM(nn.Module):
             logits_TxV = head(h_TxD)
         logits = logits_TxV.reshape(B, S, cfg.vocab_size)
         return logits if cache is None else (logits, new_cache)
+
+
+def output_kernel(cfg: Config, params: dict) -> jax.Array:
+    """The output head as ``[D, V]``: ``lm_head.kernel``, or the transposed embedding when tied.
+
+    With ``model.apply(..., return_hidden=True)`` and `lorajax.train.losses.chunked_cross_entropy` it gives
+    the next-token loss without the ``[T, V]`` logits (the head must not be adapted: its adapter would be
+    bypassed).
+    """
+    if cfg.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 # ---------------------------------------------------------------------------- family contract

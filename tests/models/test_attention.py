@@ -127,3 +127,31 @@ def test_remat_policies_same_values_and_unknown_names_refused(params):
 def test_auto_block_bounds_the_block_count():
     assert [attention.auto_block(s) for s in (10, 128, 256, 1000, 2048, 8192)] == [64, 64, 64, 128, 256, 1024]
     assert all(-(-s // attention.auto_block(s)) <= 8 for s in range(1, 5000, 37))
+
+
+def test_chunked_cross_entropy_equals_the_full_loss(params):
+    """return_hidden + output_kernel + chunked CE == CE of the logits, values and adapter gradients."""
+    from lorajax.train import losses
+
+    model = llama.build(CFG)
+    ids = jax.random.randint(jax.random.key(2), (2, 11), 0, 64)
+    spec = lorajax.Spec("lora", rank=2, alpha=4, targets=["q_proj", "down_proj"])
+    v = {"params": params}
+    ad = jax.tree.map(lambda x: x + 0.01, lorajax.init(spec, v, 0))
+    fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+    def full(ad):
+        z = fwd(v, ad, ids[:, :-1])
+        return losses.cross_entropy(z.reshape(-1, 64), ids[:, 1:].reshape(-1)).mean()
+
+    def chunked(ad):
+        h = fwd(v, ad, ids[:, :-1], return_hidden=True)
+        w = llama.output_kernel(CFG, params)
+        return losses.chunked_cross_entropy(h.reshape(-1, 32), w, ids[:, 1:].reshape(-1), chunk=7)
+
+    want, got = jax.jit(jax.value_and_grad(full))(ad), jax.jit(jax.value_and_grad(chunked))(ad)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        losses.chunked_cross_entropy(jnp.ones((4, 32)), jnp.ones((32, 64)), jnp.ones((3,), jnp.int32))
