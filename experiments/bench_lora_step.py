@@ -3,8 +3,9 @@
 Protocol of shared/specs/performance.md §7: HF LlamaConfig(vocab 4096, d 512, ffn 1376, 4 layers,
 8 heads), 8x256 tokens, f32, mean shifted cross-entropy, LoRA r=16 alpha=32 on all linear layers
 but lm_head, AdamW lr 1e-4; torch on 2 threads. Every implementation is compiled and warmed up
-first, then timed once per round, round after round (never concurrently), with the 1-minute load
-average read before each round. PyTorch eager slows down far more than XLA on a shared CPU, so
+first, then timed once per round, round after round (never concurrently; the order rotates each round
+and a short pause precedes each call, so PyTorch's spinning OpenMP threads do not slow the next call),
+with the 1-minute load average read before each round. PyTorch eager slows down far more than XLA on a shared CPU, so
 ratios come from the *quiet* rounds (load below the core count) when there are any, else from all
 rounds, and the output says which. A ratio is the median over rounds of the per-round ratio (both
 steps timed in the same round). Also: a matmul calibrator (2048x512x1376) per framework timed in
@@ -63,13 +64,22 @@ def dot_flops(jaxpr) -> float:
     return total
 
 
+#: pause before each timed call: PyTorch's OpenMP threads keep spinning for a while after a torch op and
+#: slowed the next XLA call here by ~25% (a 2048x512x1376 matmul: 174 GFLOP/s alone, 130 right after torch)
+PAUSE_S = 0.3
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, list[float]], list[float]]:
-    """Time each fn once per round, in order, for ``rounds`` rounds: ({name: seconds per round}, load per round)."""
+    """Time each fn once per round for ``rounds`` rounds, the order rotated every round and a `PAUSE_S` pause
+    before each call: ({name: seconds per round}, 1-min load average per round)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     loads = []
-    for _ in range(rounds):
+    names = list(fns)
+    for r in range(rounds):
         loads.append(os.getloadavg()[0])
-        for name, fn in fns.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
