@@ -32,7 +32,8 @@ Command line::
                                 [--out DIR] [--results DIR] [--list]
 
 ``--seeds 1 --steps-scale 0.1`` is the smoke mode (every effect end to end in
-minutes; its verdicts say "single observation").
+minutes; its verdicts say "single observation"; below scale 1 no lr is searched:
+each arm takes its grid's middle value).
 """
 
 from __future__ import annotations
@@ -228,10 +229,16 @@ def metric(result: dict, key: str) -> float:
 
 
 def pick_lr(effect: Effect, arm: Arm, sweep: Sweep) -> tuple[float, dict]:
-    """``(lr, {lr: validation metric})``: the arm's lr, chosen on the validation split with the tuning seed."""
+    """``(lr, {lr: validation metric})``: the arm's lr, chosen on the validation split with the tuning seed.
+
+    Smoke scale (``sweep.scale < 1``) searches nothing: the grid's middle value, an empty score dict (the
+    search itself is tested in tests/test_effects.py; in smoke mode it would be 3-4x the runs).
+    """
     grid = arm.lrs if arm.lrs is not None else effect.lrs
     if len(grid) == 1:
         return grid[0], {}
+    if sweep.scale < 1:
+        return sorted(grid)[len(grid) // 2], {}
     scores = {}
     for lr in grid:
         value = metric(get_run(effect, arm, lr, effect.tune_seed, sweep), effect.select)

@@ -40,10 +40,10 @@ def test_smoke_mode_two_effects(tmp_path, monkeypatch):
     test = {a: rs["arms"][a]["results"][0]["test_loss"] for a in rs["arms"]}
     gain = (test["rslora_r4"] - test["rslora_r64"]) - (test["lora_r4"] - test["lora_r64"])
     assert rs["contrasts"][1]["per_seed"][0] == pytest.approx(gain)
-    # ESSA's arms: lr picked on validation error among the grid runs of the tuning seed
-    for arm in ("gradient", "essa"):
-        grid = {float(k): v for k, v in es["arms"][arm]["lr_grid_val"].items()}
-        assert len(grid) == 3 and es["arms"][arm]["lr"] == min(grid, key=grid.get)
+    # smoke scale searches no lr: each ESSA arm runs at its grid's middle value, no tuning run
+    for arm, middle in (("gradient", 1e-3), ("essa", 1.0)):
+        assert es["arms"][arm]["lr_grid_val"] == {} and es["arms"][arm]["lr"] == middle
+    assert not any("seed100" in p.name for p in (out / "scale0.1").rglob("*") if p.is_dir())
     essa_run = es["arms"]["essa"]["results"][0]  # whole generations of 4 members x 2 windows
     assert 0 < essa_run["forwards"] <= essa_run["budget"] and essa_run["forwards"] % 8 == 0
     md = (results / "effects.md").read_text()
