@@ -446,22 +446,13 @@ def _rope_tables(cfg: Config, pos_BxS: jax.Array, dtype) -> tuple[jax.Array, jax
 
 
 def _rope_constants(cfg: Config, S: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """``cos, sin [1, S, d]`` for the default positions ``0 .. S-1``, computed when tracing (compile-time constants).
+    """``cos, sin [1, S, d]`` for the default positions ``0 .. S-1`` as compile-time constants.
 
-    The same float32 arithmetic as `_rope_tables` (for ``dynamic``, the longest position is ``S - 1``), in
-    NumPy: the step then carries two constant tables instead of recomputing sin/cos in every layer's fusions.
+    `_rope_tables` itself, evaluated eagerly while tracing (``jax.ensure_compile_time_eval``): the same
+    arithmetic, and the step carries two constant tables instead of recomputing sin/cos in every layer.
     """
-    inv = rope_inv_freq(cfg)
-    dim, f, l0 = cfg.head_dim, cfg.rope_factor, cfg.max_position_embeddings
-    if cfg.rope_type == "dynamic" and S > l0:
-        assert dim is not None  # filled in by Config.__post_init__
-        base = np.float32(cfg.rope_theta) * ((np.float32(f) * np.float32(S) / l0) - (f - 1)) ** (dim / (dim - 2))
-        inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
-            np.float32
-        )
-    freqs_Sxh = np.arange(S, dtype=np.float32)[:, None] * inv[None, :]
-    emb_1xSxd = np.concatenate([freqs_Sxh, freqs_Sxh], axis=-1)[None]
-    return jnp.asarray(np.cos(emb_1xSxd), dtype), jnp.asarray(np.sin(emb_1xSxd), dtype)
+    with jax.ensure_compile_time_eval():
+        return _rope_tables(cfg, jnp.arange(S, dtype=jnp.int32)[None, :], dtype)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
