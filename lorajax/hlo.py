@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 __all__ = ["Product", "dot_products", "weight_gradients", "count_weight_gradients"]
 
@@ -71,58 +71,10 @@ def _dims(text: str) -> Shape:
     return tuple(int(d.strip().lstrip("<=")) for d in text.split(",") if d.strip())
 
 
-def _balanced(text: str, start: int) -> int:
-    """Index just past the bracket group opening at ``text[start]``, skipping quoted strings."""
-    depth, i, quoted = 0, start, False
-    while i < len(text):
-        c = text[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    raise ValueError(f"unbalanced brackets in HLO text: {text.strip()[:200]}")
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on the commas that are not inside brackets or quotes."""
-    parts: list[str] = []
-    cur: list[str] = []
-    depth, quoted = 0, False
-    for c in text:
-        if quoted:
-            quoted = c != '"'
-        elif c == '"':
-            quoted = True
-        elif c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-        elif c == "," and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-            continue
-        cur.append(c)
-    if "".join(cur).strip():
-        parts.append("".join(cur).strip())
-    return parts
-
-
-def _depth(line: str) -> int:
-    """Open minus closed brackets on a line, outside quoted strings."""
-    if '"' not in line:
-        return sum(map(line.count, _OPEN)) - sum(map(line.count, _CLOSE))
+def _brackets(text: str) -> Iterator[tuple[int, str, int]]:
+    """``(index, char, depth after it)`` for every character outside quoted strings (escapes honoured)."""
     depth, quoted, escaped = 0, False, False
-    for c in line:
+    for i, c in enumerate(text):
         if quoted:
             if escaped:
                 escaped = False
@@ -130,12 +82,39 @@ def _depth(line: str) -> int:
                 escaped = True
             elif c == '"':
                 quoted = False
-        elif c == '"':
+            continue
+        if c == '"':
             quoted = True
-        elif c in _OPEN:
+            continue
+        if c in _OPEN:
             depth += 1
         elif c in _CLOSE:
             depth -= 1
+        yield i, c, depth
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group opening at ``text[start]``, skipping quoted strings."""
+    for i, c, depth in _brackets(text[start:]):
+        if c in _CLOSE and depth == 0:
+            return start + i + 1
+    raise ValueError(f"unbalanced brackets in HLO text: {text.strip()[:200]}")
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on the commas that are not inside brackets or quotes."""
+    cuts = [i for i, c, depth in _brackets(text) if c == "," and depth == 0]
+    parts = [text[a + 1 : b].strip() for a, b in zip([-1, *cuts], [*cuts, len(text)])]
+    return parts if parts[-1] else parts[:-1]
+
+
+def _depth(line: str) -> int:
+    """Open minus closed brackets on a line, outside quoted strings."""
+    if '"' not in line:
+        return sum(map(line.count, _OPEN)) - sum(map(line.count, _CLOSE))
+    depth = 0
+    for _, _, depth in _brackets(line):
+        pass
     return depth
 
 
