@@ -65,13 +65,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK, ALPHA = 16, 32
 
 
-def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list[dict]:
-    """In a process with ``devices`` fake CPU devices: compile LoRA and full steps, return memory rows."""
+def _abstract_setup(model_name: str, devices: int, seq: int, layers: int | None) -> tuple:
+    """``(cfg_kw, cfg, model, tokens, params, place, ce)`` on an ``fsdp=devices`` mesh, every array abstract.
+
+    ``model``: bf16 weights, hidden states pinned by ``token_sharding`` (without it XLA's propagation gathers
+    activations, not weights); ``place(tree, like=None)`` gives a tree its `lorajax.sharding` shardings as
+    ``ShapeDtypeStruct``s; ``ce(logits, batch)`` is the mean next-token loss in float32.
+    """
     import jax
     import jax.numpy as jnp
     import optax
 
-    import lorajax
     from lorajax import sharding
     from lorajax.models import llama
 
@@ -80,11 +84,9 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
         cfg_kw["num_hidden_layers"] = layers
     cfg = llama.Config(**cfg_kw, architectures=("LlamaForCausalLM",))
     mesh = sharding.make_mesh(f"fsdp={devices}")
-    tok = sharding.token_sharding(mesh)  # without it XLA's propagation gathers activations, not weights
-    plain = llama.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16, token_sharding=tok)
-    remat = llama.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16, remat=True, token_sharding=tok)
+    model = llama.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16, token_sharding=sharding.token_sharding(mesh))
     tokens = jax.ShapeDtypeStruct((devices, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-    params = jax.eval_shape(lambda: plain.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
 
     def place(tree, like=None):
         sh = sharding.shardings(tree, mesh, like=like)
@@ -92,6 +94,20 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
 
     def ce(logits, batch):
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
+
+    return cfg_kw, cfg, model, tokens, params, place, ce
+
+
+def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list[dict]:
+    """In a process with ``devices`` fake CPU devices: compile LoRA and full steps, return memory rows."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lorajax
+
+    cfg_kw, cfg, plain, tokens, params, place, ce = _abstract_setup(model_name, devices, seq, layers)
+    remat = plain.clone(remat=True)
 
     rows = []
     p_sds = place(params)
@@ -188,25 +204,9 @@ def measure_levers(model_name: str, devices: int, seq: int, layers: int | None, 
     import optax
 
     import lorajax
-    from lorajax import sharding
     from lorajax.models import llama
 
-    cfg_kw: dict[str, Any] = dict(MODELS[model_name])
-    if layers is not None:
-        cfg_kw["num_hidden_layers"] = layers
-    cfg = llama.Config(**cfg_kw, architectures=("LlamaForCausalLM",))
-    mesh = sharding.make_mesh(f"fsdp={devices}")
-    tok = sharding.token_sharding(mesh)
-    tokens = jax.ShapeDtypeStruct((devices, seq + 1), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-    base = llama.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16, token_sharding=tok)
-    params = jax.eval_shape(lambda: base.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-
-    def place(tree, like=None):
-        sh = sharding.shardings(tree, mesh, like=like)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-
-    def ce(logits, batch):
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
+    cfg_kw, cfg, base, tokens, params, place, ce = _abstract_setup(model_name, devices, seq, layers)
 
     spec = lorajax.Spec("lora", rank=RANK, alpha=ALPHA, targets=TARGETS, dtype="float32")
     adapters = jax.eval_shape(lambda p: lorajax.init(spec, p, 0), params)
