@@ -1,4 +1,4 @@
-"""Grouped-query attention cores: the dense reference and a blockwise causal path that skips masked blocks.
+"""Grouped-query attention cores: the dense reference and a blockwise path that cuts the queries into blocks.
 
 Both compute, per query head ``h`` reading kv head ``h // G``,
 ``softmax(q kᵀ / sqrt(d) + mask) v`` with the scores and the softmax in float32
@@ -9,14 +9,21 @@ boolean ``mask [B, S, T]`` (True = the query may read the key). They return
 * `dense_attention` forms the whole ``[B, K, G, S, T]`` score tensor: the
   reference, and the path for decoding with a KV cache.
 * `blockwise_attention` is for self-attention without a cache (``T == S``, query
-  ``s`` sits at key slot ``s``), where causality is known when tracing: queries
-  are cut into blocks of ``block`` rows and block ``i`` reads only the keys
-  ``lo_i .. hi_i`` that any of its queries can see (``hi_i`` = its last query + 1;
-  ``lo_i`` = its first query − window + 1 with a sliding window, else 0). Keys
-  past ``hi_i`` are masked for every query of the block, so skipping them
-  changes no visible row: for a causal ``S``-token sequence it computes about
-  half the score and probability entries (``(n+1)/2n`` of them for ``n``
-  blocks) and each block's scores are ``[block, ≤ S]`` instead of ``[S, S]``.
+  ``s`` sits at key slot ``s``): queries are cut into blocks of ``block`` rows,
+  each block its own pair of matmuls, so each block's scores are
+  ``[block, ≤ S]`` instead of ``[S, S]``.
+
+  - ``causal=True`` (decoders), where causality is known when tracing: block
+    ``i`` reads only the keys ``lo_i .. hi_i`` that any of its queries can see
+    (``hi_i`` = its last query + 1; ``lo_i`` = its first query − window + 1
+    with a sliding window, else 0). Keys past ``hi_i`` are masked for every
+    query of the block, so skipping them changes no visible row: for a causal
+    ``S``-token sequence it computes about half the score and probability
+    entries (``(n+1)/2n`` of them for ``n`` blocks).
+  - ``causal=False`` (bidirectional encoders such as BERT): every block reads
+    all ``S`` keys (scores ``[block, S]``); it computes as many entries as the
+    dense path, but never the whole ``[S, S]`` matrix in one op.
+
   A query row with no visible key at all (a left-padded query) is a padding
   row whose output is not defined to match the dense path (the dense path
   averages all ``T`` values, this one the block's keys); no valid row differs.
@@ -29,6 +36,10 @@ Example:
   >>> mask = jnp.tril(jnp.ones((8, 8), bool))[None]
   >>> ref = attention.dense_attention(q, k, v, mask)
   >>> bool(jnp.allclose(attention.blockwise_attention(q, k, v, mask, block=3), ref, atol=1e-6))
+  True
+  >>> pad = jnp.broadcast_to(jnp.arange(8)[None, None] < 6, (1, 8, 8))  # bidirectional, last 2 keys padding
+  >>> got = attention.blockwise_attention(q, k, v, pad, block=3, causal=False)
+  >>> bool(jnp.allclose(got, attention.dense_attention(q, k, v, pad), atol=1e-6))
   True
 
 References: T. Dao et al., "FlashAttention", arXiv:2205.14135 (skipping fully
@@ -70,14 +81,25 @@ def dense_attention(q_BxSxKxGxd, k_BxTxKxd, v_BxTxKxd, mask_BxSxT):
 
 
 def blockwise_attention(
-    q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, window: int | None = None, block: int | None = None
+    q_BxSxKxGxd,
+    k_BxSxKxd,
+    v_BxSxKxd,
+    mask_BxSxS,
+    *,
+    window: int | None = None,
+    block: int | None = None,
+    causal: bool = True,
 ):
-    """Causal self-attention (no cache) by query blocks, each reading only the keys it can see.
+    """Self-attention (no cache) by query blocks of ``block`` rows -> ``o [B, S, K, G, d]``.
 
-    ``mask [B, S, S]`` must already hold the causal (and window, and padding)
-    mask; ``window`` only narrows which key columns a block reads (None: all
-    earlier keys). ``block``: query rows per block (None: `auto_block`). Equal to `dense_attention` on
-    every row with a visible key.
+    ``mask [B, S, S]`` must already hold the whole mask (causal, window and
+    padding); the blocks only choose which key columns each block reads.
+    ``causal=True``: block ``i`` reads only the keys its queries can see
+    (``window``: a sliding window narrows them further; None: all earlier keys).
+    ``causal=False``: every block reads all ``S`` keys (``window`` must be None).
+    ``block``: query rows per block (None: `auto_block`); with ``S <= block``
+    this is `dense_attention`. Equal to `dense_attention` on every row with a
+    visible key.
     """
     B, S, K, G, d = q_BxSxKxGxd.shape
     if k_BxSxKxd.shape[1] != S or mask_BxSxS.shape[-2:] != (S, S):
@@ -85,6 +107,8 @@ def blockwise_attention(
             f"blockwise_attention is self-attention without a cache: q has {S} rows, "
             f"k {k_BxSxKxd.shape[1]}, mask {mask_BxSxS.shape}"
         )
+    if not causal and window is not None:
+        raise ValueError(f"window={window} needs causal=True (a sliding window here is causal)")
     if block is None:
         block = auto_block(S)
     if block < 1:
@@ -94,13 +118,13 @@ def blockwise_attention(
     outs = []
     for start in range(0, S, block):
         stop = min(start + block, S)
-        lo = 0 if window is None else max(0, start - window + 1)
+        lo, hi = (0 if window is None else max(0, start - window + 1), stop) if causal else (0, S)
         outs.append(
             dense_attention(
                 q_BxSxKxGxd[:, start:stop],
-                k_BxSxKxd[:, lo:stop],
-                v_BxSxKxd[:, lo:stop],
-                mask_BxSxS[:, start:stop, lo:stop],
+                k_BxSxKxd[:, lo:hi],
+                v_BxSxKxd[:, lo:hi],
+                mask_BxSxS[:, start:stop, lo:hi],
             )
         )
     return jnp.concatenate(outs, axis=1)

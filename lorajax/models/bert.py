@@ -18,6 +18,21 @@ exact (erf) GELU for ``"gelu"`` as in transformers, tanh GELU for
 ``"gelu_new"`` / ``"gelu_pytorch_tanh"``, or ReLU / SiLU. LayerNorm is computed
 in float32 with the config's ``layer_norm_eps`` (as ``torch.nn.LayerNorm``).
 
+Attention is bidirectional: every query reads every key with ``m = 1``. Its
+core is `lorajax.models.attention` on the ``[B, S, K, G, d]`` layout with
+``K = N`` heads and ``G = 1``: ``BertModel(attention="dense")`` forms the whole
+``[S, S]`` score matrix per head, ``"blockwise"`` / ``"auto"`` (the default)
+cut the queries into blocks of ``attention_block`` rows (``None``:
+`lorajax.models.attention.auto_block`, 64 or more), each reading all ``S``
+keys, which is the dense path when ``S`` fits in one block. Scores and softmax
+are float32 either way.
+
+Compute dtype: ``BertModel(dtype=jnp.bfloat16)`` runs every ``nn.Dense`` /
+``nn.Embed`` in bf16 (parameters keep their own dtype and are cast inside the
+step, so f32 master weights and adapters get f32 gradients); LayerNorm
+statistics and the attention softmax stay float32, and the outputs (hidden
+states, pooled) are in ``dtype``. ``dtype=None``: compute in the params' dtype.
+
 Every projection is an ``nn.Dense`` and the params tree mirrors HF's state
 dict, so lorajax module names are PEFT's (``encoder.layer.0.attention.self.query``)::
 
@@ -79,6 +94,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lorajax.models.attention import IMPLEMENTATIONS, blockwise_attention, dense_attention
+from lorajax.models.llama import remat_policy
 
 __all__ = [
     "Config",
@@ -235,9 +253,13 @@ class Config:
 
 
 class LayerNorm(nn.Module):
-    """``torch.nn.LayerNorm`` over the last axis, params ``weight`` / ``bias``, computed in float32."""
+    """``torch.nn.LayerNorm`` over the last axis, params ``weight`` / ``bias``, computed in float32.
+
+    ``x [..., D]`` -> ``[..., D]`` in ``dtype`` (None: ``x``'s dtype).
+    """
 
     eps: float
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -249,26 +271,39 @@ class LayerNorm(nn.Module):
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + jnp.float32(self.eps))
         shape = (1,) * (x.ndim - 1) + (d,)
-        return (y * w.reshape(shape).astype(jnp.float32) + b.reshape(shape).astype(jnp.float32)).astype(x.dtype)
+        out = y * w.reshape(shape).astype(jnp.float32) + b.reshape(shape).astype(jnp.float32)
+        return out.astype(self.dtype or x.dtype)
 
 
 class Embeddings(nn.Module):
+    """``LN(E_word[ids] + E_type[tt] + E_pos[pos])``: ``[B, S]`` ids -> ``[B·S, D]`` in ``dtype``."""
+
     cfg: Config
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, ids_BxS, token_type_BxS, position_BxS) -> jax.Array:
         cfg = self.cfg
         T = ids_BxS.size
-        word = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(ids_BxS.reshape(T))
-        kind = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(token_type_BxS.reshape(T))
-        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(
-            position_BxS.reshape(T)
-        )
-        return LayerNorm(cfg.layer_norm_eps, name="LayerNorm")((word + kind) + pos)
+        embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype)
+        word = embed(cfg.vocab_size, name="word_embeddings")(ids_BxS.reshape(T))
+        kind = embed(cfg.type_vocab_size, name="token_type_embeddings")(token_type_BxS.reshape(T))
+        pos = embed(cfg.max_position_embeddings, name="position_embeddings")(position_BxS.reshape(T))
+        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")((word + kind) + pos)
 
 
 class SelfAttention(nn.Module):
+    """Bidirectional multi-head attention ``x [B·S, D]``, ``keep [B, 1, 1, S]`` -> ``[B·S, D]`` (before ``output``).
+
+    ``attention``: ``"dense"`` = `lorajax.models.attention.dense_attention`,
+    ``"auto"`` / ``"blockwise"`` = ``blockwise_attention(causal=False)`` with
+    ``block`` query rows per block (dense when ``S <= block``).
+    """
+
     cfg: Config
+    dtype: Any = None
+    attention: str = "auto"
+    block: int | None = None
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array, keep_Bx1x1xS: jax.Array) -> jax.Array:
@@ -276,49 +311,66 @@ class SelfAttention(nn.Module):
         T, D = x_TxD.shape
         B = keep_Bx1x1xS.shape[0]
         S, N = T // B, cfg.num_attention_heads
-        q, k, v = (nn.Dense(D, name=n)(x_TxD).reshape(B, S, N, D // N) for n in ("query", "key", "value"))
-        logits = jnp.einsum("bshd,bthd->bhst", q, k).astype(jnp.float32) * jnp.float32((D // N) ** -0.5)
-        logits = jnp.where(keep_Bx1x1xS, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhst,bthd->bshd", probs, v).reshape(T, D)
+        q, k, v = (
+            nn.Dense(D, dtype=self.dtype, name=n)(x_TxD).reshape(B, S, N, D // N) for n in ("query", "key", "value")
+        )
+        q_BxSxKxGxd = q.reshape(B, S, N, 1, D // N)  # K = N heads, G = 1 query head per kv head
+        mask_BxSxS = jnp.broadcast_to(keep_Bx1x1xS.reshape(B, 1, S), (B, S, S))
+        if self.attention == "dense":
+            o_BxSxKxGxd = dense_attention(q_BxSxKxGxd, k, v, mask_BxSxS)
+        else:
+            o_BxSxKxGxd = blockwise_attention(q_BxSxKxGxd, k, v, mask_BxSxS, block=self.block, causal=False)
+        return o_BxSxKxGxd.reshape(T, D)
 
 
 class DenseLayerNorm(nn.Module):
     """``LayerNorm(residual + dense(x))``: HF's ``BertSelfOutput`` / ``BertOutput``."""
 
     cfg: Config
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxI: jax.Array, residual_TxD: jax.Array) -> jax.Array:
-        h = nn.Dense(self.cfg.hidden_size, name="dense")(x_TxI)
-        return LayerNorm(self.cfg.layer_norm_eps, name="LayerNorm")(h + residual_TxD)
+        h = nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="dense")(x_TxI)
+        return LayerNorm(self.cfg.layer_norm_eps, self.dtype, name="LayerNorm")(h + residual_TxD)
 
 
 class Attention(nn.Module):
     cfg: Config
+    dtype: Any = None
+    attention: str = "auto"
+    block: int | None = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
-        a = SelfAttention(self.cfg, name="self")(x_TxD, keep_Bx1x1xS)
-        return DenseLayerNorm(self.cfg, name="output")(a, x_TxD)
+        a = SelfAttention(self.cfg, self.dtype, self.attention, self.block, name="self")(x_TxD, keep_Bx1x1xS)
+        return DenseLayerNorm(self.cfg, self.dtype, name="output")(a, x_TxD)
 
 
 class Intermediate(nn.Module):
     cfg: Config
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxD):
-        return ACTIVATIONS[self.cfg.hidden_act](nn.Dense(self.cfg.intermediate_size, name="dense")(x_TxD))
+        h_TxI = nn.Dense(self.cfg.intermediate_size, dtype=self.dtype, name="dense")(x_TxD)
+        return ACTIVATIONS[self.cfg.hidden_act](h_TxI)
 
 
 class Layer(nn.Module):
+    """One encoder layer: ``x [B·S, D]``, ``keep [B, 1, 1, S]`` -> ``[B·S, D]``; fields as `BertModel`'s."""
+
     cfg: Config
+    dtype: Any = None
+    attention: str = "auto"
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
-        x_TxD = Attention(self.cfg, name="attention")(x_TxD, keep_Bx1x1xS)
-        h_TxI = Intermediate(self.cfg, name="intermediate")(x_TxD)
-        return DenseLayerNorm(self.cfg, name="output")(h_TxI, x_TxD)
+        dt = self.dtype
+        x_TxD = Attention(self.cfg, dt, self.attention, self.attention_block, name="attention")(x_TxD, keep_Bx1x1xS)
+        h_TxI = Intermediate(self.cfg, dt, name="intermediate")(x_TxD)
+        return DenseLayerNorm(self.cfg, dt, name="output")(h_TxI, x_TxD)
 
 
 def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
@@ -328,38 +380,50 @@ def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
 class Layers(nn.Module):
     """HF's ``encoder.layer`` ModuleList: children named ``"0"``, ``"1"``, ...
 
-    ``remat`` and ``token_sharding``: as `BertModel`'s.
+    ``remat``, ``token_sharding``, ``attention``, ``attention_block`` and ``dtype``: as `BertModel`'s.
     """
 
     cfg: Config
-    remat: bool = False
+    remat: bool | str = False
     token_sharding: Any = None
+    attention: str = "auto"
+    attention_block: int | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
-        layer_cls = nn.remat(Layer) if self.remat else Layer
+        policy = remat_policy(self.remat)
+        layer_cls = Layer if policy is False else nn.remat(Layer, policy=policy)
         for i in range(self.cfg.num_hidden_layers):
             x_TxD = _constrain(x_TxD, self.token_sharding)
-            x_TxD = layer_cls(self.cfg, name=str(i))(x_TxD, keep_Bx1x1xS)
+            layer = layer_cls(self.cfg, self.dtype, self.attention, self.attention_block, name=str(i))
+            x_TxD = layer(x_TxD, keep_Bx1x1xS)
         return _constrain(x_TxD, self.token_sharding)
 
 
 class Encoder(nn.Module):
     cfg: Config
-    remat: bool = False
+    remat: bool | str = False
     token_sharding: Any = None
+    attention: str = "auto"
+    attention_block: int | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x_TxD, keep_Bx1x1xS):
-        return Layers(self.cfg, self.remat, self.token_sharding, name="layer")(x_TxD, keep_Bx1x1xS)
+        layers = Layers(
+            self.cfg, self.remat, self.token_sharding, self.attention, self.attention_block, self.dtype, name="layer"
+        )
+        return layers(x_TxD, keep_Bx1x1xS)
 
 
 class Pooler(nn.Module):
     cfg: Config
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, first_BxD):
-        return jnp.tanh(nn.Dense(self.cfg.hidden_size, name="dense")(first_BxD))
+        return jnp.tanh(nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="dense")(first_BxD))
 
 
 def make_position_ids(cfg: Config, input_ids: jax.Array) -> jax.Array:
@@ -374,17 +438,40 @@ def make_position_ids(cfg: Config, input_ids: jax.Array) -> jax.Array:
 class BertModel(nn.Module):
     """The encoder: ``input_ids [B, S]`` -> last hidden states ``[B, S, D]`` (see the module docstring).
 
-    ``remat=True`` recomputes each layer in the backward pass (``nn.remat``).
+    ``remat`` (True or a policy name of `lorajax.models.llama.REMAT_POLICIES`)
+    recomputes each layer in the backward pass (``nn.remat``; True =
+    ``"nothing_saveable"``, ``"dots_saveable"`` keeps the matmul outputs).
     ``token_sharding`` (a ``jax.sharding.Sharding`` of the ``[B·S, D]`` hidden
     states, e.g. `lorajax.sharding.token_sharding`) pins the token axis to the
     batch mesh axes at every layer boundary, so that under FSDP XLA gathers the
-    weights instead of the activations (as in `lorajax.models.llama`). Neither
-    changes the params tree or the result.
+    weights instead of the activations (as in `lorajax.models.llama`).
+    ``attention`` / ``attention_block`` choose the attention core and
+    ``dtype`` the compute dtype (see the module docstring). None of them
+    changes the params tree, and only ``dtype`` changes the result beyond
+    rounding.
     """
 
     cfg: Config
-    remat: bool = False
+    #: False, True or a policy name of `lorajax.models.llama.REMAT_POLICIES` (see `Layers`)
+    remat: bool | str = False
     token_sharding: Any = None
+    #: attention core: "auto" / "blockwise" (query blocks, each reading all keys:
+    #: ``blockwise_attention(causal=False)``) or "dense" (the whole score matrix, the reference)
+    attention: str = "auto"
+    #: query rows per block of the blockwise path (None: `lorajax.models.attention.auto_block`)
+    attention_block: int | None = None
+    #: compute dtype (e.g. ``jnp.bfloat16``) of the matmuls, embeddings, LayerNorm outputs and of the returned
+    #: hidden states / pooled output; parameters stay in their own dtype. LayerNorm statistics and the softmax
+    #: stay float32. None: compute in the parameters' dtype.
+    dtype: Any = None
+
+    def __post_init__(self):
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; choose one of {list(IMPLEMENTATIONS)}")
+        if self.attention_block is not None and self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
+        remat_policy(self.remat)  # raises for an unknown policy name
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -418,12 +505,15 @@ class BertModel(nn.Module):
             token_type_ids = jnp.zeros((B, S), jnp.int32)
         if position_ids is None:
             position_ids = make_position_ids(cfg, input_ids)
-        x_TxD = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids)
+        x_TxD = Embeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, position_ids)
         keep_Bx1x1xS = (attention_mask != 0).reshape(B, 1, 1, S)
-        x_TxD = Encoder(cfg, self.remat, self.token_sharding, name="encoder")(x_TxD, keep_Bx1x1xS)
+        encoder = Encoder(
+            cfg, self.remat, self.token_sharding, self.attention, self.attention_block, self.dtype, name="encoder"
+        )
+        x_TxD = encoder(x_TxD, keep_Bx1x1xS)
         hidden = x_TxD.reshape(B, S, cfg.hidden_size)
         if cfg.add_pooling_layer and (output_pooled or self.is_initializing()):
-            pooled = Pooler(cfg, name="pooler")(hidden[:, 0])
+            pooled = Pooler(cfg, self.dtype, name="pooler")(hidden[:, 0])
             if output_pooled:
                 return hidden, pooled
         elif output_pooled:

@@ -1,4 +1,4 @@
-"""Blockwise causal attention, RoPE constants, compute dtype and remat policies of the Llama model.
+"""Blockwise attention (causal or not), RoPE constants, compute dtype and remat policies of the Llama model.
 
 The dense path is the one checked against transformers (test_llama.py); here the library defaults are
 checked against it on random inputs, values and gradients, at tiny shapes with small blocks.
@@ -53,6 +53,32 @@ def test_blockwise_equals_dense_values_and_grads(window):
         np.testing.assert_allclose(got[0], dense[0], rtol=1e-5)
         for g, want in zip(got[1], dense[1]):
             np.testing.assert_allclose(g, want, atol=1e-5)
+
+
+def test_blockwise_bidirectional_equals_dense_values_and_grads():
+    """causal=False: every query block reads all S keys; random padding of the keys, each row sees one at least."""
+    S = 19
+    q, k, v = _qkv(S=S)
+    valid = np.random.default_rng(0).random((2, S)) < 0.6
+    valid[:, 5] = True
+    mask = jnp.asarray(np.broadcast_to(valid[:, None, :], (2, S, S)))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, mask) ** 2)
+
+    dense = jax.jit(jax.value_and_grad(lambda *a: loss(attention.dense_attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    for block in (4, 7, S):
+        fn = lambda q, k, v, m: attention.blockwise_attention(q, k, v, m, block=block, causal=False)  # noqa: E731
+        got = jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))(q, k, v)
+        np.testing.assert_allclose(got[0], dense[0], rtol=1e-5)
+        for g, want in zip(got[1], dense[1]):
+            np.testing.assert_allclose(g, want, atol=1e-5)
+    # blocks are separate ops: no matmul forms a whole [S, S] score matrix
+    jaxpr = jax.make_jaxpr(lambda *a: attention.blockwise_attention(*a, block=4, causal=False))(q, k, v, mask)
+    dots = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2 * 5 and all(shape[-2:] != (S, S) for shape in dots), dots
+    with pytest.raises(ValueError, match="window=5 needs causal=True"):
+        attention.blockwise_attention(q, k, v, mask, window=5, causal=False)
 
 
 def test_blockwise_refuses_cross_attention_and_bad_block():

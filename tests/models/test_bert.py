@@ -363,25 +363,101 @@ def test_old_gamma_beta_layernorm_names_load(tmp_path):
 
 
 def test_remat_same_outputs_and_adapter_gradients():
-    """remat=True (activation checkpointing per encoder layer) changes memory, not maths; the params tree is the same."""
+    """remat=True / "dots_saveable" (activation checkpointing per encoder layer) change memory, not maths; the
+    params tree is the same."""
     import jax
 
     cfg = bert.Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=24, max_position_embeddings=16)
     ids = jnp.array([[2, 7, 9, 3, 4, 8], [2, 5, 3, 0, 0, 0]])
     mask = (ids != 0).astype(jnp.int32)
-    plain, remat = bert.BertModel(cfg), bert.BertModel(cfg, remat=True)
+    plain = bert.BertModel(cfg)
+    remats = [bert.BertModel(cfg, remat=True), bert.BertModel(cfg, remat="dots_saveable")]
     variables = plain.init(jax.random.key(0), ids)
-    assert jax.tree.structure(remat.init(jax.random.key(0), ids)) == jax.tree.structure(variables)
+    assert jax.tree.structure(remats[0].init(jax.random.key(0), ids)) == jax.tree.structure(variables)
     spec = lorajax.Spec("lora", rank=2, targets="all-linear", init_weights=False)
     adapters = lorajax.init(spec, variables, 1)
     probe = jax.random.normal(jax.random.key(2), (2, 6, 16))  # LayerNorm'd outputs: not a sum of squares
     outs = []
-    for model in (plain, remat):
+    for model in (plain, *remats):
         fwd = jax.jit(lorajax.adapt(model.apply, spec, mode="factored"))
         loss, grads = jax.value_and_grad(lambda a: jnp.sum(fwd(variables, a, ids, mask) * probe))(adapters)
         outs.append((loss, grads))
-    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
-        if float(jnp.linalg.norm(b)) > 0:
-            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
+    for loss, grads in outs[1:]:
+        np.testing.assert_allclose(loss, outs[0][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(outs[0][1])):
+            if float(jnp.linalg.norm(b)) > 0:
+                assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
+    with pytest.raises(ValueError, match="remat='dots'"):
+        bert.BertModel(cfg, remat="dots")
+
+
+def _tiny_encoder():
+    """A 2-layer width-32 encoder with moved params and a padded [3, 10] batch."""
+    import jax
+
+    cfg = bert.Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=24, max_position_embeddings=16)
+    ids = jax.random.randint(jax.random.key(1), (3, 10), 1, 50)
+    mask = np.ones((3, 10), np.int32)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    params = bert.BertModel(cfg).init(jax.random.key(0), ids)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return cfg, params, ids, jnp.asarray(mask)
+
+
+def test_blockwise_attention_equals_dense_and_bad_names_raise():
+    """attention="blockwise" with 3-row query blocks (4 blocks at S=10, each reading all keys) == "dense"."""
+    import jax
+
+    cfg, params, ids, mask = _tiny_encoder()
+    out = {}
+    for name, model in (("dense", bert.BertModel(cfg, attention="dense")),
+                        ("blockwise", bert.BertModel(cfg, attention="blockwise", attention_block=3)),
+                        ("auto", bert.BertModel(cfg, attention_block=4))):
+        out[name] = jax.jit(lambda p, ids, m, model=model: model.apply({"params": p}, ids, m, output_pooled=True))(
+            params, ids, mask)
+    for name in ("blockwise", "auto"):
+        for got, want in zip(out[name], out["dense"]):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert float(jnp.abs(out["dense"][0]).max()) > 0.5  # not a trivial comparison
+    with pytest.raises(ValueError, match="attention='flash'"):
+        bert.BertModel(cfg, attention="flash")
+    with pytest.raises(ValueError, match="attention_block must be >= 1"):
+        bert.BertModel(cfg, attention_block=0)
+
+
+def test_bf16_compute_keeps_f32_params_and_adapter_gradients():
+    """dtype=bf16: f32 params and adapters, bf16 hidden / pooled outputs close to the f32 ones, f32 gradients."""
+    import jax
+
+    cfg, params, ids, mask = _tiny_encoder()
+    model16 = bert.BertModel(cfg, dtype=jnp.bfloat16, attention_block=4)
+    variables = model16.init(jax.random.key(0), ids)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    v = {"params": params}
+    spec = lorajax.Spec("lora", rank=2, targets=["query", "value", "intermediate.dense"], init_weights=False)
+    adapters = lorajax.init(spec, v, 1)
+    probe = jax.random.normal(jax.random.key(2), (3, 10, 32))
+    out = {}
+    for name, model in (("f32", bert.BertModel(cfg, attention_block=4)), ("bf16", model16)):
+        fwd = lorajax.adapt(model.apply, spec, mode="factored")
+
+        def loss(a, fwd=fwd):
+            hidden, pooled = fwd(v, a, ids, mask, output_pooled=True)
+            return jnp.sum(hidden.astype(jnp.float32) * probe), (hidden, pooled)
+
+        out[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))(adapters)
+    (_, (h16, p16)), g16 = out["bf16"]
+    (_, (h32, p32)), g32 = out["f32"]
+    assert h16.dtype == p16.dtype == jnp.bfloat16 and h32.dtype == jnp.float32
+    for got, want in ((h16, h32), (p16, p32)):
+        got = got.astype(jnp.float32)
+        assert bool(jnp.isfinite(got).all())
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 5e-2
+    for g, want in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert g.dtype == jnp.float32
+        assert float(jnp.linalg.norm(g - want)) <= 5e-2 * float(jnp.linalg.norm(want)) + 1e-6
