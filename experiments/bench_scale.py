@@ -192,9 +192,13 @@ LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("+ bf16 compute (adapters cast to bf16)", dict(attention="dense", remat="nothing_saveable", dtype="bfloat16")),
     ("+ blockwise causal attention (library default)", dict(remat="nothing_saveable", dtype="bfloat16")),
     ("+ chunked vocabulary cross-entropy (1024 tokens)", dict(remat="nothing_saveable", dtype="bfloat16")),
+    (
+        "+ layers scanned (lax.scan, one layer recomputed per backward iteration)",
+        dict(remat="nothing_saveable", dtype="bfloat16", scan_layers=True),
+    ),
 )
 #: `LEVERS` rows whose loss is `lorajax.train.losses.chunked_cross_entropy` over the hidden states
-CHUNKED_CE = {4}
+CHUNKED_CE = {4, 5}
 
 
 def measure_levers(model_name: str, devices: int, seq: int, layers: int | None, only: list[int]) -> list[dict]:

@@ -137,6 +137,8 @@ class RunConfig:
     attention: str = "auto"  # attention core: auto = blockwise (query blocks skip keys they cannot see) | dense
     remat: str = "none"  # recompute each decoder layer in the backward pass: none | nothing_saveable |
     # dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint_policies: what a layer keeps)
+    scan_layers: bool = False  # run the decoder layers as one lax.scan (with --remat: one layer's activations
+    # recomputed per backward iteration; compiles the layer once); every layer must be adapted alike
     compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16 (f32 master weights/adapters, f32 softmax/norms)
     sample: bool = True  # generate a text sample after training (--no-sample: skip it)
     export: bool = True  # write the PEFT adapter / the fine-tuned model (--no-export: skip it)

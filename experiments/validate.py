@@ -45,6 +45,7 @@ LM_ONLY = {
     "squeeze_steps": 0,
     "attention": "auto",
     "remat": "none",
+    "scan_layers": False,
     "compute_dtype": "float32",
     "sample": True,
     "export": True,

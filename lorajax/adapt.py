@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 import opt_einsum
 from flax import nnx
 
-from lorajax import registry
+from lorajax import layer_scan, registry
 from lorajax.adapters import as_matrix, call_variant, check_finite, merge, target_context
 from lorajax.plan import make_plan, nest
 from lorajax.spec import Spec
@@ -140,9 +141,11 @@ def adapt(
 
             params = nnx_adapt.wrap_kernels(params, variant, table, used, sink)
             hook, layers = nnx_adapt.intercept(), nnx_adapt.LAYERS
+            scans: contextlib.AbstractContextManager = contextlib.nullcontext()
         else:
             hook, layers = nn.intercept_methods(make_interceptor(variant, table, used, sink)), LINEN_LAYERS
-        with hook:
+            scans = layer_scan.providing(_scan_provider(plan, table, used, adapter_aux))
+        with hook, scans:
             out = apply_fn(params, *args, **kwargs)
         check_reached(table, used, "factored mode", layers, " Use mode='merged'.")
         if not adapter_aux:
@@ -185,18 +188,90 @@ def make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
             return next_fun(*args, **kwargs)
         name = ".".join(str(p) for p in module.path)
         entry = table.get(name)
-        if entry is None:
+        if entry is not None:
+            used.add(name)
+            t, adapter, ctx = entry
+            ctx = sowing(ctx, sink, name)
+        elif (entry := _scanned_entry(name)) is not None:  # a layer inside `lorajax.layer_scan.scan`: no sink
+            t, adapter, ctx = entry
+        else:
             return next_fun(*args, **kwargs)
-        used.add(name)
-        t, adapter, ctx = entry
         inputs = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]
             einsum_str = kwargs.get("einsum_str", einsum_str)
-            return _einsum(module, variant, t, adapter, sowing(ctx, sink, name), inputs, einsum_str)
-        return _dense(module, variant, t, adapter, sowing(ctx, sink, name), inputs)
+            return _einsum(module, variant, t, adapter, ctx, inputs, einsum_str)
+        return _dense(module, variant, t, adapter, ctx, inputs)
 
     return interceptor
+
+
+def _scanned_entry(name: str) -> tuple | None:
+    """Inside a `lorajax.layer_scan.scan` iteration: ``(target, adapter, ctx)`` of this iteration's layer at the
+    relative module path ``name``, or None."""
+    here = layer_scan.current()
+    if here is None:
+        return None
+    for resolve, inputs_i in zip(*here):
+        entry = resolve(name, inputs_i)
+        if entry is not None:
+            return entry
+    return None
+
+
+def _scan_provider(plan, table: dict, used: set, aux: bool) -> Callable:
+    """The `lorajax.layer_scan` provider of one factored call: for the layers ``{prefix}.{i}``, each target's own
+    adapter stacked over the layers (``[n, ...]`` leaves; shared state stays whole) and its per-layer PRNG keys.
+    Statistics (``ctx.sow``) are dropped, or refused with ``aux`` (they would have to leave the scan)."""
+
+    def provide(prefix: str, n: int):
+        head = prefix + "."
+        groups: dict[str, dict[int, str]] = {}
+        for name in table:
+            index, _, rel = name[len(head) :].partition(".") if name.startswith(head) else ("", "", "")
+            if index.isdigit() and rel:
+                groups.setdefault(rel, {})[int(index)] = name
+        if not groups:
+            return None
+
+        def refuse(stats: dict) -> None:
+            raise ValueError(
+                f"scanned layers under {prefix!r}: adapter statistics (adapter_aux) are not collected inside a "
+                "scan; run the model with its layers unscanned (e.g. scan_layers=False)"
+            )
+
+        inputs, first = {}, {}
+        for rel, by_layer in groups.items():
+            if sorted(by_layer) != list(range(n)):
+                raise ValueError(
+                    f"scanned layers under {prefix!r}: {rel!r} is adapted in layers {sorted(by_layer)}, not in all "
+                    f"{n}; a scan adapts every layer alike (run the model unscanned, e.g. scan_layers=False)"
+                )
+            entries = [table[by_layer[i]] for i in range(n)]
+            t0, _, ctx0 = entries[0]
+            for t, _, _ in entries[1:]:
+                if (t.shape, t.in_axes, t.rank, t.alpha, t.options) != (
+                    t0.shape, t0.in_axes, t0.rank, t0.alpha, t0.options
+                ):  # fmt: skip
+                    raise ValueError(
+                        f"scanned layers under {prefix!r}: {t.name} (shape {t.shape}, rank {t.rank}, alpha "
+                        f"{t.alpha}) is adapted unlike {t0.name} (shape {t0.shape}, rank {t0.rank}, alpha "
+                        f"{t0.alpha}); a scan needs every layer alike (run the model unscanned)"
+                    )
+            own = layer_scan.stack([plan.adapters[t.keys] for t, _, _ in entries])
+            keys = None if ctx0.rng is None else jnp.stack([ctx.rng for _, _, ctx in entries])
+            inputs[rel], first[rel] = (own, keys), (t0, ctx0)
+            used.update(by_layer.values())
+
+        def resolve(rel: str, inputs_i: dict):
+            if rel not in first:
+                return None
+            (own_i, key_i), (t0, ctx0) = inputs_i[rel], first[rel]
+            return t0, {**own_i, **plan.shared}, dataclasses.replace(ctx0, rng=key_i, sink=refuse if aux else None)
+
+        return inputs, resolve
+
+    return provide
 
 
 def sowing(ctx: Context, sink: dict, name: str) -> Context:

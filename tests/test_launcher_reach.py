@@ -126,14 +126,15 @@ def test_galore_trains_every_weight_from_scratch(lm_task, tmp_path):
 
 
 def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_path):
-    """bf16 compute + remat + the dense attention path: the same training in ~bf16 precision (f32 reference)."""
+    """bf16 compute + remat + scanned layers + the dense attention path: the same training in ~bf16 precision
+    (f32 reference)."""
     common = [*TINY, "--model", str(base_run[0] / "base"), "--spec.rank", "2", "--no-export"]
     ref = run.main([*common, "--out-dir", str(tmp_path / "f32")])
     res = run.main([*common, "--compute-dtype", "bfloat16", "--remat", "nothing_saveable", "--attention", "dense",
-                    "--out-dir", str(tmp_path / "bf16")])
+                    "--scan-layers", "--out-dir", str(tmp_path / "bf16")])
     assert res["test_loss"] == pytest.approx(ref["test_loss"], rel=0.02)
     cfg = json.loads((tmp_path / "bf16" / "run_config.json").read_text())
-    assert (cfg["compute_dtype"], cfg["attention"]) == ("bfloat16", "dense")
+    assert (cfg["compute_dtype"], cfg["attention"], cfg["scan_layers"]) == ("bfloat16", "dense", True)
 
 
 @pytest.fixture

@@ -502,6 +502,7 @@ def run(cfg: RunConfig) -> dict:
     model = model.clone(
         attention=cfg.attention,
         remat=cfg.remat,
+        scan_layers=cfg.scan_layers,
         dtype=None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype),
     )
     seq = cfg.max_length

@@ -94,6 +94,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax import layer_scan
 from lorajax.models.attention import IMPLEMENTATIONS, blockwise_attention, dense_attention
 
 __all__ = [
@@ -611,9 +612,12 @@ class Layers(nn.Module):
     attention: str = "auto"
     attention_block: int | None = None
     dtype: Any = None
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x_TxD, cos, sin, masks: dict, cache=None, cache_index=None):
+        if self.scan and cache is None and not self.is_initializing():
+            return self._scanned(x_TxD, cos, sin, masks), None
         new_cache = []
         policy = remat_policy(self.remat)
         layer_cls = DecoderLayer if policy is False else nn.remat(DecoderLayer, policy=policy)
@@ -634,6 +638,33 @@ class Layers(nn.Module):
             new_cache.append(c)
         return x_TxD, (None if cache is None else tuple(new_cache))
 
+    def _scanned(self, x_TxD, cos, sin, masks: dict) -> jax.Array:
+        """The layers as one `lorajax.layer_scan.scan` over their stacked parameters (no cache)."""
+        cfg = self.cfg
+        windows = {cfg.window(i) for i in range(cfg.num_hidden_layers)}
+        if len(windows) > 1:
+            raise ValueError(
+                "scan_layers needs every layer alike, but this config mixes attention windows "
+                f"{sorted(windows, key=str)} (sliding window on some layers); use scan_layers=False"
+            )
+        window = windows.pop()
+        layer = DecoderLayer(
+            cfg, self.param_dtype, self.dtype, self.attention, self.attention_block, window, parent=None
+        )
+        params = self.variables["params"]
+
+        def apply_layer(p, x):
+            return layer.apply({"params": p}, x, cos, sin, masks[window])[0]
+
+        return layer_scan.scan(
+            apply_layer,
+            [params[str(i)] for i in range(cfg.num_hidden_layers)],
+            x_TxD,
+            prefix=".".join(str(p) for p in self.path),
+            policy=remat_policy(self.remat),
+            between=lambda h: _constrain(h, self.token_sharding),
+        )
+
 
 class LlamaModel(nn.Module):
     """HF's ``LlamaModel``: ``embed_tokens``, ``layers``, ``norm``. Returns hidden states ``[B·S, D]``."""
@@ -645,6 +676,7 @@ class LlamaModel(nn.Module):
     attention: str = "auto"
     attention_block: int | None = None
     dtype: Any = None
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -656,7 +688,14 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(0.02),
         )
         self.layers = Layers(
-            cfg, self.param_dtype, self.remat, self.token_sharding, self.attention, self.attention_block, self.dtype
+            cfg,
+            self.param_dtype,
+            self.remat,
+            self.token_sharding,
+            self.attention,
+            self.attention_block,
+            self.dtype,
+            self.scan_layers,
         )
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype, self.dtype)
 
@@ -735,6 +774,12 @@ class LlamaForCausalLM(nn.Module):
     #: their own dtype (f32 master weights and adapters are cast inside the step, gradients flow back in f32).
     #: Norm statistics and the softmax stay float32. None: compute in the parameters' dtype.
     dtype: Any = None
+    #: run the decoder layers (without a cache) as one ``jax.lax.scan`` over their stacked parameters
+    #: (`lorajax.layer_scan`): with ``remat`` each layer is recomputed inside its own backward iteration, so
+    #: activation memory stays one layer deep, and the layer compiles once. The parameter tree is unchanged
+    #: (``layers.0``, ``layers.1``, ...); the step holds one stacked copy of the layer weights (of the shards
+    #: under FSDP). Decoding with a cache runs the layers unscanned.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:
@@ -758,6 +803,7 @@ class LlamaForCausalLM(nn.Module):
             self.attention,
             self.attention_block,
             self.dtype,
+            self.scan_layers,
             name="model",
         )
         h_TxD, new_cache = model(input_ids, attention_mask, position_ids, cache, cache_index)
