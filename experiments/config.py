@@ -124,6 +124,12 @@ class RunConfig:
     # (another config in out_dir is always refused: see run_config.json and experiments/run_identity.py)
     overwrite: bool = False  # start afresh: a previous run's files in out_dir are moved to <out_dir>.replaced-<time>/
     debug: bool = False  # errors with their full traceback (user errors otherwise print one line)
+    # ---- the model's compute (both tasks: the Llama decoder and the BERT encoder)
+    attention: str = "auto"  # attention core: auto = blockwise (query blocks; a decoder's skip keys they cannot
+    # see) | dense (the whole score matrix)
+    remat: str = "none"  # recompute each layer in the backward pass: none | nothing_saveable |
+    # dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint_policies: what a layer keeps)
+    compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16 (f32 master weights/adapters, f32 softmax/norms)
     # ---- lm task only (refused with --task genre)
     init: str = "default"  # adapter init: default (the variant's own) | pissa | olora | lora_ga (--spec.variant
     # lora; they shift the base: training and evaluation run on the residual base) | lora_sb (lora_xs)
@@ -134,11 +140,7 @@ class RunConfig:
     # (dylora, or any variant lorajax.truncate supports); results.json "rank_eval"
     squeeze_to: int = 0  # after training, lorajax.squeeze the adapters to this rank (0 = off); "squeezed"
     squeeze_steps: int = 0  # then train this many more steps at that rank (fresh optimiser state and schedule)
-    attention: str = "auto"  # attention core: auto = blockwise (query blocks skip keys they cannot see) | dense
-    remat: str = "none"  # recompute each decoder layer in the backward pass: none | nothing_saveable |
-    # dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint_policies: what a layer keeps)
     scan_layers: bool = False  # run the decoder layers as one lax.scan (with --remat: one layer's activations
     # recomputed per backward iteration; compiles the layer once); every layer must be adapted alike
-    compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16 (f32 master weights/adapters, f32 softmax/norms)
     sample: bool = True  # generate a text sample after training (--no-sample: skip it)
     export: bool = True  # write the PEFT adapter / the fine-tuned model (--no-export: skip it)

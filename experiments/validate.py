@@ -43,16 +43,13 @@ LM_ONLY = {
     "eval_ranks": (),
     "squeeze_to": 0,
     "squeeze_steps": 0,
-    "attention": "auto",
-    "remat": "none",
     "scan_layers": False,
-    "compute_dtype": "float32",
     "sample": True,
     "export": True,
 }
-#: ``--compute-dtype`` values (lm task)
+#: ``--compute-dtype`` values
 COMPUTE_DTYPES = ("float32", "bfloat16")
-#: ``--remat`` values (lm task): none, or a `lorajax.models.llama.REMAT_POLICIES` name
+#: ``--remat`` values: none, or a `lorajax.models.llama.REMAT_POLICIES` name
 REMAT = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 #: ``--init``: the adapters' initialiser (lm task) -> the variant it needs
 INITS = {"default": None, "pissa": "lora", "olora": "lora", "lora_ga": "lora", "lora_sb": "lora_xs"}
@@ -203,9 +200,6 @@ def _check_lm(cfg: RunConfig) -> None:
 
     variant = cfg.spec.variant
     _one_of(cfg, "init", tuple(INITS))
-    _one_of(cfg, "attention", ("auto", "blockwise", "dense"))
-    _one_of(cfg, "remat", REMAT)
-    _one_of(cfg, "compute_dtype", COMPUTE_DTYPES)
     _at_least(cfg, "init_batches", 1, " (batches of gradient estimation)")
     if cfg.max_val is not None:
         _at_least(cfg, "max_val", 1, " (leave it out for every validation window)")
@@ -301,6 +295,13 @@ def _check_run_options(cfg: RunConfig) -> None:
             raise ConfigError(f"--mesh must be 'axis=size,...' (e.g. data=2,fsdp=4; one size may be -1): {e}") from None
 
 
+def _check_model_options(cfg: RunConfig) -> None:
+    """The model's attention core, remat policy and compute dtype (both tasks' models take them)."""
+    _one_of(cfg, "attention", ("auto", "blockwise", "dense"))
+    _one_of(cfg, "remat", REMAT)
+    _one_of(cfg, "compute_dtype", COMPUTE_DTYPES)
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every field of ``cfg`` that can be checked without loading anything.
 
@@ -314,6 +315,7 @@ def validate(cfg: RunConfig) -> None:
     _check_optim(cfg)
     _check_run_options(cfg)
     _check_paths(cfg)
+    _check_model_options(cfg)
     if cfg.task == "genre":
         _check_model(cfg)
     else:

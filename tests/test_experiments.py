@@ -24,9 +24,12 @@ def test_genre_tiny(tmp_path):
     out = tmp_path / "genre"
     args = ["--config", "experiments/configs/genre_minilm.py", "--data", str(ARCHIVE), "--steps", "4",
             "--batch-size", "4", "--max-length", "16", "--max-train", "16", "--max-test", "8",
-            "--eval-every", "4", "--ckpt-every", "2", "--out-dir", str(out), "--no-progress"]
+            "--eval-every", "4", "--ckpt-every", "2", "--out-dir", str(out), "--no-progress",
+            "--compute-dtype", "bfloat16", "--remat", "dots_saveable", "--attention", "blockwise"]
     res = run.main(args)
     assert 0.0 <= res["baseline_test_acc"] <= 1.0 and 0.0 <= res["test_acc"] <= 1.0
+    cfg = json.loads((out / "run_config.json").read_text())  # the BERT encoder's compute options reach it
+    assert (cfg["compute_dtype"], cfg["remat"], cfg["attention"]) == ("bfloat16", "dots_saveable", "blockwise")
     for name in ("results.md", "loss.png", "head.safetensors", "peft_adapter/adapter_config.json",
                  "peft_adapter/adapter_model.safetensors", "lora/metrics.jsonl"):
         assert (out / name).exists(), name

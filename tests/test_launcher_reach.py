@@ -182,7 +182,7 @@ def test_lm_model_folder_must_be_llama_family(tmp_path, capsys, no_task):
 
 
 @pytest.mark.parametrize("flags", [["--init", "pissa"], ["--eval-ranks", "2"], ["--squeeze-to", "2"],
-                                   ["--no-sample"], ["--max-val", "3"], ["--compute-dtype", "bfloat16"]])
+                                   ["--no-sample"], ["--max-val", "3"], ["--scan-layers"]])
 def test_lm_flags_with_genre_are_refused(tmp_path, capsys, no_task, flags):
     line = _error(capsys, ["--task", "genre", "--out-dir", str(tmp_path / "o"), *flags])
     assert "is supported with --task lm" in line and flags[0] in line

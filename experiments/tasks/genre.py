@@ -262,6 +262,11 @@ class Body(NamedTuple):
 def load_encoder(cfg: RunConfig) -> Encoder:
     path = model_path(cfg.model)
     model, params = lorajax.models.from_pretrained(path)
+    model = model.clone(
+        attention=cfg.attention,
+        remat=False if cfg.remat == "none" else cfg.remat,
+        dtype=None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype),
+    )
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     if mesh is not None:
         model = model.clone(token_sharding=sharding.token_sharding(mesh))  # FSDP gathers weights, not tokens
