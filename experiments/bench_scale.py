@@ -98,16 +98,32 @@ def _abstract_setup(model_name: str, devices: int, seq: int, layers: int | None)
     return cfg_kw, cfg, model, tokens, params, place, ce
 
 
-def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list[dict]:
+#: ``scale.md``'s configurations: row suffix -> (LlamaForCausalLM kwargs, chunked cross-entropy); "levers" is
+#: the library's memory recipe (`LEVERS`' last row): remat, bf16 compute, blockwise attention (the default),
+#: scanned layers and the chunked vocabulary cross-entropy
+RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
+    "plain": ({}, False),
+    "remat": ({"remat": True}, False),
+    "levers": ({"remat": "nothing_saveable", "dtype": "bfloat16", "scan_layers": True}, True),
+}
+_SUFFIX = {"plain": "", "remat": " + remat", "levers": " + remat, bf16, scan, chunked CE"}
+
+
+def measure(model_name: str, devices: int, seq: int, layers: int | None, recipes=tuple(RECIPES)) -> list[dict]:
     """In a process with ``devices`` fake CPU devices: compile LoRA and full steps, return memory rows."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import lorajax
+    from lorajax.models import llama
 
     cfg_kw, cfg, plain, tokens, params, place, ce = _abstract_setup(model_name, devices, seq, layers)
-    remat = plain.clone(remat=True)
+
+    def chunked_ce(h_BxSxD, p, batch):
+        h_TxD = h_BxSxD.reshape(-1, cfg.hidden_size)
+        w = llama.output_kernel(cfg, p)
+        return lorajax.train.losses.chunked_cross_entropy(h_TxD, w, batch[:, 1:].reshape(-1), chunk=1024)
 
     rows = []
     p_sds = place(params)
@@ -122,10 +138,15 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
     opt_full = place(jax.eval_shape(tx.init, params), like=params)
     n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
 
-    for m, tag in ((plain, ""), (remat, " + remat")):
+    for recipe in recipes:
+        kw, chunked = RECIPES[recipe]
+        m = plain.clone(**{k: (jnp.dtype(v) if k == "dtype" else v) for k, v in kw.items()})
+        tag = _SUFFIX[recipe]
         fwd = lorajax.adapt(m.apply, spec, mode="factored")
 
-        def lora_loss(p, a, batch, fwd=fwd):
+        def lora_loss(p, a, batch, fwd=fwd, chunked=chunked):
+            if chunked:
+                return chunked_ce(fwd({"params": p}, a, batch[:, :-1], return_hidden=True), p, batch)
             return ce(fwd({"params": p}, a, batch[:, :-1]), batch)
 
         step = lorajax.train.make_lora_step(lora_loss, tx, jit=False)
@@ -153,7 +174,9 @@ def measure(model_name: str, devices: int, seq: int, layers: int | None) -> list
             )
         )
 
-        def full_loss(_, p, batch, m=m):
+        def full_loss(_, p, batch, m=m, chunked=chunked):
+            if chunked:
+                return chunked_ce(m.apply({"params": p}, batch[:, :-1], return_hidden=True), p, batch)
             return ce(m.apply({"params": p}, batch[:, :-1]), batch)
 
         full_step = lorajax.train.make_lora_step(full_loss, tx, jit=False)
@@ -296,6 +319,13 @@ def main() -> None:
         "writes --levers-out",
     )
     ap.add_argument("--levers-out", default="experiments/results/scale_levers.md")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(RECIPES),
+        default=list(RECIPES),
+        help="scale.md configurations to compile (rows of other configurations are kept from scale.json)",
+    )
     ap.add_argument("--out", default="experiments/results/scale.md")
     args = ap.parse_args()
     if args.levers is not None and not args.levers:
@@ -304,12 +334,13 @@ def main() -> None:
         if args.levers is not None:
             rows = measure_levers(args.worker[0], int(args.worker[1]), args.seq, args.layers, args.levers)
         else:
-            rows = measure(args.worker[0], int(args.worker[1]), args.seq, args.layers)
+            rows = measure(args.worker[0], int(args.worker[1]), args.seq, args.layers, args.recipes)
         print("ROWS " + json.dumps(rows))
         return
     if args.levers is not None:
         return run_levers(args)
-    rows = []
+    store = Path(args.out).with_suffix(".json")  # rows of earlier runs, merged by (model, devices, method)
+    rows = [] if args.extrapolate or not store.is_file() else json.loads(store.read_text())
     depths = list(args.layers_fit) if args.extrapolate else [None]
     for name in args.models:
         for n in args.devices:
@@ -329,6 +360,8 @@ def main() -> None:
                     str(n),
                     "--seq",
                     str(args.seq),
+                    "--recipes",
+                    *args.recipes,
                 ] + (["--layers", str(depth)] if depth else [])
                 print("compiling", name, "on", n, "devices,", depth or "all", "layers ...", flush=True)
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -337,7 +370,13 @@ def main() -> None:
                     break
                 runs.append(json.loads(proc.stdout.split("ROWS ", 1)[1]))
             else:
-                rows += runs[0] if len(runs) == 1 else extrapolate(runs, MODELS[name]["num_hidden_layers"])
+                new = runs[0] if len(runs) == 1 else extrapolate(runs, MODELS[name]["num_hidden_layers"])
+                keys = {(r["model"], r["devices"], r["method"]) for r in new}
+                rows = [r for r in rows if (r["model"], r["devices"], r["method"]) not in keys] + new
+                order = [f"{kind}{_SUFFIX[r]}" for r in RECIPES for kind in ("LoRA r=16", "full FT")]
+                rows.sort(key=lambda r: (r["model"], r["devices"], order.index(r["method"])))
+                if not args.extrapolate:
+                    store.write_text(json.dumps(rows, indent=1))
                 write(rows, Path(args.out), args)  # after every mesh: a stopped run keeps what it measured
 
 
@@ -454,6 +493,9 @@ def write(rows: list[dict], out: Path, args) -> None:
             for r in rows
         ],
     )
+    marker = "\nNotes (by hand"  # notes written after a run are kept across re-runs
+    old = out.read_text() if out.is_file() else ""
+    notes = old[old.index(marker) :] if marker in old else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Sharded train steps of Llama-3 8B / 70B, AOT-compiled on fake CPU meshes\n\n"
@@ -463,14 +505,17 @@ def write(rows: list[dict], out: Path, args) -> None:
         "memory-minimising scheduler, `SCHEDULER_FLAG`). "
         f"Mesh `fsdp=N`, one {args.seq}-token sequence per device, bf16 weights, LoRA r={RANK} on q,k,v,o,gate,up,down "
         "(f32 factors, f32 Adam) vs full fine-tuning (Adam, bf16 moments); '+ remat' rows recompute each "
-        "decoder layer in the backward pass. Hidden states are pinned to the batch axes at every layer boundary "
-        "(`token_sharding`): without that, XLA's propagation gathered the activations instead of the FSDP weights "
+        "decoder layer in the backward pass; '+ remat, bf16, scan, chunked CE' rows add the library's other "
+        "memory levers (`RECIPES`; one at a time in `scale_levers.md`): bf16 compute, blockwise attention, the "
+        "layers as one `lax.scan` (`scan_layers`) and the chunked vocabulary cross-entropy. Hidden states are "
+        "pinned to the batch axes at every layer boundary (`token_sharding`): without that, XLA's propagation "
+        "gathered the activations instead of the FSDP weights "
         "and the per-device memory grew with the device count (8B LoRA: 95 GiB on 8 devices, 203 GiB on 64).\n\n"
         "measured = arguments + outputs − donated aliases + temporaries from `compiled.memory_analysis()` "
         "(XLA CPU buffer assignment; a TPU/GPU compile differs in layout and fusion). formula = weights/N + "
         "trainable state/N + activations (2 x (34·d + 5·heads·seq) bytes per token per layer, f32 compute, + f32 "
         "logits), an estimate.\n\n"
-        f"{table}\n\nNo GPU or TPU was available to this task: no step times are reported.\n"
+        f"{table}\n\nNo GPU or TPU was available to this task: no step times are reported.\n{notes}"
     )
     print(table, flush=True)
 
