@@ -140,6 +140,8 @@ class RunConfig:
     # (dylora, or any variant lorajax.truncate supports); results.json "rank_eval"
     squeeze_to: int = 0  # after training, lorajax.squeeze the adapters to this rank (0 = off); "squeezed"
     squeeze_steps: int = 0  # then train this many more steps at that rank (fresh optimiser state and schedule)
+    ce_chunk: int = 0  # training loss: cross-entropy over the output head `ce_chunk` tokens at a time, logits
+    # recomputed in the backward pass (never the whole [tokens, vocab] f32 logits; 0 = whole logits)
     scan_layers: bool = False  # run the decoder layers as one lax.scan (with --remat: one layer's activations
     # recomputed per backward iteration; compiles the layer once); every layer must be adapted alike
     sample: bool = True  # generate a text sample after training (--no-sample: skip it)

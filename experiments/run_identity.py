@@ -38,7 +38,8 @@ FILE = "run_config.json"
 #: fields that do not change a run's results: output place and display, checkpoint cadence (a resume is
 #: bitwise equal whatever the period), evaluation cadence (an evaluation runs at the end anyway), the device
 #: mesh (the same numbers up to float reassociation; a preempted job may come back on another slice), the
-#: remat policy and the scanned layers (recomputation and loop form: the same numbers up to float
+#: remat policy, the scanned layers and the chunked loss (recomputation, loop form and summation order: the
+#: same numbers up to float
 #: reassociation; a resumed job may need them for memory), and
 #: the launcher's own policies
 NOT_IDENTITY = frozenset(
@@ -55,6 +56,7 @@ NOT_IDENTITY = frozenset(
         "distributed",
         "remat",
         "scan_layers",
+        "ce_chunk",
     }
 )
 #: entries of ``out_dir`` that only a run writes (a pre-trained ``base/`` alone may be supplied by hand)

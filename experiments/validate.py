@@ -44,6 +44,7 @@ LM_ONLY = {
     "squeeze_to": 0,
     "squeeze_steps": 0,
     "scan_layers": False,
+    "ce_chunk": 0,
     "sample": True,
     "export": True,
 }
@@ -200,6 +201,7 @@ def _check_lm(cfg: RunConfig) -> None:
 
     variant = cfg.spec.variant
     _one_of(cfg, "init", tuple(INITS))
+    _at_least(cfg, "ce_chunk", 0, " (tokens per cross-entropy chunk; 0 = whole logits)")
     _at_least(cfg, "init_batches", 1, " (batches of gradient estimation)")
     if cfg.max_val is not None:
         _at_least(cfg, "max_val", 1, " (leave it out for every validation window)")

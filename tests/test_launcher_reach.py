@@ -125,16 +125,20 @@ def test_galore_trains_every_weight_from_scratch(lm_task, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file() and not (tmp_path / "base").exists()
 
 
-def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_path):
+def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_path, capsys):
     """bf16 compute + remat + scanned layers + the dense attention path: the same training in ~bf16 precision
     (f32 reference)."""
     common = [*TINY, "--model", str(base_run[0] / "base"), "--spec.rank", "2", "--no-export"]
     ref = run.main([*common, "--out-dir", str(tmp_path / "f32")])
     res = run.main([*common, "--compute-dtype", "bfloat16", "--remat", "nothing_saveable", "--attention", "dense",
-                    "--scan-layers", "--out-dir", str(tmp_path / "bf16")])
+                    "--scan-layers", "--ce-chunk", "24", "--out-dir", str(tmp_path / "bf16")])
     assert res["test_loss"] == pytest.approx(ref["test_loss"], rel=0.02)
     cfg = json.loads((tmp_path / "bf16" / "run_config.json").read_text())
-    assert (cfg["compute_dtype"], cfg["attention"], cfg["scan_layers"]) == ("bfloat16", "dense", True)
+    assert (cfg["compute_dtype"], cfg["attention"], cfg["scan_layers"], cfg["ce_chunk"]) == (
+        "bfloat16", "dense", True, 24)
+    with pytest.raises(SystemExit) as e:  # the chunked loss reads the base head: one line, exit code 2
+        run.main([*common, "--spec.targets", "lm_head", "--ce-chunk", "8", "--out-dir", str(tmp_path / "head")])
+    assert e.value.code == 2 and "adapted lm_head" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -167,8 +171,9 @@ def _error(capsys, argv) -> str:
     (["--attention", "flash"], "--attention"),
     (["--remat", "everything"], "--remat"),
     (["--compute-dtype", "float16"], "--compute-dtype"),
+    (["--ce-chunk", "-1"], "--ce-chunk"),
 ], ids=["option-name", "option-pair", "option-value", "init", "init-variant", "eval-variant", "eval-rank",
-        "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype"])
+        "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype", "ce-chunk"])
 def test_bad_lm_flags_are_refused_before_loading(tmp_path, capsys, no_task, flags, needle):
     assert needle in _error(capsys, ["--task", "lm", "--out-dir", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()

@@ -64,6 +64,7 @@ from experiments.report import (
     step_time_ms,
     write_results,
 )
+from experiments.validate import ConfigError
 from lorajax import atomic, sharding
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
@@ -95,6 +96,14 @@ def lm_loss(logits_BxSxV, tokens_BxS1):
     """Mean next-token cross-entropy, in float32 whatever the logits' dtype (``--compute-dtype bfloat16``)."""
     logits = logits_BxSxV.astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxS1[:, 1:]).mean()
+
+
+def chunked_lm_loss(llama_cfg: llama.Config, params: dict, h_BxSxD, tokens_BxS1, chunk: int):
+    """`lm_loss` from the final hidden states ``h [B, S, D]`` without the whole logits: the output head and the
+    float32 cross-entropy `chunk` tokens at a time (`lorajax.train.losses.chunked_cross_entropy`)."""
+    h_TxD = h_BxSxD.reshape(-1, h_BxSxD.shape[-1])
+    w_DxV = llama.output_kernel(llama_cfg, params)
+    return lorajax.train.losses.chunked_cross_entropy(h_TxD, w_DxV, tokens_BxS1[:, 1:].reshape(-1), chunk=chunk)
 
 
 def window_losses(logits_BxSxV, tokens_BxS1):
@@ -410,12 +419,19 @@ def train_adapters(
     trainable, frozen = lorajax.partition(spec, adapters)
     fwd_aux = lorajax.adapt(model.apply, spec, mode="factored", aux=True)  # also gives routing statistics
     step_key = jax.random.key(cfg.seed + 5)
+    if cfg.ce_chunk and any(keys[-2:-1] == ("lm_head",) for keys in adapter_paths(adapters)):
+        raise ConfigError("--ce-chunk reads the output head's base weight; it cannot train an adapted lm_head")
 
     def train_loss(v, a, batch):  # aux: routing statistics (FlyLoRA, SMoRA) for refresh_state, else {}
         rng = jax.random.fold_in(step_key, batch["step"])
         tokens = batch["tokens"]
-        logits, aux = fwd_aux(v, a, tokens[:, :-1], adapter_rng=rng, adapter_train=True)
-        return lm_loss(logits, tokens) + extra_loss(cfg, a), aux
+        if cfg.ce_chunk:  # final hidden states, then the head and the loss chunk by chunk
+            h, aux = fwd_aux(v, a, tokens[:, :-1], adapter_rng=rng, adapter_train=True, return_hidden=True)
+            loss = chunked_lm_loss(model.cfg, v["params"], h, tokens, cfg.ce_chunk)
+        else:
+            logits, aux = fwd_aux(v, a, tokens[:, :-1], adapter_rng=rng, adapter_train=True)
+            loss = lm_loss(logits, tokens)
+        return loss + extra_loss(cfg, a), aux
 
     tx = make_tx(cfg, cfg.optim.lr, spec=spec)
     state, hist = lorajax.train.fit(
