@@ -374,7 +374,7 @@ def main() -> None:
                 keys = {(r["model"], r["devices"], r["method"]) for r in new}
                 rows = [r for r in rows if (r["model"], r["devices"], r["method"]) not in keys] + new
                 order = [f"{kind}{_SUFFIX[r]}" for r in RECIPES for kind in ("LoRA r=16", "full FT")]
-                rows.sort(key=lambda r: (r["model"], r["devices"], order.index(r["method"])))
+                rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["devices"], order.index(r["method"])))
                 if not args.extrapolate:
                     store.write_text(json.dumps(rows, indent=1))
                 write(rows, Path(args.out), args)  # after every mesh: a stopped run keeps what it measured
@@ -382,7 +382,6 @@ def main() -> None:
 
 def run_levers(args) -> None:
     """Each (model, devices, lever) compiled in its own subprocess (a compile's memory is freed with it)."""
-    from experiments.report import markdown_table
 
     out = Path(args.levers_out)
     store = out.with_suffix(".json")  # rows of earlier runs, merged by (model, layers, devices, lever)
@@ -406,36 +405,45 @@ def run_levers(args) -> None:
                 for new in json.loads(proc.stdout.split("ROWS ", 1)[1]):
                     key = (new["model"], new["layers"], new["devices"], new["method"])
                     rows = [r for r in rows if (r["model"], r["layers"], r["devices"], r["method"]) != key] + [new]
-                order = [label for label, _ in LEVERS]
-                rows.sort(key=lambda r: (r["model"], r["devices"], order.index(r["method"])))
-                store.parent.mkdir(parents=True, exist_ok=True)
-                store.write_text(json.dumps(rows, indent=1))
-                table = markdown_table(
-                    ["model", "layers", "devices", "LoRA r=16 step", "measured GiB/device", "of which temp",
-                     "fits 16 GiB", "fits 40 GiB", "compile s"],
-                    [
-                        [r["model"], str(r["layers"]), str(r["devices"]), r["method"], f"{r['measured_gib']:.2f}",
-                         f"{r['temp_gib']:.2f}", "yes" if r["measured_gib"] <= 16 else "no",
-                         "yes" if r["measured_gib"] <= 40 else "no", f"{r['compile_s']:.0f}"]
-                        for r in rows
-                    ],
-                )  # fmt: skip
-                marker = "\nNotes (by hand"  # notes written after a run are kept across re-runs
-                old = out.read_text() if out.is_file() else ""
-                notes = old[old.index(marker) :] if marker in old else ""
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(
-                    "# Memory levers of the sharded LoRA step (Llama-3 8B / 70B, AOT on fake CPU meshes)\n\n"
-                    f"Command: `python -m experiments.bench_scale --levers --models {' '.join(args.models)} "
-                    f"--devices {' '.join(map(str, args.devices))} --seq {args.seq}`. Same protocol as `scale.md` "
-                    "(bf16 weights, LoRA r=16 on the seven projections with f32 factors and f32 Adam, one "
-                    f"{args.seq}-token sequence per device, mesh `fsdp=N`, `token_sharding`, XLA:CPU's "
-                    "memory-minimising scheduler, the real depth); each row adds one lever to the row above it "
-                    "(`LEVERS` in experiments/bench_scale.py). measured = arguments + outputs − donated aliases + "
-                    "temporaries of `compiled.memory_analysis()` (CPU buffer assignment; a TPU/GPU compile "
-                    f"differs).\n\n{table}\n{notes}"
-                )
-                print(table, flush=True)
+                write_levers(rows, out, args.seq)
+
+
+def write_levers(rows: list[dict], out: Path, seq: int) -> None:
+    """``out`` (``scale_levers.md``) and its ``.json`` from ``rows``; hand notes after the table are kept."""
+    from experiments.report import markdown_table
+
+    store = out.with_suffix(".json")
+    order = [label for label, _ in LEVERS]
+    rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["devices"], order.index(r["method"])))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(rows, indent=1))
+    table = markdown_table(
+        ["model", "layers", "devices", "LoRA r=16 step", "measured GiB/device", "of which temp",
+         "fits 16 GiB", "fits 40 GiB", "compile s"],
+        [
+            [r["model"], str(r["layers"]), str(r["devices"]), r["method"], f"{r['measured_gib']:.2f}",
+             f"{r['temp_gib']:.2f}", "yes" if r["measured_gib"] <= 16 else "no",
+             "yes" if r["measured_gib"] <= 40 else "no", f"{r['compile_s']:.0f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    marker = "\nNotes (by hand"  # notes written after a run are kept across re-runs
+    old = out.read_text() if out.is_file() else ""
+    notes = old[old.index(marker) :] if marker in old else ""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "# Memory levers of the sharded LoRA step (Llama-3 8B / 70B, AOT on fake CPU meshes)\n\n"
+        "Command: `python -m experiments.bench_scale --levers [INDEX ...] --models MODEL --devices N "
+        f"--seq {seq}` (each run adds or replaces its rows; the others are kept from "
+        "`scale_levers.json`). Same protocol as `scale.md` "
+        "(bf16 weights, LoRA r=16 on the seven projections with f32 factors and f32 Adam, one "
+        f"{seq}-token sequence per device, mesh `fsdp=N`, `token_sharding`, XLA:CPU's "
+        "memory-minimising scheduler, the real depth); each row adds one lever to the row above it "
+        "(`LEVERS` in experiments/bench_scale.py). measured = arguments + outputs − donated aliases + "
+        "temporaries of `compiled.memory_analysis()` (CPU buffer assignment; a TPU/GPU compile "
+        f"differs).\n\n{table}\n{notes}"
+    )
+    print(table, flush=True)
 
 
 def extrapolate(runs: list[list[dict]], depth: int) -> list[dict]:
