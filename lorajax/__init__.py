@@ -1,6 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import es, inits, lragent, models, optim, peft, train
+from lorajax import es, inits, lragent, models, optim, peft, train, xlora
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -46,6 +46,7 @@ __all__ = [
     "optim",
     "peft",
     "train",
+    "xlora",
 ]
 
 __version__ = "0.1.0"
