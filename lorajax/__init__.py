@@ -1,6 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import es, inits, lragent, models, optim, peft, train, xlora
+from lorajax import es, inits, loram, lragent, models, o3, optim, peft, train, xlora
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -41,8 +41,10 @@ __all__ = [
     "update_state",
     "es",
     "inits",
+    "loram",
     "lragent",
     "models",
+    "o3",
     "optim",
     "peft",
     "train",
