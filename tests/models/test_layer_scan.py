@@ -82,6 +82,24 @@ def test_scan_compiles_one_layer(setup):
     assert scanned.count("dot_general") < unrolled.count("dot_general") / 2
 
 
+def test_scanned_lora_step_forms_no_weight_gradient(setup):
+    """The scanned, rematerialised LoRA step differentiates the adapters only: no dot of a kernel's shape that
+    contracts over the tokens in the compiled HLO (the conformance suite's check, `lorajax.hlo`)."""
+    from lorajax import hlo
+
+    params, ids = setup
+    spec = lorajax.Spec("lora", rank=4, targets="all-linear")
+    adapters = lorajax.init(spec, params, jax.random.key(2))
+    fwd = lorajax.adapt(llama.LlamaForCausalLM(CFG, scan_layers=True, remat=True).apply, spec)
+
+    def loss(a):
+        return jnp.mean(fwd({"params": params}, a, ids) ** 2)
+
+    text = jax.jit(jax.grad(loss)).lower(adapters).compile().as_text()
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(params["model"]["layers"]) if x.ndim == 2]
+    assert hlo.count_weight_gradients(text, shapes, ids.size)[0] == 0
+
+
 def test_scan_refuses_unlike_layers_and_statistics(setup):
     params, ids = setup
     model = llama.LlamaForCausalLM(CFG, scan_layers=True)
