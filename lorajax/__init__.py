@@ -1,6 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import es, inits, loram, lragent, models, o3, optim, peft, train, xlora
+from lorajax import es, inits, loram, loraprune, lragent, models, o3, optim, peft, train, xlora
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -42,6 +42,7 @@ __all__ = [
     "es",
     "inits",
     "loram",
+    "loraprune",
     "lragent",
     "models",
     "o3",

@@ -50,6 +50,10 @@ trained values stay at the kept indices. So with ``ΔW = s·A·B [in, out]``::
     ΔW_full[pruned_in, :]  == 0          (o/down; zeroA only: normA makes these rows nonzero, acting on
                                           units the pruned model never had)
 
+`prune_adapters` goes the other way (full-model adapters -> the pruned model's:
+the kept columns of ``lora_B`` / rows of ``lora_A``), e.g. for LoRAPrune's final
+physical pruning (`lorajax.loraprune`).
+
 Example:
   >>> import jax, lorajax
   >>> from lorajax import loram
@@ -97,6 +101,7 @@ __all__ = [
     "select",
     "prune",
     "recover",
+    "prune_adapters",
     "pruned_config",
     "kept_columns",
     "neuron_scores",
@@ -473,6 +478,61 @@ def recover(
                 fill = jax.random.normal(jax.random.fold_in(key, n), (full, a.shape[1]), jnp.float32) / r
             a = _reinsert(a, 0, kept, full, fill, where + ".lora_A")
         out[keys] = {"lora_A": a, "lora_B": b}
+    return nest(out)
+
+
+def prune_adapters(adapters: Any, keep: Keep, cfg: Any, *, spec: Any = None) -> Any:
+    """The LoRA adapters of the model pruned with ``keep`` from ones of the FULL model (the inverse of `recover`).
+
+    q/k/v and gate/up: ``lora_B [r, out]`` -> ``[r, out']``, the kept output
+    columns; o/down: ``lora_A [in, r]`` -> ``[in', r]``, the kept input rows
+    (PyTorch: rows of ``lora_B [out, r]`` / columns of ``lora_A [r, in]``, as
+    LoRAPrune's ``prune_fp16_module`` cuts them). So with ``ΔW = s·A·B``::
+
+        ΔW_pruned == ΔW_full[kept_in][:, kept_out]      (the update of the weights `prune` keeps)
+
+    and ``prune_adapters(recover(a, keep, cfg), keep, cfg) == a``. Adapters on
+    other weights (e.g. ``lm_head``) are returned as they are; ``adapters`` may be
+    rooted at the params or at ``{"params": ...}``.
+
+    Raises:
+      NotImplementedError: adapters that are not plain LoRA (see `recover`).
+      ValueError: ``keep`` does not fit ``cfg``, or an adapter's size is not the full model's.
+    """
+    keep.check(cfg)
+    if spec is not None and spec.variant not in ("lora", "dylora"):
+        raise NotImplementedError(
+            f"prune_adapters handles plain LoRA adapters (lora_A/lora_B), got variant {spec.variant!r}"
+        )
+    if isinstance(adapters, dict) and SHARED_KEY in adapters:
+        raise NotImplementedError(
+            f"prune_adapters handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}){_variant(spec)}"
+        )
+    out = {}
+    for keys, adapter in adapter_paths(adapters).items():
+        where = ".".join(keys)
+        if set(adapter) != LORA_LEAVES:
+            raise NotImplementedError(
+                f"prune_adapters handles plain LoRA adapters (leaves {sorted(LORA_LEAVES)}); the adapter at {where} "
+                f"has {sorted(adapter)}{_variant(spec)}"
+            )
+        found = _module_of(keys)
+        if found is None:
+            out[keys] = adapter
+            continue
+        layer, block, name = found
+        if layer >= keep.num_layers:
+            raise ValueError(f"adapter at {where} is in layer {layer}; the Keep has {keep.num_layers} layers")
+        side, unit = MODULES[(block, name)]
+        kept = kept_columns(cfg, keep, layer)[unit]
+        leaf, axis = ("lora_B", 1) if side == "out" else ("lora_A", 0)
+        x, full = adapter[leaf], _full_size(cfg, unit)
+        if x.shape[axis] != full:
+            raise ValueError(
+                f"adapter at {where}.{leaf} has {x.shape[axis]} entries on axis {axis} of shape {tuple(x.shape)}, but "
+                f"the full model has {full} there: prune_adapters takes adapters of the full (unpruned) model"
+            )
+        out[keys] = {**adapter, leaf: jnp.take(x, jnp.asarray(kept), axis=axis)}
     return nest(out)
 
 
