@@ -90,7 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax import atomic, paths
+from lorajax import atomic, paths, registry
 from lorajax.jsonfile import read_object
 from lorajax.plan import adapter_paths, nest
 from lorajax.variants.base import SHARED_KEY
@@ -430,16 +430,14 @@ def recover(
 
     Raises:
       NotImplementedError: adapters that are not plain LoRA (leaves other than
-        ``lora_A`` / ``lora_B``, shared state, or ``spec.variant`` other than
-        ``lora`` / ``dylora``).
+        ``lora_A`` / ``lora_B``, shared state, or a ``spec.variant`` that is not
+        plain LoRA, `lorajax.registry.plain_lora`; truncate a DyLoRA adapter to
+        its rank first).
       ValueError: ``keep`` does not fit ``cfg``, or an adapter's size does not
         match ``keep`` (adapters of another pruning).
     """
     keep.check(cfg)
-    if spec is not None and spec.variant not in ("lora", "dylora"):
-        raise NotImplementedError(
-            f"LoRAM recovery handles plain LoRA adapters (lora_A/lora_B), got variant {spec.variant!r}"
-        )
+    _check_plain(spec, "LoRAM recovery")
     if isinstance(adapters, dict) and SHARED_KEY in adapters:
         raise NotImplementedError(
             f"LoRAM recovery handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}), "
@@ -500,10 +498,7 @@ def prune_adapters(adapters: Any, keep: Keep, cfg: Any, *, spec: Any = None) -> 
       ValueError: ``keep`` does not fit ``cfg``, or an adapter's size is not the full model's.
     """
     keep.check(cfg)
-    if spec is not None and spec.variant not in ("lora", "dylora"):
-        raise NotImplementedError(
-            f"prune_adapters handles plain LoRA adapters (lora_A/lora_B), got variant {spec.variant!r}"
-        )
+    _check_plain(spec, "prune_adapters")
     if isinstance(adapters, dict) and SHARED_KEY in adapters:
         raise NotImplementedError(
             f"prune_adapters handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}){_variant(spec)}"
@@ -534,6 +529,17 @@ def prune_adapters(adapters: Any, keep: Keep, cfg: Any, *, spec: Any = None) -> 
             )
         out[keys] = {**adapter, leaf: jnp.take(x, jnp.asarray(kept), axis=axis)}
     return nest(out)
+
+
+def _check_plain(spec: Any, who: str) -> None:
+    """``spec``'s adapters are plain LoRA (declared by the variant, `lorajax.registry.plain_lora`), else
+    NotImplementedError; None: not checked here (the leaves are)."""
+    if spec is None:
+        return
+    try:
+        registry.plain_lora(spec.variant, who)
+    except ValueError as e:
+        raise NotImplementedError(str(e)) from None
 
 
 def _variant(spec: Any) -> str:

@@ -126,7 +126,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from lorajax import loram, paths
+from lorajax import loram, paths, registry
 from lorajax.adapters import combine
 from lorajax.plan import make_plan
 from lorajax.train.state import TrainState
@@ -178,8 +178,7 @@ def _leaf(tree: Any, keys: tuple) -> Any:
 
 
 def _check_variant(spec: Any) -> None:
-    if spec.variant != "lora":
-        raise ValueError(f"LoRAPrune scores plain LoRA adapters: spec.variant must be 'lora', got {spec.variant!r}")
+    registry.plain_lora(spec.variant, "LoRAPrune (it scores plain LoRA adapters)")
 
 
 def _check_metric(metric: Any) -> None:

@@ -410,7 +410,7 @@ def test_bad_inputs(params, adapters):
     no_b["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]["lora_B"] = None
     with pytest.raises(ValueError, match="up_proj.*lora_B: no gradient"):
         loraprune.importance(params, adapters, no_b, SPEC)
-    with pytest.raises(ValueError, match="'lora', got 'dora'"):
+    with pytest.raises(ValueError, match="got variant 'dora'"):
         loraprune.importance(params, adapters, grads, lorajax.Spec("dora", rank=4, targets="all-linear"))
     with pytest.raises(ValueError, match=r"metric='grad'.*\['lora', 'magnitude'\]"):
         loraprune.importance(params, adapters, grads, SPEC, metric="grad")
