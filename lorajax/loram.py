@@ -436,36 +436,17 @@ def recover(
       ValueError: ``keep`` does not fit ``cfg``, or an adapter's size does not
         match ``keep`` (adapters of another pruning).
     """
-    keep.check(cfg)
-    _check_plain(spec, "LoRAM recovery")
-    if isinstance(adapters, dict) and SHARED_KEY in adapters:
-        raise NotImplementedError(
-            f"LoRAM recovery handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}), "
-            f"as VeRA-like variants do{_variant(spec)}"
-        )
+    modules = _lora_modules(adapters, keep, cfg, spec, "LoRAM recovery")
     if norm_a and key is None:
         raise ValueError("recover(norm_a=True) draws the re-inserted lora_A rows: pass key=jax.random.key(...)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int (the r of normA's std 1/r) or None, got {rank!r}")
-    flat = adapter_paths(adapters)
     out = {}
-    for n, (keys, adapter) in enumerate(flat.items()):
-        where = ".".join(keys)
-        if set(adapter) != LORA_LEAVES:
-            raise NotImplementedError(
-                f"LoRAM recovery handles plain LoRA adapters (leaves {sorted(LORA_LEAVES)}); the adapter at {where} "
-                f"has {sorted(adapter)}{_variant(spec)}"
-            )
-        found = _module_of(keys)
-        if found is None:
+    for n, (keys, adapter, module) in enumerate(modules):
+        if module is None:
             out[keys] = adapter
             continue
-        layer, block, name = found
-        if layer >= keep.num_layers:
-            raise ValueError(f"adapter at {where} is in layer {layer}; the Keep has {keep.num_layers} layers")
-        side, unit = MODULES[(block, name)]
-        kept = kept_columns(cfg, keep, layer)[unit]
-        full = _full_size(cfg, unit)
+        where, side, kept, full = module
         a, b = adapter["lora_A"], adapter["lora_B"]
         if side == "out":
             b = _reinsert(b, 1, kept, full, None, where + ".lora_B")
@@ -497,31 +478,14 @@ def prune_adapters(adapters: Any, keep: Keep, cfg: Any, *, spec: Any = None) -> 
       NotImplementedError: adapters that are not plain LoRA (see `recover`).
       ValueError: ``keep`` does not fit ``cfg``, or an adapter's size is not the full model's.
     """
-    keep.check(cfg)
-    _check_plain(spec, "prune_adapters")
-    if isinstance(adapters, dict) and SHARED_KEY in adapters:
-        raise NotImplementedError(
-            f"prune_adapters handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}){_variant(spec)}"
-        )
     out = {}
-    for keys, adapter in adapter_paths(adapters).items():
-        where = ".".join(keys)
-        if set(adapter) != LORA_LEAVES:
-            raise NotImplementedError(
-                f"prune_adapters handles plain LoRA adapters (leaves {sorted(LORA_LEAVES)}); the adapter at {where} "
-                f"has {sorted(adapter)}{_variant(spec)}"
-            )
-        found = _module_of(keys)
-        if found is None:
+    for keys, adapter, module in _lora_modules(adapters, keep, cfg, spec, "prune_adapters"):
+        if module is None:
             out[keys] = adapter
             continue
-        layer, block, name = found
-        if layer >= keep.num_layers:
-            raise ValueError(f"adapter at {where} is in layer {layer}; the Keep has {keep.num_layers} layers")
-        side, unit = MODULES[(block, name)]
-        kept = kept_columns(cfg, keep, layer)[unit]
+        where, side, kept, full = module
         leaf, axis = ("lora_B", 1) if side == "out" else ("lora_A", 0)
-        x, full = adapter[leaf], _full_size(cfg, unit)
+        x = adapter[leaf]
         if x.shape[axis] != full:
             raise ValueError(
                 f"adapter at {where}.{leaf} has {x.shape[axis]} entries on axis {axis} of shape {tuple(x.shape)}, but "
@@ -529,6 +493,42 @@ def prune_adapters(adapters: Any, keep: Keep, cfg: Any, *, spec: Any = None) -> 
             )
         out[keys] = {**adapter, leaf: jnp.take(x, jnp.asarray(kept), axis=axis)}
     return nest(out)
+
+
+def _lora_modules(adapters: Any, keep: Keep, cfg: Any, spec: Any, who: str) -> list[tuple]:
+    """Checked ``[(keys, adapter, module)]`` of `recover` / `prune_adapters`: ``module`` is None for an adapter
+    on a weight the pruning does not touch (e.g. ``lm_head``), else ``(where, side, kept, full)``: its dotted
+    path, the pruned side of its kernel (``"out"`` / ``"in"``), the kept full-model indices on that side and
+    the full model's size there.
+
+    Raises NotImplementedError for adapters that are not plain LoRA, ValueError when ``keep`` does not fit
+    ``cfg`` or an adapter sits in a layer ``keep`` does not have."""
+    keep.check(cfg)
+    _check_plain(spec, who)
+    if isinstance(adapters, dict) and SHARED_KEY in adapters:
+        raise NotImplementedError(
+            f"{who} handles plain LoRA adapters; these carry shared state ({SHARED_KEY!r}), "
+            f"as VeRA-like variants do{_variant(spec)}"
+        )
+    out: list[tuple] = []
+    for keys, adapter in adapter_paths(adapters).items():
+        where = ".".join(keys)
+        if set(adapter) != LORA_LEAVES:
+            raise NotImplementedError(
+                f"{who} handles plain LoRA adapters (leaves {sorted(LORA_LEAVES)}); the adapter at {where} "
+                f"has {sorted(adapter)}{_variant(spec)}"
+            )
+        found = _module_of(keys)
+        if found is None:
+            out.append((keys, adapter, None))
+            continue
+        layer, block, name = found
+        if layer >= keep.num_layers:
+            raise ValueError(f"adapter at {where} is in layer {layer}; the Keep has {keep.num_layers} layers")
+        side, unit = MODULES[(block, name)]
+        module = (where, side, kept_columns(cfg, keep, layer)[unit], _full_size(cfg, unit))
+        out.append((keys, adapter, module))
+    return out
 
 
 def _check_plain(spec: Any, who: str) -> None:
