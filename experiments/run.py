@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import tyro
 
@@ -69,6 +69,17 @@ def parse(argv: list[str]) -> RunConfig:
 def exit_code(error: BaseException) -> int:
     """The launcher's exit status for a user error: 1 when training failed, 2 for a bad config or input."""
     return EXIT_TRAINING if isinstance(error, FloatingPointError) else EXIT_INPUT
+
+
+def run_main(parse: Callable[[Any], Any], run: Callable[[Any], Any], argv: list[str] | None) -> Any:
+    """``run(parse(argv))`` for an experiment script, its errors as the launcher's: one line on stderr, exit
+    status 2 for bad input (ValueError, FileNotFoundError), 1 when training failed (FloatingPointError)."""
+    args = parse(argv)
+    try:
+        return run(args)
+    except (FloatingPointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(exit_code(e)) from None
 
 
 def one_line(error: BaseException) -> str:
