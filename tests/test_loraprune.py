@@ -4,6 +4,7 @@ Expected values are rebuilt here from the definitions (PyTorch-layout formula on
 loops with query head g in the group of kv head g // G), not from lorajax.loraprune's helpers.
 """
 
+import dataclasses
 import itertools
 
 import jax
@@ -298,6 +299,28 @@ def test_masked_model_equals_physically_pruned_model(params, adapters):
     # with the default exclusion (the last layer keeps everything) the layers differ: no single pruned config
     with pytest.raises(ValueError, match="same number.*exclude_layers=\\(\\)"):
         loraprune.to_keep(loraprune.masks(random_scores(1), CFG, 0.5))
+
+
+def test_pruned_merged_model_saves_and_transformers_loads_it(params, adapters, tmp_path):
+    """The physically pruned base + pruned LoRA, merged, written by models.save_pretrained: transformers reads a
+    smaller LlamaForCausalLM from it whose logits equal the masked full model's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    m = loraprune.masks(random_scores(2), CFG, 0.5, exclude_layers=())
+    small_cfg, small = loram.prune(CFG, params, loraprune.to_keep(m))
+    small_cfg = dataclasses.replace(small_cfg, architectures=("LlamaForCausalLM",))
+    small_adapters = loram.prune_adapters(adapters, loraprune.to_keep(m), CFG)
+    merged = lorajax.merge(SPEC, {"params": small}, small_adapters)["params"]
+    lorajax.models.save_pretrained(tmp_path, llama.build(small_cfg), merged)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (hf.config.intermediate_size, hf.config.num_key_value_heads, hf.config.num_attention_heads) == (32, 1, 2)
+    ids = np.array(jax.random.randint(jax.random.key(6), (BATCH, SEQ), 0, CFG.vocab_size))
+    with torch.no_grad():
+        got = hf(torch.from_numpy(ids).long()).logits.numpy()
+    want = lorajax.adapt(llama.build(CFG).apply, SPEC, mode="factored")(
+        {"params": loraprune.apply_masks(params, m)}, loraprune.mask_adapters(adapters, m), ids
+    )
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- training
