@@ -48,12 +48,16 @@ class SpecConfig:
     targets: Union[str, tuple[str, ...]] = ("query", "value")  # module suffixes, a regex or "all-linear"
     exclude: tuple[str, ...] = ()  # module suffixes to leave out (e.g. "pooler.dense")
     use_rslora: bool = False  # s = alpha / sqrt(r) (lora, dora); the same as --spec.options use_rslora=true
+    dropout: float = 0.0  # adapter-input dropout in training (PEFT's lora_dropout; variants with a dropout
+    # option: lora, dora, vera, miss, randlora, unilora); the same as --spec.options dropout=P
     options: tuple[str, ...] = ()  # the variant's options as key=value (e.g. d_initial=0.1 eval_rank=2):
     # any field of its Options dataclass; values read as bool (true/false), None, int, float, JSON or a string
 
     def option_values(self) -> dict[str, Any]:
         """The variant options these flags give (``--spec.use-rslora`` then ``--spec.options``, which wins)."""
         options: dict[str, Any] = {"use_rslora": True} if self.use_rslora else {}
+        if self.dropout:
+            options["dropout"] = self.dropout
         return {**options, **parse_options(self.options)}
 
     def to_spec(self):

@@ -122,6 +122,11 @@ def adapt(
         def merged_fn(params, adapters, *args, adapter_rng=None, adapter_train=False, adapter_aux=aux, **kwargs):
             if debug:
                 check_finite(adapters)
+            if adapter_train and spec.options.get("dropout", 0.0):
+                raise ValueError(
+                    f"dropout={spec.options['dropout']} acts on the adapter's input, which a merged weight cannot "
+                    "do: train with mode='factored' (or dropout=0)"
+                )
             merged = merge(spec, params, adapters, rng=adapter_rng, train=adapter_train, variant=variant)
             out = apply_fn(merged, *args, **kwargs)
             return (out, {}) if adapter_aux else out

@@ -108,11 +108,6 @@ _IGNORED = {
     "peft_version",
     "init_lora_weights",
     "init_weights",
-    "lora_dropout",
-    "vera_dropout",
-    "miss_dropout",
-    "bone_dropout",
-    "randlora_dropout",
     "megatron_core",
     "qalora_group_size",
     "loftq_config",
@@ -120,7 +115,6 @@ _IGNORED = {
     "fan_in_fan_out",
     "save_projection",
     "random_seed",
-    "unilora_dropout",
     "save_indices",
     "lora_ga_config",
     "corda_config",
@@ -210,7 +204,7 @@ def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
     fmt = _format_for(config)
     if fmt.from_config is None:
         raise ValueError(f"the PEFT format of {config.get('peft_type')!r} declares no from_config: it cannot be read")
-    used = _SELECTION | fmt.fields
+    used = _SELECTION | fmt.fields | set(fmt.dropout)
     for key, value in config.items():
         if key in used or key in _IGNORED or _is_default(value):
             continue
@@ -235,7 +229,9 @@ def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
         layers_to_transform=config.get("layers_to_transform"),
         layers_pattern=config.get("layers_pattern"),
     )
-    return fmt.from_config(config, common, options)
+    spec = fmt.from_config(config, common, options)
+    rate = next((config[k] for k in fmt.dropout if config.get(k) is not None), 0.0)
+    return spec.replace(dropout=float(rate)) if rate else spec
 
 
 def _read_tensors(path: Path) -> dict:
@@ -405,7 +401,8 @@ def config_from_spec(
         "modules_to_save": None,
         "revision": None,
     }
-    return {**common, **fmt.to_config(spec, selected)}
+    dropout = {fmt.dropout[0]: float(spec.options["dropout"])} if fmt.dropout else {}
+    return {**common, **fmt.to_config(spec, selected), **dropout}
 
 
 def save(

@@ -74,11 +74,11 @@ def test_dylora_rank_eval(base_run):
 
 @pytest.fixture(scope="module")
 def ga_squeeze_run(base_run, tmp_path_factory):
-    """Run B on A's base: LoRA-GA init, rsLoRA through --spec.options, eval ranks, squeeze + 1 more step."""
+    """Run B on A's base: LoRA-GA init, rsLoRA through --spec.options, dropout, eval ranks, squeeze + 1 more step."""
     base = base_run[0] / "base"
     out = tmp_path_factory.mktemp("reach") / "b"
     args = [*TINY, "--model", str(base), "--init", "lora_ga", "--init-batches", "1", "--spec.rank", "2",
-            "--spec.options", "use_rslora=true", "--squeeze-to", "1", "--squeeze-steps", "1",
+            "--spec.options", "use_rslora=true", "--spec.dropout", "0.1", "--squeeze-to", "1", "--squeeze-steps", "1",
             "--out-dir", str(out)]
     return out, args, run.main(args)
 
@@ -92,7 +92,7 @@ def test_lora_ga_on_a_shared_base_then_squeeze(ga_squeeze_run, base_run):
     assert sq["val_loss"] > 0 and (out / "squeeze" / "metrics.jsonl").is_file()
     # the export is the rank-2r LoRA on the original base (LoRA-GA shifted it)
     config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["use_rslora"] is True
+    assert config["r"] == 4 and config["use_rslora"] is True and config["lora_dropout"] == 0.1
 
 
 def test_rerun_of_a_finished_run_trains_nothing(ga_squeeze_run):
@@ -172,8 +172,10 @@ def _error(capsys, argv) -> str:
     (["--remat", "everything"], "--remat"),
     (["--compute-dtype", "float16"], "--compute-dtype"),
     (["--ce-chunk", "-1"], "--ce-chunk"),
+    (["--spec.dropout", "1.5"], "dropout must be a number in [0, 1)"),
 ], ids=["option-name", "option-pair", "option-value", "init", "init-variant", "eval-variant", "eval-rank",
-        "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype", "ce-chunk"])
+        "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype", "ce-chunk",
+        "dropout"])
 def test_bad_lm_flags_are_refused_before_loading(tmp_path, capsys, no_task, flags, needle):
     assert needle in _error(capsys, ["--task", "lm", "--out-dir", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()

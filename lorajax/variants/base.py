@@ -42,6 +42,7 @@ import math
 import re
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
 from lorajax.variants.options import NoOptions, Options
@@ -125,6 +126,33 @@ class Context:
 #: The evaluation context: no randomness, no statistics (`lorajax.merge`'s default).
 EVAL = Context()
 
+#: folded into ``ctx.rng`` for the adapter-input dropout mask, so it is independent of a variant's own draws
+DROPOUT_TAG = 0x64726F70
+
+
+def dropout(x: jax.Array, t: Any, ctx: Context) -> jax.Array:
+    """PEFT's ``lora_dropout`` (``vera_dropout``, …) on the adapter's input ``x: [T, in]``, training only.
+
+    ``x ⊙ m / (1 − p)`` with ``m ~ Bernoulli(1 − p)`` per element (as ``torch.nn.Dropout``), ``p =
+    t.options["dropout"]``; the mask is `dropout_mask` of the target's key ``ctx.rng``. Identity when ``p = 0``
+    or ``ctx.train`` is False. The base path ``x W`` always sees the clean ``x``.
+    """
+    p = float(t.options.get("dropout", 0.0))
+    if p == 0.0 or not ctx.train:
+        return x
+    if ctx.rng is None:
+        raise ValueError(
+            f"{t.name}: dropout={p} in training needs a PRNG key: pass adapter_rng=<key> with adapter_train=True"
+        )
+    keep = dropout_mask(ctx.rng, p, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - p, x.dtype), jnp.zeros((), x.dtype))
+
+
+def dropout_mask(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """The keep mask ``[*shape]`` (bool, ``P(keep) = 1 − p``) that `dropout` draws from a target's key."""
+    return jax.random.bernoulli(jax.random.fold_in(rng, DROPOUT_TAG), 1.0 - p, shape)
+
+
 
 @dataclasses.dataclass(frozen=True)
 class Factors:
@@ -157,6 +185,8 @@ class PeftFormat:
         transform is ``"T"`` (2-D transpose), ``"swap"`` (reverse the rows) or None.
       shared: model-level tensors under ``base_model.``: ``(entry, PEFT name, transform)``.
       duplicates: shared entries PEFT also writes per module (dropped on load).
+      dropout: the config fields holding the adapter-input dropout rate (``("miss_dropout", "bone_dropout")``):
+        read into the ``dropout`` option, the first one written; the variant's `Options` declares ``dropout``.
       accepts: ``accepts(config) -> bool`` when two variants share a type
         (LoRA and DoRA: ``use_dora``); None accepts every config of the types.
       from_config: ``from_config(config, common, options) -> Spec`` where
@@ -177,6 +207,7 @@ class PeftFormat:
     tensors: tuple = ()
     shared: tuple = ()
     duplicates: tuple = ()
+    dropout: tuple[str, ...] = ()
     accepts: Callable[[dict], bool] | None = None
     from_config: Callable | None = None
     to_config: Callable | None = None

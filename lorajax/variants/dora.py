@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import lora
-from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant
+from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, dropout
 
 
 def _norm(w: jax.Array, delta: jax.Array) -> jax.Array:
@@ -57,11 +57,20 @@ def adapted(w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.
 
 
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
-    """``(x W + s (x A) B) · m / n`` for ``x: [T, in]``."""
+    """``(x W + s (x A) B) · m / n`` for ``x: [T, in]``.
+
+    With dropout in training (PEFT's ``DoraLinearVariant.forward``): ``x W + (m/n − 1) · (x̃ W) + (m/n) · s (x̃ A) B``
+    with ``x̃ = drop(x)``; the base term keeps the clean ``x``.
+    """
     d = lora.delta(adapter, t)
     scale = (adapter["magnitude"] / _norm(w, d))[None, :]
-    y = lora.apply(x, w, adapter, t)
-    return (y.astype(scale.dtype) * scale).astype(y.dtype)
+    x_drop = dropout(x, t, ctx)
+    if x_drop is x:
+        y = lora.apply(x, w, adapter, t)
+        return (y.astype(scale.dtype) * scale).astype(y.dtype)
+    y = x @ w
+    extra = (scale - 1.0) * (x_drop @ w).astype(scale.dtype) + scale * lora.low_rank(x_drop, adapter, t)
+    return y + extra.astype(y.dtype)
 
 
 def trainable_count(targets: list[Target]) -> int:
@@ -80,6 +89,7 @@ VARIANT = Variant(
         ("LORA",),
         fields=lora.PEFT_FIELDS,
         tensors=lora.PEFT_TENSORS + (("magnitude", "lora_magnitude_vector", None),),
+        dropout=("lora_dropout",),
         accepts=lambda config: bool(config.get("use_dora")),
         from_config=functools.partial(lora.peft_from_config, variant="dora"),
         to_config=functools.partial(lora.peft_to_config, use_dora=True),

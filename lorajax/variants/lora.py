@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive, dropout
 from lorajax.variants.base import scaling as base_scaling
 from lorajax.variants.options import checks, option
 
@@ -70,6 +70,9 @@ class Options(options.Options):
     init_weights: Any = option(True, _check_init)
     #: adapter dtype; None: float32, or the weight's dtype if wider
     dtype: str | None = option(None, checks.dtype)
+    #: PEFT's ``lora_dropout``: dropout on the adapter's input in training (`lorajax.variants.base.dropout`; factored
+    #: mode, with ``adapter_rng`` and ``adapter_train=True``)
+    dropout: float = option(0.0, checks.probability)
 
 
 def scaling(t: Target) -> float:
@@ -121,9 +124,9 @@ def low_rank(x: jax.Array, adapter: dict, t: Target) -> jax.Array:
 
 
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:
-    """``x W + s · (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
+    """``x W + s · (drop(x) A) B`` for ``x: [T, in]`` (``drop``: `dropout`, training only); never forms ``A B``."""
     y = x @ w
-    return y + low_rank(x, adapter, t).astype(y.dtype)
+    return y + low_rank(dropout(x, t, ctx), adapter, t).astype(y.dtype)
 
 
 def truncate(spec: Any, ranks: dict[str, int], rank: int) -> Any:
@@ -182,7 +185,6 @@ def peft_to_config(spec: Any, targets: list[Target], *, use_dora: bool = False) 
         "use_dora": use_dora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "lora_dropout": 0.0,
         "init_lora_weights": True,
         "exclude_modules": None,
     }
@@ -204,6 +206,7 @@ VARIANT = Variant(
         ("LORA",),
         fields=PEFT_FIELDS,
         tensors=PEFT_TENSORS,
+        dropout=("lora_dropout",),
         accepts=lambda config: not config.get("use_dora"),
         from_config=peft_from_config,
         to_config=peft_to_config,

@@ -33,7 +33,8 @@ Unmerge: default/mini subtract ``ΔW``; bat solves
 
 Rank: PEFT requires ``r ≤ in``. lorajax's generic check (``rank_limited``)
 requires ``r ≤ min(in, out)``, which is stricter when ``out < r ≤ in``.
-Dropout (PEFT's ``miss_dropout``, default 0) is not implemented, as for LoRA.
+Dropout (option ``dropout``, PEFT's ``miss_dropout``): on the folded input ``x`` in training, default and
+mini modes (``"bat"`` has none in PEFT either).
 
 Trainable per target: ``r · out`` (default), ``r · mini_r`` (mini),
 ``(out/r) · r · r = out · r`` (bat).
@@ -75,7 +76,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, dropout
 from lorajax.variants.options import checks, option
 
 MODES = (True, False, "bat", "mini")
@@ -95,6 +96,9 @@ class Options(options.Options):
     mini_r: int = option(1, checks.positive_int)
     #: adapter dtype; None: float32, or the weight's dtype if wider
     dtype: str | None = option(None, checks.dtype)
+    #: PEFT's ``miss_dropout``: dropout on the adapter's input in training (`lorajax.variants.base.dropout`; factored
+    #: mode, with ``adapter_rng`` and ``adapter_train=True``)
+    dropout: float = option(0.0, checks.probability)
 
 
 def _mode(t: Target):
@@ -213,7 +217,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
         return x @ adapted(w, adapter, t)
     d = _block(adapter["miss_block"], w.shape[1], t)
     y = x @ w
-    return y + (fold(x.astype(d.dtype), d.shape[0]) @ d).astype(y.dtype)
+    return y + (fold(dropout(x, t, ctx).astype(d.dtype), d.shape[0]) @ d).astype(y.dtype)
 
 
 def trainable_count(targets: list[Target]) -> int:
@@ -240,7 +244,6 @@ def peft_to_config(spec: Any, targets: list[Target]) -> dict:
         "peft_type": "MISS",
         "init_weights": spec.options.init_weights,
         "mini_r": spec.options.mini_r,
-        "miss_dropout": 0.0,
     }
 
 
@@ -254,6 +257,7 @@ VARIANT = Variant(
     peft=PeftFormat(
         ("MISS", "BONE"),
         fields=frozenset({"init_weights", "mini_r"}),
+        dropout=("miss_dropout", "bone_dropout"),
         tensors=(("miss_block", "miss_block", None),),
         from_config=peft_from_config,
         to_config=peft_to_config,

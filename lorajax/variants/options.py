@@ -146,6 +146,12 @@ class checks:  # noqa: N801 -- a namespace of check functions, used as ``checks.
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     @staticmethod
+    def probability(name: str, value: Any) -> None:
+        """A probability in ``[0, 1)`` (a dropout rate: 1 would drop everything)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+    @staticmethod
     def nonzero(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
             raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")

@@ -56,8 +56,8 @@ bfloat16 (float16 where bf16 is unavailable) with a torch generator; lorajax
 draws them in float32 (option ``dtype``) with JAX's RNG,
 so the values differ: to match a PEFT adapter, import its saved
 ``randlora_A`` / ``randlora_B`` (``save_projection=True``, the default).
-Dropout (``randlora_dropout``) is not implemented. The rank may exceed
-``d_min`` (then ``nb = 1``), as in PEFT.
+Dropout (option ``dropout``, PEFT's ``randlora_dropout``) acts on the adapter's input in training. The rank
+may exceed ``d_min`` (then ``nb = 1``), as in PEFT.
 
 Trainable per target: ``nb · (r + d_min)``.
 
@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive, dropout
 from lorajax.variants.base import scaling as base_scaling
 from lorajax.variants.options import checks, option
 
@@ -121,6 +121,9 @@ class Options(options.Options):
     scaling: str = option("peft", _check_scaling)
     #: adapter dtype; None: float32, or the weight's dtype if wider (bases: float32)
     dtype: str | None = option(None, checks.dtype)
+    #: PEFT's ``randlora_dropout``: dropout on the adapter's input in training
+    #: (`lorajax.variants.base.dropout`; factored mode, with ``adapter_rng`` and ``adapter_train=True``)
+    dropout: float = option(0.0, checks.probability)
 
     def check(self) -> None:
         if self.sparse and self.very_sparse:
@@ -244,7 +247,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     a_f, b_f = factors(w, adapter, t)
     d_in, d_out = w.shape
     y = x @ w
-    xa = x.astype(a_f.dtype)
+    xa = dropout(x, t, ctx).astype(a_f.dtype)
     h = (xa @ a_f.T) @ b_f.T if d_in <= d_out else (xa @ b_f) @ a_f
     return y + (scaling(t) * h).astype(y.dtype)
 
@@ -285,7 +288,6 @@ def peft_to_config(spec: Any, targets: list[Target]) -> dict:
         "projection_prng_key": opts.projection_prng_key,
         "sparse": opts.sparse,
         "very_sparse": opts.very_sparse,
-        "randlora_dropout": 0.0,
     }
 
 
@@ -302,6 +304,7 @@ VARIANT = Variant(
     peft=PeftFormat(
         ("RANDLORA",),
         fields=frozenset({"randlora_alpha", "projection_prng_key", "sparse", "very_sparse"}),
+        dropout=("randlora_dropout",),
         tensors=(("randlora_lambda", "randlora_lambda", None), ("randlora_gamma", "randlora_gamma", None)),
         shared=(("randlora_A", "base_model.randlora_A", None), ("randlora_B", "base_model.randlora_B", None)),
         duplicates=("randlora_A", "randlora_B"),  # PEFT also writes the bases per module

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, SHARED_KEY, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import EVAL, SHARED_KEY, Context, PeftFormat, Target, Variant, additive, dropout
 from lorajax.variants.options import checks, option
 
 
@@ -119,6 +119,9 @@ class Options(options.Options):
     target_order: tuple[str, ...] | None = option(None, _check_order)
     #: adapter dtype; None: float32
     dtype: str | None = option(None, checks.dtype)
+    #: PEFT's ``unilora_dropout``: dropout on the adapter's input in training (`lorajax.variants.base.dropout`; factored
+    #: mode, with ``adapter_rng`` and ``adapter_train=True``)
+    dropout: float = option(0.0, checks.probability)
 
 
 def generate_index(lora_param_count: int, theta_d_length: int, proj_seed: int) -> np.ndarray:
@@ -245,7 +248,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     """``x W + (x A) B`` for ``x: [T, in]``; never forms ``A B``."""
     a, b = factors(w, adapter, t)
     y = x @ w
-    h = x.astype(a.dtype) @ a
+    h = dropout(x, t, ctx).astype(a.dtype) @ a
     return y + (h @ b).astype(y.dtype)
 
 
@@ -292,7 +295,6 @@ def peft_to_config(spec: Any, targets: list[Target]) -> dict:
         "proj_seed": opts.proj_seed,
         "init_theta_d_bound": opts.init_theta_d_bound,
         "save_indices": True,
-        "unilora_dropout": 0.0,
         "init_weights": True,
     }
 
@@ -372,6 +374,7 @@ VARIANT = Variant(
     peft=PeftFormat(
         ("UNILORA",),
         fields=frozenset({"theta_d_length", "proj_seed", "init_theta_d_bound", "init_weights"}),
+        dropout=("unilora_dropout",),
         from_config=peft_from_config,
         to_config=peft_to_config,
         load_extra=peft_load,

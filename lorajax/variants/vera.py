@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, PeftFormat, Target, Variant, additive, dropout
 from lorajax.variants.options import checks, option
 
 
@@ -60,6 +60,9 @@ class Options(options.Options):
     projection_prng_key: int = option(0, checks.integer)
     #: adapter dtype; None: float32
     dtype: str | None = option(None, checks.dtype)
+    #: PEFT's ``vera_dropout``: dropout on the adapter's input in training (`lorajax.variants.base.dropout`; factored
+    #: mode, with ``adapter_rng`` and ``adapter_train=True``)
+    dropout: float = option(0.0, checks.probability)
 
 
 def init_shared(key: jax.Array, targets: list[Target]) -> dict:
@@ -113,7 +116,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     """``x W + (((x A) ⊙ d) B) ⊙ b`` for ``x: [T, in]``."""
     a, b = _slices(w, adapter)
     y = x @ w
-    h = (x.astype(a.dtype) @ a) * adapter["vera_lambda_d"][None, :]
+    h = (dropout(x, t, ctx).astype(a.dtype) @ a) * adapter["vera_lambda_d"][None, :]
     return y + ((h @ b) * adapter["vera_lambda_b"][None, :]).astype(y.dtype)
 
 
@@ -142,7 +145,6 @@ def peft_to_config(spec: Any, targets: list[Target]) -> dict:
         "projection_prng_key": spec.options.projection_prng_key,
         "d_initial": spec.options.d_initial,
         "save_projection": True,
-        "vera_dropout": 0.0,
     }
 
 
@@ -169,6 +171,7 @@ VARIANT = Variant(
     peft=PeftFormat(
         ("VERA",),
         fields=frozenset({"projection_prng_key", "d_initial"}),
+        dropout=("vera_dropout",),
         tensors=(("vera_lambda_b", "vera_lambda_b", None), ("vera_lambda_d", "vera_lambda_d", None)),
         shared=(("vera_A", "base_model.vera_A", "T"), ("vera_B", "base_model.vera_B", "T")),
         from_config=peft_from_config,
