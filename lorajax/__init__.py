@@ -1,6 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import es, inits, loram, loraprune, lragent, models, o3, optim, peft, train, xlora
+from lorajax import combination, es, inits, loram, loraprune, lragent, models, o3, optim, peft, train, xlora
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -39,6 +39,7 @@ __all__ = [
     "count_params",
     "check_finite",
     "update_state",
+    "combination",
     "es",
     "inits",
     "loram",
