@@ -48,6 +48,15 @@ of lorajax's ``lora_A: [in, r]`` and ``lora_B: [r, out]``; VeRA's
 the defaults), so PEFT selects exactly the weights lorajax adapted whatever
 the selection grammar was.
 
+Base-shifting initialisers: an adapter saved by PEFT with ``init_lora_weights="pissa"`` or ``"olora"`` (not
+converted to a plain LoRA) belongs to the residual base ``W − s·B₀A₀`` that the initialiser made from the
+original weights, and PEFT's loader rebuilds that base when it loads it. `load` refuses such a folder (it
+returns adapters only) and `load_with_base` returns ``(spec, adapters, params)`` with the residual base
+rebuilt the same way (PiSSA's full SVD, OLoRA's QR: deterministic, `lorajax.inits`). Initialisers whose base
+cannot be rebuilt here raise: ``pissa_niter_K`` (a randomised SVD drawn from torch's RNG: PEFT's own loader
+gives a different base each time), ``lora_ga`` and ``corda`` (data-dependent shifts), ``loftq`` (a quantised
+base). ``True``, ``False``, ``"gaussian"``, ``"eva"``, ``"orthogonal"`` and ``"mica"`` leave the base as it is.
+
 Only safetensors and JSON are read; pickles (``adapter_model.bin``) are refused.
 """
 
@@ -56,7 +65,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +81,7 @@ from lorajax.plan import nest
 from lorajax.spec import Spec
 from lorajax.variants.base import SHARED_KEY, PeftFormat, Variant
 
-__all__ = ["load", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE_ORDER"]
+__all__ = ["load", "load_with_base", "save", "spec_from_config", "config_from_spec", "TORCH_MODULE_ORDER"]
 
 #: Registration order of the linear layers in Hugging Face's Llama- and
 #: BERT-style blocks (PEFT's ``model.modules()`` order within a layer). BERT's
@@ -121,8 +129,17 @@ _IGNORED = {
     "eva_config",  # describe the init only (the base it expects: see the warning)
 }
 _SELECTION = {"peft_type", "r", "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "bias"}
-# initialisers whose adapter is a delta on the base they produced (PiSSA's residual, ...), not on the original
-_PLAIN_INITS = (True, False, "gaussian", None)
+# ``init_lora_weights`` values that leave the base as it is (PEFT's loader changes nothing either)
+_PLAIN_INITS = (True, False, "gaussian", None, "eva", "orthogonal", "mica")
+# initialisers whose adapter is a delta on the residual base they produced, rebuilt by `load_with_base`
+_SHIFTING_INITS = ("pissa", "olora")
+# initialisers whose shifted base cannot be rebuilt here, and why
+_UNREPRODUCIBLE_INITS = {
+    "pissa_niter_": "a randomised SVD drawn from torch's RNG (PEFT's own loader rebuilds a different base)",
+    "lora_ga": "a shift computed from gradients on training data",
+    "corda": "a shift computed from activations on training data",
+    "loftq": "a LoftQ-quantised base",
+}
 
 
 def _peft_variants() -> list[Variant]:
@@ -213,12 +230,7 @@ def _spec_from_config(config: dict, params: Any | None, options: dict) -> Spec:
         raise ValueError(f"unsupported PEFT field bias={config['bias']!r}: only 'none' is supported")
     if config.get("target_modules") is None:
         raise ValueError("adapter_config.json has no target_modules (target_parameters is not supported)")
-    if config.get("init_lora_weights") not in _PLAIN_INITS:
-        warnings.warn(
-            f"adapter made with init_lora_weights={config['init_lora_weights']!r}: it expects the "
-            "base weights that initialiser produced (e.g. the PiSSA residual)",
-            stacklevel=3,
-        )
+    _check_init(config.get("init_lora_weights"))
     targets = config["target_modules"]
     if params is not None:
         targets = _effective_targets(targets, params)
@@ -289,6 +301,19 @@ def read_tensor(tensors: dict, name: str, where: str, like: Any, kind: str | Non
     return jnp.asarray(arr, dtype=like.dtype)
 
 
+def _check_init(init: Any) -> None:
+    """Raise for an ``init_lora_weights`` whose base lorajax cannot rebuild (see the module docstring)."""
+    if any(init == p and type(init) is type(p) for p in _PLAIN_INITS) or init in _SHIFTING_INITS:
+        return
+    why = next((v for k, v in _UNREPRODUCIBLE_INITS.items() if isinstance(init, str) and init.startswith(k)), None)
+    what = f"its base was shifted by {why}, which lorajax cannot rebuild" if why else "an unknown initialiser"
+    raise ValueError(
+        f"adapter made with init_lora_weights={init!r}: {what}. Convert it to a plain LoRA on the original base in "
+        "PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>)), or set "
+        "init_lora_weights to true in adapter_config.json if params already are the base it was trained on"
+    )
+
+
 def load(
     adapter_dir: str | os.PathLike,
     params: Any,
@@ -311,8 +336,48 @@ def load(
 
     Raises:
       FileNotFoundError / ValueError naming the missing file, the missing,
-      unknown, wrongly shaped or non-finite tensor, or the unsupported config field.
+      unknown, wrongly shaped or non-finite tensor, or the unsupported config field;
+      ValueError for an adapter made on a shifted base (``init_lora_weights="pissa"`` /
+      ``"olora"``: use `load_with_base`; others: see the module docstring).
     """
+    spec, adapters, init = _load(adapter_dir, params, dtype, unilora_order, allow_nonfinite)
+    if init in _SHIFTING_INITS:
+        raise ValueError(
+            f"{Path(adapter_dir) / CONFIG_NAME}: init_lora_weights={init!r}, so these adapters belong to the residual "
+            f"base that {init} made from params, not to params: use lorajax.peft.load_with_base(adapter_dir, params) "
+            "-> (spec, adapters, residual_params), as PEFT's loader rebuilds that base"
+        )
+    return spec, adapters
+
+
+def load_with_base(
+    adapter_dir: str | os.PathLike,
+    params: Any,
+    *,
+    dtype: Any = None,
+    unilora_order: Any = TORCH_MODULE_ORDER,
+    allow_nonfinite: bool = False,
+) -> tuple[Spec, dict, Any]:
+    """`load`, plus the base the adapters belong to: ``(spec, adapters, base_params)``.
+
+    For ``init_lora_weights="pissa"`` / ``"olora"`` (saved unconverted) the base is
+    rebuilt from ``params`` as PEFT's loader does: ``W − s·B₀A₀`` with PiSSA's top-r
+    SVD factors (full SVD) or OLoRA's first r QR factors of each targeted weight
+    (`lorajax.inits.pissa` / `olora`, PEFT-checked); for every other accepted
+    initialiser ``base_params`` is ``params`` itself. Arguments and errors as `load`.
+    """
+    spec, adapters, init = _load(adapter_dir, params, dtype, unilora_order, allow_nonfinite)
+    if init not in _SHIFTING_INITS:
+        return spec, adapters, params
+    from lorajax import inits  # the initialisers import this module's neighbours; import on use
+
+    lora_spec = spec if spec.variant == "lora" else spec.replace(variant="lora", use_rslora=spec.options["use_rslora"])
+    _, base = inits.pissa(lora_spec, params) if init == "pissa" else inits.olora(lora_spec, params)
+    return spec, adapters, base
+
+
+def _load(adapter_dir, params, dtype, unilora_order, allow_nonfinite) -> tuple[Spec, dict, Any]:
+    """``(spec, adapters, init_lora_weights)`` of a PEFT folder (see `load`)."""
     adapter_dir = Path(adapter_dir)
     config = _read_config(adapter_dir)
     tensors = _read_tensors(adapter_dir / WEIGHTS_NAME)
@@ -335,7 +400,7 @@ def load(
             f"adapter file has {len(extra)} tensors lorajax did not expect, e.g. {extra[:3]} "
             "(does adapter_config.json match these weights, and params this model?)"
         )
-    return spec, out
+    return spec, out, config.get("init_lora_weights")
 
 
 def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict) -> dict:

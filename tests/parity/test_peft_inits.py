@@ -14,6 +14,7 @@ conditioning, not a parity error.
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -141,3 +142,49 @@ def test_init_then_train_step_matches_peft(method):
     adapters = jax.tree_util.tree_map(lambda p, d: p - lr * d, adapters, grads)
     x2 = inputs(3)
     assert_close(fwd(residual, adapters, jnp.asarray(x2)), torch_out(peft_model.eval(), x2))
+
+
+# ----------------------------------------------------------------------------- PEFT folders saved unconverted
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_unconverted_folder_loads_with_the_rebuilt_residual_base(method, tmp_path):
+    """A folder saved with init_lora_weights=method (trained, not converted): PEFT's loader re-shifts the original
+    base; `load` refuses it, `load_with_base` rebuilds that base and gives PEFT's outputs."""
+    net = make_net(1)
+    original, variables = copy.deepcopy(net), flax_variables(net)
+    kw = {"use_rslora": True} if method == "olora" else {}
+    peft_model = peft.get_peft_model(
+        net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=method, **kw)
+    )
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # "training": the adapters move away from their init
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(tmp_path)
+    x = inputs(2)
+    want = torch_out(peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path).eval(), x)
+    with pytest.raises(ValueError, match=f"init_lora_weights='{method}'.*load_with_base"):
+        lorajax.peft.load(tmp_path, variables)
+    spec, adapters, base = lorajax.peft.load_with_base(tmp_path, variables)
+    assert_weights_match(base, peft_model.base_model.model)  # the residual PEFT trained on
+    assert_close(lorajax.adapt(FlaxNet().apply, spec, "factored")(base, adapters, jnp.asarray(x)), want)
+
+
+def test_inits_whose_base_cannot_be_rebuilt_are_refused(tmp_path):
+    """Shifts from a randomised SVD, data or quantisation raise, naming the initialiser and the way out;
+    initialisers that leave the base alone load with params unchanged."""
+    variables = flax_variables(make_torch_net(0))
+    spec = lorajax.Spec("lora", rank=2, alpha=4, targets=TARGETS, init_weights=False)
+    lorajax.peft.save(tmp_path, spec, lorajax.init(spec, variables, jax.random.key(0)), variables)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for init, needle in [("pissa_niter_4", "randomised SVD"), ("lora_ga", "gradients"), ("corda", "activations"),
+                         ("loftq", "LoftQ"), ("sparse", "unknown initialiser")]:
+        config_path.write_text(json.dumps({**config, "init_lora_weights": init}))
+        for load in (lorajax.peft.load, lorajax.peft.load_with_base):
+            with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*{needle}.*path_initial_model"):
+                load(tmp_path, variables)
+    for init in ("orthogonal", "eva", True):
+        config_path.write_text(json.dumps({**config, "init_lora_weights": init}))
+        assert lorajax.peft.load_with_base(tmp_path, variables)[2] is variables
+        lorajax.peft.load(tmp_path, variables)
