@@ -1,6 +1,6 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import combination, es, inits, loram, loraprune, lragent, models, o3, optim, peft, train, xlora
+from lorajax import combination, es, inits, loram, loraprune, lragent, models, o3, optim, peft, quant, train, xlora
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -49,6 +49,7 @@ __all__ = [
     "o3",
     "optim",
     "peft",
+    "quant",
     "train",
     "xlora",
 ]

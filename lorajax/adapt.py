@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 from flax import nnx
+from flax.core import meta
 
 from lorajax import layer_scan, registry
 from lorajax.adapters import as_matrix, call_variant, check_finite, merge, target_context
@@ -127,7 +128,9 @@ def adapt(
                     f"dropout={spec.options['dropout']} acts on the adapter's input, which a merged weight cannot "
                     "do: train with mode='factored' (or dropout=0)"
                 )
-            merged = merge(spec, params, adapters, rng=adapter_rng, train=adapter_train, variant=variant)
+            merged = merge(  # a quantised target is merged as W_deq + ΔW, here inside the caller's jit
+                spec, params, adapters, rng=adapter_rng, train=adapter_train, variant=variant, dequantize=True
+            )
             out = apply_fn(merged, *args, **kwargs)
             return (out, {}) if adapter_aux else out
 
@@ -310,7 +313,7 @@ def _in_compute_dtype(adapter: Any, dtype: Any) -> Any:
 
 def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
     p = module.variables["params"]
-    kernel, bias = p["kernel"], p.get("bias") if module.use_bias else None
+    kernel, bias = meta.unbox(p["kernel"]), p.get("bias") if module.use_bias else None  # unbox: quantised kernels
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             raise NotImplementedError(f"{t.name}: DenseGeneral with batch_dims is not supported in factored mode")
@@ -338,7 +341,7 @@ def _dense(module, variant, t, adapter, ctx, x: jax.Array) -> jax.Array:
 
 def _einsum(module, variant, t, adapter, ctx, x: jax.Array, einsum_str: str) -> jax.Array:
     p = module.variables["params"]
-    kernel = p["kernel"]
+    kernel = meta.unbox(p["kernel"])  # a quantised kernel (lorajax.quant) as its dequantised array
     einsum_str = einsum_str.replace(" ", "")
     (lhs, rhs), out, _ = parse_einsum(einsum_str, x, kernel)
     n = t.in_axes

@@ -116,6 +116,7 @@ def _map_weights(
     rng: jax.Array | None = None,
     train: bool = False,
     variant: Variant | None = None,
+    dequantize: bool = False,
 ) -> Any:
     plan = plan_lib.make_plan(spec, params, adapters, variant)
     variant = plan.variant
@@ -135,6 +136,14 @@ def _map_weights(
         t = by_keys.get(keys)
         if t is None:
             return w
+        if paths.is_quantized(w):
+            if not dequantize:
+                raise ValueError(
+                    f"weight {'/'.join(keys)} is quantised ({w.kind}): {fn_name!r} needs float weights; merge into "
+                    "its dequantised values with lorajax.merge(..., dequantize=True) or lorajax.quant.dequantize("
+                    "params) first, or keep the quantised base and use lorajax.adapt(..., mode='factored')"
+                )
+            w = w.dequantize()
         ctx = target_context(t, rng, train) if (rng is not None or train) else EVAL
         try:
             out = call_variant(variant, fn, as_matrix(w, t), plan.adapter(t), t, ctx=ctx)
@@ -144,7 +153,7 @@ def _map_weights(
             raise ValueError(f"adapter at {'/'.join(keys)} gives shape {out.shape}, weight is {t.matrix_shape}")
         return out.reshape(w.shape)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=paths.is_quantized)
 
 
 def merge(
@@ -155,6 +164,7 @@ def merge(
     rng: jax.Array | None = None,
     train: bool = False,
     variant: Variant | None = None,
+    dequantize: bool = False,
 ) -> Any:
     """``params`` with every targeted weight replaced by its adapted weight ``W'``.
 
@@ -162,8 +172,12 @@ def merge(
     ``rng`` / ``train`` reach variants that use them (e.g. DyLoRA's sampled rank);
     the default is evaluation. Input-dependent variants cannot be merged (raises).
     ``variant``: the spec's `Variant` when the caller has looked it up already.
+    A quantised target (`lorajax.quant`) raises unless ``dequantize=True``, which
+    merges into its dequantised kernel (``W_deq + ΔW`` in the kernel's float dtype).
     """
-    return _map_weights(spec, params, adapters, "adapted", rng=rng, train=train, variant=variant)
+    return _map_weights(
+        spec, params, adapters, "adapted", rng=rng, train=train, variant=variant, dequantize=dequantize
+    )
 
 
 def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:
@@ -237,7 +251,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
 
 def _size(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=paths.is_quantized)
+    return sum(math.prod(x.shape) for x in leaves if hasattr(x, "shape"))
 
 
 def count_params(spec: Spec, params: Any, adapters: Any) -> dict[str, float]:

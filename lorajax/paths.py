@@ -8,6 +8,8 @@
   (only dict keys: the attribute and index keys of optax states are skipped).
 * `entry_name(path)`: the last key, an adapter entry such as ``"lora_A"``.
 * `weight_leaves(params)`: every candidate weight, a ``kernel`` with >= 2 axes.
+* `is_quantized(x)`: a quantised kernel (`lorajax.quant.QuantizedArray`), one weight rather than a
+  subtree of codes and scales (pass it as ``is_leaf`` when walking params).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "entry_name",
     "is_variables",
     "weight_leaves",
+    "is_quantized",
     "WEIGHT_NAMES",
 ]
 
@@ -74,11 +77,16 @@ def is_variables(params: Any) -> bool:
         return False
 
 
+def is_quantized(x: Any) -> bool:
+    """True for a quantised kernel (`lorajax.quant.QuantizedArray`; marked by its class, so no import cycle)."""
+    return getattr(type(x), "lorajax_quantized", False) is True
+
+
 def weight_leaves(params: Any) -> list[tuple[tuple[str, ...], Any]]:
-    """``[(keys, array)]`` for every candidate weight (a ``kernel`` with >= 2 axes)."""
+    """``[(keys, array)]`` for every candidate weight (a ``kernel`` with >= 2 axes; a quantised kernel is one)."""
     only_params = is_variables(params)
     out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         keys = key_names(path)
         if only_params and keys[0] != "params":
             continue
