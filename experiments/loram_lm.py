@@ -11,7 +11,10 @@ same LoRA (r=8, alpha=16, every linear layer, AdamW, ``--steps`` steps on the tr
 * ``loram``: `lorajax.loram.select` (``--mlp-ratio`` of the MLP neurons and ``--head-ratio`` of
   the kv heads, each with its query group, pruned per layer by weight magnitude), `prune`, LoRA
   on the pruned base, `recover` (zeroA), evaluated with the FULL base; the pruned model + its LoRA
-  before recovery is reported too (``pruned+lora``).
+  before recovery is reported too (``pruned+lora``);
+* ``qloram`` (with ``--qloram nf4|int8|int4``): QLoRAM, the same as ``loram`` with the pruned base's
+  linear kernels (all but the head) quantised by `lorajax.quant` (NF4: QLoRA's 4-bit NormalFloat with
+  double quantisation) while LoRA trains on it; recovered and evaluated on the full float base.
 
 Reported per seed: held-out test loss on the unseen comedies (nats/token = nats/char with the
 char tokenizer) and validation loss; memory measured on the arrays: trainable adapter parameters,
@@ -148,6 +151,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mlp-ratio", type=float, default=0.5, help="fraction of MLP neurons pruned per layer")
     ap.add_argument("--head-ratio", type=float, default=0.5, help="fraction of kv heads pruned per layer")
     ap.add_argument("--criterion", default="magnitude", choices=loram.CRITERIA)
+    ap.add_argument(
+        "--qloram",
+        default="none",
+        choices=("none", "nf4", "int8", "int4"),
+        help="also run QLoRAM: LoRA on the pruned base quantised to this kind (lorajax.quant), recovered likewise",
+    )
     return parse_lm(
         ap,
         argv,
@@ -234,6 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     small_cfg, small_params = loram.prune(model.cfg, params, keep)
     small_model = llama.build(small_cfg)
     small_vars = {"params": small_params}
+    q_vars = None if args.qloram == "none" else lorajax.quant.quantize(small_vars, None, args.qloram)
     if main_process():
         lorajax.models.save_pretrained(out / "pruned", small_model, small_params)
         keep.save(out / "pruned" / "keep.json")
@@ -256,12 +266,21 @@ def run(args: argparse.Namespace) -> dict:
             cfg_s, small_model, small_vars, spec, folder / "loram", batches, f"loram (pruned) seed {seed}"
         )
         recovered = loram.recover(small_ad, keep, model.cfg)
+        qloram: dict[str, Any] = {}
+        if q_vars is not None:
+            q_ad, q_mem = train_arm(
+                cfg_s, small_model, q_vars, spec, folder / f"qloram_{args.qloram}", batches, f"qloram seed {seed}"
+            )
+            q_mem["base_bytes"] = lorajax.quant.base_bytes(q_vars["params"])  # codes + scales
+            q_recovered = loram.recover(q_ad, keep, model.cfg)
+            qloram["qloram"] = {**evaluate(lambda b, a=q_recovered: full_eval(variables, a, b)), **q_mem}
         rows.append(
             {
                 "seed": seed,
                 "lora": {**evaluate(lambda b, a=full_ad: full_eval(variables, a, b)), **full_mem},
                 "loram": {**evaluate(lambda b, a=recovered: full_eval(variables, a, b)), **small_mem},
                 "pruned_lora": evaluate(lambda b, a=small_ad: small_eval(small_vars, a, b)),
+                **qloram,
             }
         )
         print(
@@ -290,11 +309,14 @@ def run(args: argparse.Namespace) -> dict:
 def summary(rows: list[dict]) -> dict:
     """Per arm: mean test loss and its t-interval over seeds; the paired difference loram - lora."""
     out: dict[str, Any] = {}
-    for arm in ("lora", "loram", "pruned_lora"):
-        ci = t_interval([r[arm]["test_loss"] for r in rows])
-        out[arm] = {"test_loss": ci.mean, "se": ci.se, "low": ci.low, "high": ci.high}
-    ci = t_interval([r["loram"]["test_loss"] - r["lora"]["test_loss"] for r in rows])
-    out["loram_minus_lora"] = {"test_loss": ci.mean, "se": ci.se, "low": ci.low, "high": ci.high, "n": ci.n}
+    for arm in ("lora", "loram", "pruned_lora", "qloram"):
+        if arm in rows[0]:
+            ci = t_interval([r[arm]["test_loss"] for r in rows])
+            out[arm] = {"test_loss": ci.mean, "se": ci.se, "low": ci.low, "high": ci.high}
+    for arm in ("loram", "qloram"):
+        if arm in rows[0]:
+            ci = t_interval([r[arm]["test_loss"] - r["lora"]["test_loss"] for r in rows])
+            out[f"{arm}_minus_lora"] = {"test_loss": ci.mean, "se": ci.se, "low": ci.low, "high": ci.high, "n": ci.n}
     return out
 
 
@@ -315,6 +337,8 @@ def command(args: argparse.Namespace) -> str:
     for k in IDENTITY:
         if k not in ("steps", "data") and getattr(args, k) != defaults[k]:
             flags.append(f"--{k.replace('_', '-')} {getattr(args, k)}")
+    if args.qloram != "none":
+        flags.append(f"--qloram {args.qloram}")
     return "python -m experiments.loram_lm " + " ".join(flags)
 
 
@@ -322,7 +346,10 @@ def report(args, full_cfg, small_cfg, base_name: str, bases: dict, rows: list[di
     """The Markdown report."""
     per_seed = []
     for r in rows:
-        for arm, label in (("lora", "LoRA (full base)"), ("loram", "LoRAM (pruned, recovered, full base)")):
+        arms = [("lora", "LoRA (full base)"), ("loram", "LoRAM (pruned, recovered, full base)")]
+        if "qloram" in r:
+            arms.append(("qloram", f"QLoRAM ({args.qloram} pruned base, recovered, full base)"))
+        for arm, label in arms:
             m = r[arm]
             per_seed.append(
                 [
@@ -352,14 +379,17 @@ def report(args, full_cfg, small_cfg, base_name: str, bases: dict, rows: list[di
         ["seed", "arm", "test loss", "val loss", "trainable", "optimiser state (B)", "frozen base (B)", "step"],
         per_seed,
     )
-    d = summ["loram_minus_lora"]
+    names = [("lora", "LoRA"), ("loram", "LoRAM (recovered)"), ("pruned_lora", "pruned + LoRA")]
+    names += [("qloram", f"QLoRAM ({args.qloram}, recovered)")] if "qloram" in summ else []
+    diffs = [("loram_minus_lora", "LoRAM - LoRA (paired)"), ("qloram_minus_lora", "QLoRAM - LoRA (paired)")]
     means = markdown_table(
         ["arm", "mean test loss", "SE", "95% CI"],
-        [
-            [name, f"{summ[k]['test_loss']:.4f}", _se(summ[k]["se"]), _ci(summ[k])]
-            for k, name in (("lora", "LoRA"), ("loram", "LoRAM (recovered)"), ("pruned_lora", "pruned + LoRA"))
-        ]
-        + [["LoRAM - LoRA (paired)", f"{d['test_loss']:+.4f}", _se(d["se"]), _ci(d, "+")]],
+        [[name, f"{summ[k]['test_loss']:.4f}", _se(summ[k]["se"]), _ci(summ[k])] for k, name in names]
+        + [
+            [name, f"{summ[k]['test_loss']:+.4f}", _se(summ[k]["se"]), _ci(summ[k], "+")]
+            for k, name in diffs
+            if k in summ
+        ],
     )
     return (
         f"# LoRAM vs LoRA on the lm task\n\n"

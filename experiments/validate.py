@@ -45,11 +45,14 @@ LM_ONLY = {
     "squeeze_steps": 0,
     "scan_layers": False,
     "ce_chunk": 0,
+    "base_dtype": "float32",
     "sample": True,
     "export": True,
 }
 #: ``--compute-dtype`` values
 COMPUTE_DTYPES = ("float32", "bfloat16")
+#: ``--base-dtype`` values: float32 (as loaded) or a `lorajax.quant` kind
+BASE_DTYPES = ("float32", "bf16", "int8", "int4", "nf4")
 #: ``--remat`` values: none, or a `lorajax.models.llama.REMAT_POLICIES` name
 REMAT = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 #: ``--init``: the adapters' initialiser (lm task) -> the variant it needs
@@ -202,6 +205,9 @@ def _check_lm(cfg: RunConfig) -> None:
     variant = cfg.spec.variant
     _one_of(cfg, "init", tuple(INITS))
     _at_least(cfg, "ce_chunk", 0, " (tokens per cross-entropy chunk; 0 = whole logits)")
+    _one_of(cfg, "base_dtype", BASE_DTYPES)
+    if cfg.base_dtype != "float32" and variant == "full":
+        raise ConfigError(f"--base-dtype {cfg.base_dtype} freezes a quantised base; --spec.variant full trains it")
     _at_least(cfg, "init_batches", 1, " (batches of gradient estimation)")
     if cfg.max_val is not None:
         _at_least(cfg, "max_val", 1, " (leave it out for every validation window)")

@@ -175,9 +175,7 @@ def merge(
     A quantised target (`lorajax.quant`) raises unless ``dequantize=True``, which
     merges into its dequantised kernel (``W_deq + ΔW`` in the kernel's float dtype).
     """
-    return _map_weights(
-        spec, params, adapters, "adapted", rng=rng, train=train, variant=variant, dequantize=dequantize
-    )
+    return _map_weights(spec, params, adapters, "adapted", rng=rng, train=train, variant=variant, dequantize=dequantize)
 
 
 def update_state(spec: Spec, params: Any, adapters: Any, aux: Any) -> Any:

@@ -32,7 +32,8 @@ Kinds (``W`` a Flax kernel viewed as the matrix ``[in, out]``, ``n = in·out``):
 * ``"int4"``: symmetric per group of ``group_size`` (64) consecutive inputs,
   ``s_go = max_{i∈g} |W_io| / 7``, ``q = round(W / s) ∈ [-7, 7]`` as 4-bit two's
   complement, two consecutive inputs per byte (the first in the high nibble):
-  codes ``[in/2, out]`` uint8, scales ``[in/group_size, out]`` f32.
+  codes ``[G·group_size/2, out]`` uint8, scales ``[G, out]`` f32 with ``G = ⌈in/group_size⌉`` (a shorter
+  last group is zero-padded; bytes ``(G·group_size/2 + 4G)·out``).
 * ``"bf16"``: a plain ``bfloat16`` array (not a `QuantizedArray`).
 
 Parity (``tests/test_quant.py``): NF4 codes, double-quantised constants and
@@ -174,7 +175,8 @@ class QuantizedArray(struct.PyTreeNode, meta.AxisMetadata):
       in the high nibble); ``scales`` the block absmax, f32 ``[nb]``, or with double quantisation uint8
       ``[nb]`` codes of the dynamic map, ``scales2`` f32 ``[⌈nb/256⌉]`` and ``offset`` f32 ``[]``.
     * ``int8``: ``codes`` int8 in the kernel's shape; ``scales`` f32, the kernel's output axes.
-    * ``int4``: ``codes`` uint8 ``[in/2, out]`` (matrix view); ``scales`` f32 ``[in/blocksize, out]``.
+    * ``int4``: ``codes`` uint8 ``[G·blocksize/2, out]`` (matrix view, ``G = ⌈in/blocksize⌉``, zero-padded
+      rows); ``scales`` f32 ``[G, out]``.
 
     ``jnp.asarray(q)``, `dequantize` and ``unbox()`` (what linen's ``self.param`` calls) give the float kernel.
     """
@@ -326,10 +328,12 @@ def _dequantize_int8(q: QuantizedArray) -> jax.Array:
 
 def _int4(m: jax.Array, group: int) -> dict:
     n_in, n_out = m.shape
-    g = m.astype(jnp.float32).reshape(n_in // group, group, n_out)
+    pad = -n_in % group  # a last group shorter than ``group``: zero rows (code 0), dropped when dequantised
+    m = jnp.pad(m.astype(jnp.float32), ((0, pad), (0, 0)))
+    g = m.reshape((n_in + pad) // group, group, n_out)
     scale = jnp.max(jnp.abs(g), axis=1) / np.float32(7.0)  # [in/group, out]
     safe = jnp.where(scale == 0, np.float32(1.0), scale)[:, None, :]
-    q = jnp.clip(jnp.round(g / safe), -7, 7).astype(jnp.int8).reshape(n_in, n_out)
+    q = jnp.clip(jnp.round(g / safe), -7, 7).astype(jnp.int8).reshape(n_in + pad, n_out)
     nib = q.astype(jnp.uint8) & 0xF  # 4-bit two's complement
     return dict(codes=(nib[0::2] << 4) | nib[1::2], scales=scale)
 
@@ -342,8 +346,8 @@ def _unpack_int4(codes: jax.Array) -> jax.Array:
 
 def _dequantize_int4(q: QuantizedArray) -> jax.Array:
     n_in, n_out = q.matrix_shape
-    vals = _unpack_int4(q.codes).astype(jnp.float32).reshape(n_in // q.blocksize, q.blocksize, n_out)
-    return (vals * q.scales[:, None, :]).reshape(q.shape).astype(q.dtype)
+    vals = _unpack_int4(q.codes).astype(jnp.float32).reshape(q.scales.shape[0], q.blocksize, n_out)
+    return (vals * q.scales[:, None, :]).reshape(-1, n_out)[:n_in].reshape(q.shape).astype(q.dtype)
 
 
 _DEQUANTIZE: dict[str, Callable[[QuantizedArray], jax.Array]] = {
@@ -380,12 +384,12 @@ def quantize_array(
       kind: one of `KINDS`.
       blocksize: NF4 block size, one of `NF4_BLOCKSIZES` (bitsandbytes' set).
       double_quant: NF4 only: quantise the block constants again (QLoRA's double quantisation).
-      group_size: int4 only: inputs per scale (even, divides the input size).
+      group_size: int4 only: inputs per scale (even; a last group may be shorter, zero-padded).
       name: the leaf's name in error messages.
 
     Raises:
       ValueError: unknown kind, a leaf with fewer than 2 axes or a non-float dtype, an ``in_axes`` that leaves
-        no output axis, an unsupported block size, a group size that does not fit the input size.
+        no output axis, an unsupported block size, an odd group size.
     """
     _check_kind(kind)
     if is_quantized(w):
@@ -416,11 +420,6 @@ def quantize_array(
         return QuantizedArray(codes=codes, scales=scales, blocksize=m.shape[0], **static)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
         raise ValueError(f"group_size={group_size!r} for {name}: int4 needs an even group size >= 2 (e.g. 64, 128)")
-    if m.shape[0] % group_size:
-        raise ValueError(
-            f"group_size={group_size} does not divide the input size {m.shape[0]} of {name} (shape {shape}); "
-            "pick a divisor (e.g. 32, 64, 128) or leave this weight out of the selection"
-        )
     return QuantizedArray(**_int4(m, group_size), blocksize=group_size, **static)
 
 
@@ -510,7 +509,8 @@ def expected_bytes(
     if kind == "int8":
         return n + 4 * n_out
     if kind == "int4":
-        return n // 2 + 4 * (n // group_size)
+        groups = -(-(n // n_out) // group_size)
+        return (groups * group_size // 2 + 4 * groups) * n_out
     nb = -(-n // blocksize)
     if not double_quant:
         return -(-n // 2) + 4 * nb

@@ -141,6 +141,19 @@ def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_p
     assert e.value.code == 2 and "adapted lm_head" in capsys.readouterr().err
 
 
+def test_qlora_on_a_4bit_base(base_run, tmp_path):
+    """--base-dtype nf4: LoRA trains on the NF4-quantised base (measured bytes recorded) and the merged sample
+    path dequantises it; the quantised base alone stays close to the float base it came from."""
+    res = run.main([*TINY, "--model", str(base_run[0] / "base"), "--spec.rank", "2", "--base-dtype", "nf4",
+                    "--sample", "--out-dir", str(tmp_path)])
+    base = res["quantized_base"]
+    assert base["dtype"] == "nf4" and 0 < base["bytes"] < base["float32_bytes"]
+    assert base["test_loss"] == pytest.approx(res["base_loss"], rel=0.05) and base["test_loss"] != res["base_loss"]
+    assert np.isfinite(res["test_loss"]) and isinstance(res["sample"], str)
+    config = json.loads((tmp_path / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2  # adapters exported against the float base's names and shapes
+
+
 @pytest.fixture
 def no_task(monkeypatch):
     def load_task(name):
@@ -173,9 +186,11 @@ def _error(capsys, argv) -> str:
     (["--compute-dtype", "float16"], "--compute-dtype"),
     (["--ce-chunk", "-1"], "--ce-chunk"),
     (["--spec.dropout", "1.5"], "dropout must be a number in [0, 1)"),
+    (["--base-dtype", "fp4"], "--base-dtype"),
+    (["--base-dtype", "nf4", "--spec.variant", "full"], "--spec.variant full"),
 ], ids=["option-name", "option-pair", "option-value", "init", "init-variant", "eval-variant", "eval-rank",
         "squeeze-rank", "squeeze-steps-alone", "model-folder", "attention", "remat", "compute-dtype", "ce-chunk",
-        "dropout"])
+        "dropout", "base-dtype", "base-dtype-full"])
 def test_bad_lm_flags_are_refused_before_loading(tmp_path, capsys, no_task, flags, needle):
     assert needle in _error(capsys, ["--task", "lm", "--out-dir", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()

@@ -301,8 +301,12 @@ def test_experiment_smoke(tmp_path):
     from experiments import loram_lm
 
     res = loram_lm.main(["--smoke", "--data", str(ARCHIVE), "--out-dir", str(tmp_path / "runs"),
-                         "--results", str(tmp_path / "loram_lm.md"), "--no-progress"])
+                         "--results", str(tmp_path / "loram_lm.md"), "--no-progress", "--qloram", "nf4"])
     row = res["seeds"][0]
+    # QLoRAM: the same pruned shapes, the pruned base's kernels in NF4 (fewer bytes), recovered to the full model
+    assert row["qloram"]["test_loss"] > 0 and row["qloram"]["trainable"] == row["loram"]["trainable"]
+    assert row["qloram"]["base_bytes"] < row["loram"]["base_bytes"]
+    assert "QLoRAM (nf4" in (tmp_path / "loram_lm.md").read_text()
     assert row["lora"]["test_loss"] > 0 and row["loram"]["test_loss"] > 0
     assert row["loram"]["trainable"] < row["lora"]["trainable"]
     assert row["loram"]["base_bytes"] < row["lora"]["base_bytes"]

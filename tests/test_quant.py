@@ -83,21 +83,26 @@ def test_int8_round_trip_bound():
     assert np.all(np.abs(np.asarray(q.codes)) <= 127) and np.abs(np.asarray(q.codes)).max() == 127
 
 
-@pytest.mark.parametrize("group_size", [4, 8])
+@pytest.mark.parametrize("group_size", [4, 8, 6])  # 6: groups of 6, 6 and a last one of 4 (zero-padded)
 def test_int4_round_trip_bound_and_packing(group_size):
     w = _kernel((16, 5), seed=2)
     q = quant.quantize_array(w, "int4", group_size=group_size)
-    assert q.codes.shape == (8, 5) and q.codes.dtype == jnp.uint8 and q.scales.shape == (16 // group_size, 5)
-    g = np.asarray(w).reshape(16 // group_size, group_size, 5)
+    n_groups = -(-16 // group_size)
+    rows = n_groups * group_size
+    assert q.codes.shape == (rows // 2, 5) and q.codes.dtype == jnp.uint8 and q.scales.shape == (n_groups, 5)
+    g = np.pad(np.asarray(w), ((0, rows - 16), (0, 0))).reshape(n_groups, group_size, 5)
     s = np.abs(g).max(1) / 7
     np.testing.assert_allclose(np.asarray(q.scales), s, rtol=1e-6)
-    deq = np.asarray(q.dequantize()).reshape(g.shape)
-    assert np.all(np.abs(g - deq) <= s[:, None, :] / 2 + 1e-7)
+    deq = np.asarray(q.dequantize())
+    assert deq.shape == (16, 5)
+    deq_g = np.pad(deq, ((0, rows - 16), (0, 0))).reshape(g.shape)
+    assert np.all(np.abs(g - deq_g) <= s[:, None, :] / 2 + 1e-7)
     # packing: byte [i, o] holds input 2i in the high nibble and 2i+1 in the low one, 4-bit two's complement
-    codes = np.rint(deq / s[:, None, :]).astype(np.int64).reshape(16, 5)
+    codes = np.rint(deq_g / s[:, None, :]).astype(np.int64).reshape(rows, 5)
     assert codes.min() >= -7 and codes.max() <= 7
     packed = ((codes[0::2] & 0xF) << 4) | (codes[1::2] & 0xF)
     np.testing.assert_array_equal(np.asarray(q.codes), packed.astype(np.uint8))
+    assert quant.base_bytes(q) == quant.expected_bytes((16, 5), "int4", group_size=group_size)
 
 
 # ----------------------------------------------------------------------------- 3. 4-bit Llama + PEFT LoRA
@@ -213,8 +218,8 @@ def test_errors():
         quant.quantize(base()[0], ["dense_bias"], "nf4", blocksize=48)
     with pytest.raises(ValueError, match=r"kind must be one of .*'int2'"):
         quant.quantize(base()[0], None, "int2")
-    with pytest.raises(ValueError, match="group_size=8 does not divide the input size 12 of w"):
-        quant.quantize_array(jnp.ones((12, 4)), "int4", group_size=8, name="w")
+    with pytest.raises(ValueError, match="group_size=7 for w: int4 needs an even group size"):
+        quant.quantize_array(jnp.ones((12, 4)), "int4", group_size=7, name="w")
     with pytest.raises(ValueError, match="dtype int32: only float kernels"):
         quant.quantize_array(jnp.ones((4, 4), jnp.int32), "int8")
     with pytest.raises(ValueError, match="already quantised"):

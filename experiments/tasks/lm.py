@@ -544,6 +544,8 @@ def run(cfg: RunConfig) -> dict:
         spec = cfg.spec.to_spec()
         adapters, variables = init_adapters(cfg, spec, model, variables, ids["train"])
         initial = adapters
+        if cfg.base_dtype != "float32":  # QLoRA: the (residual) base frozen in its quantised form
+            variables, extra["quantized_base"] = quantized_base(cfg, variables, lambda v, b: base_apply(v, b), evaluate)
         if mesh is not None:  # weights split by lorajax.sharding's Llama rules, adapters follow
             adapters = sharding.shard(adapters, mesh, like=variables)
             variables = sharding.shard(variables, mesh)
@@ -575,7 +577,12 @@ def run(cfg: RunConfig) -> dict:
         if is_sora(spec.variant):
             extra["sora"] = sora_pruned(model, variables, spec, adapters, evaluate, lambda b: base_apply(variables, b))
         mergeable = lorajax.registry.get(spec.variant).mergeable
-        params_after = lorajax.merge(spec, variables, adapters)["params"] if mergeable and cfg.sample else None
+        quantized = cfg.base_dtype != "float32"
+        params_after = (
+            lorajax.merge(spec, variables, adapters, dequantize=quantized)["params"]
+            if mergeable and cfg.sample
+            else None
+        )
         desc, export_spec = f"{spec.variant} on comedies", spec
     step_ms = step_time_ms(hist, train_dir)
 
@@ -590,7 +597,8 @@ def run(cfg: RunConfig) -> dict:
         if export_spec is None:
             lorajax.models.save_pretrained(out / "model", model, params_after)
         else:
-            _export_adapters(cfg, out, export_spec, adapters, initial, variables, params, base_name)
+            float_base = {"params": params} if cfg.base_dtype != "float32" and cfg.init not in BASE_SHIFTING else None
+            _export_adapters(cfg, out, export_spec, adapters, initial, float_base or variables, params, base_name)
 
     gain = loss_gain(base_test, after_test)
     table = markdown_table(
@@ -652,6 +660,26 @@ def run(cfg: RunConfig) -> dict:
     }
     write_results(out, text, {**results, "final_loss": curve[-1][1] if curve else None})
     return {**results, "loss_curve": curve, "table": table, "out_dir": str(out)}
+
+
+def quantized_base(cfg: RunConfig, variables: dict, base_loss: Callable, evaluate: Evaluator) -> tuple[dict, dict]:
+    """``variables`` with every linear kernel but the head in ``--base-dtype`` (`lorajax.quant`), and a record of
+    the base's measured bytes before and after and the quantised base's own validation/test loss."""
+    qvariables = lorajax.quant.quantize(variables, None, cfg.base_dtype)
+    losses = evaluate(lambda b: base_loss(qvariables, b))
+    record = {
+        "dtype": cfg.base_dtype,
+        "bytes": lorajax.quant.base_bytes(qvariables),
+        "float32_bytes": lorajax.quant.base_bytes(variables),
+        "val_loss": losses["val_loss"],
+        "test_loss": losses["test_loss"],
+    }
+    print(
+        f"base in {cfg.base_dtype}: {record['bytes']:,} B (float32 {record['float32_bytes']:,} B); "
+        f"its test loss {record['test_loss']:.4f}",
+        flush=True,
+    )
+    return qvariables, record
 
 
 def _train_full(cfg: RunConfig, model, variables, train_fn, out: Path, evaluate: Evaluator, mesh):

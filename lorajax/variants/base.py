@@ -153,7 +153,6 @@ def dropout_mask(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.bernoulli(jax.random.fold_in(rng, DROPOUT_TAG), 1.0 - p, shape)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Factors:
     """Where a variant's update holds an ``s·A·B`` term, and what that term means.
