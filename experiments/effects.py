@@ -256,8 +256,31 @@ def ensure_base(sweep: Sweep) -> Path:
         argv += ["--out-dir", str(folder), "--no-progress"]
         print(f"[effects] pre-training the shared lm base into {base}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
+        started = time.time()
         launch(argv, folder)
+        atomic.write_text(folder / "wall.json", json.dumps({"seconds": time.time() - started}) + "\n")
     return base
+
+
+def budget_table(out: Path, names: list[str], limit_min: float = 30.0) -> tuple[str, float]:
+    """The time a sweep in ``out`` took, per effect (sum of its runs' ``wall.json``) and in total with the
+    shared base (``_base/wall.json`` when recorded): ``(markdown, total minutes)``."""
+    rows, total = [], 0.0
+    for name in names:
+        runs = list((out / name).glob("*/*/wall.json"))
+        minutes = run_seconds(out / name) / 60
+        total += minutes
+        rows.append([name, str(len(runs)), f"{minutes:.1f}", "yes" if minutes <= limit_min else "**no**"])
+    base = out / "_base" / "wall.json"
+    if base.exists():
+        minutes = float(json.loads(base.read_text(encoding="utf-8"))["seconds"]) / 60
+        total += minutes
+        rows.append(["shared lm base (pre-training + its LoRA run)", "1", f"{minutes:.1f}", ""])
+    else:
+        rows.append(["shared lm base", "1", "not recorded (no _base/wall.json)", ""])
+    rows.append(["**total**", "", f"**{total:.1f}**", ""])
+    table = markdown_table(["effect", "runs", "run minutes", f"≤ {limit_min:g} min"], rows)
+    return table, total
 
 
 # --------------------------------------------------------------------------------------------- effect
@@ -504,6 +527,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--results", default="experiments/results", help="effects.md, effects.json, plots")
     parser.add_argument("--list", action="store_true", help="list the effects and exit")
     parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="write <results>/effects_budget.md: the time the sweep in --out took per effect (runs nothing)",
+    )
+    parser.add_argument("--budget-note", default="", help="a sentence for the budget report (e.g. the load)")
+    parser.add_argument(
         "--flags", default="", help="launcher flags added to every run, e.g. '--max-test 64' (runs go to a subfolder)"
     )
     args = parser.parse_args(argv)
@@ -511,6 +540,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if args.list:
         for e in EFFECTS:
             print(f"{e.name}: {e.claim}")
+        return {}
+    if args.budget:
+        table, total = budget_table(Path(args.out), list(by_name))
+        text = (
+            f"# Effects sweep: time on this machine\n\nThe runs of `{args.out}` (each run's `wall.json`: grid and "
+            f"seeds, in one process with a shared compile cache). Done means: every effect ≤ 30 min, the sweep "
+            f"≤ 4 h. {args.budget_note}\n\n{table}\n\nTotal: {total:.0f} min = {total / 60:.2f} h.\n"
+        )
+        atomic.write_text(Path(args.results) / "effects_budget.md", text)
+        print(text, flush=True)
         return {}
     unknown = [n for n in args.only or [] if n not in by_name]
     if unknown:

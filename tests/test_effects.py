@@ -167,3 +167,25 @@ def test_lm_loss_gain_is_the_paired_se_of_the_window_differences():
     assert g["gain"] == pytest.approx(d.mean()) and g["gain_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(50))
     assert g["base_loss_se"] == pytest.approx(base.std(ddof=1) / np.sqrt(50)) and g["gain_se"] < g["base_loss_se"] / 5
     assert g["gain_in_se"] == pytest.approx(d.mean() / g["gain_se"]) and g["test_windows"] == 50
+
+
+def test_budget_report_sums_each_effects_runs_and_the_base(tmp_path):
+    """--budget: per effect the sum of its runs' wall.json (grid and seeds), an effect over 30 min flagged,
+    the shared base added to the total; nothing is run."""
+    a, b, c = (e.name for e in EFFECTS[:3])
+
+    def wall(path, seconds):
+        path.mkdir(parents=True)
+        (path / "wall.json").write_text(json.dumps({"seconds": seconds}))
+    wall(tmp_path / "runs" / a / "lora" / "lr1e-3-seed0", 600.0)
+    wall(tmp_path / "runs" / a / "lora" / "lr1e-3-seed1", 300.0)
+    wall(tmp_path / "runs" / b / "dora" / "lr1e-2-seed0", 1860.0)
+    wall(tmp_path / "runs" / "_base", 120.0)
+    table, total = effects.budget_table(tmp_path / "runs", [a, b, c])
+    assert total == pytest.approx((600 + 300 + 1860 + 120) / 60)
+    lines = table.splitlines()
+    assert f"| {a} | 2 | 15.0 | yes |" in lines and f"| {b} | 1 | 31.0 | **no** |" in lines
+    assert f"| {c} | 0 | 0.0 | yes |" in lines
+    assert any(line.startswith("| shared lm base") and "| 2.0 |" in line for line in lines)
+    effects.main(["--budget", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")])
+    assert f"Total: {total:.0f} min" in (tmp_path / "res" / "effects_budget.md").read_text()
