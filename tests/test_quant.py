@@ -160,7 +160,13 @@ def _qsetup(variant):
     return spec, quant.dequantize(qvars), qvars, x
 
 
-@pytest.mark.parametrize("variant", lorajax.list_variants())
+# one variant per kind of contract in the quick suite (additive; weight-norm; shared buffers; block-folded; routing);
+# every other variant under `make test-all` (≈1-8 s each, eager)
+QUICK = {"lora", "dora", "vera", "miss", "flylora"}
+
+
+@pytest.mark.parametrize("variant", [v if v in QUICK else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in lorajax.list_variants()])
 def test_every_variant_over_nf4_base(variant):
     spec, dvars, qvars, x = _qsetup(variant)
     adapters = lorajax.init(spec, qvars, jax.random.key(2))
