@@ -9,7 +9,8 @@ that calls ``apply_fn(params, *args, **kw)`` with every targeted weight adapted.
 * ``factored``: for linen ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum``
   (through ``nn.intercept_methods``) computes the layer as the variant's
   factored forward, e.g. LoRA's ``x W + s (x A) B``, with token activations
-  flattened to 2-D ``[T, in]``. Neither ``ΔW`` nor a full-size weight gradient
+  flattened to 2-D ``[T, in]``; ``nn.Embed`` and ``nn.Conv`` run LoRA's
+  factored forwards of `lorajax.layer_kinds`. Neither ``ΔW`` nor a full-size weight gradient
   is formed. For an NNX ``State`` the same holds for ``nnx.Linear``,
   ``nnx.LinearGeneral`` and ``nnx.Einsum`` (see `lorajax.nnx_adapt`). Every
   adapter must be reached by an adapted layer call; otherwise it raises (use
@@ -56,7 +57,7 @@ import opt_einsum
 from flax import nnx
 from flax.core import meta
 
-from lorajax import layer_scan, registry
+from lorajax import layer_kinds, layer_scan, registry
 from lorajax.adapters import as_matrix, call_variant, check_finite, merge, target_context
 from lorajax.plan import make_plan, nest
 from lorajax.spec import Spec
@@ -66,7 +67,7 @@ from lorajax.variants.base import EVAL, Context
 __all__ = ["adapt"]
 
 MODES = ("merged", "factored")
-LINEN_LAYERS = "nn.Dense / nn.DenseGeneral / nn.Einsum"
+LINEN_LAYERS = "nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed / nn.Conv"
 KERNELS = (None, "pallas")
 
 
@@ -192,7 +193,10 @@ def check_reached(table: dict, used: set, what: str, layers: str, hint: str = ""
 def make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        other = layer_kinds.kind(module, context.method_name)  # nn.Embed / nn.Conv: lorajax.layer_kinds
+        if other is None and (
+            context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum))
+        ):
             return next_fun(*args, **kwargs)
         name = ".".join(str(p) for p in module.path)
         entry = table.get(name)
@@ -204,6 +208,8 @@ def make_interceptor(variant, table: dict, used: set, sink: dict) -> Callable:
             t, adapter, ctx = entry
         else:
             return next_fun(*args, **kwargs)
+        if other is not None:
+            return layer_kinds.forward(other, module, variant, t, adapter, ctx, next_fun, args, kwargs)
         inputs = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             einsum_str = module.einsum_str if len(args) < 2 else args[1]

@@ -57,6 +57,12 @@ cannot be rebuilt here raise: ``pissa_niter_K`` (a randomised SVD drawn from tor
 gives a different base each time), ``lora_ga`` and ``corda`` (data-dependent shifts), ``loftq`` (a quantised
 base). ``True``, ``False``, ``"gaussian"``, ``"eva"``, ``"orthogonal"`` and ``"mica"`` leave the base as it is.
 
+Embedding and conv layers (plain LoRA; `lorajax.layer_kinds`): a targeted ``embedding`` table is stored as
+PEFT's ``lora_embedding_A: [r, V]`` / ``lora_embedding_B: [d, r]``, a conv kernel (``>= 3`` axes viewed with
+``in_axes = ndim - 1``) as ``lora_A.weight: [r, in, *k]`` / ``lora_B.weight: [out, r, 1, …]``. `load` views each
+N-D kernel whose file holds a conv-shaped ``lora_A.weight`` as a conv (sets ``in_axes``); other variants on
+such layers raise.
+
 Only safetensors and JSON are read; pickles (``adapter_model.bin``) are refused.
 """
 
@@ -65,6 +71,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +81,7 @@ import safetensors.flax
 from safetensors import SafetensorError
 
 from lorajax import adapters as adapters_lib
-from lorajax import atomic, registry
+from lorajax import atomic, layer_kinds, registry
 from lorajax import targets as targets_lib
 from lorajax.jsonfile import read_object
 from lorajax.plan import nest
@@ -387,13 +394,15 @@ def _load(adapter_dir, params, dtype, unilora_order, allow_nonfinite) -> tuple[S
     spec = _spec_from_config(config, params, options)
     if dtype is not None:
         spec = spec.replace(dtype=jnp.dtype(dtype).name)
-    fmt = _format_of(spec.variant)
+    spec = _with_conv_in_axes(spec, params, tensors)
+    fmt, variant = _format_of(spec.variant), registry.get(spec.variant)
     selected = targets_lib.select(spec, params)
+    layer_kinds.check_peft(variant, selected)
     template = functools.partial(adapters_lib.init, spec, params, 0)
     if fmt.load_extra is not None:
         out = fmt.load_extra(spec, params, selected, tensors, template, options)
     else:
-        out = _load_tensors(fmt, selected, tensors, template())
+        out = _load_tensors(fmt, selected, tensors, template(), variant)
     if tensors:
         extra = sorted(tensors)
         raise ValueError(
@@ -403,13 +412,54 @@ def _load(adapter_dir, params, dtype, unilora_order, allow_nonfinite) -> tuple[S
     return spec, out, config.get("init_lora_weights")
 
 
-def _load_tensors(fmt: PeftFormat, selected: list, tensors: dict, template: dict) -> dict:
-    """The declared per-target and shared tensors of ``fmt``, shaped as ``template``; taken out of ``tensors``."""
+def _with_conv_in_axes(spec: Spec, params: Any, tensors: dict) -> Spec:
+    """``spec`` with ``in_axes = ndim - 1`` for each N-D kernel whose ``lora_A.weight`` in ``tensors`` is a conv's
+    ``[r, in, *k]`` (PEFT's conv LoRA: the kernel viewed as ``[prod(k)·in, out]``, see `lorajax.layer_kinds`)."""
+    conv = {}
+    for keys, leaf in targets_lib.weight_leaves(params):
+        name, ndim = targets_lib.module_name(keys), getattr(leaf, "ndim", 0)
+        if ndim >= 3 and getattr(tensors.get(f"{PREFIX}{name}.lora_A.weight"), "ndim", 0) == ndim:
+            conv[re.escape(name)] = ndim - 1
+    return spec.replace(in_axes=conv) if conv and spec.in_axes == 1 else spec
+
+
+def _read_layer_tensor(tensors: dict, name: str, t: Any, entry: str, side: str, like: Any) -> Any:
+    """`read_tensor` for an embedding / conv target: PEFT's layout converted by `lorajax.layer_kinds.from_peft`."""
+    arr = tensors.pop(name, None)
+    if arr is None:
+        raise ValueError(f"adapter file lacks tensor {name!r} (needed for {t.name}/{entry})")
+    want = layer_kinds.peft_shape(like.shape, side, t)
+    if tuple(arr.shape) != want:
+        raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
+    return jnp.asarray(layer_kinds.from_peft(arr, side, t), dtype=like.dtype)
+
+
+def _layer_tensors(variant: Variant | None, t: Any) -> list | None:
+    """``[(entry, PEFT suffix, side)]`` of an embedding / conv target (`lorajax.layer_kinds`); None for a linear one."""
+    if variant is None or layer_kinds.layer_kind(t) == "linear":
+        return None
+    return [(entry, suffix, side) for (entry, suffix), side in zip(layer_kinds.peft_tensors(variant, t), "ab")]
+
+
+def _load_tensors(
+    fmt: PeftFormat, selected: list, tensors: dict, template: dict, variant: Variant | None = None
+) -> dict:
+    """The declared per-target and shared tensors of ``fmt``, shaped as ``template``; taken out of ``tensors``.
+
+    ``variant``: the spec's variant, for embedding / conv targets in PEFT's layouts (`lorajax.layer_kinds`).
+    """
     flat = {}
     for t in selected:
         node = template
         for k in t.keys:
             node = node[k]
+        special = _layer_tensors(variant, t)
+        if special is not None:
+            flat[t.keys] = {
+                entry: _read_layer_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", t, entry, side, node[entry])
+                for entry, suffix, side in special
+            }
+            continue
         flat[t.keys] = {
             entry: read_tensor(tensors, f"{PREFIX}{t.name}.{suffix}", f"{t.name}/{entry}", node[entry], kind)
             for entry, suffix, kind in fmt.tensors
@@ -494,10 +544,16 @@ def save(
     adapter_dir = Path(adapter_dir)
     config = config_from_spec(spec, params, base_model_name_or_path, task_type)
     selected, index, shared = adapters_lib.resolve(spec, params, adapters)
-    fmt = _format_of(spec.variant)
+    fmt, variant = _format_of(spec.variant), registry.get(spec.variant)
+    layer_kinds.check_peft(variant, selected)
     tensors = {}
     for t in selected:
         a = index[t.keys]
+        special = _layer_tensors(variant, t)
+        if special is not None:  # embedding / conv: PEFT's own layouts
+            for entry, suffix, side in special:
+                tensors[f"{PREFIX}{t.name}.{suffix}"] = layer_kinds.to_peft(jnp.asarray(a[entry]), side, t)
+            continue
         for entry, suffix, kind in fmt.tensors:
             tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[entry]), kind)
         for entry in fmt.duplicates:

@@ -11,12 +11,18 @@ for NNX:
 * ``targets``: a list of module-name suffixes (``["q_proj", "v_proj"]``: a
   name matches if it equals the suffix or ends with ``"." + suffix``), a regex
   string (``re.fullmatch`` against the whole name), or ``"all-linear"`` (every
-  2-D kernel except the output head, see `HEAD_NAMES`).
+  2-D kernel except the output head, see `HEAD_NAMES`). Embedding tables
+  (``nn.Embed``'s ``embedding`` leaf, see `EMBEDDING_NAMES`) are picked only by
+  a list entry naming their module (``["embed_tokens"]``), never by a regex or
+  ``"all-linear"`` (as PEFT's ``"all-linear"``, which takes linear layers only).
 * ``exclude``: the same grammar, removing names from the selection.
 * ``layers_to_transform`` / ``layers_pattern``: keep only layers with these
   indices; the index is read from ``<pattern>.<i>.`` or ``<pattern>_<i>.``.
 * ``in_axes``: for kernels with more than two axes (DenseGeneral / Einsum),
   how many leading axes are inputs; an int or ``{regex: int}`` (default 1).
+  An ``nn.Conv`` kernel ``[*kernel_size, in, out]`` takes ``ndim - 1`` (LoRA's
+  ``[prod(kernel_size)·in, out]`` view; `lorajax.layer_kinds.conv_in_axes`
+  finds them from the model).
 
 `Selection.resolve(params)` gives the selected `Weight`s in pytree order.
 
@@ -36,12 +42,54 @@ import math
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from lorajax.paths import module_name, weight_leaves
+import jax
 
-__all__ = ["Selection", "Weight", "HEAD_NAMES", "pattern_value", "layer_index"]
+from lorajax import paths
+from lorajax.paths import module_name
+
+__all__ = [
+    "Selection",
+    "Weight",
+    "HEAD_NAMES",
+    "EMBEDDING_NAMES",
+    "is_embedding",
+    "weight_leaves",
+    "pattern_value",
+    "layer_index",
+]
 
 #: Last name components treated as the output head by ``targets="all-linear"``.
 HEAD_NAMES = ("lm_head", "embed_out", "classifier", "score", "head")
+
+#: Leaf names of embedding tables ``[num_embeddings, features]`` (linen/NNX ``Embed``): candidate weights that
+#: only a ``targets`` list selects.
+EMBEDDING_NAMES = ("embedding",)
+
+
+def is_embedding(keys: tuple) -> bool:
+    """True when the weight at path ``keys`` is an embedding table (its leaf name is in `EMBEDDING_NAMES`)."""
+    return bool(keys) and keys[-1] in EMBEDDING_NAMES
+
+
+def weight_leaves(params: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """``[(keys, array)]`` of every candidate weight in pytree order: `lorajax.paths.weight_leaves`' kernels
+    and the 2-D embedding tables."""
+    kernels = paths.weight_leaves(params)
+    only_params = paths.is_variables(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    keyed = [paths.key_names(path) for path, _ in flat]
+    embeds = [
+        (keys, leaf)
+        for keys, (_, leaf) in zip(keyed, flat)
+        if is_embedding(keys) and getattr(leaf, "ndim", 0) == 2 and (not only_params or keys[0] == "params")
+    ]
+    if not embeds:
+        return kernels
+    order: dict[tuple, int] = {}  # a weight's position: its first leaf (a quantised kernel is a subtree)
+    for i, keys in enumerate(keyed):
+        for j in range(1, len(keys) + 1):
+            order.setdefault(keys[:j], i)
+    return sorted(kernels + embeds, key=lambda kv: order.get(kv[0], len(flat)))
 
 
 class Weight(NamedTuple):
@@ -151,16 +199,20 @@ class Selection:
         leaves = weight_leaves(params)
         names = [module_name(keys) for keys, _ in leaves]
         if not leaves:
-            raise ValueError("no weights found: expected leaves named 'kernel' with >= 2 axes in the params tree")
+            raise ValueError(
+                "no weights found: expected leaves named 'kernel' with >= 2 axes (or 2-D 'embedding' tables) in the "
+                "params tree"
+            )
         if isinstance(self.targets, tuple):
             for entry in self.targets:
                 if not any(_suffix_match(n, entry) for n in names):
                     raise _no_match_error(entry, names)
         selected = []
         for (keys, leaf), name in zip(leaves, names):
-            if not _matches(self.targets, name, leaf.ndim):
+            embedding = is_embedding(keys)
+            if not _matches(self.targets, name, leaf.ndim, embedding):
                 continue
-            if self.exclude is not None and _matches(self.exclude, name, leaf.ndim):
+            if self.exclude is not None and _matches(self.exclude, name, leaf.ndim, embedding):
                 continue
             if self.layers_to_transform is not None:
                 idx = layer_index(name, self.layers_pattern)
@@ -174,9 +226,15 @@ class Selection:
             selected.append(Weight(keys, name, tuple(leaf.shape), in_axes))
         if not selected:
             what = self.targets if isinstance(self.targets, str) else list(self.targets)
+            tables = [n for (keys, _), n in zip(leaves, names) if is_embedding(keys)]
+            hint = (
+                f" Embedding tables ({tables[:3]}) are selected only by a targets list naming them."
+                if tables and isinstance(self.targets, str)
+                else ""
+            )
             raise ValueError(
                 f"targets={what!r} with exclude={self.exclude!r}, layers_to_transform={self.layers_to_transform!r} "
-                f"selects no weight. Weights found: {names[:12]}"
+                f"selects no weight. Weights found: {names[:12]}.{hint}"
             )
         return selected
 
@@ -185,7 +243,9 @@ def _suffix_match(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _matches(rule: Any, name: str, ndim: int) -> bool:
+def _matches(rule: Any, name: str, ndim: int, embedding: bool = False) -> bool:
+    if isinstance(rule, str) and embedding:  # a table is picked only by a list entry naming it
+        return False
     if rule == "all-linear":
         return ndim == 2 and name.split(".")[-1] not in HEAD_NAMES
     if isinstance(rule, str):

@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from lorajax import paths, registry
-from lorajax.paths import key_names, module_name, weight_leaves
-from lorajax.selection import layer_index, pattern_value
+from lorajax.paths import key_names, module_name
+from lorajax.selection import layer_index, pattern_value, weight_leaves
 from lorajax.variants.base import Target
 
 __all__ = ["select", "key_names", "weight_leaves", "module_name", "pattern_value", "layer_index"]
 
-WEIGHT_NAMES = paths.WEIGHT_NAMES
+WEIGHT_NAMES = paths.WEIGHT_NAMES  # kernels; `lorajax.selection.EMBEDDING_NAMES` for embedding tables
 
 
 def select(spec: Any, params: Any, variant: Any = None) -> list[Target]:

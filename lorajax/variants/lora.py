@@ -16,6 +16,13 @@ random (not an identity; for tests). ``"pissa"`` / ``"pissa_niter_K"`` /
 ``"olora"`` change the base weight: build them with `lorajax.inits.pissa` /
 `lorajax.inits.olora`, which return the new base explicitly.
 
+Embedding tables (``W: [num_embeddings, features]``, targeted by name) are
+initialised the other way round, as PEFT's ``Embedding`` layer (and loralib's)
+does: ``A = 0`` and ``B ~ N(0, 1)`` for ``True`` and ``"gaussian"``; ``False``:
+both ``N(0, 1)``. A conv kernel viewed as ``[prod(kernel_size)·in, out]`` gets
+the linear init, which is PEFT's conv ``lora_A`` init (fan-in ``prod(k)·in``).
+`lorajax.layer_kinds` has the embedding and conv forwards and PEFT layouts.
+
 Trainable per target: ``r · (in + out)``.
 
 Example:
@@ -45,6 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax.selection import is_embedding
 from lorajax.variants import options
 from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive, dropout
 from lorajax.variants.base import scaling as base_scaling
@@ -95,6 +103,10 @@ def init(key: jax.Array, w: jax.Array, t: Target) -> dict:
             "(spec, params, key), which returns (adapters, new_params)"
         )
     key_a, key_b = jax.random.split(key)
+    if is_embedding(t.keys):  # PEFT's Embedding: A = 0, B ~ N(0, 1) (random A too when init_weights=False)
+        b = jax.random.normal(key_b, (t.rank, d_out), dtype)
+        a = jnp.zeros((d_in, t.rank), dtype) if mode is not False else jax.random.normal(key_a, (d_in, t.rank), dtype)
+        return {"lora_A": a, "lora_B": b}
     if mode == "gaussian":
         a = jax.random.normal(key_a, (d_in, t.rank), dtype) / t.rank
     else:
