@@ -33,6 +33,13 @@ shape differs from its parameter's (GaLore's projector and low-rank moments,
 8-bit Adam's per-block scales) is placed as an adapter factor of that weight
 rather than by the weight's rule, which does not fit its shape.
 
+A quantised kernel (`lorajax.quant.QuantizedArray`) is placed like the float
+weight it encodes: the rule of the kernel's name (checked against its logical
+shape) decides its codes' and scales' specs (see `_quantized_entries`: int8
+codes as the kernel, int4 by input groups × outputs, NF4's flat arrays over
+the mesh axes the weight uses), and adapters under it (``like=`` quantised
+params) follow its logical ``[in, out]`` shape.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from lorajax import sharding
@@ -193,8 +200,53 @@ def _derived(weight_entries: tuple, weight_shape: tuple, leaf_shape: tuple, mesh
     return tuple(e if leaf_shape[i] % _axis_size(mesh, e) == 0 else None for i, e in enumerate(out))
 
 
+def _quantized_entries(
+    kind: str, field: str, weight_entries: tuple, weight_shape: tuple, leaf_shape: tuple, sizes: Any
+) -> tuple:
+    """The spec entries of one array of a `lorajax.quant.QuantizedArray`, from its weight's.
+
+    ``weight_entries`` are the rule's entries for the logical kernel ``weight_shape`` (``[*in, *out]``);
+    ``sizes`` maps mesh axis names to sizes. ``int8``: ``codes`` (the kernel's shape) take the weight's
+    entries, ``scales`` (its output axes) the trailing ones. ``int4`` (``codes [G·g/2, out]``, ``scales
+    [G, out]``): the weight's first entry on axis 0, its last on the last axis. ``nf4`` (``codes`` the
+    flattened PyTorch ``[out, in]``, ``scales [nb]``): one axis over every mesh axis the weight's entries
+    name. ``scales2`` / ``offset`` and any axis the mesh does not divide: replicated.
+    """
+    out: list[Any] = [None] * len(leaf_shape)
+    if kind == "int8" and field == "codes":
+        out = list(weight_entries)
+    elif kind == "int8" and field == "scales":
+        out = list(weight_entries[len(weight_shape) - len(leaf_shape) :])
+    elif kind == "int4" and field in ("codes", "scales") and len(leaf_shape) == 2:
+        out = [weight_entries[0], weight_entries[-1]]
+    elif kind == "nf4" and field in ("codes", "scales") and len(leaf_shape) == 1:
+        axes = [a for e in weight_entries if e is not None for a in ((e,) if isinstance(e, str) else e)]
+        out = [None if not axes else axes[0] if len(axes) == 1 else tuple(axes)]
+
+    def size(e: Any) -> int:
+        return 1 if e is None else math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else e))
+
+    return tuple(e if leaf_shape[i] % size(e) == 0 else None for i, e in enumerate(out))
+
+
+_QUANTIZED_FIELDS = ("codes", "scales", "scales2", "offset")
+
+
+def _quantized_shardings(q: Any, entries: tuple, mesh: Mesh) -> Any:
+    """``q`` (a `lorajax.quant.QuantizedArray`) with a ``NamedSharding`` in place of each of its arrays."""
+    new = {}
+    for field in _QUANTIZED_FIELDS:
+        x = getattr(q, field)
+        if x is not None:
+            spec = _quantized_entries(q.kind, field, entries, q.shape, tuple(np.shape(x)), mesh.shape)
+            new[field] = NamedSharding(mesh, P(*spec))
+    return q.replace(**new)
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
-    return {leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """``{dotted name: shape}``; a quantised kernel counts as one leaf of its logical shape."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=paths.is_quantized)[0]
+    return {leaf_name(p): tuple(x.shape if paths.is_quantized(x) else np.shape(x)) for p, x in flat}
 
 
 def shardings(
@@ -224,7 +276,7 @@ def shardings(
     rules = [
         (_matcher(rx, tree if like is None else like), spec if isinstance(spec, P) else P(*spec)) for rx, spec in rules
     ]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=paths.is_quantized)
     like_shapes = {} if like is None else _shapes(like)
     weights = _shapes(tree) if like is None else {**like_shapes, **_shapes(tree)}
     used = [False] * len(rules)
@@ -238,7 +290,8 @@ def shardings(
 
     out = []
     for path, leaf in leaves:
-        name, shape = leaf_name(path), tuple(np.shape(leaf))
+        name = leaf_name(path)
+        shape = tuple(leaf.shape if paths.is_quantized(leaf) else np.shape(leaf))
         spec = rule_for(name) if name else None
         entries = (None,) * len(shape)
         if spec is not None and like_shapes.get(name, shape) != shape:
@@ -264,7 +317,10 @@ def shardings(
                         w_shape = weights[parent]
                         entries = _derived(_fit(spec_w, mesh, len(w_shape)), w_shape, shape, mesh)
                     break
-        out.append(NamedSharding(mesh, P(*entries)))
+        if paths.is_quantized(leaf):  # its codes and scales placed like the (logical) weight they encode
+            out.append(_quantized_shardings(leaf, entries, mesh))
+        else:
+            out.append(NamedSharding(mesh, P(*entries)))
     if strict:
         unused = [rules[i][0][0] for i, u in enumerate(used) if not u]
         if unused:
