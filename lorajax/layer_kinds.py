@@ -254,8 +254,9 @@ def peft_tensors(variant: Any, t: Target) -> list[tuple[str, str]]:
     return [(a, "lora_A.weight"), (b, "lora_B.weight")]
 
 
-def to_peft(arr: jax.Array, side: str, t: Target) -> jax.Array:
-    """lorajax's ``A: [in, r]`` / ``B: [r, out]`` (``side`` ``"a"`` / ``"b"``) of target ``t`` in PEFT's layout.
+def to_peft(arr: Any, side: str, t: Target) -> Any:
+    """lorajax's ``A: [in, r]`` / ``B: [r, out]`` (``side`` ``"a"`` / ``"b"``) of target ``t`` in PEFT's layout
+    (a jax or numpy array in, the same kind out).
 
     Embedding: ``Aᵀ: [r, V]``, ``Bᵀ: [d, r]``. Conv (kernel ``[*k, in, out]``): ``[r, in, *k]`` and
     ``[out, r, 1, …]``.
@@ -264,11 +265,11 @@ def to_peft(arr: jax.Array, side: str, t: Target) -> jax.Array:
         return arr.T
     k, n = t.shape[:-2], len(t.shape) - 2
     if side == "a":
-        return jnp.transpose(arr.reshape(*k, t.shape[-2], -1), (n + 1, n, *range(n)))
+        return arr.reshape(*k, t.shape[-2], -1).transpose(n + 1, n, *range(n))
     return arr.T.reshape(arr.shape[1], arr.shape[0], *(1,) * n)
 
 
-def from_peft(arr: jax.Array, side: str, t: Target) -> jax.Array:
+def from_peft(arr: Any, side: str, t: Target) -> Any:
     """Inverse of `to_peft`: PEFT's tensor as lorajax's ``[in, r]`` / ``[r, out]``. Shapes are checked by the
     caller; a tensor of the wrong rank raises ValueError."""
     if layer_kind(t) == "embedding":
@@ -277,10 +278,10 @@ def from_peft(arr: jax.Array, side: str, t: Target) -> jax.Array:
     if arr.ndim != n + 2:
         raise ValueError(f"expected a {n + 2}-D conv tensor, got shape {tuple(arr.shape)}")
     if side == "a":
-        return jnp.transpose(arr, (*range(2, n + 2), 1, 0)).reshape(-1, arr.shape[0])
+        return arr.transpose(*range(2, n + 2), 1, 0).reshape(-1, arr.shape[0])
     return arr.reshape(arr.shape[0], arr.shape[1]).T
 
 
 def peft_shape(like_shape: tuple, side: str, t: Target) -> tuple:
-    """The PEFT shape of a lorajax factor of shape ``like_shape`` (for error messages)."""
-    return tuple(to_peft(jnp.zeros(like_shape), side, t).shape)
+    """The PEFT shape of a lorajax factor of shape ``like_shape`` (shapes only, nothing computed)."""
+    return tuple(jax.eval_shape(lambda: to_peft(jnp.zeros(like_shape), side, t)).shape)

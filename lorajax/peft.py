@@ -431,7 +431,7 @@ def _read_layer_tensor(tensors: dict, name: str, t: Any, entry: str, side: str, 
     want = layer_kinds.peft_shape(like.shape, side, t)
     if tuple(arr.shape) != want:
         raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
-    return jnp.asarray(layer_kinds.from_peft(arr, side, t), dtype=like.dtype)
+    return jnp.asarray(layer_kinds.from_peft(np.asarray(arr), side, t), dtype=like.dtype)  # host-side layout
 
 
 def _layer_tensors(variant: Variant | None, t: Any) -> list | None:
@@ -552,7 +552,7 @@ def save(
         special = _layer_tensors(variant, t)
         if special is not None:  # embedding / conv: PEFT's own layouts
             for entry, suffix, side in special:
-                tensors[f"{PREFIX}{t.name}.{suffix}"] = layer_kinds.to_peft(jnp.asarray(a[entry]), side, t)
+                tensors[f"{PREFIX}{t.name}.{suffix}"] = layer_kinds.to_peft(np.asarray(a[entry]), side, t)
             continue
         for entry, suffix, kind in fmt.tensors:
             tensors[f"{PREFIX}{t.name}.{suffix}"] = _transform(jnp.asarray(a[entry]), kind)

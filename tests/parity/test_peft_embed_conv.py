@@ -100,6 +100,17 @@ def conv_axes(variables):
     return layer_kinds.conv_in_axes(FlaxNet().apply, variables, *flax_args(*data()))
 
 
+def out_and_grads(fwd, variables, adapters, args, g):
+    """``fwd``'s output and the adapter gradients of ``sum(out * g)``, in one jitted vjp."""
+
+    @jax.jit
+    def run(a):
+        out, vjp = jax.vjp(lambda a: fwd(variables, a, *args), a)
+        return out, vjp(jnp.asarray(g))[0]
+
+    return run(adapters)
+
+
 @pytest.fixture(scope="module")
 def peft_case(tmp_path_factory):
     """PEFT model with random non-zero adapters on all four layers, its folder, and the linen twin's variables."""
@@ -114,7 +125,7 @@ def peft_case(tmp_path_factory):
     return peft_model, variables, folder
 
 
-def test_peft_folder_loads_with_equal_outputs_in_both_modes(peft_case):
+def test_peft_folder_loads_with_equal_outputs_and_gradients(peft_case):
     peft_model, variables, folder = peft_case
     spec, adapters = lorajax.peft.load(folder, variables)
     assert sorted(t.name for t in lorajax.select(spec, variables)) == sorted(TARGETS)
@@ -131,9 +142,26 @@ def test_peft_folder_loads_with_equal_outputs_in_both_modes(peft_case):
     ids, img = data(1)
     want = torch_out(peft_model, ids, img)
     assert np.abs(want - np.asarray(FlaxNet().apply(variables, *flax_args(ids, img)))).max() > 1e-2
-    for mode in MODES:
-        got = lorajax.adapt(FlaxNet().apply, spec, mode=mode)(variables, adapters, *flax_args(ids, img))
+    g = np.random.default_rng(3).standard_normal(want.shape).astype(np.float32)
+    peft_model.zero_grad()
+    (peft_model(torch.from_numpy(ids), torch.from_numpy(img)) * torch.from_numpy(g)).sum().backward()
+    for mode in MODES:  # outputs and adapter gradients (one vjp), the gradients compared in PEFT's layout
+        fwd = lorajax.adapt(FlaxNet().apply, spec, mode=mode)
+        got, grads = out_and_grads(fwd, variables, adapters, flax_args(ids, img), g)
         assert_close(got, want, what=mode)
+        for t in lorajax.select(spec, variables):
+            mod = peft_model.base_model.model.get_submodule(t.name)
+            gt = get_leaf_dict(grads, t.keys)
+            if t.name == "embed":
+                theirs = (mod.lora_embedding_A["default"].grad, mod.lora_embedding_B["default"].grad)
+            else:
+                theirs = (mod.lora_A["default"].weight.grad, mod.lora_B["default"].weight.grad)
+            if layer_kinds.layer_kind(t) == "linear":
+                ours = (gt["lora_A"].T, gt["lora_B"].T)
+            else:
+                ours = (layer_kinds.to_peft(gt["lora_A"], "a", t), layer_kinds.to_peft(gt["lora_B"], "b", t))
+            for side, o, p in zip("AB", ours, theirs):
+                assert_close(o, to_np(p), what=f"{mode} d{side} {t.name}")
 
     merged = lorajax.merge(spec, variables, adapters)
     want_merged = torch_variables(peft.PeftModel.from_pretrained(make_net(0), str(folder)).merge_and_unload())
@@ -141,38 +169,12 @@ def test_peft_folder_loads_with_equal_outputs_in_both_modes(peft_case):
         assert_close(a, b, what="merge vs merge_and_unload")
 
 
-def test_gradients_equal_peft(peft_case):
-    peft_model, variables, folder = peft_case
-    spec, adapters = lorajax.peft.load(folder, variables)
-    ids, img = data(2)
-    want = torch_out(peft_model, ids, img)
-    g = np.random.default_rng(3).standard_normal(want.shape).astype(np.float32)
-    peft_model.zero_grad()
-    (peft_model(torch.from_numpy(ids), torch.from_numpy(img)) * torch.from_numpy(g)).sum().backward()
-    for mode in MODES:
-        fwd = lorajax.adapt(FlaxNet().apply, spec, mode=mode)
-        grads = jax.grad(lambda a: jnp.sum(fwd(variables, a, *flax_args(ids, img)) * g))(adapters)
-        for t in lorajax.select(spec, variables):  # compared in PEFT's layout (`layer_kinds.to_peft`)
-            mod = peft_model.base_model.model.get_submodule(t.name)
-            gt = get_leaf_dict(grads, t.keys)
-            if t.name == "embed":
-                folder_grads = (mod.lora_embedding_A["default"].grad, mod.lora_embedding_B["default"].grad)
-            else:
-                folder_grads = (mod.lora_A["default"].weight.grad, mod.lora_B["default"].weight.grad)
-            if layer_kinds.layer_kind(t) == "linear":
-                ours = (gt["lora_A"].T, gt["lora_B"].T)
-            else:
-                ours = (layer_kinds.to_peft(gt["lora_A"], "a", t), layer_kinds.to_peft(gt["lora_B"], "b", t))
-            for side, o, p in zip("AB", ours, folder_grads):
-                assert_close(o, to_np(p), what=f"{mode} d{side} {t.name}")
-
-
 def test_lorajax_adapters_save_to_a_folder_peft_loads(tmp_path):
     variables = torch_variables(make_net(0))
     spec = lorajax.Spec("lora", rank=2, alpha=3, targets=TARGETS, in_axes=conv_axes(variables), init_weights=False)
     adapters = lorajax.init(spec, variables, jax.random.key(7))
     ids, img = data(4)
-    ours = lorajax.adapt(FlaxNet().apply, spec, mode="factored")(variables, adapters, *flax_args(ids, img))
+    ours = jax.jit(lorajax.adapt(FlaxNet().apply, spec, mode="factored"))(variables, adapters, *flax_args(ids, img))
     lorajax.peft.save(tmp_path, spec, adapters, variables)
     loaded = peft.PeftModel.from_pretrained(make_net(0), str(tmp_path)).eval()
     assert sorted(n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and n.count(".") == 2) == sorted(
@@ -270,11 +272,11 @@ def test_conv_equation(kernel, kw, pad):
         dimension_numbers=dn,
     )
     want = want + bias.reshape((1,) * (n + 1) + (-1,))
+    g = jax.random.normal(jax.random.key(3), want.shape)
     grads = {}
     for mode in MODES:
-        fwd = lorajax.adapt(model.apply, spec, mode=mode)
-        assert_close(fwd(variables, adapters, x), want, what=f"{mode} conv(x, W')")
-        grads[mode] = jax.grad(lambda a: jnp.sum(jnp.sin(fwd(variables, a, x))))(adapters)
+        out, grads[mode] = out_and_grads(lorajax.adapt(model.apply, spec, mode=mode), variables, adapters, (x,), g)
+        assert_close(out, want, what=f"{mode} conv(x, W')")
     for g_m, g_f in zip(jax.tree_util.tree_leaves(grads["merged"]), jax.tree_util.tree_leaves(grads["factored"])):
         assert_close(g_f, g_m, tol=1e-4, what="factored vs merged gradient")
 
