@@ -378,7 +378,7 @@ def load_with_base(
         return spec, adapters, params
     from lorajax import inits  # the initialisers import this module's neighbours; import on use
 
-    lora_spec = spec if spec.variant == "lora" else spec.replace(variant="lora", use_rslora=spec.options["use_rslora"])
+    lora_spec = spec.replace(variant="lora", use_rslora=spec.options["use_rslora"])  # DoRA's A, B: LoRA's init
     _, base = inits.pissa(lora_spec, params) if init == "pissa" else inits.olora(lora_spec, params)
     return spec, adapters, base
 

@@ -8,7 +8,7 @@ import lorajax
 def test_defaults_follow_peft():
     spec = lorajax.Spec()
     assert (spec.variant, spec.rank, spec.alpha, spec.targets) == ("lora", 8, 8.0, "all-linear")
-    assert dict(spec.options) == {"use_rslora": False, "init_weights": True, "dtype": None}
+    assert dict(spec.options) == {"use_rslora": False, "init_weights": True, "dtype": None, "dropout": 0.0}  # lora_dropout=0
 
 
 def test_hashable_and_equal():
