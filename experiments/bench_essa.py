@@ -12,7 +12,8 @@ loss). Rows:
 * loop: one jitted single-member fitness, called P times from Python (the adapters of each member
   built inside the jit, as in the vmapped path);
 * full generation: ``essa.step`` (ask + default evaluation + tell);
-* int8 / bf16 base: the default evaluation with `lorajax.es.quant` weight-only base matmuls.
+* int8 / bf16 base: the default evaluation over a `lorajax.quant` base (`lorajax.es.quant.quantize`: int8
+  per output channel, or bf16 kernels), dequantised by each layer at use.
 
 Timings: 1 warm-up call each, then the median of ``--repeats`` rounds; in each round every variant
 of a population size is called once (round-robin, interleaved), so load changes on a shared machine
@@ -91,7 +92,7 @@ def main(argv=None) -> str:
     spec = lorajax.Spec("lora", rank=8, alpha=16, targets=TARGETS, init_weights=False)
     adapters = lorajax.init(spec, variables, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (4, 33), 0, cfg.vocab_size)
-    fwd = quant.adapt(model.apply, spec)  # = lorajax.adapt factored on unquantised params
+    fwd = quant.adapt(model.apply, spec)  # lorajax.adapt, factored; params quantised or not
 
     def reward(adapters, params, tokens):
         logits = fwd(params, adapters, tokens[:, :-1])
@@ -222,8 +223,9 @@ Reduced-precision base (default evaluation, same members):
 
 {qtable}
 
-On CPU the int8 path converts the weights inside each matmul, which costs time rather than saving
-it; the benefit of weight-only quantisation is memory (and bandwidth on accelerators).
+On CPU each int8 layer converts its codes (times their scales) to a float32 weight before the matmul
+(one fused elementwise pass per call), which costs time rather than saving it; the benefit of
+weight-only quantisation is memory (and bandwidth on accelerators).
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

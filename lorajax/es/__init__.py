@@ -6,8 +6,8 @@
   singular values; the population is one ``jax.vmap`` inside one jit,
   optionally sharded over a device mesh. Needs ``pip install 'lorajax[es]'``.
 * `run`: driver loop with progress, logging and resumable checkpoints.
-* `lorajax.es.quant`: bf16 / int8 weight-only base matmuls for inference-only
-  fitness evaluation, with LoRA on top.
+* `lorajax.es.quant`: int8 / int4 / NF4 / bf16 inference bases for the fitness
+  evaluation: `lorajax.quant` trees (ESSA's defaults), LoRA on top, no wrapper.
 
 The paper's method section and code were not available: options that go beyond
 its abstract are documented in `lorajax.es.essa` as UNVERIFIED with the default
