@@ -6,6 +6,8 @@ Computes, each on one device and on a mesh (params by the default Llama rules,
 adapters and optimiser state ``shard(..., like=params)``, batches `shard_batch`):
 
 * ``merged``: the merged-mode adapted forward's logits (mesh ``fsdp=2,tensor=4``);
+* ``nf4_factored``: the factored forward over the NF4-quantised base (``fsdp=2,tensor=4``, codes and
+  scales placed by `lorajax.sharding` like their weight);
 * ``generate_merged`` / ``generate_factored``: greedy KV-cache generation with merged params and
   with a factored ``apply_fn`` (mesh ``data=2,fsdp=4``, 8 prompts, two left-padded), plus the
   teacher-forced logits of the result and their smallest top-2 gap (so equal tokens are a real check);
@@ -28,7 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lorajax  # noqa: E402
-from lorajax import sharding  # noqa: E402
+from lorajax import quant, sharding  # noqa: E402
 from lorajax.models.llama import generate  # noqa: E402
 
 ckpt_dir, out_path = sys.argv[1], sys.argv[2]
@@ -83,6 +85,23 @@ results["merged"] = {
     "q_shard": shard_shape(p_ft["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]),
     "lora_B_shard": shard_shape(a_ft["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]["lora_B"]),
     "logits_devices": len(got.sharding.device_set),
+}
+
+# ---------------------------------------------------------------- 1b. factored forward, NF4 base, fsdp=2,tensor=4
+q_params = quant.quantize(params, None, "nf4")  # all-linear: lm_head stays float
+factored_jit = jax.jit(lorajax.adapt(model.apply, spec))
+ref_q = factored_jit({"params": q_params}, adapters, tokens)
+q_ft = sharding.shard(q_params, mesh_ft)  # codes / scales placed like their weight (the default Llama rules)
+aq_ft = sharding.shard(adapters, mesh_ft, like=q_params)
+got_q = factored_jit({"params": q_ft}, aq_ft, sharding.shard_batch(tokens, mesh_ft))
+q_leaf = q_ft["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+results["nf4_factored"] = {
+    "rel_err": rel_err(got_q, ref_q),
+    "codes_spec": spec_str(q_leaf.codes),
+    "codes_shard": shard_shape(q_leaf.codes),
+    "scales_shard": shard_shape(q_leaf.scales),
+    "lora_B_shard": shard_shape(aq_ft["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]["lora_B"]),
+    "logits_devices": len(got_q.sharding.device_set),
 }
 
 # ---------------------------------------------------------------- 2. generation with KV cache, data=2,fsdp=4

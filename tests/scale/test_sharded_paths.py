@@ -1,5 +1,6 @@
-"""Merged forward, KV-cache generation and the lorajax.optim transforms not covered by test_sharded_training,
-run sharded on 8 fake CPU devices (one subprocess, sharded_paths_job.py) and compared with one device."""
+"""Merged forward, the factored forward over an NF4 base, KV-cache generation and the lorajax.optim transforms
+not covered by test_sharded_training, run sharded on 8 fake CPU devices (one subprocess, sharded_paths_job.py)
+and compared with one device."""
 
 import json
 from pathlib import Path
@@ -30,6 +31,16 @@ def test_merged_forward_sharded(results):
     assert r["rel_err"] <= 1e-5, r
     assert r["adapter_effect"] > 1e-2, r
     assert r["q_shard"] == [32, 16] and r["lora_B_shard"] == [4, 16]  # lora_B [r, out] follows q's tensor split
+    assert r["logits_devices"] == 8
+
+
+def test_nf4_factored_forward_sharded(results):
+    """The factored forward over an NF4 base on fsdp=2,tensor=4 equals one device's; q_proj's flat codes
+    [64·64/2] and block scales [64] are split over all 8 devices (its rule names fsdp and tensor)."""
+    r = results["nf4_factored"]
+    assert r["rel_err"] <= 1e-5, r
+    assert r["codes_spec"] == "P(('fsdp', 'tensor'),)" and r["codes_shard"] == [256] and r["scales_shard"] == [8]
+    assert r["lora_B_shard"] == [4, 16]  # the adapter follows the logical [in, out] weight
     assert r["logits_devices"] == 8
 
 
