@@ -49,7 +49,7 @@ def parse(argv: list[str] | None):
         "LoRA on float32, bf16, int8, int4 and NF4 bases of the lm task's small Llama",
         "LoRA steps per arm",
     )
-    ap.set_defaults(steps=200, lr=1e-2, batch_size=16)
+    ap.set_defaults(steps=200, lr=1e-2, batch_size=16, results="experiments/results/qlora.md")
     return parse_lm(ap, argv, name="qlora_lm", out_help="run folders (resumable)", smoke=SMOKE)
 
 
