@@ -1,6 +1,21 @@
 """lorajax: LoRA and its variants as pure functions over Flax parameter pytrees."""
 
-from lorajax import combination, es, inits, loram, loraprune, lragent, models, o3, optim, peft, quant, train, xlora
+from lorajax import (
+    combination,
+    es,
+    inits,
+    loram,
+    loraprune,
+    lragent,
+    models,
+    o3,
+    optim,
+    peft,
+    quant,
+    serve,
+    train,
+    xlora,
+)
 from lorajax.adapt import adapt
 from lorajax.adapters import (
     check_finite,
@@ -50,6 +65,7 @@ __all__ = [
     "optim",
     "peft",
     "quant",
+    "serve",
     "train",
     "xlora",
 ]
