@@ -102,6 +102,35 @@ def test_one_hot_scalings_give_the_single_expert(setup):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_reach_the_classifier_and_when_asked_the_experts(setup):
+    """Training differentiates the classifier (the default) and, with trainable adapters, the pool: with λ one-hot
+    on expert 1, the pool's gradient on expert 1 equals plain LoRA's gradient of that expert, and the others get 0."""
+    _, _, _, dirs, model, params, specs, pool, ids = setup
+    config = xlora.Config(hidden_size=D, use_trainable_adapters=True)
+    fwd = xlora.adapt(model.apply, specs[0], config)
+    g = jax.random.normal(jax.random.key(1), (2, 7, 40))
+    clf = xlora.init_classifier(config, 3, 2 * len(TARGETS), jax.random.key(2))
+    d_clf = jax.grad(lambda c: jnp.sum(fwd({"params": params}, pool, c, jnp.asarray(ids)) * g))(clf)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(d_clf))
+    onehot = ({"kernel": jnp.zeros((D, 3)), "bias": jnp.array([-1e4, 1e4, -1e4])},)
+    d_pool = jax.grad(lambda p: jnp.sum(fwd({"params": params}, p, onehot, jnp.asarray(ids)) * g))(pool)
+    spec1, expert1 = lorajax.peft.load(dirs["1"], params)
+    plain = lorajax.adapt(model.apply, spec1)
+    d_plain = jax.grad(lambda a: jnp.sum(plain({"params": params}, a, jnp.asarray(ids)) * g))(expert1)
+    for t in lorajax.select(spec1, {"params": params}):
+        got, want = get_leaf(d_pool, t.keys), get_leaf(d_plain, t.keys)
+        r = want["lora_A"].shape[1]  # expert 1's own rank inside the pool's padded rank
+        np.testing.assert_allclose(got["lora_A"][1][:, :r], want["lora_A"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["lora_B"][1][:r], want["lora_B"], rtol=1e-4, atol=1e-6)
+        assert float(jnp.abs(got["lora_A"][0]).max()) == 0.0 and float(jnp.abs(got["lora_B"][2]).max()) == 0.0
+
+
+def get_leaf(tree, keys):
+    for k in keys if keys[0] in tree else keys[1:]:
+        tree = tree[k]
+    return tree
+
+
 def test_save_load_round_trip_and_bad_input(setup, tmp_path):
     _, _, _, dirs, model, params, specs, pool, ids = setup
     config = xlora.Config(hidden_size=D, xlora_depth=2, xlora_size=8, top_k_lora=1)
