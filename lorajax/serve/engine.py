@@ -421,6 +421,37 @@ class Engine:
         req = self.requests[rid]
         return list(req.tokens), req.finish_reason
 
+    def abort(self, rid: int) -> None:
+        """Stop request ``rid`` now (finish reason ``"abort"``): it leaves the queue or its row, freeing its
+        KV blocks and adapter slot. A finished request is left as it is."""
+        req = self.requests[rid]
+        if req.finish_reason is not None:
+            return
+        req.finish_reason = "abort"
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+
+    def add_adapter(self, name: str, source: Any) -> None:
+        """Add an adapter to the store at run time (``AdapterStore.add``'s sources); a ValueError, and the
+        store unchanged, when it does not fit the adapter pool (targets, rank)."""
+        entry = self.store.add(name, source)
+        try:
+            self.adapters.check(entry)
+        except ValueError:
+            self.store.remove(name)
+            raise
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter from the store and the device pool; a ValueError while a request uses it."""
+        if name not in self.store:
+            raise KeyError(f"unknown adapter {name!r}; the store has {self.store.names()}")
+        users = [r.id for r in self.requests.values() if r.adapter == name and r.finish_reason is None]
+        if users:
+            raise ValueError(f"adapter {name!r} is used by {len(users)} unfinished request(s); retry when they end")
+        self.adapters.resident.pop(name, None)  # its slot is free (unpinned: no request uses it)
+        self.store.remove(name)
+
     # ------------------------------------------------------------------ scheduling
     def _admit(self) -> list[Request]:
         admitted = []
