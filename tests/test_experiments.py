@@ -39,6 +39,8 @@ def test_genre_tiny(tmp_path):
     assert again["test_acc"] == res["test_acc"]
 
 
+@pytest.mark.slow  # ~20 s: the lm_llama config end to end also runs in tests/reliability/test_task_exports.py
+# (killed and re-run) and the launcher's sample path in test_launcher_reach.py (test_qlora_on_a_4bit_base)
 def test_lm_tiny(tmp_path):
     out = tmp_path / "lm"
     res = run.main(["--config", "experiments/configs/lm_llama.py", "--data", str(ARCHIVE), "--steps", "4",
