@@ -30,10 +30,10 @@ pool (e.g. ``pool["params"]["model"]["layers"]["0"]["self_attn"]["v_proj"]["kern
 ``agent_ids`` (host integers, checked before anything runs; under ``jax.jit``
 pass them as a static argument) pick an adapter per agent; each scale is
 folded into its ``B``.
-This module is the per-layer cache and attention; driving a whole model's
-decode through it (each layer's ``X`` from one shared prefill, LRAgent's
-approximation, since adapters upstream make agents' hidden states differ) is
-not wired into `lorajax.models.llama`.
+This module is the per-layer cache and attention; `lorajax.lragent_decode`
+drives a whole Llama's decode through it (each layer's ``X`` from one shared
+base prefill: LRAgent's approximation, since adapters upstream make agents'
+hidden states differ; exact when only the last layer is adapted).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -93,7 +93,14 @@ def _pool(pool: dict, agent_ids: Any, width: int):
 
 
 def build_cache(
-    x: jax.Array, w_v: jax.Array, pool: dict, agent_ids: Any, *, k: jax.Array, shared_a: bool = False
+    x: jax.Array,
+    w_v: jax.Array,
+    pool: dict,
+    agent_ids: Any,
+    *,
+    k: jax.Array,
+    shared_a: bool = False,
+    bias: jax.Array | None = None,
 ) -> dict:
     """The decomposed cache of one attention layer for ``n = len(agent_ids)`` agents.
 
@@ -102,9 +109,11 @@ def build_cache(
       w_v: ``[in, Hkv·D]`` the base value kernel.
       pool: the value projection's `lorajax.stack_adapters` entry.
       agent_ids: ``[n]`` adapter index per agent.
-      k: ``[n, S, Hkv, D]`` each agent's keys (after RoPE); fixes ``Hkv`` and ``D``.
+      k: ``[n, S, Hkv, D]`` each agent's keys (after RoPE), or ``[1, S, Hkv, D]`` keys shared by every
+        agent (no agent adapts the key projection); fixes ``Hkv`` and ``D``.
       shared_a: every selected adapter has the same ``A`` (shared-A multi-LoRA): one ``lr_v`` row,
         checked.
+      bias: ``[Hkv·D]`` the value projection's bias, added to the shared base values (None: no bias).
 
     Returns ``{"k", "v": [1, S, Hkv, D], "lr_v": [n or 1, S, r]}`` in ``x``'s dtype (``v``) and the
     adapter dtype (``lr_v``).
@@ -119,14 +128,17 @@ def build_cache(
     a, _, _, ids = _pool(pool, agent_ids, w_v.shape[1])
     if a.shape[1] != x.shape[1]:
         raise ValueError(f"lragent: pool lora_A {a.shape} does not take inputs of width {x.shape[1]}")
-    if k.shape[0] != ids.size:
-        raise ValueError(f"lragent: {k.shape[0]} key caches for {ids.size} agents")
+    if k.shape[0] not in (1, ids.size):
+        raise ValueError(f"lragent: {k.shape[0]} key caches for {ids.size} agents (want {ids.size}, or 1 shared)")
+    if bias is not None and bias.shape != (w_v.shape[1],):
+        raise ValueError(f"lragent: value bias {bias.shape} does not match w_v {w_v.shape} (want [{w_v.shape[1]}])")
     if shared_a:
         if not bool(jnp.all(a[ids] == a[ids[:1]])):
             raise ValueError("lragent: shared_a=True but the agents' lora_A differ")
         ids = ids[:1]
     s_len, (hkv, d) = x.shape[0], k.shape[2:]
-    v = (x @ w_v).reshape(1, s_len, hkv, d)
+    v = x @ w_v if bias is None else x @ w_v + bias.astype(x.dtype)[None, :]
+    v = v.reshape(1, s_len, hkv, d)
     lr_v = jnp.einsum("si,nir->nsr", x.astype(a.dtype), a[ids])
     return {"k": k, "v": v, "lr_v": lr_v}
 
@@ -183,6 +195,9 @@ def full_cache_bytes(n: int, seq: int, heads_kv: int, head_dim: int, dtype: Any)
     return 2 * n * seq * heads_kv * head_dim * jnp.dtype(dtype).itemsize
 
 
-def memory_ratio(n: int, rank: int, width: int, *, shared_a: bool = False) -> float:
-    """``cache_bytes / full_cache_bytes`` for equal dtypes: ``(n+1)/(2n) + r/(2W)`` (``r/(2nW)`` with shared A)."""
-    return (n + 1) / (2 * n) + rank / (2 * width * (n if shared_a else 1))
+def memory_ratio(n: int, rank: int, width: int, *, shared_a: bool = False, shared_k: bool = False) -> float:
+    """``cache_bytes / full_cache_bytes`` for equal dtypes: ``(n+1)/(2n) + r/(2W)`` (``r/(2nW)`` with shared A).
+
+    ``shared_k``: one key cache for every agent (no agent adapts the key projection): ``1/n + r/(2W)``.
+    """
+    return ((2 if shared_k else n + 1) / (2 * n)) + rank / (2 * width * (n if shared_a else 1))

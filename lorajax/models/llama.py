@@ -108,6 +108,8 @@ __all__ = [
     "init_cache",
     "generate",
     "rope_inv_freq",
+    "rope_tables",
+    "apply_rope",
     "output_kernel",
 ]
 
@@ -465,6 +467,11 @@ def _apply_rope(x_BxSxHxd: jax.Array, cos_BxSxd: jax.Array, sin_BxSxd: jax.Array
     """``x·cos + rotate_half(x)·sin``; ``cos, sin`` are ``[B, S, d]`` or ``[1, S, d]`` (default positions)."""
     cos, sin = cos_BxSxd[:, :, None, :], sin_BxSxd[:, :, None, :]
     return x_BxSxHxd * cos + _rotate_half(x_BxSxHxd) * sin
+
+
+# public names for decoders built outside the module (lorajax.lragent_decode), so RoPE stays one implementation
+rope_tables = _rope_tables
+apply_rope = _apply_rope
 
 
 # ---------------------------------------------------------------------------- modules
