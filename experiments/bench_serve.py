@@ -458,8 +458,8 @@ def main(argv=None) -> dict:
 - Workload: {args.requests} requests, {s["generated_tokens"]} generated tokens in all, Poisson rate
   {args.rate} requests per engine step (last arrival at step {s["last_arrival_step"]}); adapters uniform.
 - {args.repeats} interleaved rounds (medians reported); 1-minute load average at the start of each round:
-  {", ".join(f"{x:.1f}" for x in loads)} (2 shared cores; a background experiment and a test suite ran
-  at the same time). Device: {s["device"]}, jax {s["jax"]}. Store of {max(counts)} adapters built in
+  {", ".join(f"{x:.1f}" for x in loads)} (2 cores; load above ~1 means other work shared them).
+  Device: {s["device"]}, jax {s["jax"]}. Store of {max(counts)} adapters built in
   {store_s:.1f} s; warm-up (compiles: {compiles_warm} engine traces + {n_shapes}
   generate shapes) {warm_s:.1f} s; whole run {total_s:.0f} s.
 
