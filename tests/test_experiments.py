@@ -34,9 +34,7 @@ def test_genre_tiny(tmp_path):
                  "peft_adapter/adapter_model.safetensors", "lora/metrics.jsonl"):
         assert (out / name).exists(), name
     assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    # re-running the same command resumes from the last checkpoint: nothing left to train, same result
-    again = run.main(args)
-    assert again["test_acc"] == res["test_acc"]
+    # (a re-run of a finished run trains nothing: tests/test_resume.py and tests/test_launcher_reach.py)
 
 
 @pytest.mark.slow  # ~20 s: the lm_llama config end to end also runs in tests/reliability/test_task_exports.py
