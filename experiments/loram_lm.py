@@ -225,6 +225,28 @@ def train_arm(cfg: RunConfig, model, variables: dict, spec, folder: Path, batche
     return state.combined, memory
 
 
+def evaluators(model, small_model, variables: dict, small_vars: dict, spec, evaluate: Evaluator, small: str):
+    """``(full_eval, small_eval, bases)``: the adapted-loss functions of the full and the pruned model, and the base
+    losses without adapters ``{"full": ..., small: ...}`` (val and test)."""
+    base_loss = jax.jit(lambda v, b: lm_loss(model.apply(v, b[:, :-1]), b))
+    small_base_loss = jax.jit(lambda v, b: lm_loss(small_model.apply(v, b[:, :-1]), b))
+    bases = {
+        "full": evaluate(lambda b: base_loss(variables, b)),
+        small: evaluate(lambda b: small_base_loss(small_vars, b)),
+    }
+    return adapter_eval(model, spec), adapter_eval(small_model, spec), bases
+
+
+def lora_arm(cfg: RunConfig, args, ids: dict, out: Path, model, variables: dict, spec, seed: int) -> tuple:
+    """``(cfg_s, batches, folder, adapters, memory)`` of one seed: its config, the lm task's batch stream, its run
+    folder and the LoRA arm on the full base (`train_arm` into ``<folder>/lora``)."""
+    cfg_s = dataclasses.replace(cfg, seed=seed)
+    batches = with_step(window_batches(ids["train"], args.batch_size, args.max_length, seed + 2))  # the lm stream
+    folder = out / f"seed{seed}"
+    adapters, memory = train_arm(cfg_s, model, variables, spec, folder / "lora", batches, f"lora seed {seed}")
+    return cfg_s, batches, folder, adapters, memory
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out_dir)
     cfg = run_config(args)
@@ -248,20 +270,11 @@ def run(args: argparse.Namespace) -> dict:
         lorajax.models.save_pretrained(out / "pruned", small_model, small_params)
         keep.save(out / "pruned" / "keep.json")
 
-    base_loss = jax.jit(lambda v, b: lm_loss(model.apply(v, b[:, :-1]), b))
-    small_base_loss = jax.jit(lambda v, b: lm_loss(small_model.apply(v, b[:, :-1]), b))
-    full_eval, small_eval = adapter_eval(model, spec), adapter_eval(small_model, spec)
-    bases = {
-        "full": evaluate(lambda b: base_loss(variables, b)),
-        "pruned": evaluate(lambda b: small_base_loss(small_vars, b)),
-    }
+    full_eval, small_eval, bases = evaluators(model, small_model, variables, small_vars, spec, evaluate, "pruned")
 
     rows = []
     for seed in args.seeds:
-        cfg_s = dataclasses.replace(cfg, seed=seed)
-        batches = with_step(window_batches(ids["train"], args.batch_size, seq, seed + 2))  # the lm task's stream
-        folder = out / f"seed{seed}"
-        full_ad, full_mem = train_arm(cfg_s, model, variables, spec, folder / "lora", batches, f"lora seed {seed}")
+        cfg_s, batches, folder, full_ad, full_mem = lora_arm(cfg, args, ids, out, model, variables, spec, seed)
         small_ad, small_mem = train_arm(
             cfg_s, small_model, small_vars, spec, folder / "loram", batches, f"loram (pruned) seed {seed}"
         )

@@ -59,7 +59,6 @@ settings there is refused).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -71,12 +70,12 @@ from tqdm.auto import tqdm
 
 import lorajax
 from experiments import run_identity
-from experiments.loram_lm import array_bytes, lm_parser, parse_lm, run_config, train_arm, write
+from experiments.loram_lm import array_bytes, evaluators, lm_parser, lora_arm, parse_lm, run_config, train_arm, write
 from experiments.optimizers import make_tx
 from experiments.report import format_ms, main_process, markdown_table, step_time_ms
 from experiments.run import run_main
 from experiments.stats import t_interval
-from experiments.tasks.lm import Evaluator, adapter_eval, lm_loss, load_model, window_batches, windows, with_step
+from experiments.tasks.lm import Evaluator, lm_loss, load_model, windows
 from lorajax import atomic, loram, loraprune
 from lorajax.data import speeches
 from lorajax.models import llama
@@ -309,20 +308,12 @@ def run(args: argparse.Namespace) -> dict:
     if main_process():
         keep_mag.save(out / "magnitude_keep.json")
 
-    base_loss = jax.jit(lambda v, b: lm_loss(model.apply(v, b[:, :-1]), b))
-    small_base_loss = jax.jit(lambda v, b: lm_loss(small_model.apply(v, b[:, :-1]), b))
-    full_eval, small_eval = adapter_eval(model, spec), adapter_eval(small_model, spec)
-    bases = {
-        "full": evaluate(lambda b: base_loss(variables, b)),
-        "magnitude": evaluate(lambda b: small_base_loss(small_vars, b)),
-    }
+    full_eval, small_eval, bases = evaluators(model, small_model, variables, small_vars, spec, evaluate, "magnitude")
+    small_base_loss = jax.jit(lambda v, b: lm_loss(small_model.apply(v, b[:, :-1]), b))  # LoRAPrune's pruned base
 
     rows = []
     for seed in args.seeds:
-        cfg_s = dataclasses.replace(cfg, seed=seed)
-        batches = with_step(window_batches(ids["train"], args.batch_size, seq, seed + 2))  # the lm task's stream
-        folder = out / f"seed{seed}"
-        full_ad, full_mem = train_arm(cfg_s, model, variables, spec, folder / "lora", batches, f"lora seed {seed}")
+        cfg_s, batches, folder, full_ad, full_mem = lora_arm(cfg, args, ids, out, model, variables, spec, seed)
         lp_full_ad, prune, lp_mem, curve = train_loraprune(
             cfg_s, args, model, variables, spec, batches, folder / "loraprune", f"loraprune seed {seed}"
         )
