@@ -191,17 +191,36 @@ def run_config(args: argparse.Namespace, seed: int = BASE_SEED) -> RunConfig:
     )
 
 
-def bind_out_dir(out: Path, args: argparse.Namespace) -> None:
-    """Record `IDENTITY`'s settings in ``out``, or refuse (ValueError) if it holds a run of other settings."""
-    want = {k: getattr(args, k) for k in IDENTITY}
-    path = out / ARGS_FILE
+def bind_out_dir(
+    out: Path, args: argparse.Namespace, identity: tuple = IDENTITY, args_file: str = ARGS_FILE, what: str = "LoRAM"
+) -> None:
+    """Record the ``identity`` settings in ``out/args_file``, or refuse (ValueError) if ``out`` holds a run of
+    other settings."""
+    want = {k: getattr(args, k) for k in identity}
+    path = out / args_file
     if path.exists():
         have = json.loads(path.read_text(encoding="utf-8"))
-        diff = [f"--{k.replace('_', '-')} {have.get(k)!r} -> {want[k]!r}" for k in IDENTITY if have.get(k) != want[k]]
+        diff = [f"--{k.replace('_', '-')} {have.get(k)!r} -> {want[k]!r}" for k in identity if have.get(k) != want[k]]
         if diff:
-            raise ValueError(f"{out} holds a LoRAM run of other settings ({'; '.join(diff)}); choose another --out-dir")
+            raise ValueError(
+                f"{out} holds a {what} run of other settings ({'; '.join(diff)}); choose another --out-dir"
+            )
     elif main_process():
         atomic.write_text(path, json.dumps(want, indent=2) + "\n")
+
+
+def start(args: argparse.Namespace, identity: tuple = IDENTITY, args_file: str = ARGS_FILE, what: str = "LoRAM"):
+    """The set-up both experiments share: ``(out, cfg, model, params, ids, base_name, evaluate, spec)`` — the run
+    folders checked and bound (`bind_out_dir`), the base loaded or pre-trained (`load_model`), the evaluator."""
+    out = Path(args.out_dir)
+    cfg = run_config(args)
+    run_identity.check(cfg)  # the base's run folder (raises RunConflict, a ValueError, for another config)
+    bind_out_dir(out, args, identity, args_file, what)
+    corpus = speeches.lm_corpus(args.data or None)
+    model, params, _, ids, base_name = load_model(cfg, out, corpus)
+    seq = args.max_length
+    evaluate = Evaluator(windows(ids["val"], seq), windows(ids["test"], seq), args.batch_size)
+    return out, cfg, model, params, ids, base_name, evaluate, cfg.spec.to_spec()
 
 
 def array_bytes(tree: Any) -> int:
@@ -248,16 +267,8 @@ def lora_arm(cfg: RunConfig, args, ids: dict, out: Path, model, variables: dict,
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = Path(args.out_dir)
-    cfg = run_config(args)
-    run_identity.check(cfg)  # the base's run folder (raises RunConflict, a ValueError, for another config)
-    bind_out_dir(out, args)
-    corpus = speeches.lm_corpus(args.data or None)
-    model, params, _, ids, base_name = load_model(cfg, out, corpus)
-    seq = args.max_length
-    evaluate = Evaluator(windows(ids["val"], seq), windows(ids["test"], seq), args.batch_size)
+    out, cfg, model, params, ids, base_name, evaluate, spec = start(args)
     variables = {"params": params}
-    spec = cfg.spec.to_spec()
 
     keep = loram.select(
         model.cfg, params, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio, criterion=args.criterion

@@ -59,7 +59,6 @@ settings there is refused).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -69,15 +68,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import lorajax
-from experiments import run_identity
-from experiments.loram_lm import array_bytes, evaluators, lm_parser, lora_arm, parse_lm, run_config, train_arm, write
+from experiments.loram_lm import array_bytes, evaluators, lm_parser, lora_arm, parse_lm, start, train_arm, write
 from experiments.optimizers import make_tx
 from experiments.report import format_ms, main_process, markdown_table, step_time_ms
 from experiments.run import run_main
 from experiments.stats import t_interval
-from experiments.tasks.lm import Evaluator, lm_loss, load_model, windows
-from lorajax import atomic, loram, loraprune
-from lorajax.data import speeches
+from experiments.tasks.lm import lm_loss
+from lorajax import loram, loraprune
 from lorajax.models import llama
 from lorajax.train.checkpoint import Checkpointer
 
@@ -139,21 +136,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         positive=("prune_freq",),
         ratios=("ratio",),
     )
-
-
-def bind_out_dir(out: Path, args: argparse.Namespace) -> None:
-    """Record `IDENTITY`'s settings in ``out``, or refuse (ValueError) if it holds a run of other settings."""
-    want = {k: getattr(args, k) for k in IDENTITY}
-    path = out / ARGS_FILE
-    if path.exists():
-        have = json.loads(path.read_text(encoding="utf-8"))
-        diff = [f"--{k.replace('_', '-')} {have.get(k)!r} -> {want[k]!r}" for k in IDENTITY if have.get(k) != want[k]]
-        if diff:
-            raise ValueError(
-                f"{out} holds a LoRAPrune run of other settings ({'; '.join(diff)}); choose another --out-dir"
-            )
-    elif main_process():
-        atomic.write_text(path, json.dumps(want, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- the schedule's end point
@@ -282,16 +264,8 @@ def train_loraprune(cfg, args, model, variables: dict, spec, batches, folder: Pa
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = Path(args.out_dir)
-    cfg = run_config(args)
-    run_identity.check(cfg)  # the base's run folder (raises RunConflict, a ValueError, for another config)
-    bind_out_dir(out, args)
-    corpus = speeches.lm_corpus(args.data or None)
-    model, params, _, ids, base_name = load_model(cfg, out, corpus)
-    seq = args.max_length
-    evaluate = Evaluator(windows(ids["val"], seq), windows(ids["test"], seq), args.batch_size)
+    out, cfg, model, params, ids, base_name, evaluate, spec = start(args, IDENTITY, ARGS_FILE, "LoRAPrune")
     variables = {"params": params}
-    spec = cfg.spec.to_spec()
     full_cfg = model.cfg
 
     # the counts LoRAPrune's schedule ends at; the magnitude arm prunes exactly these (ratio = count / n)
