@@ -23,7 +23,6 @@ random-init base, 3 steps, one seed (tests). Writes ``--results`` (default
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -32,11 +31,10 @@ from typing import Any
 import numpy as np
 
 from experiments import run as launcher
-from experiments.loram_lm import lm_parser, parse_lm
-from experiments.report import main_process, markdown_table, strict_json
+from experiments.loram_lm import lm_parser, parse_lm, write
+from experiments.report import markdown_table
 from experiments.run import run_main
 from experiments.stats import t_interval
-from lorajax import atomic
 
 #: the arms: the launcher's --base-dtype values, float32 first (the reference)
 ARMS = ("float32", "bf16", "int8", "int4", "nf4")
@@ -165,11 +163,8 @@ def run(args) -> dict:
     """Run (or read back) every arm and seed, write the results; the JSON record."""
     runs = run_arms(args)
     text, record = report(args, runs)
-    if main_process():
-        results = Path(args.results)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(results, text)
-        atomic.write_text(results.with_suffix(".json"), json.dumps(strict_json(record), indent=2) + "\n")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    write(Path(args.results), text, record)  # the .md and the .json beside it (main process only)
     print(text, flush=True)
     return record
 
