@@ -545,7 +545,7 @@ def run(cfg: RunConfig) -> dict:
         adapters, variables = init_adapters(cfg, spec, model, variables, ids["train"])
         initial = adapters
         if cfg.base_dtype != "float32":  # QLoRA: the (residual) base frozen in its quantised form
-            variables, extra["quantized_base"] = quantized_base(cfg, variables, lambda v, b: base_apply(v, b), evaluate)
+            variables, extra["quantized_base"] = quantized_base(cfg, variables, base_apply, evaluate)
         if mesh is not None:  # weights split by lorajax.sharding's Llama rules, adapters follow
             adapters = sharding.shard(adapters, mesh, like=variables)
             variables = sharding.shard(variables, mesh)
@@ -597,8 +597,10 @@ def run(cfg: RunConfig) -> dict:
         if export_spec is None:
             lorajax.models.save_pretrained(out / "model", model, params_after)
         else:
-            float_base = {"params": params} if cfg.base_dtype != "float32" and cfg.init not in BASE_SHIFTING else None
-            _export_adapters(cfg, out, export_spec, adapters, initial, float_base or variables, params, base_name)
+            # a quantised base is exported against the float params' names and shapes (a shifted base's adapters
+            # are converted onto the original params inside _export_adapters either way)
+            export_base = variables if cfg.base_dtype == "float32" else {"params": params}
+            _export_adapters(cfg, out, export_spec, adapters, initial, export_base, params, base_name)
 
     gain = loss_gain(base_test, after_test)
     table = markdown_table(
