@@ -104,7 +104,8 @@ def pct(xs: list[float], q: float) -> float:
 def serve(engine: Engine, reqs: list[dict], names: list[str | None]) -> dict:
     """Run the stream through the engine (pool emptied first); wall-clock metrics and tokens per request."""
     engine.adapters.resident.clear()  # cold pool: every adapter is loaded from the host on first use
-    loads0, compiles0 = engine.adapters.loads, engine.compiles
+    pool = engine.adapters
+    loads0, compiles0, prefetched0, writes0 = pool.loads, engine.compiles, pool.prefetched, pool.writes
     free_slots = engine.adapters.slots - 1
     added: dict[int, float] = {}
     first: dict[int, float] = {}
@@ -141,6 +142,8 @@ def serve(engine: Engine, reqs: list[dict], names: list[str | None]) -> dict:
         "steps": step,
         "loads": loads,
         "evictions": max(0, loads - free_slots),
+        "prefetched": pool.prefetched - prefetched0,
+        "load_writes": pool.writes - writes0,
         "preemptions": sum(engine.requests[rid].preemptions for rid in ids),
         "compiles": engine.compiles - compiles0,
         "peak_blocks": peak_blocks,
@@ -311,6 +314,8 @@ def main(argv=None) -> dict:
             "engine_vs_merge": tps / mtps,
             "loads": e[-1]["loads"],
             "evictions": e[-1]["evictions"],
+            "prefetched": e[-1]["prefetched"],
+            "load_writes": e[-1]["load_writes"],
             "preemptions": e[-1]["preemptions"],
             "compiles_after_warmup": sum(r["compiles"] for r in e),
             "peak_kv_blocks": max(r["peak_blocks"] for r in e),
@@ -341,17 +346,22 @@ def main(argv=None) -> dict:
         )
         print(rows[-1], flush=True)
 
-    # the cost of one host -> device adapter load on its own: acquire + release of adapters not resident
-    engine.adapters.resident.clear()
-    load_times = []
-    for i in range(min(32, max(counts))):
-        t = time.perf_counter()
-        slot = engine.adapters.acquire(f"a{i}")
-        jax.block_until_ready(engine.adapters.pool)
-        load_times.append(time.perf_counter() - t)
-        assert slot is not None
-        engine.adapters.release(slot)
-    load_s = statistics.median(load_times)
+    # the cost of one host -> device adapter load on its own: acquire + release of adapters not resident,
+    # first without their host entries (packed on a first load), then with them (every later load)
+    first_times: list[float] = []
+    load_times: list[float] = []
+    for times in (first_times, load_times):
+        engine.adapters.resident.clear()
+        for i in range(min(32, max(counts))):
+            if times is first_times:
+                engine.adapters.forget(f"a{i}")
+            t = time.perf_counter()
+            slot = engine.adapters.acquire(f"a{i}")
+            jax.block_until_ready(engine.adapters.pool)
+            times.append(time.perf_counter() - t)
+            assert slot is not None
+            engine.adapters.release(slot)
+    load_s, first_load_s = statistics.median(load_times), statistics.median(first_times)
     one = next(r for r in results if r["adapters"] == 1)
     for r in results:
         if r["adapters"] is not None:
@@ -362,6 +372,11 @@ def main(argv=None) -> dict:
         f"n={r['adapters']}: {r['extra_wall_s_vs_one']:+.2f} s, of which loads ~{r['extra_loads_x_load_s']:.2f} s"
         for r in results
         if r["adapters"] not in (None, 1)
+    )
+    load_counts = "; ".join(
+        f"n={r['adapters']}: {r['loads']} loads, {r['prefetched']} of them prefetched, in {r['load_writes']} writes"
+        for r in results
+        if r["adapters"] is not None
     )
     spread = "; ".join(
         f"n={r['adapters']}: " + ", ".join(f"{x:.2f}" for x in r["per_round_ratio_vs_one_adapter"])
@@ -401,6 +416,7 @@ def main(argv=None) -> dict:
             "warmup_s": warm_s,
             "compiles_in_warmup": compiles_warm,
             "adapter_load_s_median": load_s,
+            "adapter_first_load_s_median": first_load_s,
             "total_s": total_s,
             "load_avg_per_round": loads,
             "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
@@ -485,15 +501,20 @@ recomputed later: preemptions per row in the table). `Engine.memory()`: KV pool 
   accelerator; the ratios between rows on the same engine and workload are what this measures. Per-step
   Python scheduling (admission, block tables, host -> device copies of a few small arrays) is a large
   share of each step at this size, and is the same for every n.
-- One adapter load (host -> device: `DevicePool.acquire` of a non-resident adapter, building its padded
-  per-target entry and one jitted `.at[slot].set`) takes {load_s * 1e3:.1f} ms here (median of
-  {len(load_times)}). Extra engine wall time over one adapter, and the part the extra loads explain
-  (loads x that median): {attribution}.
+- One adapter load (host -> device: `DevicePool.acquire` of a non-resident adapter, then the pool's
+  write: one transfer of the adapter's host entry, a flat array already in the pool's padded layout, and
+  one jitted in-place scatter into its slot) takes {load_s * 1e3:.2f} ms here (median of
+  {len(load_times)}); an adapter's first load, which also packs that host entry (once), takes
+  {first_load_s * 1e3:.2f} ms (median of {len(first_times)}). Extra engine wall time over one adapter, and the
+  part the extra loads explain (loads x the former median; an estimate: the engine writes the loads of one
+  step in one call, and dispatches prefetched loads while a decode step runs): {attribution}.
 - The adapter cost on the device is the per-row gather of A, B from the pool and two small matmuls per
   adapted layer; it does not depend on how many distinct adapters share a batch (every row gathers its own
-  slot), so the n-dependence comes from host -> device loads (one `.at[slot].set` per load) and from
-  requests waiting for a slot (never here: {args.slots - 1} slots > {args.max_batch} rows, so a free or
-  evictable slot always exists).
+  slot), so the n-dependence comes from host -> device loads and from requests waiting for a slot (never
+  here: {args.slots - 1} slots > {args.max_batch} rows, so a free or evictable slot always exists). The
+  engine writes the adapters it admits in one step with one device call, and while requests wait it loads
+  the adapters of the next {args.max_batch} of them during the decode step (prefetch; never evicting one a
+  running row uses). Last round: {load_counts}.
 - Merge-then-generate has no arrivals (all requests available at once) and pads batches to 1/2/4/8 rows
   and new tokens to 16/24/32. Each of its calls is one compiled `llama.generate` (prefill + a
   `lax.while_loop` over the new tokens, no Python per token), while the engine returns to Python every

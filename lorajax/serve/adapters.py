@@ -21,9 +21,13 @@ pool's rank for that target; a smaller rank is zero-padded (A's extra columns
 and B's extra rows are zero, so ``(x A) B`` is unchanged) and a target an
 adapter lacks is all zeros with gain 1 (no change). Slot 0 is the base model
 (the zero adapter) and is never evicted. `DevicePool.acquire` returns the slot
-of a named adapter, loading it from the host store into the least recently used
-free slot when it is not resident (S-LoRA's adapter paging); slots in use by a
-running request are pinned.
+of a named adapter, loading it from the host store into a free slot, or in place
+of the least recently used unpinned adapter, when it is not resident (S-LoRA's
+adapter paging); slots in use by a running request are pinned. A load moves one
+flat host array per adapter, packed once in the pool's padded layout, and the
+loads queued before a step are written by one jitted, in-place scatter;
+`DevicePool.prefetch` starts the loads of waiting requests' adapters early
+(S-LoRA prefetches the adapters of the next batch while the current one runs).
 
 References:
   Y. Sheng et al., "S-LoRA: Serving Thousands of Concurrent LoRA Adapters",
@@ -39,9 +43,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -191,11 +196,22 @@ class AdapterStore:
         return list(self._adapters)
 
 
-def _set_slot(pool: dict, slot: jax.Array, entry: dict) -> dict:
-    return {
-        m: {k: pool[m][k].at[slot].set(entry[m][k]) for k in pool[m]}  # one dynamic row per leaf
-        for m in pool
-    }
+def _write_slots(pool: dict, slot_K: jax.Array, w_K: tuple, s_KxT: jax.Array, *, layout: tuple, traces: list) -> dict:
+    """``pool`` with slots ``slot_K [K]`` overwritten by the flat host entries ``w_K`` (K arrays ``[N]``: every
+    target's padded A, B, gain) and their scales ``s_KxT``; an index ``>= slots`` is dropped."""
+    traces.append(slot_K.shape[0])  # runs once per trace, i.e. per compilation
+    w_KxN = jnp.stack(w_K)
+    K = w_KxN.shape[0]
+    out = {}
+    for t, (m, off, i, r, o) in enumerate(layout):
+        vals = {
+            "A": w_KxN[:, off : off + i * r].reshape(K, i, r),
+            "B": w_KxN[:, off + i * r : off + (i + o) * r].reshape(K, r, o),
+            "gain": w_KxN[:, off + (i + o) * r : off + (i + o) * r + o],
+            "scale": s_KxT[:, t],
+        }  # one scatter per leaf, in place
+        out[m] = {key: pool[m][key].at[slot_K].set(vals[key], mode="drop") for key in pool[m]}
+    return out
 
 
 class DevicePool:
@@ -207,19 +223,45 @@ class DevicePool:
       shapes: ``{module name: (in, out)}`` of the Dense kernels that may be adapted.
       ranks: ``{module name: R}`` the pool's rank per target (adapters of larger rank are refused).
       dtype: dtype of A, B and gains on the device.
+      max_loads: adapters written by one device call (default ``slots - 1``: every load
+        between two steps); more pending loads take several calls.
 
     ``pool`` is the device pytree ``{module: {"A": [slots, in, R], "B": [slots, R, out],
     "scale": [slots], "gain": [slots, out]}}``. ``acquire(name)`` pins and returns a
     slot (loading the adapter when it is not resident; ``None`` when every
-    non-base slot is pinned); ``release(slot)`` unpins it. ``loads`` counts host
-    → device copies.
+    non-base slot is pinned); ``release(slot)`` unpins it; ``prefetch(names)``
+    loads adapters without pinning them, never evicting a pinned one.
+
+    A load is cheap: the first load of an adapter packs it, once, into its *host
+    entry*: one flat array ``[N]`` of the pool's dtype (every target's A, B and
+    gain, zero-padded to the pool's rank, in the pool's layout) and one float32
+    ``[T]`` of scales, kept (``host_bytes``) while the adapter is in the store.
+    Loads are queued on the host and written by `flush` (reading ``pool`` flushes):
+    one host -> device transfer of the queued entries and one jitted scatter of
+    them into their slots, with the pool's buffers donated (written in place) and
+    the slot list padded to ``max_loads`` (an index past the pool is dropped), so
+    the write compiles once (``write_compiles``). JAX dispatch is asynchronous:
+    `flush` returns before the copy and the write are done. ``loads`` counts
+    adapters written, ``writes`` device calls, ``prefetched`` loads by `prefetch`.
     """
 
-    def __init__(self, store: AdapterStore, slots: int, shapes: dict, ranks: dict, dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        store: AdapterStore,
+        slots: int,
+        shapes: dict,
+        ranks: dict,
+        dtype: Any = jnp.float32,
+        max_loads: int | None = None,
+    ):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
             raise ValueError(f"slots must be an int >= 2 (slot 0 is the base model), got {slots!r}")
+        max_loads = slots - 1 if max_loads is None else max_loads
+        if isinstance(max_loads, bool) or not isinstance(max_loads, int) or max_loads < 1:
+            raise ValueError(f"max_loads must be a positive int, got {max_loads!r}")
         self.store, self.slots, self.shapes, self.ranks = store, slots, dict(shapes), dict(ranks)
-        self.pool = {
+        self.max_loads = max_loads
+        self._pool = {
             m: {
                 "A": jnp.zeros((slots, i, self.ranks[m]), dtype),
                 "B": jnp.zeros((slots, self.ranks[m], o), dtype),
@@ -228,10 +270,37 @@ class DevicePool:
             }
             for m, (i, o) in self.shapes.items()
         }
-        self._set = jax.jit(_set_slot, donate_argnums=0)
+        # the host entry's layout: per target (in the pool's order, from ``offset``) A [in, R], B [R, out], gain [out]
+        layout: list[tuple[str, int, int, int, int]] = []
+        off = 0
+        for m, (i, o) in self.shapes.items():
+            r = self.ranks[m]
+            layout.append((m, off, i, r, o))
+            off += (i + o) * r + o
+        self._layout = tuple(layout)
+        self._blank = np.zeros((off,), np.dtype(dtype))  # the zero adapter: A = B = 0, gain = 1
+        for _, off, i, r, o in self._layout:
+            self._blank[off + (i + o) * r : off + (i + o) * r + o] = 1
+        self._write_traces: list[int] = []
+        self._write = jax.jit(
+            functools.partial(_write_slots, layout=self._layout, traces=self._write_traces), donate_argnums=0
+        )
+        self._host: dict[str, tuple[ServingAdapter, np.ndarray, np.ndarray]] = {}
+        self._pending: dict[int, str] = {}  # slot -> adapter name, written by the next flush
         self.resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU order, oldest first
         self.pins = [0] * slots
-        self.loads = 0
+        self.loads = self.writes = self.prefetched = 0
+
+    @property
+    def pool(self) -> dict:
+        """The device pytree, with every queued load written (see `flush`)."""
+        self.flush()
+        return self._pool
+
+    @property
+    def write_compiles(self) -> int:
+        """Traces (= compilations) of the batched slot write so far (one for a fixed ``max_loads``)."""
+        return len(self._write_traces)
 
     def check(self, adapter: ServingAdapter) -> None:
         """Raise ValueError when ``adapter`` does not fit the pool (unknown target, rank above the pool's)."""
@@ -248,26 +317,47 @@ class DevicePool:
                     f"{self.ranks[m]}; build the Engine with max_rank >= {e['A'].shape[1]}"
                 )
 
-    def _entry(self, adapter: ServingAdapter) -> dict:
-        entry = {}
-        for m, (i, o) in self.shapes.items():
-            r = self.ranks[m]
-            dt = self.pool[m]["A"].dtype
-            a, b = np.zeros((i, r), np.float32), np.zeros((r, o), np.float32)
-            scale, gain = 0.0, np.ones((o,), np.float32)
+    def host_entry(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(w [N], scales [T])``: adapter ``name`` packed in the pool's layout (built on first use, then cached;
+        rebuilt when the store's adapter of that name is a different one)."""
+        adapter = self.store[name]
+        cached = self._host.get(name)
+        if cached is not None and cached[0] is adapter:
+            return cached[1], cached[2]
+        self.check(adapter)
+        w = self._blank.copy()
+        scales = np.zeros((len(self._layout),), np.float32)
+        for t, (m, off, i, r, o) in enumerate(self._layout):
             e = adapter.targets.get(m)
-            if e is not None:
-                k = e["A"].shape[1]
-                a[:, :k], b[:k, :], scale = e["A"], e["B"], e["scale"]
-                if e["gain"] is not None:
-                    gain = e["gain"]
-            entry[m] = {
-                "A": jnp.asarray(a, dt),
-                "B": jnp.asarray(b, dt),
-                "scale": jnp.float32(scale),
-                "gain": jnp.asarray(gain, dt),
-            }
-        return entry
+            if e is None:
+                continue  # zeros and gain 1: no change
+            k = e["A"].shape[1]
+            w[off : off + i * r].reshape(i, r)[:, :k] = e["A"]
+            w[off + i * r : off + (i + o) * r].reshape(r, o)[:k, :] = e["B"]
+            if e["gain"] is not None:
+                w[off + (i + o) * r : off + (i + o) * r + o] = e["gain"]
+            scales[t] = e["scale"]
+        self._host[name] = (adapter, w, scales)
+        return w, scales
+
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of the cached host entries."""
+        return sum(w.nbytes + s.nbytes for _, w, s in self._host.values())
+
+    def _slot_for(self, keep: frozenset | set = frozenset()) -> int | None:
+        """A free non-base slot, else the least recently used unpinned one not in ``keep`` (evicted), else None."""
+        used = set(self.resident.values())
+        free = next((s for s in range(1, self.slots) if s not in used), None)
+        if free is not None:
+            return free
+        victim = next((n for n, s in self.resident.items() if self.pins[s] == 0 and n not in keep), None)
+        return None if victim is None else self.resident.pop(victim)
+
+    def _load(self, name: str, slot: int) -> None:
+        self.host_entry(name)  # packed now (once), so flush only transfers
+        self._pending[slot] = name
+        self.resident[name] = slot
 
     def acquire(self, name: str | None) -> int | None:
         if name is None:
@@ -277,22 +367,13 @@ class DevicePool:
             self.resident.move_to_end(name)
             self.pins[slot] += 1
             return slot
-        adapter = self.store[name]
-        self.check(adapter)
-        used = set(self.resident.values())
-        free = [s for s in range(1, self.slots) if s not in used]
-        if free:
-            slot = free[0]
-        else:
-            victim = next((n for n, s in self.resident.items() if self.pins[s] == 0), None)
-            if victim is None:
-                return None
-            slot = self.resident.pop(victim)
-        self.pool = self._set(self.pool, jnp.int32(slot), self._entry(adapter))
-        self.loads += 1
-        self.resident[name] = slot
-        self.pins[slot] += 1
-        return slot
+        self.check(self.store[name])
+        free = self._slot_for()
+        if free is None:
+            return None
+        self._load(name, free)
+        self.pins[free] += 1
+        return free
 
     def release(self, slot: int) -> None:
         if slot:
@@ -306,6 +387,57 @@ class DevicePool:
             return True
         return len(self.resident) < self.slots - 1 or any(self.pins[s] == 0 for s in self.resident.values())
 
+    def prefetch(self, names: Iterable[str | None]) -> list[str]:
+        """Start loading the adapters ``names`` (in order; None and resident ones skipped) into free slots or
+        by evicting least recently used unpinned adapters not in ``names``, without pinning them; stops at
+        the first that finds no slot. Never evicts a pinned adapter (one a running request uses). The
+        writes are dispatched (`flush`), not waited for. Returns the names loaded."""
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        keep = set(wanted)
+        loaded = []
+        for name in wanted:
+            if name in self.resident or name not in self.store:
+                continue
+            try:
+                self.check(self.store[name])
+            except ValueError:
+                continue  # acquire raises it for the request that asks for it
+            slot = self._slot_for(keep)
+            if slot is None:
+                break
+            self._load(name, slot)
+            loaded.append(name)
+        self.prefetched += len(loaded)
+        self.flush()
+        return loaded
+
+    def flush(self) -> None:
+        """Write every queued load: one transfer of the host entries and one jitted write per ``max_loads``."""
+        # a queued slot whose adapter was evicted or forgotten since is skipped (its new owner is queued)
+        todo = [(s, n) for s, n in self._pending.items() if self.resident.get(n) == s]
+        self._pending.clear()
+        for c in range(0, len(todo), self.max_loads):
+            chunk = todo[c : c + self.max_loads]
+            entries = [self.host_entry(n) for _, n in chunk]
+            dev_w = jax.device_put([w for w, _ in entries])  # the one transfer of the entries' weights
+            slot_K = np.full((self.max_loads,), self.slots, np.int32)  # past the pool: dropped
+            slot_K[: len(chunk)] = [s for s, _ in chunk]
+            s_KxT = np.zeros((self.max_loads, len(self._layout)), np.float32)
+            s_KxT[: len(chunk)] = [s for _, s in entries]
+            # the padding repeats the first entry's device array (no copy; its writes are dropped)
+            pad = dev_w[:1] * (self.max_loads - len(chunk))
+            self._pool = self._write(self._pool, slot_K, tuple(dev_w + pad), s_KxT)
+            self.loads += len(chunk)
+            self.writes += 1
+
+    def forget(self, name: str) -> None:
+        """Drop adapter ``name`` from the pool (its slot is free) and its host entry; it must not be pinned."""
+        slot = self.resident.get(name)
+        if slot is not None and self.pins[slot]:
+            raise ValueError(f"adapter {name!r} is pinned by {self.pins[slot]} running request(s)")
+        self.resident.pop(name, None)
+        self._host.pop(name, None)
+
     @property
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.pool))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self._pool))

@@ -22,7 +22,10 @@ base model, in one running batch of ``max_batch`` rows:
   scale and gain are gathered from the pool and applied as
   ``g ⊙ (x W + s (x A) B) + b`` (the rows are ``vmap``-ed, so this is Punica's
   gather + batched matmul). Different ranks share a pool through zero padding,
-  different target sets through zero entries; both are exact.
+  different target sets through zero entries; both are exact. The adapters a
+  step admits are written to the pool by one device call, and while requests
+  wait, the adapters of the next ones are loaded during the decode step
+  (``prefetch``; never evicting one a running row uses).
 * **static shapes**: one jitted function serves prefill and decode; its shapes
   are ``[rows, tokens]`` = ``[1, bucket]`` for a prefill (prompt padded on the
   right to a power-of-two bucket ``>= min_bucket``, capped at the cache view
@@ -231,6 +234,10 @@ class Engine:
       targets: module names the pool holds (default: every target of the store's adapters).
       min_bucket: smallest prefill length bucket (a power of two).
       tokenizer: ``ids -> str``, needed for ``stop`` strings.
+      prefetch: while requests wait, load the adapters of the next ``max_batch`` waiting
+        requests during each decode step (into free slots or in place of unpinned adapters
+        those requests do not need; never one a running row uses), so that admitting them
+        loads nothing.
     """
 
     def __init__(
@@ -248,6 +255,7 @@ class Engine:
         targets: Sequence[str] | None = None,
         min_bucket: int = 8,
         tokenizer: Callable[[list[int]], str] | None = None,
+        prefetch: bool = True,
     ):
         cfg = getattr(model, "cfg", None)
         if not isinstance(cfg, llama.Config):
@@ -264,7 +272,7 @@ class Engine:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         self.model, self.params, self.store, self.cfg = model, params, store, cfg
         self.max_batch, self.block_size, self.max_len = max_batch, block_size, max_len
-        self.tokenizer = tokenizer
+        self.tokenizer, self.prefetch = tokenizer, bool(prefetch)
         self.max_blocks = kv_cache.blocks_needed(max_len, block_size)
         if num_blocks * block_size < max_len:
             raise ValueError(
@@ -285,7 +293,9 @@ class Engine:
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
         ranks = {m: max_rank or max((store[n].ranks.get(m, 1) for n in store.names()), default=1) for m in wanted}
-        self.adapters = DevicePool(store, slots, {m: shapes[m] for m in wanted}, ranks, dtype)
+        # one admission or prefetch loads at most max_batch adapters: one device write
+        max_loads = max(1, min(slots - 1, max_batch)) if isinstance(slots, int) else None
+        self.adapters = DevicePool(store, slots, {m: shapes[m] for m in wanted}, ranks, dtype, max_loads=max_loads)
         for n in store.names():
             self.adapters.check(store[n])
         self.buckets = [b for b in (min_bucket << i for i in range(40)) if b < self.view_len] + [self.view_len]
@@ -395,9 +405,14 @@ class Engine:
             self._prefill(req)
             self._emit(req, new, finished)
         running = self._reserve_decode()
+        toks = self._decode(running) if running else None
+        if self.prefetch and self.waiting:  # dispatched while the decode step runs on the device
+            self.adapters.prefetch(r.adapter for r in itertools.islice(self.waiting, self.max_batch))
         if running:
-            self._decode(running)
+            toks_R = np.asarray(toks)
             for req in running:
+                assert req.row is not None
+                req.tokens.append(int(toks_R[req.row]))
                 self._emit(req, new, finished)
         out = [Output(rid, tuple(toks), False, None) for rid, toks in new.items()]
         done = {r.id: r for r in finished}
@@ -449,7 +464,7 @@ class Engine:
         users = [r.id for r in self.requests.values() if r.adapter == name and r.finish_reason is None]
         if users:
             raise ValueError(f"adapter {name!r} is used by {len(users)} unfinished request(s); retry when they end")
-        self.adapters.resident.pop(name, None)  # its slot is free (unpinned: no request uses it)
+        self.adapters.forget(name)  # its slot is free (unpinned: no request uses it)
         self.store.remove(name)
 
     # ------------------------------------------------------------------ scheduling
@@ -506,7 +521,8 @@ class Engine:
         table[: len(req.blocks)] = req.blocks
         return table
 
-    def _run(self, reqs: list[Request | None], ids: np.ndarray, start: np.ndarray, last: np.ndarray) -> np.ndarray:
+    def _run(self, reqs: list[Request | None], ids: np.ndarray, start: np.ndarray, last: np.ndarray) -> jax.Array:
+        """Dispatch one step (not waited for); the sampled tokens ``[R]`` on the device."""
         R = len(reqs)
         slot, table = np.zeros((R,), np.int32), np.full((R, self.max_blocks), kv_cache.NULL_BLOCK, np.int32)
         keys, t = np.zeros((R, 2), np.uint32), np.zeros((R,), np.int32)
@@ -519,8 +535,8 @@ class Engine:
             temp[i], top_p[i] = req.temperature, req.top_p
         toks, self.kv = self._fn(
             self.params, self.kv, self.adapters.pool, slot, ids, start, table, last, keys, t, temp, top_p
-        )
-        return np.asarray(toks)
+        )  # reading the pool writes the adapters loaded since the last step (one call)
+        return toks
 
     def _prefill(self, req: Request) -> None:
         seq = req.prompt + req.tokens
@@ -529,9 +545,10 @@ class Engine:
         ids = np.zeros((1, bucket), np.int32)
         ids[0, :n] = seq
         tok = self._run([req], ids, np.zeros((1,), np.int32), np.full((1,), n - 1, np.int32))
-        req.tokens.append(int(tok[0]))
+        req.tokens.append(int(np.asarray(tok)[0]))
 
-    def _decode(self, running: list[Request]) -> None:
+    def _decode(self, running: list[Request]) -> jax.Array:
+        """Dispatch one decode step over the running rows; their next tokens ``[max_batch]`` (by row)."""
         reqs: list[Request | None] = list(self.rows)
         ids = np.zeros((self.max_batch, 1), np.int32)
         start = np.zeros((self.max_batch,), np.int32)
@@ -539,10 +556,7 @@ class Engine:
             assert req.row is not None
             ids[req.row, 0] = req.tokens[-1]
             start[req.row] = len(req.prompt) + len(req.tokens) - 1
-        toks = self._run(reqs, ids, start, np.zeros((self.max_batch,), np.int32))
-        for req in running:
-            assert req.row is not None
-            req.tokens.append(int(toks[req.row]))
+        return self._run(reqs, ids, start, np.zeros((self.max_batch,), np.int32))
 
     def _emit(self, req: Request, new: dict, finished: list) -> None:
         if req.finish_reason is not None:

@@ -202,3 +202,41 @@ def test_stop_eos_and_errors(setup, tmp_path):
     vera = lorajax.Spec("vera", rank=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="'vera'.*LoRA-form"):
         AdapterStore(params).add("v", (vera, lorajax.init(vera, params, jax.random.key(0))))
+
+
+def test_adapters_admitted_together_load_in_one_write(setup):
+    engine, ref = setup["engine"], setup["ref"]
+    pool = engine.adapters
+    fresh = [n for n in ("a", "b", "c", "peft") if n not in pool.resident]  # two slots, four adapters
+    loads, writes = pool.loads, pool.writes
+    plan = [("p0", fresh[0], 3), ("p2", fresh[1], 3), ("p1", None, 3)]
+    rids = [engine.add_request(PROMPTS[k], adapter, max_tokens=n) for k, adapter, n in plan]
+    engine.step()  # admits all three: both loads are written by one call before the first prefill
+    assert (pool.loads - loads, pool.writes - writes, pool.write_compiles) == (2, 1, 1)
+    got = engine.run_until_done()
+    for rid, (key, adapter, n) in zip(rids, plan):
+        assert got[rid] == ref[adapter][key][:n], (adapter, key)
+
+
+def test_prefetch_loads_a_waiting_adapter_but_never_a_running_rows(setup):
+    engine, ref = setup["engine"], setup["ref"]
+    pool = engine.adapters
+    engine.add_request(PROMPTS["p4"], "b", max_tokens=2)
+    engine.run_until_done()  # b: resident, most recently used, unpinned
+    plan = [("p4", "a", 8), ("p0", None, 4), ("p2", None, 4), ("p0", "c", 3), ("p1", "peft", 3)]
+    rids = [engine.add_request(PROMPTS[k], adapter, max_tokens=n) for k, adapter, n in plan]
+    prefetched = pool.prefetched
+    engine.step()  # a and two base requests take the three rows; c and peft wait
+    slot_a = engine.requests[rids[0]].slot
+    assert [r.id for r in engine.waiting] == rids[3:]
+    # during the decode step c was loaded in place of b; peft found no slot (a's is pinned by its running row)
+    assert list(pool.resident) == ["a", "c"] and pool.resident["a"] == slot_a and pool.prefetched - prefetched == 1
+    assert pool.pins[slot_a] == 1 and pool.pins[pool.resident["c"]] == 0
+    loads = pool.loads
+    while engine.requests[rids[3]].row is None:
+        engine.step()
+    assert pool.loads == loads  # admitting c loaded nothing: it was prefetched
+    got = engine.run_until_done()
+    for rid, (key, adapter, n) in zip(rids, plan):
+        assert got[rid] == ref[adapter][key][:n], (adapter, key)
+    assert engine.compiles == 3 and pool.write_compiles == 1
