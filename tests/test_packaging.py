@@ -36,6 +36,7 @@ def test_wheel_and_sdist_hold_every_package(dist):
                     "lorajax/inits", "lorajax/data", "pallas_kernels"):
         assert f"{package}/__init__.py" in names, package
     assert "lorajax/variants/lora.py" in names and "pallas_kernels/lora_linear.py" in names
+    assert "lorajax/models/csrc/attention_cpu.cc" in names  # the fused attention kernel's source
     assert sdist.stat().st_size > 0
 
 

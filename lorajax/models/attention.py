@@ -8,6 +8,10 @@ boolean ``mask [B, S, T]`` (True = the query may read the key). They return
 
 * `dense_attention` forms the whole ``[B, K, G, S, T]`` score tensor: the
   reference, and the path for decoding with a KV cache.
+* `self_attention` picks the implementation the models' ``attention`` field names: ``"dense"``,
+  ``"blockwise"``, ``"fused"`` (`lorajax.models.attention_cpu.fused_attention`, one C++ kernel for
+  XLA:CPU) or ``"auto"`` = fused where it runs (`uses_fused`: one CPU device, float32, kernel built),
+  else blockwise.
 * `blockwise_attention` is for self-attention without a cache (``T == S``, query
   ``s`` sits at key slot ``s``): queries are cut into blocks of ``block`` rows,
   each block its own pair of matmuls, so each block's scores are
@@ -52,10 +56,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dense_attention", "blockwise_attention", "auto_block", "IMPLEMENTATIONS"]
+__all__ = ["dense_attention", "blockwise_attention", "self_attention", "uses_fused", "auto_block", "IMPLEMENTATIONS"]
 
-#: names accepted by the models' ``attention`` field
-IMPLEMENTATIONS = ("auto", "dense", "blockwise")
+#: names accepted by the models' ``attention`` field (see `self_attention`)
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused")
 _NEG = jnp.finfo(jnp.float32).min
 
 
@@ -128,3 +132,49 @@ def blockwise_attention(
             )
         )
     return jnp.concatenate(outs, axis=1)
+
+
+def uses_fused(*arrays) -> bool:
+    """Whether ``attention="auto"`` takes the fused CPU kernel for these inputs: the default backend is the
+    CPU with one device (the custom call is not partitioned over a mesh), every input is float32 and the
+    kernel is built (`lorajax.models.attention_cpu.available`; if not, one warning says why)."""
+    from lorajax.models import attention_cpu
+
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    if any(x.dtype != jnp.float32 for x in arrays):
+        return False
+    if not attention_cpu.available():
+        attention_cpu.warn_unavailable()
+        return False
+    return True
+
+
+def self_attention(
+    q_BxSxKxGxd,
+    k_BxSxKxd,
+    v_BxSxKxd,
+    mask_BxSxS,
+    *,
+    implementation: str = "auto",
+    window: int | None = None,
+    block: int | None = None,
+    causal: bool = True,
+):
+    """Self-attention without a cache by ``implementation`` (one of `IMPLEMENTATIONS`) -> ``o [B, S, K, G, d]``.
+
+    ``"dense"``: `dense_attention`; ``"blockwise"``: `blockwise_attention` (``block``, ``window``,
+    ``causal``); ``"fused"``: `lorajax.models.attention_cpu.fused_attention` (``window``, ``causal``;
+    float32 on the CPU, raises where it cannot run); ``"auto"``: fused when `uses_fused`, else blockwise.
+    All agree on every row with a visible key.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}; choose one of {list(IMPLEMENTATIONS)}")
+    args = (q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS)
+    if implementation == "dense":
+        return dense_attention(*args)
+    if implementation == "fused" or (implementation == "auto" and uses_fused(*args[:3])):
+        from lorajax.models import attention_cpu
+
+        return attention_cpu.fused_attention(*args, causal=causal, window=window)
+    return blockwise_attention(*args, window=window, block=block, causal=causal)

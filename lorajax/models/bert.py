@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax.models.attention import IMPLEMENTATIONS, blockwise_attention, dense_attention
+from lorajax.models.attention import IMPLEMENTATIONS, self_attention
 from lorajax.models.llama import remat_policy
 
 __all__ = [
@@ -295,9 +295,9 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
     """Bidirectional multi-head attention ``x [B·S, D]``, ``keep [B, 1, 1, S]`` -> ``[B·S, D]`` (before ``output``).
 
-    ``attention``: ``"dense"`` = `lorajax.models.attention.dense_attention`,
-    ``"auto"`` / ``"blockwise"`` = ``blockwise_attention(causal=False)`` with
-    ``block`` query rows per block (dense when ``S <= block``).
+    ``attention``: `lorajax.models.attention.self_attention` with ``causal=False``: ``"dense"``,
+    ``"blockwise"`` (``block`` query rows per block; dense when ``S <= block``), ``"fused"`` (the CPU
+    kernel) or ``"auto"`` (fused where it runs, else blockwise).
     """
 
     cfg: Config
@@ -316,10 +316,9 @@ class SelfAttention(nn.Module):
         )
         q_BxSxKxGxd = q.reshape(B, S, N, 1, D // N)  # K = N heads, G = 1 query head per kv head
         mask_BxSxS = jnp.broadcast_to(keep_Bx1x1xS.reshape(B, 1, S), (B, S, S))
-        if self.attention == "dense":
-            o_BxSxKxGxd = dense_attention(q_BxSxKxGxd, k, v, mask_BxSxS)
-        else:
-            o_BxSxKxGxd = blockwise_attention(q_BxSxKxGxd, k, v, mask_BxSxS, block=self.block, causal=False)
+        o_BxSxKxGxd = self_attention(
+            q_BxSxKxGxd, k, v, mask_BxSxS, implementation=self.attention, block=self.block, causal=False
+        )
         return o_BxSxKxGxd.reshape(T, D)
 
 
@@ -455,8 +454,9 @@ class BertModel(nn.Module):
     #: False, True or a policy name of `lorajax.models.llama.REMAT_POLICIES` (see `Layers`)
     remat: bool | str = False
     token_sharding: Any = None
-    #: attention core: "auto" / "blockwise" (query blocks, each reading all keys:
-    #: ``blockwise_attention(causal=False)``) or "dense" (the whole score matrix, the reference)
+    #: attention core (`lorajax.models.attention.self_attention`, ``causal=False``): "auto" (the fused CPU
+    #: kernel where it runs, else blockwise), "blockwise" (query blocks, each reading all keys), "fused"
+    #: or "dense" (the whole score matrix, the reference)
     attention: str = "auto"
     #: query rows per block of the blockwise path (None: `lorajax.models.attention.auto_block`)
     attention_block: int | None = None

@@ -95,7 +95,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax import layer_scan
-from lorajax.models.attention import IMPLEMENTATIONS, blockwise_attention, dense_attention
+from lorajax.models.attention import IMPLEMENTATIONS, dense_attention, self_attention
 
 __all__ = [
     "Config",
@@ -497,9 +497,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; ``q_proj/k_proj/v_proj/o_proj`` on ``[B·S, D]``.
 
-    ``attention``: ``"auto"``/``"blockwise"`` use `lorajax.models.attention.blockwise_attention`
-    without a cache (query blocks of ``block`` rows skip the keys no query of the
-    block can see), ``"dense"`` always forms the whole score matrix (the reference).
+    ``attention`` without a cache: `lorajax.models.attention.self_attention` (``"auto"`` = the fused CPU
+    kernel where it runs, else ``"blockwise"``: query blocks of ``block`` rows skip the keys no query of
+    the block can see; ``"fused"``; ``"dense"`` forms the whole score matrix, the reference). With a
+    cache: always dense.
     """
 
     cfg: Config
@@ -531,8 +532,10 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         q_BxSxKxGxd = q.reshape(B, S, K, G, d)
-        if cache is None and self.attention != "dense":
-            o = blockwise_attention(q_BxSxKxGxd, k, v, mask_BxSxT, window=self.window, block=self.block)
+        if cache is None:
+            o = self_attention(
+                q_BxSxKxGxd, k, v, mask_BxSxT, implementation=self.attention, window=self.window, block=self.block
+            )
         else:
             o = dense_attention(q_BxSxKxGxd, k, v, mask_BxSxT)
         o_TxHd = o.reshape(B * S, H * d)
@@ -771,8 +774,9 @@ class LlamaForCausalLM(nn.Module):
     remat: bool | str = False
     #: sharding of the [B·S, D] hidden states at layer boundaries (see `Layers`); None = XLA decides
     token_sharding: Any = None
-    #: attention core without a cache: "auto" / "blockwise" (query blocks skip the keys they cannot see,
-    #: `lorajax.models.attention.blockwise_attention`) or "dense" (the whole score matrix, the reference)
+    #: attention core without a cache (`lorajax.models.attention.self_attention`): "auto" (the fused CPU
+    #: kernel where it runs: one CPU device, float32; else blockwise), "blockwise" (query blocks skip the
+    #: keys they cannot see), "fused" (`lorajax.models.attention_cpu`) or "dense" (the reference)
     attention: str = "auto"
     #: query rows per block of the blockwise path (None: `lorajax.models.attention.auto_block`: 64, or
     #: S/8 rounded up to a multiple of 64 for long sequences)

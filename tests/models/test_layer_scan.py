@@ -51,7 +51,8 @@ def test_scan_equals_unrolled(setup, variant, remat, mode):
     l1, g1 = _loss_and_grads(spec, params, adapters, ids, scan=True, remat=remat, mode=mode)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+        # atol: float32 reassociation at gradients of size ~4 (a scanned and an unrolled program fuse differently)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-6, err_msg=jax.tree_util.keystr(path))
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0))
 
 

@@ -1,0 +1,434 @@
+// Fused self-attention for XLA:CPU (forward and backward), called through jax.ffi.
+//
+// Computes, for every query head (kv head k, group g) of q [N, S, K, G, D] reading k, v [N, S, K, D]:
+//   o = softmax(q kᵀ · D^-0.5 + mask) v,   mask [N, S, S] (true = visible; a hidden entry's score is
+//   float32's lowest value, as lorajax.models.attention.dense_attention does),
+// and lse [N, K, G, S] = the rows' log-sum-exp (the backward's residual). N is every leading dimension
+// folded together (a vmapped batch included). Everything is float32.
+//
+// Method: FlashAttention-2's tiling on a CPU (T. Dao, "FlashAttention-2", arXiv:2307.08691, Algorithms 1
+// and 2): queries and keys in blocks of 64; each query block reads only the key blocks its rows can see
+// when `causal` (and, with a sliding `window`, not the blocks before it), keeps a running row maximum and
+// sum (online softmax) instead of the [S, S] score matrix, and the backward recomputes each block's
+// probabilities from lse. One work unit is one (n, kv head); units run on XLA's intra-op thread pool.
+// Per unit the kv head's K and V are copied once into contiguous, zero-padded [S, Dp] rows and [Dp, S]
+// columns so every block product is a small dense matmul with unit-stride inner loops (8-wide vectors).
+//
+// A row with no visible key gets the mean of the values it read (undefined in the reference as well).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // query and key rows per block
+constexpr float kNeg = -std::numeric_limits<float>::max();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 Load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, 32);
+  return v;
+}
+inline void Store8(float* p, v8 v) { std::memcpy(p, &v, 32); }
+inline float HMax(v8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float HSum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+// exp(x) for x <= 0, 8 lanes: 2^n · p(r), n = round(x / ln2), r = x - n ln2 (two-part ln2), |r| <= ln2/2,
+// p the degree-6 Taylor polynomial (relative error < 2e-7); exactly 0 below -87 (and for -inf).
+inline v8 ExpNonPositive(v8 x) {
+  const v8 lo = v8{} - 87.0f;
+  const v8 xc = x < lo ? lo : x;
+  const v8 magic = v8{} + 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+  const v8 n = (xc * 1.44269504088896341f + magic) - magic;
+  const v8 r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v8 p = v8{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, 32);
+  return x < lo ? v8{} : p * scale;
+}
+inline float ExpNonPositive(float x) { return ExpNonPositive(v8{} + x)[0]; }
+
+// C[M, N] (+)= op(A) · B[Kd, N], op(A) = A[M, Kd] (row stride lda) or, with kTransA, A[Kd, M]ᵀ; N a
+// multiple of 16; M a multiple of 4; row strides lda, ldb, ldc in floats. Four rows of C by 16 columns stay in
+// registers over the whole Kd loop.
+template <bool kAccumulate, bool kTransA = false>
+void Gemm(int64_t M, int64_t N, int64_t Kd, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc) {
+  for (int64_t i = 0; i < M; i += 4) {
+    for (int64_t j = 0; j < N; j += 16) {
+      v8 c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const float* b = B + j;
+      for (int64_t k = 0; k < Kd; ++k, b += ldb) {
+        const v8 b0 = Load8(b), b1 = Load8(b + 8);
+        const float* a = kTransA ? A + k * lda + i : A + i * lda + k;
+        const int64_t st = kTransA ? 1 : lda;
+        const v8 x0 = v8{} + a[0], x1 = v8{} + a[st], x2 = v8{} + a[2 * st], x3 = v8{} + a[3 * st];
+        c00 += x0 * b0;
+        c01 += x0 * b1;
+        c10 += x1 * b0;
+        c11 += x1 * b1;
+        c20 += x2 * b0;
+        c21 += x2 * b1;
+        c30 += x3 * b0;
+        c31 += x3 * b1;
+      }
+      float* c = C + i * ldc + j;
+      if (kAccumulate) {
+        c00 += Load8(c), c01 += Load8(c + 8);
+        c10 += Load8(c + ldc), c11 += Load8(c + ldc + 8);
+        c20 += Load8(c + 2 * ldc), c21 += Load8(c + 2 * ldc + 8);
+        c30 += Load8(c + 3 * ldc), c31 += Load8(c + 3 * ldc + 8);
+      }
+      Store8(c, c00), Store8(c + 8, c01);
+      Store8(c + ldc, c10), Store8(c + ldc + 8, c11);
+      Store8(c + 2 * ldc, c20), Store8(c + 2 * ldc + 8, c21);
+      Store8(c + 3 * ldc, c30), Store8(c + 3 * ldc + 8, c31);
+    }
+  }
+}
+
+struct Geometry {
+  int64_t N, S, K, G, D;  // leading batch, sequence, kv heads, groups per kv head, head dim
+  int64_t Sp, Dp;         // S rounded up to kBlock, D rounded up to 16
+  bool causal;
+  int64_t window;  // 0: none
+  float scale;
+  int64_t QRow() const { return K * G * D; }  // stride of one sequence position in q / o
+  int64_t KRow() const { return K * D; }      // ... in k / v
+  // first key block that any query of block [r0, r0 + kBlock) may see, and one past the last
+  int64_t KeyLo(int64_t r0) const { return (causal && window > 0) ? std::max<int64_t>(0, r0 - window + 1) / kBlock : 0; }
+  int64_t KeyHi(int64_t r0) const { return causal ? std::min(S, r0 + kBlock) : S; }
+};
+
+Geometry MakeGeometry(const ffi::Span<const int64_t>& qd, bool causal, int64_t window) {
+  Geometry g{};
+  const size_t r = qd.size();
+  g.N = 1;
+  for (size_t i = 0; i + 4 < r; ++i) g.N *= qd[i];
+  g.S = qd[r - 4];
+  g.K = qd[r - 3];
+  g.G = qd[r - 2];
+  g.D = qd[r - 1];
+  g.Sp = RoundUp(std::max<int64_t>(g.S, 1), kBlock);
+  g.Dp = RoundUp(std::max<int64_t>(g.D, 1), 16);
+  g.causal = causal;
+  g.window = window;
+  g.scale = 1.0f / std::sqrt(static_cast<float>(g.D));
+  return g;
+}
+
+// Runs body(unit) for unit in [0, units) on the intra-op pool; the calling thread works too and returns once
+// every claimed unit is done. It never waits for a helper that has not started (the pool's threads may all be
+// busy, e.g. with another call like this one): a helper that starts late finds no unit left and only touches
+// the shared, reference-counted state.
+struct ParallelState {
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t next = 0, inflight = 0, units = 0;
+  const std::function<void(int64_t)>* body = nullptr;
+  void Work() {
+    for (;;) {
+      int64_t u;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (next >= units) return;
+        u = next++;
+        ++inflight;
+      }
+      (*body)(u);
+      std::lock_guard<std::mutex> lock(mu);
+      if (--inflight == 0 && next >= units) cv.notify_all();
+    }
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t units, const std::function<void(int64_t)>& body) {
+  auto state = std::make_shared<ParallelState>();
+  state->units = units;
+  state->body = &body;
+  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), units) - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state]() { state->Work(); });
+  state->Work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->inflight == 0; });
+}
+
+// Row stride of a transposed key block [Dp][kLdT]: kBlock plus 16 floats, so the Dp rows of a block do not all
+// fall into the same few L1 sets (a stride of a power-of-two kilobytes would).
+constexpr int64_t kLdT = kBlock + 16;
+
+// Per unit: K (or V) of kv head k as rows [Sp][Dp] and, per key block, columns [Dp][kLdT]; zero-padded.
+struct HeadCopy {
+  std::vector<float> rows, cols;
+  void Load(const Geometry& g, const float* base, int64_t n, int64_t k) {
+    rows.assign(g.Sp * g.Dp, 0.0f);
+    cols.assign((g.Sp / kBlock) * g.Dp * kLdT, 0.0f);
+    for (int64_t s = 0; s < g.S; ++s) {
+      const float* src = base + (n * g.S + s) * g.KRow() + k * g.D;
+      std::memcpy(&rows[s * g.Dp], src, g.D * sizeof(float));
+      float* col = Col(g, s / kBlock) + s % kBlock;
+      for (int64_t d = 0; d < g.D; ++d) col[d * kLdT] = src[d];
+    }
+  }
+  float* Col(const Geometry& g, int64_t kb) { return cols.data() + kb * g.Dp * kLdT; }
+  const float* Col(const Geometry& g, int64_t kb) const { return cols.data() + kb * g.Dp * kLdT; }
+  const float* Row(const Geometry& g, int64_t kb) const { return rows.data() + kb * kBlock * g.Dp; }
+};
+
+// Copies rows of head (k, g) of a [N, S, K, G, D] tensor into a zero-padded [Sp][Dp] buffer.
+void GatherQ(const Geometry& g, const float* base, int64_t n, int64_t k, int64_t gi, float* dst) {
+  std::fill(dst, dst + g.Sp * g.Dp, 0.0f);
+  for (int64_t s = 0; s < g.S; ++s)
+    std::memcpy(dst + s * g.Dp, base + (n * g.S + s) * g.QRow() + (k * g.G + gi) * g.D, g.D * sizeof(float));
+}
+
+void ScatterQ(const Geometry& g, const float* src, int64_t n, int64_t k, int64_t gi, float* base) {
+  for (int64_t s = 0; s < g.S; ++s)
+    std::memcpy(base + (n * g.S + s) * g.QRow() + (k * g.G + gi) * g.D, src + s * g.Dp, g.D * sizeof(float));
+}
+
+// Scaled, masked scores of query rows [r0, r0 + kBlock) against key block kb: s[kBlock][kBlock].
+// Hidden keys score kNeg (as the reference); keys past S score -inf (they do not exist).
+void Scores(const Geometry& g, const float* q, const HeadCopy& kh, const uint8_t* mask_n, int64_t r0, int64_t kb,
+            float* s) {
+  const int64_t c0 = kb * kBlock;
+  Gemm<false>(kBlock, kBlock, g.Dp, q + r0 * g.Dp, g.Dp, kh.Col(g, kb), kLdT, s, kBlock);
+  const int64_t valid = std::min(kBlock, g.S - c0);
+  const v8 scale = v8{} + g.scale, neg = v8{} + kNeg;
+  for (int64_t r = 0; r < kBlock; ++r) {
+    float* row = s + r * kBlock;
+    const int64_t qr = std::min(r0 + r, g.S - 1);  // padded query rows reuse the last row's mask
+    const uint8_t* m = mask_n + qr * g.S + c0;
+    if (valid == kBlock) {
+      for (int64_t c = 0; c < kBlock; c += 8) {
+        v8i keep;
+        for (int i = 0; i < 8; ++i) keep[i] = m[c + i] ? -1 : 0;
+        const v8 x = Load8(row + c) * scale;
+        Store8(row + c, keep != 0 ? x : neg);
+      }
+    } else {
+      for (int64_t c = 0; c < valid; ++c) row[c] = m[c] ? row[c] * g.scale : kNeg;
+      for (int64_t c = valid; c < kBlock; ++c) row[c] = -kInf;
+    }
+  }
+}
+
+void Forward(const Geometry& g, const float* q, const float* k, const float* v, const uint8_t* mask, float* o,
+             float* lse, ffi::ThreadPool& pool) {
+  ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
+    const int64_t n = unit / g.K, kh = unit % g.K;
+    HeadCopy kc, vc;
+    kc.Load(g, k, n, kh);
+    vc.Load(g, v, n, kh);
+    std::vector<float> qb(g.Sp * g.Dp), ob(g.Sp * g.Dp), s(kBlock * kBlock), m(kBlock), l(kBlock);
+    const uint8_t* mask_n = mask + n * g.S * g.S;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      GatherQ(g, q, n, kh, gi, qb.data());
+      std::fill(ob.begin(), ob.end(), 0.0f);
+      float* lse_row = lse + ((n * g.K + kh) * g.G + gi) * g.S;
+      for (int64_t r0 = 0; r0 < g.S; r0 += kBlock) {
+        std::fill(m.begin(), m.end(), -kInf);
+        std::fill(l.begin(), l.end(), 0.0f);
+        float* orow = ob.data() + r0 * g.Dp;
+        const int64_t kb_hi = (g.KeyHi(r0) + kBlock - 1) / kBlock;
+        for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
+          Scores(g, qb.data(), kc, mask_n, r0, kb, s.data());
+          for (int64_t r = 0; r < kBlock; ++r) {
+            float* row = s.data() + r * kBlock;
+            v8 vmax = v8{} + m[r];
+            for (int64_t c = 0; c < kBlock; c += 8) {
+              const v8 x = Load8(row + c);
+              vmax = x > vmax ? x : vmax;
+            }
+            const float mx = HMax(vmax);
+            const float corr = ExpNonPositive(m[r] - mx);  // m = -inf at the first block: 0
+            const v8 vmx = v8{} + mx;
+            v8 vsum = {};
+            for (int64_t c = 0; c < kBlock; c += 8) {
+              const v8 e = ExpNonPositive(Load8(row + c) - vmx);
+              Store8(row + c, e);
+              vsum += e;
+            }
+            l[r] = l[r] * corr + HSum(vsum);
+            m[r] = mx;
+            if (corr != 1.0f) {
+              float* od = orow + r * g.Dp;
+              for (int64_t d = 0; d < g.Dp; d += 8) Store8(od + d, Load8(od + d) * corr);
+            }
+          }
+          Gemm<true>(kBlock, g.Dp, kBlock, s.data(), kBlock, vc.Row(g, kb), g.Dp, orow, g.Dp);
+        }
+        for (int64_t r = 0; r < kBlock && r0 + r < g.S; ++r) {
+          const float inv = 1.0f / l[r];
+          float* od = orow + r * g.Dp;
+          for (int64_t d = 0; d < g.Dp; d += 8) Store8(od + d, Load8(od + d) * inv);
+          lse_row[r0 + r] = m[r] + std::log(l[r]);
+        }
+      }
+      ScatterQ(g, ob.data(), n, kh, gi, o);
+    }
+  });
+}
+
+void Backward(const Geometry& g, const float* q, const float* k, const float* v, const uint8_t* mask, const float* o,
+              const float* lse, const float* dout, float* dq, float* dk, float* dv, ffi::ThreadPool& pool) {
+  ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
+    const int64_t n = unit / g.K, kh = unit % g.K;
+    HeadCopy kc, vc;
+    kc.Load(g, k, n, kh);
+    vc.Load(g, v, n, kh);
+    const int64_t SD = g.Sp * g.Dp;
+    std::vector<float> qb(SD), dob(SD), ob(SD), dqb(SD), dkb(SD, 0.0f), dvb(SD, 0.0f);
+    std::vector<float> p(kBlock * kBlock), dp(kBlock * kBlock), delta(g.Sp);
+    const uint8_t* mask_n = mask + n * g.S * g.S;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      GatherQ(g, q, n, kh, gi, qb.data());
+      GatherQ(g, dout, n, kh, gi, dob.data());
+      GatherQ(g, o, n, kh, gi, ob.data());
+      std::fill(dqb.begin(), dqb.end(), 0.0f);
+      const float* lse_row = lse + ((n * g.K + kh) * g.G + gi) * g.S;
+      for (int64_t s = 0; s < g.Sp; ++s) {  // delta_r = rowsum(dO ∘ O)
+        v8 acc = {};
+        for (int64_t d = 0; d < g.Dp; d += 8) acc += Load8(&dob[s * g.Dp + d]) * Load8(&ob[s * g.Dp + d]);
+        delta[s] = HSum(acc);
+      }
+      for (int64_t r0 = 0; r0 < g.S; r0 += kBlock) {
+        const int64_t kb_hi = (g.KeyHi(r0) + kBlock - 1) / kBlock;
+        const float* dorow = dob.data() + r0 * g.Dp;
+        for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
+          const int64_t c0 = kb * kBlock;
+          Scores(g, qb.data(), kc, mask_n, r0, kb, p.data());
+          for (int64_t r = 0; r < kBlock; ++r) {  // P = exp(s - lse); padded query rows contribute nothing
+            float* row = p.data() + r * kBlock;
+            if (r0 + r >= g.S) {
+              std::fill(row, row + kBlock, 0.0f);
+              continue;
+            }
+            const v8 ls = v8{} + lse_row[r0 + r], zero = {};
+            for (int64_t c = 0; c < kBlock; c += 8) {
+              const v8 x = Load8(row + c) - ls;
+              Store8(row + c, ExpNonPositive(x < zero ? x : zero));
+            }
+          }
+          // dV_kb += Pᵀ dO
+          Gemm<true, true>(kBlock, g.Dp, kBlock, p.data(), kBlock, dorow, g.Dp, dvb.data() + c0 * g.Dp, g.Dp);
+          // dP = dO Vᵀ; dS = P ∘ (dP − delta) · scale (the gradient of the unscaled product q·k)
+          Gemm<false>(kBlock, kBlock, g.Dp, dorow, g.Dp, vc.Col(g, kb), kLdT, dp.data(), kBlock);
+          const v8 scale = v8{} + g.scale;
+          for (int64_t r = 0; r < kBlock; ++r) {
+            const v8 dl = v8{} + delta[r0 + r];
+            float* ds = dp.data() + r * kBlock;
+            const float* pr = p.data() + r * kBlock;
+            for (int64_t c = 0; c < kBlock; c += 8) Store8(ds + c, Load8(pr + c) * (Load8(ds + c) - dl) * scale);
+          }
+          // dQ += dS K; dK_kb += dSᵀ Q
+          Gemm<true>(kBlock, g.Dp, kBlock, dp.data(), kBlock, kc.Row(g, kb), g.Dp, dqb.data() + r0 * g.Dp, g.Dp);
+          Gemm<true, true>(kBlock, g.Dp, kBlock, dp.data(), kBlock, qb.data() + r0 * g.Dp, g.Dp,
+                           dkb.data() + c0 * g.Dp, g.Dp);
+        }
+      }
+      ScatterQ(g, dqb.data(), n, kh, gi, dq);
+    }
+    for (int64_t s = 0; s < g.S; ++s) {
+      std::memcpy(dk + (n * g.S + s) * g.KRow() + kh * g.D, dkb.data() + s * g.Dp, g.D * sizeof(float));
+      std::memcpy(dv + (n * g.S + s) * g.KRow() + kh * g.D, dvb.data() + s * g.Dp, g.D * sizeof(float));
+    }
+  });
+}
+
+ffi::Error CheckShapes(const ffi::Span<const int64_t>& qd, const ffi::Span<const int64_t>& kd,
+                       const ffi::Span<const int64_t>& md) {
+  if (qd.size() < 4 || kd.size() != qd.size() - 1 || md.size() != qd.size() - 2)
+    return ffi::Error::InvalidArgument("attention_cpu: want q [..., S, K, G, D], k/v [..., S, K, D], mask [..., S, S]");
+  const size_t r = qd.size();
+  for (size_t i = 0; i + 4 < r; ++i)
+    if (kd[i] != qd[i] || md[i] != qd[i]) return ffi::Error::InvalidArgument("attention_cpu: leading dims differ");
+  if (kd[r - 4] != qd[r - 4] || kd[r - 3] != qd[r - 3] || kd[r - 2] != qd[r - 1] || md[r - 4] != qd[r - 4] ||
+      md[r - 3] != qd[r - 4])
+    return ffi::Error::InvalidArgument("attention_cpu: q, k/v and mask shapes do not agree");
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                   int64_t causal, int64_t window) {
+  if (auto e = CheckShapes(q.dimensions(), k.dimensions(), mask.dimensions()); e.failure()) return e;
+  const Geometry g = MakeGeometry(q.dimensions(), causal != 0, window);
+  if (g.S == 0 || g.N == 0 || g.K == 0 || g.G == 0) return ffi::Error::Success();
+  Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), reinterpret_cast<const uint8_t*>(mask.typed_data()),
+          o->typed_data(), lse->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                   ffi::ResultBuffer<ffi::F32> dv, int64_t causal, int64_t window) {
+  if (auto e = CheckShapes(q.dimensions(), k.dimensions(), mask.dimensions()); e.failure()) return e;
+  const Geometry g = MakeGeometry(q.dimensions(), causal != 0, window);
+  if (g.S == 0 || g.N == 0 || g.K == 0 || g.G == 0) return ffi::Error::Success();
+  Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), reinterpret_cast<const uint8_t*>(mask.typed_data()),
+           o.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
+           pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LorajaxAttentionFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LorajaxAttentionBwd, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal")
+                                  .Attr<int64_t>("window"));
