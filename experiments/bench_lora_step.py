@@ -15,10 +15,13 @@ output has a weight's shape and which contracts over the tokens); and a per-comp
 (forward + backward of each part of a layer at the step's shapes, the library path beside the
 reference path it replaced).
 
-Rows: PEFT eager; lorajax LoRA with the library's defaults (blockwise causal attention, RoPE tables
-as constants); the same step on the reference paths (``attention="dense"``, RoPE from position ids at
-run time: lorajax before the change); lorajax full fine-tuning; ``torch.compile`` of the PEFT model
-with ``--compile``.
+Rows: PEFT eager; lorajax LoRA with the library's defaults (``attention="auto"``: the fused CPU
+attention kernel, `lorajax.models.attention_cpu`; RoPE tables as constants); the same step with
+``attention="blockwise"`` (the default before the kernel); the same step on the reference paths
+(``attention="dense"``, RoPE from position ids at run time); lorajax full fine-tuning (library defaults);
+``torch.compile`` of the PEFT model with ``--compile``. The dot FLOPs of every lorajax row are counted on
+the blockwise form of its step (the kernel's matmuls are inside one custom call, invisible to the jaxpr;
+it computes the same blocks, plus the score recomputation of its backward, which the floor does not count).
 
 Command: ``python -m experiments.bench_lora_step [--rounds 9] [--compile]`` (~3-5 min). Writes
 ``experiments/results/bench_lora_step.md``.
@@ -114,6 +117,7 @@ def components(variables, spec, tx) -> dict[str, Callable[[], object]]:
 
     dense = vjp_sum(att.dense_attention)
     block = vjp_sum(lambda q, k, v, m: att.blockwise_attention(q, k, v, m))
+    fused = vjp_sum(lambda q, k, v, m: att.self_attention(q, k, v, m, implementation="fused"))
     qr = q.reshape(BATCH, SEQ, HEADS, d)
 
     def rope_runtime(q):
@@ -128,7 +132,8 @@ def components(variables, spec, tx) -> dict[str, Callable[[], object]]:
     ce = jax.jit(jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()))
     out = {
         "attention core, dense (reference)": lambda: jax.block_until_ready(dense(q, k, v, mask)),
-        "attention core, blockwise (library)": lambda: jax.block_until_ready(block(q, k, v, mask)),
+        "attention core, blockwise (library before)": lambda: jax.block_until_ready(block(q, k, v, mask)),
+        "attention core, fused CPU kernel (library)": lambda: jax.block_until_ready(fused(q, k, v, mask)),
         "RoPE q, tables at run time (reference)": lambda: jax.block_until_ready(rr(qr)),
         "RoPE q, constant tables (library)": lambda: jax.block_until_ready(rc(qr)),
         "lm_head + cross-entropy": lambda: jax.block_until_ready(ce(x)),
@@ -210,9 +215,14 @@ def main(argv=None) -> None:
         return lorajax.train.TrainState.create(tx, *lorajax.partition(spec, lorajax.init(spec, variables, 0)))
 
     lora_step = lora_step_of(model, reference=False)
+    lora_block_step = lora_step_of(model.clone(attention="blockwise"), reference=False)
     lora_ref_step = lora_step_of(model.clone(attention="dense"), reference=True)
     holders = {}
-    for name, fn in (("lorajax LoRA (library defaults)", lora_step), ("lorajax LoRA (reference paths)", lora_ref_step)):
+    for name, fn in (
+        ("lorajax LoRA (library defaults)", lora_step),
+        ("lorajax LoRA (blockwise attention)", lora_block_step),
+        ("lorajax LoRA (reference paths)", lora_ref_step),
+    ):
         jitted = jax.jit(fn, donate_argnums=(1,))
         holders[name] = new_state()
 
@@ -255,8 +265,13 @@ def main(argv=None) -> None:
 
     # FLOPs, floors, structural check
     state0 = new_state()
-    lora_gf = dot_flops(jax.make_jaxpr(lora_step)(variables, state0, ids).jaxpr) / 1e9
-    full_gf = dot_flops(jax.make_jaxpr(full_step)(None, lorajax.train.TrainState.create(tx, params), ids).jaxpr) / 1e9
+    lora_gf = dot_flops(jax.make_jaxpr(lora_block_step)(variables, state0, ids).jaxpr) / 1e9
+    blockwise = model.clone(attention="blockwise")
+    full_block_step = lorajax.train.make_lora_step(
+        lambda _, p, ids: ce(blockwise.apply({"params": p}, ids), ids), tx, jit=False
+    )
+    full_state0 = lorajax.train.TrainState.create(tx, params)
+    full_gf = dot_flops(jax.make_jaxpr(full_block_step)(None, full_state0, ids).jaxpr) / 1e9
     hlo = jax.jit(lora_step).lower(variables, state0, ids).compile().as_text()
     if hlo is None:
         raise RuntimeError("this backend gives no HLO text of the compiled step (needed to count weight gradients)")
@@ -269,6 +284,7 @@ def main(argv=None) -> None:
     peft_name = "PEFT LoRA, PyTorch eager"
     gflop = {
         "lorajax LoRA (library defaults)": lora_gf,
+        "lorajax LoRA (blockwise attention)": lora_gf,
         "lorajax LoRA (reference paths)": lora_gf,
         "lorajax full fine-tuning": full_gf,
     }
@@ -304,6 +320,7 @@ def main(argv=None) -> None:
     comp_rows = [[k, f"{1e3 * med[k]:.1f} ms"] for k in comp]
     comp_table = markdown_table(["component (one layer's worth, forward + backward)", "median time"], comp_rows)
     lora, ref, full = "lorajax LoRA (library defaults)", "lorajax LoRA (reference paths)", "lorajax full fine-tuning"
+    blk = "lorajax LoRA (blockwise attention)"
     lines = [
         "# LoRA train step: lorajax vs PEFT (same model, same run, interleaved)",
         "",
@@ -317,7 +334,10 @@ def main(argv=None) -> None:
         "",
         f"- lorajax LoRA vs PEFT eager: **{ratio(times, lora, peft_name, rows_used):.2f}x**"
         " (target ≤ 0.85x, aim 0.75x);"
-        f" before this change (reference paths): {ratio(times, ref, peft_name, rows_used):.2f}x.",
+        " with blockwise attention (the default before the fused kernel):"
+        f" {ratio(times, blk, peft_name, rows_used):.2f}x;"
+        f" reference paths: {ratio(times, ref, peft_name, rows_used):.2f}x.",
+        f"- Fused kernel vs blockwise attention, same step: **{ratio(times, lora, blk, rows_used):.2f}x**.",
         f"- Library paths vs reference paths, same step: **{ratio(times, lora, ref, rows_used):.2f}x**.",
         f"- lorajax LoRA / full fine-tuning: **{ratio(times, lora, full, rows_used):.2f}** (target ≤ 0.75;"
         f" FLOP ratio {lora_gf / full_gf:.3f}).",
