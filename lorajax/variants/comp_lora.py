@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax.variants import lora, options
-from lorajax.variants.base import EVAL, Context, Factors, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, Factors, Target, Variant, additive, down_project
 from lorajax.variants.options import checks, option
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -160,7 +160,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     """``x W + s · (x Ã) B̃`` for ``x: [T, in]``; never forms ``ΔW`` or a projector."""
     a, b = projected(w, adapter)
     y = x @ w
-    h = x.astype(a.dtype) @ a
+    h = down_project(x.astype(a.dtype), a)
     return y + (lora.scaling(t) * (h @ b)).astype(y.dtype)
 
 

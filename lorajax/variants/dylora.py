@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import lora, options
-from lorajax.variants.base import EVAL, Context, Target, Variant
+from lorajax.variants.base import EVAL, Context, Target, Variant, down_project
 from lorajax.variants.options import checks, option
 
 
@@ -140,7 +140,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     """``x W + (α/b) · (x A[:, :b]) B[:b]`` for ``x: [T, in]``."""
     a, b_mat, scale = _factors(adapter, t, ctx)
     y = x @ w
-    h = x.astype(a.dtype) @ a
+    h = down_project(x.astype(a.dtype), a)
     return y + (scale * (h @ b_mat)).astype(y.dtype)
 
 

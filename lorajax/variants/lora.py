@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from lorajax.selection import is_embedding
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive, dropout
+from lorajax.variants.base import EVAL, Context, Factors, PeftFormat, Target, Variant, additive, down_project, dropout
 from lorajax.variants.base import scaling as base_scaling
 from lorajax.variants.options import checks, option
 
@@ -132,7 +132,7 @@ adapted, unadapted = additive(lambda w, adapter, t: delta(adapter, t))
 def low_rank(x: jax.Array, adapter: dict, t: Target) -> jax.Array:
     """``s · (x A) B: [T, out]`` for ``x: [T, in]``, in the adapter's dtype; never forms ``A B``."""
     a, b = adapter["lora_A"], adapter["lora_B"]
-    return scaling(t) * ((x.astype(a.dtype) @ a) @ b)
+    return scaling(t) * (down_project(x.astype(a.dtype), a) @ b)
 
 
 def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = EVAL) -> jax.Array:

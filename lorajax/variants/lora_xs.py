@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.variants import options
-from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive, down_project
 from lorajax.variants.base import scaling as base_scaling
 from lorajax.variants.options import checks, option
 
@@ -122,7 +122,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     _check(w, adapter)
     a = adapter["lora_A"]
     y = x @ w
-    h = (x.astype(a.dtype) @ a) @ adapter["lora_R"]
+    h = down_project(x.astype(a.dtype), a) @ adapter["lora_R"]
     return y + (scaling(t) * (h @ adapter["lora_B"])).astype(y.dtype)
 
 

@@ -44,7 +44,7 @@ import dataclasses
 import jax
 
 from lorajax.variants import lora, options
-from lorajax.variants.base import EVAL, Context, Target, Variant, additive
+from lorajax.variants.base import EVAL, Context, Target, Variant, additive, down_project
 from lorajax.variants.base import scaling as base_scaling
 from lorajax.variants.options import checks, option
 
@@ -81,7 +81,7 @@ def apply(x: jax.Array, w: jax.Array, adapter: dict, t: Target, ctx: Context = E
     """``x W + s · ((x A) ⊙ g) B`` for ``x: [T, in]``; never forms ``A B``."""
     a, b = adapter["lora_A"], adapter["lora_B"]
     y = x @ w
-    h = (x.astype(a.dtype) @ a) * adapter["gate"][None, :]
+    h = down_project(x.astype(a.dtype), a) * adapter["gate"][None, :]
     return y + (scaling(t) * (h @ b)).astype(y.dtype)
 
 
