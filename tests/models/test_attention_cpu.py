@@ -52,13 +52,20 @@ def test_fused_equals_dense_values_and_grads(causal, window, S):
 
 
 def test_vmap_and_concurrent_calls():
-    """vmap over a leading axis (members) equals a loop; two independent calls in one program both finish."""
+    """vmap over a leading axis (members) equals a loop, values and per-member gradients; two independent calls
+    in one program both finish."""
     q, k, v = _qkv(S=20, d=8)
     mask = _mask(20, True, None, pad=0)
     qs, ks, vs = (jnp.stack([x, 2 * x]) for x in (q, k, v))
     got = jax.jit(jax.vmap(lambda q, k, v: attention_cpu.fused_attention(q, k, v, mask)))(qs, ks, vs)
     for i in range(2):
         np.testing.assert_allclose(got[i], attention.dense_attention(qs[i], ks[i], vs[i], mask), atol=1e-5)
+    # per-member gradients (vmap of grad, as per-example clipping does): the backward call batched too
+    def member_grads(fn):
+        return jax.vmap(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask))), (0, 1, 2)))(qs, ks, vs)
+
+    for g, w in zip(member_grads(attention_cpu.fused_attention), member_grads(attention.dense_attention)):
+        np.testing.assert_allclose(g, w, atol=1e-5)
     pair = jax.jit(lambda a, b: (attention_cpu.fused_attention(*a, mask), attention_cpu.fused_attention(*b, mask)))
     o1, o2 = pair((q, k, v), (2 * q, k, v))
     np.testing.assert_allclose(o2, attention.dense_attention(2 * q, k, v, mask), atol=1e-5)
