@@ -146,6 +146,9 @@ class RunConfig:
     squeeze_steps: int = 0  # then train this many more steps at that rank (fresh optimiser state and schedule)
     ce_chunk: int = 0  # training loss: cross-entropy over the output head `ce_chunk` tokens at a time, logits
     # recomputed in the backward pass (never the whole [tokens, vocab] f32 logits; 0 = whole logits)
+    diagnose: bool = False  # at each evaluation also log lorajax.diagnostics' LoRA-gradient regime per attention
+    # layer on the first validation batch (max-entry norms of X W_Q/K and X sAB, max |logit| vs log L), as
+    # eval/diag/layer<i>/<name> in metrics.jsonl (logging only; a mergeable variant)
     base_dtype: str = "float32"  # the frozen base's storage: float32 | bf16 | int8 | int4 | nf4 (QLoRA:
     # lorajax.quant on every linear kernel but the head, dequantised per layer at use; adapters stay f32)
     scan_layers: bool = False  # run the decoder layers as one lax.scan (with --remat: one layer's activations

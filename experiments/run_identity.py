@@ -57,6 +57,7 @@ NOT_IDENTITY = frozenset(
         "remat",
         "scan_layers",
         "ce_chunk",
+        "diagnose",
     }
 )
 #: entries of ``out_dir`` that only a run writes (a pre-trained ``base/`` alone may be supplied by hand)

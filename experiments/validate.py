@@ -45,6 +45,7 @@ LM_ONLY = {
     "squeeze_steps": 0,
     "scan_layers": False,
     "ce_chunk": 0,
+    "diagnose": False,
     "base_dtype": "float32",
     "sample": True,
     "export": True,
@@ -225,6 +226,10 @@ def _check_lm(cfg: RunConfig) -> None:
             )
         for r in cfg.eval_ranks:
             _need(1 <= r <= cfg.spec.rank, "eval_ranks", f"must each be in 1..--spec.rank {cfg.spec.rank}", r)
+    if cfg.diagnose and (variant == "full" or not registry.get(variant).mergeable):
+        raise ConfigError(
+            f"--diagnose reads the adapters' update of W_Q/W_K: it needs a mergeable variant, got {variant!r}"
+        )
     _at_least(cfg, "squeeze_to", 0, " (0 = no squeeze)")
     _at_least(cfg, "squeeze_steps", 0)
     if cfg.squeeze_steps and not cfg.squeeze_to:

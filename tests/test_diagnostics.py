@@ -165,7 +165,7 @@ def test_merged_difference_for_non_exact_variants(tiny_llama):
     if inexact:
         sp = lorajax.Spec(inexact[0], rank=2, alpha=4, targets=["q_proj", "k_proj"])
         ad = jax.tree.map(lambda t: t + 0.1, lorajax.init(sp, variables, jax.random.key(3)))
-        out = dg.lora_norm_regime(model, variables, ids, sp, ad)
+        out = jax.jit(lambda v, a, i: dg.lora_norm_regime(model, v, i, sp, a))(variables, ad, ids)
         assert float(out["q_lora"].min()) > 0 and np.all(np.isfinite(np.asarray(out["max_logit"])))
 
 
@@ -178,14 +178,15 @@ def test_bert_regime():
     model = bert.BertModel(cfg)
     ids = jax.random.randint(jax.random.key(5), (B, S), 0, 40)
     variables = model.init(jax.random.key(4), ids)
-    out = dg.lora_norm_regime(model, variables, ids)
+    mask = jnp.ones((B, S), jnp.int32).at[:, -2:].set(0)
+    out, masked = jax.jit(
+        lambda v, i, m: (dg.lora_norm_regime(model, v, i), dg.lora_norm_regime(model, v, i, attention_mask=m))
+    )(variables, ids, mask)
     assert out["q_base"].shape == (2,) and float(out["q_lora"].max()) == 0.0
     emb = model.apply(variables, ids, capture_intermediates=True, mutable=["intermediates"])[1]
     x0 = emb["intermediates"]["embeddings"]["__call__"][0]
     wq = variables["params"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     np.testing.assert_allclose(float(out["q_base"][0]), float(jnp.abs(x0 @ wq).max()), rtol=1e-6)
-    mask = jnp.ones((B, S), jnp.int32).at[:, -2:].set(0)
-    masked = dg.lora_norm_regime(model, variables, ids, attention_mask=mask)
     assert float(masked["max_logit"][0]) <= float(out["max_logit"][0]) + 1e-6
 
 
@@ -238,11 +239,42 @@ def test_lowrank_attention_matches_softmax():
     """Small entries: softmax attention through degree-4 features equals exact attention (causal and not)."""
     q, k, v = jax.random.normal(jax.random.key(8), (3, 2, 32, 4)) * 0.3
     logits = jnp.einsum("bld,bmd->blm", q, k) / 2.0
+    attend = jax.jit(dg.lowrank_attention, static_argnums=(3,), static_argnames=("causal",))
     for causal in (False, True):
         if causal:
             logits_c = jnp.where(jnp.tril(jnp.ones((32, 32), bool))[None], logits, -jnp.inf)
         else:
             logits_c = logits
         exact = jax.nn.softmax(logits_c, -1) @ v
-        got = dg.lowrank_attention(q, k, v, 4, causal=causal)
+        got = attend(q, k, v, 4, causal=causal)
         np.testing.assert_allclose(np.asarray(got), np.asarray(exact), atol=1e-4)
+
+
+def test_launcher_logs_the_diagnostic_at_each_evaluation(tiny_llama):
+    """The lm task's --diagnose hook adds lora_norm_regime's numbers on the batch to the evaluation metrics."""
+    from experiments.tasks import lm
+
+    model, variables, spec, adapters, ids, got, _ = tiny_llama
+
+    class State:  # what fit hands eval_fn: the adapters as state.combined
+        combined = adapters
+
+    batch = np.concatenate([np.asarray(ids), np.zeros((B, 1), np.int32)], axis=1)  # [B, S + 1] windows
+    assert lm.with_diagnostic(lambda st: {"val_loss": 1.0}, model, spec, variables, None)(State) == {"val_loss": 1.0}
+    out = lm.with_diagnostic(lambda st: {"val_loss": 1.0}, model, spec, variables, batch)(State)
+    assert out["val_loss"] == 1.0
+    for name in ("q_lora", "rho", "max_logit"):
+        assert out[f"diag/layer1/{name}"] == pytest.approx(float(got[name][1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["full", "factored-only"])
+def test_diagnose_flag_needs_a_mergeable_variant(tmp_path, capsys, monkeypatch, variant):
+    from experiments import run
+
+    if variant == "factored-only":
+        variant = [n for n in lorajax.list_variants() if not registry.get(n).mergeable][0]
+    monkeypatch.setattr(run, "load_task", lambda name: pytest.fail("the task was loaded for an invalid config"))
+    with pytest.raises(SystemExit):
+        run.main(["--task", "lm", "--diagnose", "--spec.variant", variant, "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "--diagnose" in err and "mergeable" in err and not (tmp_path / "o").exists()

@@ -65,7 +65,7 @@ from experiments.report import (
     write_results,
 )
 from experiments.validate import ConfigError
-from lorajax import atomic, sharding
+from lorajax import atomic, diagnostics, sharding
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
 from lorajax.models import llama
@@ -392,6 +392,18 @@ def init_adapters(cfg: RunConfig, spec: lorajax.Spec, model: Any, variables: dic
     raise ValueError(f"--init {cfg.init!r} is unknown")
 
 
+def with_diagnostic(eval_fn: Callable, model: Any, spec: lorajax.Spec, variables: dict, batch: Any) -> Callable:
+    """``eval_fn`` plus `lorajax.diagnostics.lora_norm_regime` on ``batch[:, :-1]`` (``diag/layer<i>/<name>``).
+
+    ``batch`` None: ``eval_fn`` itself (``--diagnose`` off).
+    """
+    if batch is None:
+        return eval_fn
+    regime = jax.jit(lambda v, a, ids: diagnostics.lora_norm_regime(model, v, ids, spec, a))
+    ids = jnp.asarray(batch[:, :-1])
+    return lambda st: {**eval_fn(st), **diagnostics.flat_metrics(regime(variables, st.combined, ids))}
+
+
 def with_step(batch_fn: Callable, offset: int = 0) -> Callable:
     """``step -> {"tokens": batch_fn(step + offset), "step": step + offset}`` (the step seeds sampling variants)."""
     return lambda step: {"tokens": batch_fn(step + offset), "step": jnp.int32(step + offset)}
@@ -559,7 +571,13 @@ def run(cfg: RunConfig) -> dict:
             adapters,
             with_step(train_fn),
             train_dir,
-            eval_fn=lambda st: evaluate.metrics(lambda b: loss(variables, st.combined, b)),
+            eval_fn=with_diagnostic(
+                lambda st: evaluate.metrics(lambda b: loss(variables, st.combined, b)),
+                model,
+                spec,
+                variables,
+                evaluate.val[: cfg.batch_size] if cfg.diagnose else None,
+            ),
             mesh=mesh,
             desc=f"{spec.variant} on comedies",
         )
