@@ -31,7 +31,7 @@ tree the client's loss takes: e.g. a private LoRA of a client-specific rank
 merged into the base, with the shared LoRA applied on top (the experiment
 ``experiments/federated_shakespeare.py`` does this).
 
-Fed-SB (Singhal, Ponkshe, Vartak, Vepakomma, "Fed-SB: A Silver Bullet for
+Fed-SB (Singhal, Ponkshe, Vartak, Varshney, Vepakomma, "Fed-SB: A Silver Bullet for
 Extreme Communication Efficiency and Performance in (Private) Federated LoRA
 Fine-Tuning", arXiv:2502.15436): every client uses LoRA-SB — the LoRA-XS
 architecture ``W' = W + s·A R B`` (`lorajax.variants.lora_xs`) initialised by
@@ -99,10 +99,12 @@ What was read, and what stays UNVERIFIED:
 * FedAvg: weighted by client sizes as in McMahan et al.; the Fed-SB/FedIT
   code averages uniformly (pass equal weights for that). A fresh optimiser
   state per client and round, as the Fed-SB code creates its AdamW per client.
-* DP-SGD: the clip factor ``C / (‖g‖ + 1e-6)`` clamped at 1 and the division
-  by the expected batch size are Opacus' (``opacus/optimizers/optimizer.py``,
-  read from memory of that file, UNVERIFIED against a given version); the
-  RDP orders and conversion to (ε, δ) are ``dp_accounting``'s defaults.
+* DP-SGD: the clip factor ``C / (‖g‖ + 1e-6)`` clamped at 1 (one norm over
+  all parameters), the noise ``N(0, (σ·C)²)`` added to the clipped sum and the
+  division by ``expected_batch_size`` were read in a copy of Opacus'
+  ``DPOptimizer`` (``clip_and_accumulate``, ``add_noise``, ``scale_grad``)
+  found by code search (which Opacus version it is: UNVERIFIED). The RDP
+  orders and the RDP → (ε, δ) conversion are ``dp_accounting``'s defaults.
   Batches here are fixed-size unless a ``mask`` marks a Poisson sample; the
   account assumes Poisson sampling (as Opacus' DPDataLoader does).
 """
