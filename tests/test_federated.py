@@ -154,6 +154,9 @@ def test_mismatched_client_trees_and_weights_raise(base):
         federated.fedavg([a, a], weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="no client"):
         federated.fedavg([])
+    back = federated.unstack(federated.stack([a, b := jax.tree_util.tree_map(lambda v: v + 1, a)]))
+    _close(back[0], a, rtol=0)
+    _close(back[1], b, rtol=0)
 
 
 def test_dp_clipping_bounds_each_example_and_noise_scale(base, lora):
