@@ -19,7 +19,7 @@ max |attention logit| against ``log L``. `attention_regime` reports, per layer::
     gamma       = max(q_base, k_base, q_lora, k_lora)
     max_logit   = max |logit| over the (query, key) pairs the model attends, under the model's own
                   scaling (bias and RoPE included: the logits the layer really computes)
-    log_len     = log L (natural log; L = the number of keys)
+    log_len     = log L (natural log; L = the number of keys; NaN for L = 1)
     rho         = max_logit / log_len          gamma_ratio = gamma / sqrt(log_len)
 
 **The theorem is asymptotic** (``L → ∞``, ``d = O(log L)``): ``rho`` and ``gamma_ratio`` are
