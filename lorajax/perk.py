@@ -222,7 +222,7 @@ def _check_meta(meta: Any, T: int) -> None:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"meta must be {{'init': adapters, 'log_lr': ...}} (perk.init_meta); got {keys}")
     log_lr = meta["log_lr"]
-    if isinstance(log_lr, (jax.Array, jnp.ndarray)) or hasattr(log_lr, "shape"):
+    if hasattr(log_lr, "shape"):  # one rate per step, shared by the leaves
         if jnp.shape(log_lr) != (T,):
             raise ValueError(
                 f"meta['log_lr'] has shape {jnp.shape(log_lr)}; batches has T = {T} inner steps: need ({T},)"
@@ -334,15 +334,22 @@ def meta_grad(
 
 
 def make_meta_step(
-    inner_loss: LossFn, outer_loss: LossFn, outer_tx: optax.GradientTransformation, **inner_kw: Any
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    outer_tx: optax.GradientTransformation,
+    *,
+    batched: bool = False,
+    **inner_kw: Any,
 ) -> Callable:
     """A jitted outer step ``(meta, opt_state, batches, query) -> (meta, opt_state, metrics)``.
 
-    ``batches``/``query`` may carry a leading task axis ``[B, ...]`` (several contexts per outer
-    step): pass ``batched=True`` in ``inner_kw`` to average the meta-gradient over it (``vmap``).
-    ``opt_state = outer_tx.init(meta)``. Metrics: ``outer_loss`` (mean), ``inner_losses [T]`` (mean).
+    With ``batched=True``, ``batches``/``query`` carry a leading task axis ``[B, ...]`` (``B`` contexts
+    per outer step) and the meta-gradient is the mean over it (``vmap``). ``opt_state =
+    outer_tx.init(meta)``; ``inner_kw``: `inner_loop`'s options. Metrics: ``outer_loss``, ``inner_losses
+    [T]`` (means over the tasks).
     """
-    batched = inner_kw.pop("batched", False)
+    if not (hasattr(outer_tx, "init") and hasattr(outer_tx, "update")):
+        raise TypeError(f"outer_tx must be an optax GradientTransformation, got {type(outer_tx).__name__}")
 
     def one(meta, batches, query):
         return meta_grad(inner_loss, outer_loss, meta, batches, query, **inner_kw)

@@ -177,6 +177,8 @@ def test_bad_inputs_raise(mlp32):
         perk.inner_loop(loss, {"init": adapters}, batches)
     with pytest.raises(TypeError, match="optax GradientTransformation"):
         perk.inner_loop(loss, meta, batches, tx=optax.sgd)
+    with pytest.raises(TypeError, match="outer_tx must be an optax GradientTransformation"):
+        perk.make_meta_step(loss, loss, optax.adam)
     with pytest.raises(ValueError, match="inner loss must return a scalar"):
         perk.inner_loop(lambda a, b: jnp.ones(2) * loss(a, b), meta, batches)
     with pytest.raises(ValueError, match="chunk_len=5"):
