@@ -20,8 +20,9 @@ registered as the FFI targets ``lorajax_attention_fwd`` / ``_bwd`` for the CPU p
 whether that worked; when it did not (no compiler, a failed build, ``LORAJAX_FUSED_ATTENTION=0``) the
 models' ``attention="auto"`` uses the blockwise path instead, with one warning naming the reason.
 
-Limits: float32, CPU, self-attention (``T == S``) only; first-order gradients (``jax.grad``/``vjp``; no
-``jvp`` or second derivatives: choose ``attention="blockwise"`` for those); under a multi-device mesh the
+Limits: float32, CPU, self-attention (``T == S``) only; first-order gradients (``jax.grad``/``vjp``; a
+second derivative raises NotImplementedError saying so, ``jax.jvp`` JAX's custom_vjp error: choose
+``attention="blockwise"`` for those); under a multi-device mesh the
 custom call is not partitioned, so the models' ``"auto"`` uses it only on a single device.
 
 Example:
@@ -163,6 +164,14 @@ def _check(q, k, v, mask):
         raise RuntimeError(f"the fused CPU attention kernel is unavailable: {reason}")
 
 
+SECOND_ORDER = (
+    "the fused CPU attention kernel has first-order gradients only (its backward is one custom call); for "
+    "second derivatives (grad of grad, Hessian-vector products, meta-gradients through inner gradient steps) "
+    "build the model with attention='blockwise' or 'dense'"
+)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _forward(q, k, v, mask, causal, window):
     lead = q.shape[:-4]
     S, K, G, _ = q.shape[-4:]
@@ -172,6 +181,11 @@ def _forward(q, k, v, mask, causal, window):
         vmap_method="broadcast_all",
     )
     return call(q, k, v, mask.astype(jnp.bool_), causal=causal, window=window)
+
+
+@_forward.defjvp
+def _forward_jvp(causal, window, primals, tangents):
+    raise NotImplementedError(SECOND_ORDER)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -184,8 +198,8 @@ def _attention_fwd(q, k, v, mask, causal, window):
     return o, (q, k, v, mask, o, lse)
 
 
-def _attention_bwd(causal, window, res, do):
-    q, k, v, mask, o, lse = res
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8))
+def _backward(q, k, v, mask, o, lse, do, causal, window):
     call = jax.ffi.ffi_call(
         "lorajax_attention_bwd",
         (
@@ -195,7 +209,17 @@ def _attention_bwd(causal, window, res, do):
         ),
         vmap_method="broadcast_all",
     )
-    dq, dk, dv = call(q, k, v, mask, o, lse, do.astype(jnp.float32), causal=causal, window=window)
+    return call(q, k, v, mask, o, lse, do, causal=causal, window=window)
+
+
+@_backward.defjvp
+def _backward_jvp(causal, window, primals, tangents):
+    raise NotImplementedError(SECOND_ORDER)
+
+
+def _attention_bwd(causal, window, res, do):
+    q, k, v, mask, o, lse = res
+    dq, dk, dv = _backward(q, k, v, mask, o, lse, do.astype(jnp.float32), causal, window)
     return dq, dk, dv, None
 
 

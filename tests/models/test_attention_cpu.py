@@ -98,6 +98,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs causal=True"):
         attention_cpu.fused_attention(q, k, v, mask, causal=False, window=4)
 
+    def loss(q):
+        return jnp.sum(attention_cpu.fused_attention(q, k, v, mask) ** 2)
+
+    with pytest.raises(NotImplementedError, match="first-order gradients only.*attention='blockwise'"):
+        jax.grad(lambda q: jnp.sum(jax.grad(loss)(q) ** 2))(q)  # second order: a clear error, not an FFI one
+
 
 def test_failed_build_falls_back_with_a_reason(monkeypatch, tmp_path):
     """No compiler (a fresh cache folder, $CXX pointing nowhere): the reason says so, "auto" warns once and
