@@ -79,7 +79,7 @@ def test_sg_lora_reconstructs_an_expert_from_its_own_description(tiny):
     lib = adapter_library.build(experts, emb)
     m, U, h = sg_lora.basis(lib)
     np.testing.assert_allclose(m[None, :] + h @ U.T, lib.vectors, atol=1e-5)  # v_i = m + U h_i
-    gen = sg_lora.fit(lib, jax.random.key(3), temperature=0.01, steps=300)
+    gen = sg_lora.fit(lib, jax.random.key(3), temperature=0.01, steps=150)
     for i in range(N_EXPERTS):
         v = sg_lora.generate_vector(gen, lib, emb[i], temperature=0.01)
         assert float(jnp.linalg.norm(v - lib.vectors[i]) / jnp.linalg.norm(lib.vectors[i])) < 1e-2
@@ -99,7 +99,7 @@ def test_autolora_features_are_gauge_invariant_and_retrieval_finds_own_adapter(t
     for blk in jax.tree_util.tree_leaves(regauged, is_leaf=lambda d: isinstance(d, dict) and "lora_A" in d):
         blk["lora_A"], blk["lora_B"] = blk["lora_A"] @ R, Rinv @ blk["lora_B"]
     np.testing.assert_allclose(autolora.features(spec, variables, regauged), f[0], atol=1e-5)
-    enc = autolora.fit_encoders(f, emb, jax.random.key(6), dim=8, steps=200)
+    enc = autolora.fit_encoders(f, emb, jax.random.key(6), dim=8, steps=100)
     index = autolora.build_index(autolora.encode_adapters(enc, f), [f"e{i}" for i in range(N_EXPERTS)])
     q = autolora.encode_texts(enc, emb)
     for i in range(N_EXPERTS):
