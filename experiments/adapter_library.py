@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 import lorajax
+from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, strict_json
 from experiments.stats import t_interval
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
@@ -231,9 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": time.time() - t0,
     }
     text = report(out)
+    text += "\nPlot: `adapter_library.png` (every seed a point).\n"
     path = Path(args.results)
     atomic.write_text(path, text)
     atomic.write_text(path.with_suffix(".json"), json.dumps(strict_json(out), indent=2) + "\n")
+    plot_adapters_as_data.adapter_library(path.with_suffix(".json"))
     print(text)
     return out
 

@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 import lorajax
+from experiments import plot_adapters_as_data
 from experiments.report import markdown_table
 from experiments.stats import t_interval
 from lorajax import atomic, perk
@@ -285,6 +286,9 @@ def report(runs: list[dict], mem: list[dict], wall: float) -> str:
     return "\n".join(out)
 
 
+PLOT_LINE = "\nPlot: `perk.png` (accuracy per arm, every seed a point).\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--meta-steps", type=int, default=META_STEPS)
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.report_only:
         rec = json.loads((args.out / "perk.json").read_text())
-        atomic.write_text(args.out / "perk.md", report(rec["runs"], rec["memory"], rec["wall_s"]))
+        atomic.write_text(args.out / "perk.md", report(rec["runs"], rec["memory"], rec["wall_s"]) + PLOT_LINE)
+        plot_adapters_as_data.perk(args.out / "perk.json")
         return
     t0 = time.time()
     runs = []
@@ -304,12 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     mem = memory()
     print(json.dumps(mem), flush=True)
     wall = time.time() - t0
-    md = report(runs, mem, wall)
+    md = report(runs, mem, wall) + PLOT_LINE
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(args.out / "perk.md", md)
     atomic.write_text(
         args.out / "perk.json", json.dumps({"runs": runs, "memory": mem, "wall_s": wall}, indent=1) + "\n"
     )
+    plot_adapters_as_data.perk(args.out / "perk.json")
     print(md)
 
 
