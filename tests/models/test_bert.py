@@ -362,6 +362,7 @@ def test_old_gamma_beta_layernorm_names_load(tmp_path):
     np.testing.assert_allclose(_ours(model, params, ids, mask, tt), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; remat's mechanics: tests/models/test_llama.py and test_attention.py
 def test_remat_same_outputs_and_adapter_gradients():
     """remat=True / "dots_saveable" (activation checkpointing per encoder layer) change memory, not maths; the
     params tree is the same."""

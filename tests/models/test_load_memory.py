@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import lorajax
 from lorajax.models import llama
@@ -22,6 +23,7 @@ def _save(path, **kw):
     lorajax.models.save_pretrained(path, model, params)
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; a subprocess measuring peak RSS
 def test_peak_memory_is_one_copy(tmp_path):
     if not Path("/proc/self/status").exists():
         import pytest

@@ -124,6 +124,7 @@ def lm_killed_then_rerun(tmp_path_factory):
     return out, after_kill, stored_ms, weights, res
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; two launcher runs (the writers' unit tests above stay quick)
 def test_a_half_written_base_is_rebuilt_from_its_checkpoints(lm_killed_then_rerun):
     import lorajax
     out, after_kill, _, weights, _ = lm_killed_then_rerun
@@ -133,6 +134,7 @@ def test_a_half_written_base_is_rebuilt_from_its_checkpoints(lm_killed_then_reru
     assert model.cfg.hidden_size == 128 and params
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; two launcher runs (the writers' unit tests above stay quick)
 def test_rerun_after_a_kill_at_the_final_export_is_complete(lm_killed_then_rerun):
     out, _, stored_ms, _, res = lm_killed_then_rerun
     for name in ("run_config.json", "results.md", "results.json", "loss.png", "base/model.safetensors",
