@@ -151,7 +151,8 @@ def _check(q, k, v, mask):
             f"k {k.shape}, v {v.shape}, mask {mask.shape}"
         )
     S, K, _, d = q.shape[-4:]
-    if k.shape[-3:] != (S, K, d) or mask.shape[-2:] != (S, S) or k.shape[:-3] != q.shape[:-4]:
+    lead_ok = all(m in (1, n) for m, n in zip(mask.shape[:-2], q.shape[:-4]))  # a mask may broadcast over batch
+    if k.shape[-3:] != (S, K, d) or mask.shape[-2:] != (S, S) or k.shape[:-3] != q.shape[:-4] or not lead_ok:
         raise ValueError(
             f"fused_attention is self-attention without a cache: q {q.shape}, k {k.shape}, mask {mask.shape} "
             "do not agree"
@@ -229,13 +230,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def fused_attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, *, causal: bool = True, window: int | None = None):
     """Self-attention (no cache) through the fused CPU kernel -> ``o [B, S, K, G, d]`` float32.
 
-    ``mask [B, S, S]`` holds the whole mask (causal, window and padding: True = visible); ``causal=True``
-    promises it is causal so the kernel skips key blocks past each query block (``window``: a sliding
-    window, which also skips the blocks before it; needs ``causal=True``). Equal to `dense_attention` on
-    every row with a visible key (float32 rounding). Raises ValueError on shapes that do not agree,
-    TypeError on a non-float32 input, RuntimeError when the kernel is unavailable (`unavailable_reason`).
+    ``mask [B, S, S]`` (or ``[1, S, S]``, broadcast over the batch) holds the whole mask (causal, window
+    and padding: True = visible); ``causal=True`` promises it is causal so the kernel skips key blocks
+    past each query block (``window``: a sliding window, which also skips the blocks before it; needs
+    ``causal=True``). Equal to `dense_attention` on every row with a visible key (float32 rounding).
+    Raises ValueError on shapes that do not agree, TypeError on a non-float32 input, RuntimeError when
+    the kernel is unavailable (`unavailable_reason`).
     """
     if window is not None and (not causal or window < 1):
         raise ValueError(f"window={window} needs causal=True and window >= 1")
     _check(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS)
+    mask_BxSxS = jnp.broadcast_to(mask_BxSxS, (*q_BxSxKxGxd.shape[:-4], *mask_BxSxS.shape[-2:]))
     return _attention(q_BxSxKxGxd, k_BxSxKxd, v_BxSxKxd, mask_BxSxS, int(causal), int(window or 0))

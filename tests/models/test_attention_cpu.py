@@ -66,6 +66,7 @@ def test_vmap_and_concurrent_calls():
 
     for g, w in zip(member_grads(attention_cpu.fused_attention), member_grads(attention.dense_attention)):
         np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_allclose(attention_cpu.fused_attention(q, k, v, mask[:1]), got[0], atol=1e-6)  # mask [1, S, S]
     pair = jax.jit(lambda a, b: (attention_cpu.fused_attention(*a, mask), attention_cpu.fused_attention(*b, mask)))
     o1, o2 = pair((q, k, v), (2 * q, k, v))
     np.testing.assert_allclose(o2, attention.dense_attention(2 * q, k, v, mask), atol=1e-5)
