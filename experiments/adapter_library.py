@@ -37,12 +37,23 @@ student + LoRA trained on the real text.
 
 Command: ``python -m experiments.adapter_library [--seeds 0 1 2]``; writes
 ``experiments/results/adapter_library.md`` and ``.json``.
+
+One run (the effects harness's runner, `experiments.effect_list` effect ``adapter_library``):
+``python -m experiments.adapter_library --method {base,sg_lora,autolora,trained} --steps 80
+--optim.lr 3e-3 --seed S --out-dir DIR`` — one arm of one seed, the same draws as seed S above
+(``--steps``/``--optim.lr``: every LoRA's Adam steps and lr; the generator and encoders keep their
+fixed steps). Writes ``results.json`` (``test_loss``: the held-out loss averaged over the held-out
+characters; ``base_test_loss``; per character ``held_loss``) and ``results.md`` into ``--out-dir``;
+no checkpoints inside a run (under a minute; the harness does not re-run a folder holding
+``results.json``). No Trans-LoRA in a single run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +64,8 @@ import optax
 
 import lorajax
 from experiments import plot_adapters_as_data
-from experiments.report import markdown_table, strict_json
+from experiments.report import markdown_table, strict_json, write_results
+from experiments.run import run_main
 from experiments.stats import t_interval
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
 from lorajax import adapter_library, atomic, autolora, loram, sg_lora, trans_lora
@@ -109,40 +121,54 @@ def held_loss(loss_b, held: np.ndarray) -> float:
     return tot / len(held)
 
 
-def train_lora(step, spec, variables, train: np.ndarray, key, rng, steps: int = STEPS):
+def train_lora(step, spec, variables, train: np.ndarray, key, rng, steps: int = STEPS, lr: float = LR):
     trainable, frozen = lorajax.partition(spec, lorajax.init(spec, variables, key))
-    state = lorajax.train.TrainState.create(optax.adam(LR), trainable, frozen)
+    state = lorajax.train.TrainState.create(optax.adam(lr), trainable, frozen)
     for _ in range(steps):
         state, _ = step(variables, state, jnp.asarray(train[rng.choice(len(train), BATCH, replace=False)]))
     return lorajax.combine(state.trainable, state.frozen)
 
 
-def run_seed(seed, model, variables, spec, fns, lib_data, held_data, e_lib, e_held) -> dict:
+def run_seed(seed, model, variables, spec, fns, lib_data, held_data, e_lib, e_held, methods=ARMS[1:], steps=STEPS):
+    """The held-out losses of ``methods`` (of ``ARMS[1:]``) for seed ``seed``; a subset draws the same data
+    order and keys for its arms as the full set (the library's batch draws are replayed when not trained)."""
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
-    experts = [train_lora(fns["step"], spec, variables, d["train"], jax.random.fold_in(key, i), rng)
-               for i, d in enumerate(lib_data)]  # fmt: skip
-    lib = adapter_library.build(experts, e_lib, [d["name"] for d in lib_data])
-    gen = sg_lora.fit(lib, jax.random.fold_in(key, 100), temperature=0.1, top_k=3, latent=4, steps=500)
-    feats = jnp.stack([autolora.features(spec, variables, a) for a in experts])
-    enc = autolora.fit_encoders(feats, e_lib, jax.random.fold_in(key, 101), dim=16, temperature=0.1, steps=300)
-    index = autolora.build_index(autolora.encode_adapters(enc, feats), lib.names)
-    q = autolora.encode_texts(enc, e_held)
-    res: dict = {"seed": seed, **{a: [] for a in ARMS[1:]}, "retrieved": [], "gates": [], "prior": []}
+    lr = fns.get("lr", LR)
+    if {"sg_lora", "autolora"} & set(methods):
+        experts = [train_lora(fns["step"], spec, variables, d["train"], jax.random.fold_in(key, i), rng, steps, lr)
+                   for i, d in enumerate(lib_data)]  # fmt: skip
+        lib = adapter_library.build(experts, e_lib, [d["name"] for d in lib_data])
+    else:  # the same numpy draws as training the library, so the trained arm sees the same batches
+        for d in lib_data:
+            for _ in range(steps):
+                rng.choice(len(d["train"]), BATCH, replace=False)
+    if "sg_lora" in methods:
+        gen = sg_lora.fit(lib, jax.random.fold_in(key, 100), temperature=0.1, top_k=3, latent=4, steps=500)
+    if "autolora" in methods:
+        feats = jnp.stack([autolora.features(spec, variables, a) for a in experts])
+        enc = autolora.fit_encoders(feats, e_lib, jax.random.fold_in(key, 101), dim=16, temperature=0.1, steps=300)
+        index = autolora.build_index(autolora.encode_adapters(enc, feats), lib.names)
+        q = autolora.encode_texts(enc, e_held)
+    res: dict = {"seed": seed, **{a: [] for a in methods}, "retrieved": [], "gates": [], "prior": []}
     trained = []
     for j, d in enumerate(held_data):
-        gen_a = sg_lora.generate(gen, lib, e_held[j], temperature=0.1)
-        res["prior"].append(np.asarray(adapter_library.similarity_weights(lib.embeddings, e_held[j], 0.1, 3)).tolist())
-        res["sg_lora"].append(held_loss(lambda b, a=gen_a: fns["eval"](variables, a, b), d["held"]))
-        ids, scores = autolora.retrieve(index, q[j], k=3)
-        gates = autolora.retrieval_gates(scores, 0.1)
-        pool = autolora.stack(spec, [experts[int(i)] for i in ids])
-        res["retrieved"].append([lib.names[int(i)] for i in ids])
-        res["gates"].append(np.asarray(gates).tolist())
-        res["autolora"].append(held_loss(lambda b, p=pool, g=gates: fns["gated"](variables, p, g, b), d["held"]))
-        a = train_lora(fns["step"], spec, variables, d["train"], jax.random.fold_in(key, 50 + j), rng)
-        trained.append(a)
-        res["trained"].append(held_loss(lambda b, a=a: fns["eval"](variables, a, b), d["held"]))
+        if "sg_lora" in methods:
+            gen_a = sg_lora.generate(gen, lib, e_held[j], temperature=0.1)
+            prior = adapter_library.similarity_weights(lib.embeddings, e_held[j], 0.1, 3)
+            res["prior"].append(np.asarray(prior).tolist())
+            res["sg_lora"].append(held_loss(lambda b, a=gen_a: fns["eval"](variables, a, b), d["held"]))
+        if "autolora" in methods:
+            ids, scores = autolora.retrieve(index, q[j], k=3)
+            gates = autolora.retrieval_gates(scores, 0.1)
+            pool = autolora.stack(spec, [experts[int(i)] for i in ids])
+            res["retrieved"].append([lib.names[int(i)] for i in ids])
+            res["gates"].append(np.asarray(gates).tolist())
+            res["autolora"].append(held_loss(lambda b, p=pool, g=gates: fns["gated"](variables, p, g, b), d["held"]))
+        if "trained" in methods:
+            a = train_lora(fns["step"], spec, variables, d["train"], jax.random.fold_in(key, 50 + j), rng, steps, lr)
+            trained.append(a)
+            res["trained"].append(held_loss(lambda b, a=a: fns["eval"](variables, a, b), d["held"]))
     res["_trained"] = trained
     return res
 
@@ -182,29 +208,98 @@ def trans_lora_row(model, variables, spec, fns, d, teacher) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--results", default="experiments/results/adapter_library.md")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    model, params = lorajax.models.from_pretrained(BASE)
+def setup(base_dir: str | Path = BASE, lr: float = LR, embeddings: bool = True) -> dict:
+    """The frozen base, the characters' data, the description embeddings (if ``embeddings``), the jitted
+    steps (Adam at ``lr``) and the base's held-out losses."""
+    model, params = lorajax.models.from_pretrained(base_dir)
     variables = {"params": params}
-    tok = load_tokenizer(BASE)
+    tok = load_tokenizer(Path(base_dir))
     lib_data, held_data = char_data(tok, list(LIBRARY)), char_data(tok, list(HELD_OUT))
-    e_all = embed(list(LIBRARY.values()) + list(HELD_OUT.values()))
-    e_lib, e_held = e_all[: len(LIBRARY)], e_all[len(LIBRARY) :]
+    e_lib = e_held = None
+    if embeddings:
+        e_all = embed(list(LIBRARY.values()) + list(HELD_OUT.values()))
+        e_lib, e_held = e_all[: len(LIBRARY)], e_all[len(LIBRARY) :]
     spec = lorajax.Spec("lora", rank=4, alpha=8, targets=ATTN_MLP)
     fwd = lorajax.adapt(model.apply, spec, mode="factored")
     loss = lambda p, a, b: lm_loss(fwd(p, a, b[:, :-1]), b)  # noqa: E731
     gated = autolora.adapt_gated(model.apply, spec)
     fns = {
-        "step": lorajax.train.make_lora_step(loss, optax.adam(LR)),
+        "step": lorajax.train.make_lora_step(loss, optax.adam(lr)),
         "eval": jax.jit(loss),
         "gated": jax.jit(lambda p, pool, g, b: lm_loss(gated(p, pool, g, b[:, :-1]), b)),
+        "lr": lr,
     }
     base_eval = jax.jit(lambda b: lm_loss(model.apply(variables, b[:, :-1]), b))
     base = [held_loss(base_eval, d["held"]) for d in held_data]
+    return {"model": model, "variables": variables, "spec": spec, "fns": fns, "lib_data": lib_data,
+            "held_data": held_data, "e_lib": e_lib, "e_held": e_held, "base": base}  # fmt: skip
+
+
+def parse_run(argv: list[str] | None) -> argparse.Namespace:
+    """The flags of one run (the effects harness's launcher flags plus ``--method``)."""
+    ap = argparse.ArgumentParser(prog="python -m experiments.adapter_library", description="one arm x one seed")
+    ap.add_argument("--method", choices=ARMS, required=True)
+    ap.add_argument("--steps", type=int, default=STEPS, help="Adam steps of every LoRA (library and trained)")
+    ap.add_argument("--optim.lr", dest="lr", type=float, default=LR, help="Adam lr of every LoRA")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--model", default=str(BASE), help="the frozen character Llama (HF folder)")
+    for flag in ("--task", "--eval-every", "--ckpt-every"):  # the harness's launcher flags, unused
+        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        ap.error(f"--optim.lr must be a finite number > 0, got {args.lr}")
+    return args
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One arm of one seed; writes ``results.json``/``results.md`` into ``args.out_dir`` (see the module doc)."""
+    t0 = time.time()
+    ctx = setup(args.model, args.lr, embeddings=args.method in ("sg_lora", "autolora"))
+    names = [d["name"] for d in ctx["held_data"]]
+    if args.method == "base":
+        losses, extra = ctx["base"], {}
+    else:
+        keys = ("model", "variables", "spec", "fns", "lib_data", "held_data", "e_lib", "e_held")
+        res = run_seed(args.seed, **{k: ctx[k] for k in keys}, methods=(args.method,), steps=args.steps)
+        losses = res[args.method]
+        extra = {k: res[k] for k in ("retrieved", "gates", "prior") if res[k]}
+    results = {
+        "method": args.method,
+        "seed": args.seed,
+        "lr": args.lr,
+        "steps": args.steps,
+        "test_loss": float(np.mean(losses)),
+        "base_test_loss": float(np.mean(ctx["base"])),
+        "held_loss": dict(zip(names, map(float, losses))),
+        **extra,
+        "seconds": time.time() - t0,
+    }
+    if not all(math.isfinite(v) for v in [results["test_loss"], *results["held_loss"].values()]):
+        raise FloatingPointError(f"non-finite held-out loss: {results['held_loss']}")
+    table = markdown_table(
+        ["arm", *names, "mean", "base mean"],
+        [[args.method, *[f"{x:.4f}" for x in losses], *(f"{results[k]:.4f}" for k in ("test_loss", "base_test_loss"))]],
+    )
+    write_results(Path(args.out_dir), f"# Adapter library, one run (seed {args.seed})\n\n{table}\n", results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--method" in argv:  # one arm x one seed (the effects harness's runner)
+        return run_main(parse_run, run_one, argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--results", default="experiments/results/adapter_library.md")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    ctx = setup()
+    model, variables, spec, fns = ctx["model"], ctx["variables"], ctx["spec"], ctx["fns"]
+    lib_data, held_data, e_lib, e_held, base = (ctx[k] for k in ("lib_data", "held_data", "e_lib", "e_held", "base"))
     print(f"setup {time.time() - t0:.0f} s; base {np.round(base, 4).tolist()}", flush=True)
     rows = []
     for s in args.seeds:

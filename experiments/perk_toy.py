@@ -31,13 +31,25 @@ for one outer step (AOT ``compile().memory_analysis()``) with the full meta-grad
 Everything (arms, steps, lrs, seeds, metric) was fixed before the first run.
 
 Run: ``python -m experiments.perk_toy`` (writes ``experiments/results/perk.md`` and ``perk.json``).
+
+One run (the effects harness's runner, `experiments.effect_list` effect ``perk``): ``python -m
+experiments.perk_toy --method {perk,ttt} --steps 250 --optim.lr LR --seed S --out-dir DIR`` — one arm
+of one seed (the same seeds' draws as above): ``perk`` meta-trains ``--steps`` outer steps at outer
+Adam lr ``--optim.lr`` and reports PERK's accuracy and the no-context accuracy of the same
+meta-learned init; ``ttt`` (no meta-training; ``--steps`` unused) runs the 4 inner steps at the
+constant inner lr ``--optim.lr``. Writes ``results.json`` (``test_accuracy``, ``val_accuracy``,
+``val_error`` = 1 - val_accuracy for the harness's lr pick, ``no_context_test_accuracy``,
+``base_no_context_test_accuracy``) and ``results.md`` into ``--out-dir``. A run is about a minute:
+no checkpoints inside it (the harness does not re-run a folder holding ``results.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -50,7 +62,8 @@ import optax
 
 import lorajax
 from experiments import plot_adapters_as_data
-from experiments.report import markdown_table
+from experiments.report import markdown_table, write_results
+from experiments.run import run_main
 from experiments.stats import t_interval
 from lorajax import atomic, perk
 from lorajax.models import llama
@@ -136,12 +149,14 @@ def eval_all(params, meta, ctxs, adapt_steps: bool):
     return jnp.mean(jax.vmap(lambda c: _evaluate(params, meta, c, adapt_steps))(ctxs))
 
 
-def _outer_step(params, meta, state, batches, query, inner_kw):
-    """One outer Adam step on the meta-gradient averaged over the contexts (leading axis of batches/query)."""
+def _outer_step(params, meta, state, batches, query, inner_kw, lr_scale=1.0):
+    """One outer Adam step on the meta-gradient averaged over the contexts (leading axis of batches/query);
+    ``lr_scale`` multiplies the step (Adam's update is linear in its lr: the outer lr is ``lr_scale * META_LR``)."""
     loss = perk.next_token_loss(FWD, params)
     g, aux = jax.vmap(lambda b, q: perk.meta_grad(loss, loss, meta, b, q, **dict(inner_kw)))(batches, query)
     g, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (g, aux))
     updates, state = META_TX.update(g, state, meta)
+    updates = jax.tree.map(lambda u: u * lr_scale, updates)
     return optax.apply_updates(meta, updates), state, aux
 
 
@@ -159,19 +174,31 @@ def with_lr(meta: dict, lr: float) -> dict:
     return {**meta, "log_lr": jax.tree.map(lambda x: jnp.full_like(x, np.log(lr)), meta["log_lr"])}
 
 
-def run_seed(seed: int, meta_steps: int) -> dict:
-    t0 = time.time()
+def setup(seed: int):
+    """Seed ``seed``'s pre-trained base, its un-meta-learned init (lr `INNER_LR`), test and validation contexts."""
     params, pre_loss = pretrain(build(seed), seed)
     adapters = lorajax.init(SPEC, params, jax.random.key(3000 + seed))
     plain = perk.init_meta(adapters, STEPS, lr=INNER_LR, per_leaf=True)
+    test = contexts(jax.random.key(5000 + seed), N_TEST)
+    val = contexts(jax.random.key(6000 + seed), N_VAL)
+    return params, pre_loss, plain, test, val
+
+
+def meta_train(params, plain, seed: int, meta_steps: int, lr: float = META_LR):
+    """``(meta, curve)``: ``meta_steps`` outer Adam steps (lr ``lr``) from ``plain``; the curve every 25 steps."""
     meta, state, curve = plain, META_TX.init(plain), []
     for i, k in enumerate(jax.random.split(jax.random.key(4000 + seed), meta_steps)):
         b, q = task_batch(k, META_BATCH)
-        meta, state, m = outer_step(params, meta, state, b, q, ())
+        meta, state, m = outer_step(params, meta, state, b, q, (), lr / META_LR)
         if i % 25 == 0 or i == meta_steps - 1:
             curve.append((i, float(m["outer_loss"]), float(m["inner_losses"][0]), float(m["inner_losses"][-1])))
-    test = contexts(jax.random.key(5000 + seed), N_TEST)
-    val = contexts(jax.random.key(6000 + seed), N_VAL)
+    return meta, curve
+
+
+def run_seed(seed: int, meta_steps: int) -> dict:
+    t0 = time.time()
+    params, pre_loss, plain, test, val = setup(seed)
+    meta, curve = meta_train(params, plain, seed, meta_steps)
     val_acc = {lr: float(eval_all(params, with_lr(plain, lr), val, True)) for lr in TTT_LRS}
     best = max(TTT_LRS, key=lambda lr: val_acc[lr])
     lrs = jnp.exp(jnp.stack(jax.tree.leaves(meta["log_lr"])))
@@ -289,7 +316,66 @@ def report(runs: list[dict], mem: list[dict], wall: float) -> str:
 PLOT_LINE = "\nPlot: `perk.png` (accuracy per arm, every seed a point).\n"
 
 
+METHODS = ("perk", "ttt")
+
+
+def parse_run(argv: list[str] | None) -> argparse.Namespace:
+    """The flags of one run (the effects harness's launcher flags plus ``--method``)."""
+    ap = argparse.ArgumentParser(prog="python -m experiments.perk_toy", description="one arm x one seed of PERK")
+    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--steps", type=int, default=META_STEPS, help="outer (meta-training) steps of the perk arm")
+    ap.add_argument("--optim.lr", dest="lr", type=float, default=META_LR, help="perk: outer Adam lr; ttt: inner lr")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", required=True)
+    for flag in ("--task", "--model", "--eval-every", "--ckpt-every"):  # the harness's launcher flags, unused
+        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        ap.error(f"--optim.lr must be a finite number > 0, got {args.lr}")
+    return args
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One arm of one seed; writes ``results.json``/``results.md`` into ``args.out_dir`` (see the module doc)."""
+    t0 = time.time()
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)  # as the script's own runs (its env default)
+    try:
+        params, pre_loss, plain, test, val = setup(args.seed)
+        results: dict = {"method": args.method, "seed": args.seed, "lr": args.lr, "pretrain_loss": pre_loss}
+        if args.method == "perk":
+            meta, curve = meta_train(params, plain, args.seed, args.steps, args.lr)
+            results["meta_steps"] = args.steps
+            results["no_context_test_accuracy"] = float(eval_all(params, meta, test, False))
+            results["meta_curve"] = curve  # (outer step, outer loss, inner loss at step 0, at the last step)
+        else:  # test-time training from the standard init at one constant inner lr
+            meta = with_lr(plain, args.lr)
+            results["meta_steps"] = 0
+        results["val_accuracy"] = float(eval_all(params, meta, val, True))
+        results["test_accuracy"] = float(eval_all(params, meta, test, True))
+        results["base_no_context_test_accuracy"] = float(eval_all(params, plain, test, False))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+    results["val_error"] = 1.0 - results["val_accuracy"]
+    results["seconds"] = time.time() - t0
+    if not all(math.isfinite(v) for v in results.values() if isinstance(v, float)):
+        raise FloatingPointError(f"non-finite result: {results}")
+    pct = lambda x: f"{100 * x:.1f}" if math.isfinite(x) else "—"  # noqa: E731
+    row = [args.method, f"{args.lr:g}", str(results["meta_steps"]), pct(results["val_accuracy"])]
+    row += [pct(results["test_accuracy"]), pct(results.get("no_context_test_accuracy", math.nan))]
+    table = markdown_table(["arm", "lr", "meta steps", "val acc. %", "test acc. %", "no-context test acc. %"], [row])
+    write_results(Path(args.out_dir), f"# PERK toy, one run (seed {args.seed})\n\n{table}\n", results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--method" in argv:  # one arm x one seed (the effects harness's runner)
+        run_main(parse_run, run_one, argv)
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--meta-steps", type=int, default=META_STEPS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
