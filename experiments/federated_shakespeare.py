@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": time.time() - t0,
     }
     text = report(out, args)
-    text += "\nPlot: `federated.png` (every seed a point).\n"
+    text += "\nPlot: `federated.png` (every seed a point). The same arms and seeds through the effects harness (one\n"
+    text += "run per arm and seed, the contrasts with their verdicts): `effects.md`, section `federated`.\n"
     path = Path(args.results)
     atomic.write_text(path, text)
     atomic.write_text(path.with_suffix(".json"), json.dumps(strict_json(out), indent=2) + "\n")
