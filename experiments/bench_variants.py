@@ -340,6 +340,56 @@ def plot(ratios: list[tuple[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: the floor arithmetic of SHiRA's and TeRA's steps (session 9; fixed text, not measured by this run)
+FLOORS = """\
+### 2a. SHiRA and TeRA: the fused factored path, its options, and the floors
+
+The table above has the default paths and the dense options side by side (`shira` / `shira:backward=dense`,
+`tera` / `tera:compute=dense`); the arithmetic below says why the defaults sit at ~5-12x and the dense options at
+~1.2-1.4x of a LoRA step on this CPU (measured over sessions 9-11).
+
+What changed (`lorajax/variants/shira.py`, `lorajax/variants/tera.py`): SHiRA's factored `apply`
+runs one product `x (W + c·S)` under a custom VJP (`∂x = g (W + c·S)ᵀ`, skipped where `x` needs
+no gradient; `∂W` only if the base is differentiated), as PEFT does, without keeping `W'`; the
+`v`-gradient is still chosen by `backward`. TeRA has a new option `compute="dense"`: form `ΔK`,
+one product `x (K + ΔK)`, `∂ΔK = xᵀ g`, `∂λ` through the VJP of the contraction. The previous
+formulas stay as `apply_reference` (and are used when `x`, `W` and the adapter differ in dtype);
+`tests/variants/test_shira_tera_fast.py` checks both paths equal, values and gradients.
+
+Why the dense options are at ~1.25x, and not lower (FLOPs per step; T = 512 tokens, 2 layers,
+Σ in·out = 6,324,224 and Σ (in+out) = 19,520 over the 14 adapted linears, r = 16, so
+K = r·Σ(in+out) = 312,320 = LoRA's trainable count):
+
+* LoRA step ≈ 17.8 GFLOP: linear forward 2·T·Σ in·out = 6.48, linear `∂x` 5.68 (the first
+  layer's q, k, v inputs need none), LM head forward + `∂x` 4.30, attention ≈ 0.4, adapter
+  6·T·K = 0.96.
+* SHiRA/TeRA dense ≈ 17.8 − 0.96 + 6.48 = 23.3 GFLOP: the same fused forward and `∂x`, plus one
+  `xᵀ g` per linear (2·T·in·out; the `v`/`λ` gradients are then a gather of K entries or a
+  contraction of ~2·R·in·out FLOPs). 23.3 / 17.8 = **1.31**, as the dense rows measure (1.18–1.38 over runs). Below this
+  needs the `v`/`λ` gradient without the `[in, out]` product, which is the default paths' problem:
+* SHiRA `backward="sampled"` (default): the same fused products, plus `∂v_k = Σ_t x[t,i_k]·g[t,o_k]`
+  = 2·T·K = 0.32 GFLOP, as cheap as LoRA's adapter FLOPs, but every one of its 2·T·K = 320 M
+  operands is a gathered element, and XLA-CPU's gather costs ~10 ns per element here (one
+  512x512 layer, 16.8 M gathered elements: 173 ms, against ~20 ms for the dense `(xᵀ g)[idx]` with
+  16x the FLOPs). 320 M x 10 ns ≈ 3.2 s on top of a ~0.7 s step: ~5–7x, as measured. ≤ 1.5x would
+  need a gather (sampled dense-dense product) at ≲ 1 ns per element, i.e. a kernel, not XLA-CPU's
+  gather. The dense product is 16x (512x512) to 23x (512x1376) more FLOPs and still ~8x faster.
+* TeRA `compute="factored"` (default): for a 512x512 target (8·8·8 each way, R = 16) the pairwise
+  chain costs 2·T·in·o₁·R = 67 M + 2·T·i₂o₁o₃R·(R·i₃) = 1.07 G + 67 M ≈ 1.21 GFLOP forward, 4.5x
+  `x ΔK` (0.27 G), and about twice that again backward. `opt_einsum` ("optimal") on the whole
+  network `x·G·F₁F₂F₃·g` finds the cheapest order (0.28 GFLOP) goes through `xᵀ g` or `ΔK`: the
+  update has rank up to min(in, out), so it has no cheaper factored form. Without an `[in, out]`
+  intermediate the cheapest order found costs ≥ 0.6 GFLOP for `λ₂, λ₃` (x by F₁, then with g over
+  (T, o₁)) and ~1.1 GFLOP more for `λ₁`: about 3x the 0.59 GFLOP of a LoRA step on that linear.
+
+The defaults stay the paths without an `[in, out]` gradient product, because
+`tests/test_conformance.py` checks, for every variant's default factored step, that no dot of a
+kernel's shape is formed (`test_no_base_gradient_in_jaxpr` / `_in_hlo`); `xᵀ g` is exactly such a
+dot. Making `backward="dense"` / `compute="dense"` the defaults needs that check to exempt these
+two (as it does DoRA's forward product); that is a decision for the test's owner.
+"""
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="alternating LoRA/variant rounds per variant (after 2 warm-up)")
@@ -416,6 +466,8 @@ compute, FlyLoRA k = r/4 = 4, TeRA 3 modes, Uni-LoRA d = 256), plus the rows
 {spread} Load average (1 min) before / after the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.
 The "lora" row is a second, independently compiled LoRA step: its ratio is the noise floor.
 Plot: `{png.name}`.
+
+{FLOORS}
 
 Caveats: 2 CPU cores shared with other workers, so single numbers move by several percent
 between runs; ratios from alternating rounds are the robust part. CPU timings say nothing about
