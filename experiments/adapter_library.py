@@ -65,7 +65,7 @@ import optax
 import lorajax
 from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, strict_json, write_results
-from experiments.run import run_main
+from experiments.run import harness_runner_parser, parse_runner_args, run_main
 from experiments.stats import t_interval
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
 from lorajax import adapter_library, atomic, autolora, loram, sg_lora, trans_lora
@@ -237,22 +237,18 @@ def setup(base_dir: str | Path = BASE, lr: float = LR, embeddings: bool = True) 
 
 def parse_run(argv: list[str] | None) -> argparse.Namespace:
     """The flags of one run (the effects harness's launcher flags plus ``--method``)."""
-    ap = argparse.ArgumentParser(prog="python -m experiments.adapter_library", description="one arm x one seed")
-    ap.add_argument("--method", choices=ARMS, required=True)
-    ap.add_argument("--steps", type=int, default=STEPS, help="Adam steps of every LoRA (library and trained)")
-    ap.add_argument("--optim.lr", dest="lr", type=float, default=LR, help="Adam lr of every LoRA")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--model", default=str(BASE), help="the frozen character Llama (HF folder)")
-    for flag in ("--task", "--eval-every", "--ckpt-every"):  # the harness's launcher flags, unused
-        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        ap.error(f"--optim.lr must be a finite number > 0, got {args.lr}")
-    return args
+    ap = harness_runner_parser(
+        "python -m experiments.adapter_library",
+        "one arm x one seed",
+        ARMS,
+        steps=STEPS,
+        steps_help="Adam steps of every LoRA (library and trained)",
+        lr=LR,
+        lr_help="Adam lr of every LoRA",
+        model=str(BASE),
+        model_help="the frozen character Llama (HF folder)",
+    )
+    return parse_runner_args(ap, argv)
 
 
 def run_one(args: argparse.Namespace) -> dict:

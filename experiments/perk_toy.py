@@ -63,7 +63,7 @@ import optax
 import lorajax
 from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, write_results
-from experiments.run import run_main
+from experiments.run import harness_runner_parser, parse_runner_args, run_main
 from experiments.stats import t_interval
 from lorajax import atomic, perk
 from lorajax.models import llama
@@ -321,21 +321,16 @@ METHODS = ("perk", "ttt")
 
 def parse_run(argv: list[str] | None) -> argparse.Namespace:
     """The flags of one run (the effects harness's launcher flags plus ``--method``)."""
-    ap = argparse.ArgumentParser(prog="python -m experiments.perk_toy", description="one arm x one seed of PERK")
-    ap.add_argument("--method", choices=METHODS, required=True)
-    ap.add_argument("--steps", type=int, default=META_STEPS, help="outer (meta-training) steps of the perk arm")
-    ap.add_argument("--optim.lr", dest="lr", type=float, default=META_LR, help="perk: outer Adam lr; ttt: inner lr")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", required=True)
-    for flag in ("--task", "--model", "--eval-every", "--ckpt-every"):  # the harness's launcher flags, unused
-        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        ap.error(f"--optim.lr must be a finite number > 0, got {args.lr}")
-    return args
+    ap = harness_runner_parser(
+        "python -m experiments.perk_toy",
+        "one arm x one seed of PERK",
+        METHODS,
+        steps=META_STEPS,
+        steps_help="outer (meta-training) steps of the perk arm",
+        lr=META_LR,
+        lr_help="perk: outer Adam lr; ttt: inner lr",
+    )
+    return parse_runner_args(ap, argv)
 
 
 def run_one(args: argparse.Namespace) -> dict:

@@ -18,8 +18,10 @@ exceptions are bugs and keep their traceback; ``--debug`` keeps it for all.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import math
 import re
 import sys
 from typing import Any, Callable
@@ -80,6 +82,51 @@ def run_main(parse: Callable[[Any], Any], run: Callable[[Any], Any], argv: list[
     except (FloatingPointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(exit_code(e)) from None
+
+
+def harness_runner_parser(
+    prog: str,
+    description: str,
+    methods: tuple[str, ...],
+    *,
+    steps: int,
+    steps_help: str,
+    lr: float | None,
+    lr_help: str,
+    model: str | None = None,
+    model_help: str = "",
+) -> argparse.ArgumentParser:
+    """The flags the effects harness passes to a ``runner=`` script (`experiments.effects.launcher_argv`):
+    ``--method`` (the arm), ``--steps``, ``--optim.lr``, ``--seed``, ``--out-dir``, ``--no-progress``, and
+    ``--model`` (``model``: its default; None: accepted and unused), with the launcher's ``--task``,
+    ``--eval-every``, ``--ckpt-every`` accepted and unused. Add the script's own flags, then parse with
+    `parse_runner_args`."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--method", choices=methods, required=True)
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--optim.lr", dest="lr", type=float, default=lr, help=lr_help)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", required=True)
+    unused = ["--task", "--eval-every", "--ckpt-every"]
+    if model is None:
+        unused.insert(1, "--model")
+    else:
+        ap.add_argument("--model", default=model, help=model_help)
+    for flag in unused:  # the harness's launcher flags this runner does not use
+        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def parse_runner_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``ap.parse_args(argv)`` with ``--steps >= 1`` and a finite ``--optim.lr > 0`` (when given) checked: a
+    bad value exits 2 with argparse's one-line message."""
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        ap.error(f"--optim.lr must be a finite number > 0, got {args.lr}")
+    return args
 
 
 def one_line(error: BaseException) -> str:
