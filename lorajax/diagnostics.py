@@ -304,6 +304,15 @@ def _stack(rows: list[dict]) -> dict[str, jax.Array]:
     return {name: jnp.stack([r[name] for r in rows]) for name in QUANTITIES}
 
 
+def _targets(spec, variables, adapters, names: dict, what: str) -> tuple[dict, dict, dict]:
+    """For ``names`` (``{layer: {projection: parameter path}}``): the base kernels by path, their updates
+    (`_updates`) and the variables to run (the adapters merged in, when there are any)."""
+    kernels = {keys: _leaf(variables, keys, what) for row in names.values() for keys in row.values()}
+    updates = _updates(spec, variables, adapters, kernels)
+    run_vars = variables if spec is None else merge(spec, variables, adapters, dequantize=True)
+    return kernels, updates, run_vars
+
+
 def _llama_regime(model, variables, input_ids, spec, adapters, attention_mask) -> dict[str, jax.Array]:
     cfg = model.cfg
     B, S = input_ids.shape
@@ -312,9 +321,7 @@ def _llama_regime(model, variables, input_ids, spec, adapters, attention_mask) -
         i: {p: ("params", "model", "layers", str(i), "self_attn", p, "kernel") for p in ("q_proj", "k_proj")}
         for i in range(cfg.num_hidden_layers)
     }
-    kernels = {keys: _leaf(variables, keys, "llama") for row in names.values() for keys in row.values()}
-    updates = _updates(spec, variables, adapters, kernels)
-    run_vars = variables if spec is None else merge(spec, variables, adapters, dequantize=True)
+    kernels, updates, run_vars = _targets(spec, variables, adapters, names, "llama")
     _, state = plain.apply(
         run_vars,
         input_ids,
@@ -362,9 +369,7 @@ def _bert_regime(model, variables, input_ids, spec, adapters, attention_mask, to
         i: {p: base + (str(i), "attention", "self", p, "kernel") for p in ("query", "key")}
         for i in range(cfg.num_hidden_layers)
     }
-    kernels = {keys: _leaf(variables, keys, "bert") for row in names.values() for keys in row.values()}
-    updates = _updates(spec, variables, adapters, kernels)
-    run_vars = variables if spec is None else merge(spec, variables, adapters, dequantize=True)
+    kernels, updates, run_vars = _targets(spec, variables, adapters, names, "bert")
     _, state = plain.apply(
         run_vars,
         input_ids,

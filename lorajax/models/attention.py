@@ -56,6 +56,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lorajax.models import attention_cpu
+
 __all__ = ["dense_attention", "blockwise_attention", "self_attention", "uses_fused", "auto_block", "IMPLEMENTATIONS"]
 
 #: names accepted by the models' ``attention`` field (see `self_attention`)
@@ -138,8 +140,6 @@ def uses_fused(*arrays) -> bool:
     """Whether ``attention="auto"`` takes the fused CPU kernel for these inputs: the default backend is the
     CPU with one device (the custom call is not partitioned over a mesh), every input is float32 and the
     kernel is built (`lorajax.models.attention_cpu.available`; if not, one warning says why)."""
-    from lorajax.models import attention_cpu
-
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     if any(x.dtype != jnp.float32 for x in arrays):
@@ -174,7 +174,5 @@ def self_attention(
     if implementation == "dense":
         return dense_attention(*args)
     if implementation == "fused" or (implementation == "auto" and uses_fused(*args[:3])):
-        from lorajax.models import attention_cpu
-
         return attention_cpu.fused_attention(*args, causal=causal, window=window)
     return blockwise_attention(*args, window=window, block=block, causal=causal)
