@@ -431,6 +431,7 @@ def test_blockwise_attention_equals_dense_and_bad_names_raise():
         bert.BertModel(cfg, attention_block=0)
 
 
+@pytest.mark.slow  # CI budget (15 min): `make test-all` runs it; bf16 compute: tests/models/test_attention.py (Llama)
 def test_bf16_compute_keeps_f32_params_and_adapter_gradients():
     """dtype=bf16: f32 params and adapters, bf16 hidden / pooled outputs close to the f32 ones, f32 gradients."""
     import jax
