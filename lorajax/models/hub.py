@@ -47,6 +47,7 @@ FAMILIES = {
     "mistral": "llama",
     "bert": "bert",
     "roberta": "bert",
+    "vit": "vit",
 }
 
 SINGLE = "model.safetensors"
