@@ -305,7 +305,7 @@ class ProteinTokenizer:
             _letter_ids(seq)  # raises, naming the bad characters
         return np.concatenate([self.prompt(tag), np.array([*letters, self.eos_id], np.int32)])
 
-    def records(self, seqs: Sequence[str], tags: Sequence[int] | None = None) -> np.ndarray:
+    def records(self, seqs: Sequence[str], tags: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``[N, prompt + L + 1]`` int32 records of equal-length ``seqs`` (``tags=None``: untagged)."""
         tags_N = [None] * len(seqs) if tags is None else [int(t) for t in tags]
         rows = [self.record(s, t) for s, t in zip(seqs, tags_N)]
