@@ -110,11 +110,12 @@ def check_config(cfg: RunConfig) -> None:
         tok = proteins.ProteinTokenizer(proteins.NUM_CLASSES)
         model = llama.build(model_config(tok.vocab_size, cfg.max_length))
         abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        if not spec.selection.resolve(abstract):
-            raise ConfigError(
-                f"--spec.targets {cfg.spec.targets!r} matches no weight of the protein model (its linear layers: "
-                "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head; e.g. all-linear)"
-            )
+        try:
+            chosen = spec.selection.resolve(abstract)
+        except ValueError as e:  # a target naming nothing, with the weights there are
+            raise ConfigError(f"--spec.targets (the protein model's Llama): {e}") from None
+        if not chosen:
+            raise ConfigError(f"--spec.targets {cfg.spec.targets!r} matches no weight of the protein model")
 
 
 # ----------------------------------------------------------------------------- data
