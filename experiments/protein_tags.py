@@ -58,16 +58,19 @@ def summarise(per_seed: dict[int, dict], wall_s: float) -> tuple[str, dict]:
         row.append(" / ".join(f"{v:.3f}" for v in vals["tag_accuracy"]))
         a0 = per_seed[seeds[0]]["arms"][arm]
         ms = [1e3 * per_seed[s]["arms"][arm]["seconds_per_sequence"] for s in seeds]
+        cpu_ms = [1e3 * per_seed[s]["arms"][arm]["cpu_seconds_per_sequence"] for s in seeds]
         row += [f"{a0['trainable']:,} ({a0['trainable_percent']:.1f}%)", f"{a0['flops_per_sequence'] / 1e6:.2f}"]
-        row.append(ci_text(ms, "{:.2f}"))
+        row += [ci_text(ms, "{:.2f}"), ci_text(cpu_ms, "{:.2f}")]
         rows.append(row)
         record["arms"][arm] = {
             **vals,
             "ms_per_sequence": ms,
+            "cpu_ms_per_sequence": cpu_ms,
             "trainable": a0["trainable"],
             "flops_per_sequence": a0["flops_per_sequence"],
         }
-    header = ["arm"] + [t for _, t, _ in METRICS] + ["tag accuracy per seed", "trainable", "MFLOP/seq", "ms/seq"]
+    header = ["arm"] + [t for _, t, _ in METRICS] + ["tag accuracy per seed", "trainable", "MFLOP/seq"]
+    header += ["ms/seq (wall)", "ms/seq (CPU)"]
     table = markdown_table(header, rows)
     contrasts = []
     for a, b in (("lora", "base"), ("lora", "full")):
@@ -93,8 +96,9 @@ def summarise(per_seed: dict[int, dict], wall_s: float) -> tuple[str, dict]:
         f"{table}\n\n" + "\n".join(contrasts) + "\n\n"
         "MFLOP/seq: 2·M·N·K of every matrix product in the lowered prefill (4 prompt tokens) and decode-step "
         "programs, 48 decode steps counted (each attends over all 53 cache slots; LoRA's factored x·A·B "
-        "included). ms/seq: wall time of one batch of 256 sequences after a compile run, on this 2-core CPU "
-        "shared with other jobs (a rough number). No energy figure: power was not measured. The trainable "
+        "included). ms/seq: wall time and process CPU time (all threads) of one batch of 256 sequences after a "
+        "compile run, on this 2-core machine shared with other jobs (rough numbers; the CPU time is the less "
+        "disturbed by the other jobs). No energy figure: power was not measured. The trainable "
         "share is large here (a 96k-parameter base, d=64); at the paper's scale LoRA r=128 all-linear is 4.18% "
         "of Llama-3-8B (tests/test_protein_counts.py).\n\n"
         f"Command: `python -m experiments.protein_tags` ({wall_s:.0f} s wall, seeds one after another, "

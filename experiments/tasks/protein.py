@@ -28,9 +28,10 @@ of the requested tag's motif; perplexity per letter on `HELD_OUT_PER_CLASS` x K
 held-out tagged sequences (the exact model's own perplexity is the floor);
 FLOPs per generated sequence counted from the matrix products of the lowered
 prefill and decode-step programs (`generation_flops`; all 49 steps counted,
-the attention over every cache slot as the decoder runs it) and measured wall
-time per generated sequence on this machine (one batch of all tags, after a
-compile run). No energy number: power was not measured.
+the attention over every cache slot as the decoder runs it) and the measured
+wall time and process CPU time (all threads) per generated sequence on this
+machine (one batch of all tags, after a compile run). No energy number: power
+was not measured.
 
 Artefacts in ``out_dir``: ``run_config.json``, ``pretrain/``, ``base/``, ``lora/``,
 ``full/``, ``results.md``, ``results.json``, ``loss.png``. A re-run of a finished
@@ -243,9 +244,9 @@ def generate_arm(model, params, apply_fn, tok, grammar, n_per_tag: int, seed: in
         ).block_until_ready()
 
     gen()  # compile
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = np.asarray(gen())
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     texts = [tok.sequence(row[PROMPT_LEN:]) for row in out]
     ended = [tok.eos_id in row[PROMPT_LEN:].tolist() for row in out]
     letters = [s.replace(proteins.UNKNOWN, "") for s in texts]
@@ -259,6 +260,7 @@ def generate_arm(model, params, apply_fn, tok, grammar, n_per_tag: int, seed: in
         "mean_length": float(np.mean([p["length"] for p in props])),
         "motif_rate": float(np.mean([p["motifs"][c] for p, c in zip(props, tags)])),
         "seconds_per_sequence": seconds / len(tags),
+        "cpu_seconds_per_sequence": cpu_seconds / len(tags),
         "generated": len(tags),
         "samples": {f"P{c}": texts[c * n_per_tag] for c in range(k)},
     }
@@ -371,6 +373,7 @@ def report(cfg: RunConfig, results: dict) -> str:
             f"{a['trainable']:,} ({a['trainable_percent']:.1f}%)",
             f"{a['flops_per_sequence'] / 1e6:.2f}",
             f"{1e3 * a['seconds_per_sequence']:.3f}",
+            f"{1e3 * a['cpu_seconds_per_sequence']:.3f}",
         ]
         for name, a in results["arms"].items()
     ]
@@ -385,7 +388,8 @@ def report(cfg: RunConfig, results: dict) -> str:
             "perplexity/letter",
             "trainable",
             "MFLOP/seq",
-            "ms/seq",
+            "ms/seq (wall)",
+            "ms/seq (CPU)",
         ],
         rows,
     )
@@ -400,6 +404,7 @@ def report(cfg: RunConfig, results: dict) -> str:
         f"{n} sequences generated per tag at temperature 1, classified by the exact oracle. Perplexity on "
         f"{HELD_OUT_PER_CLASS * proteins.NUM_CLASSES} held-out tagged sequences; the true model's own: "
         f"{o['perplexity']:.3f} (oracle accuracy on true sequences {o['tag_accuracy_on_true_sequences']:.3f}). "
-        "MFLOP/seq: matrix products of the lowered prefill + 48 decode steps; ms/seq: wall time on this CPU, "
-        f"one batch of {n * proteins.NUM_CLASSES}.\n\n{table}\n\nOne sample per tag:\n\n```\n{samples}\n```\n"
+        "MFLOP/seq: matrix products of the lowered prefill + 48 decode steps; ms/seq: wall and process CPU "
+        f"time on this machine, one batch of {n * proteins.NUM_CLASSES}.\n\n{table}\n\n"
+        f"One sample per tag:\n\n```\n{samples}\n```\n"
     )
