@@ -49,13 +49,12 @@ Shapes: the soft functions take ``[..., H, W]`` (``spatial_dims=2``) or
 ``[..., D, H, W]`` (``spatial_dims=3``); leading axes are batch/channel axes.
 The losses take ``[N, ...spatial]`` (a channel axis after ``N`` is allowed and
 summed with the spatial axes, as Seglab's ``[N, 1, H, W]``) and return a
-scalar. The hard metrics take ``[H, W]`` or ``[N, H, W]``.
+scalar. Channel-last maps (a Flax conv's ``[N, H, W, 1]``) must drop or move
+the channel first; a last axis of size 1 is refused. The hard metrics take
+``[H, W]`` or ``[N, H, W]``.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> line = jnp.zeros((8, 8)).at[4, 1:7].set(1.0)  # a 1-px line
-  >>> bool((soft_skeleton(line, iters=3) == line).all())
-  True
   >>> bar = jnp.zeros((1, 9, 12)).at[0, 2:7, 1:11].set(1.0)  # 5 px thick
   >>> float(cldice_loss(bar, bar)) < 1e-6
   True
@@ -82,6 +81,11 @@ def _spatial(x: jax.Array, spatial_dims: int) -> int:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if x.ndim < spatial_dims:
         raise ValueError(f"expected at least {spatial_dims} axes ([..., *spatial]), got shape {x.shape}")
+    if x.shape[-1] == 1:
+        raise ValueError(
+            f"the last spatial axis has size 1 (shape {x.shape}): channel-last input? "
+            "pass [..., H, W] (e.g. x[..., 0] of an [N, H, W, 1] map)"
+        )
     return x.ndim - spatial_dims
 
 

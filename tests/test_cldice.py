@@ -101,10 +101,11 @@ def test_loss_is_per_sample_mean_jits_and_has_finite_nonzero_grad():
     rng = np.random.default_rng(3)
     prob = jnp.asarray(rng.random((3, 1, 16, 16)), jnp.float32)
     target = jnp.asarray(rng.random((3, 1, 16, 16)) > 0.6, jnp.float32)
-    loss = jax.jit(cldice.cldice_loss)(prob, target)
-    each = [float(cldice.cldice_loss(prob[i : i + 1], target[i : i + 1])) for i in range(3)]
+    loss, g = jax.jit(jax.value_and_grad(cldice.cldice_loss))(prob, target)
+    # the batch of three is the mean of three batches of one sample each (same shape: no new compile)
+    rep = lambda x, i: jnp.repeat(x[i : i + 1], 3, axis=0)  # noqa: E731
+    each = [float(cldice.cldice_loss(rep(prob, i), rep(target, i))) for i in range(3)]
     np.testing.assert_allclose(float(loss), np.mean(each), rtol=1e-5)
-    g = jax.grad(cldice.cldice_loss)(prob, target)
     assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0.0
 
 
@@ -151,6 +152,8 @@ def test_bad_input_raises():
         cldice.cldice_loss(jnp.zeros((1, 8, 8)), jnp.zeros((1, 8, 9)))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         cldice.cldice_loss(jnp.full((1, 8, 8), 1.5), jnp.zeros((1, 8, 8)))
+    with pytest.raises(ValueError, match="channel-last"):
+        cldice.cldice_loss(jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 8, 8, 1)))
     with pytest.raises(ValueError, match="spatial_dims"):
         cldice.soft_erode(jnp.zeros((8, 8)), spatial_dims=4)
     with pytest.raises(ValueError, match="iters"):
