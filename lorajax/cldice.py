@@ -40,7 +40,10 @@ TopoLoRA-SAM uses it (Khazem et al., official code salimkhazem/Seglab,
 Hard metrics (numpy, on masks thresholded at 0.5, as Seglab's
 ``seglab/metrics/topology.py``): `dice_score`, `skeletonize` (Zhang & Suen,
 "A fast parallel algorithm for thinning digital patterns", CACM 27(3), 1984;
-Seglab uses skimage's ``skeletonize``, which is not a dependency here),
+Seglab uses skimage's ``skeletonize``, which is not a dependency here; its
+lookup table departs from the paper's conditions in 25 of the 256 neighbour
+patterns, e.g. it also removes staircase corners and keeps some two-neighbour
+line ends, so hard skeletons, and the hard clDice, can differ slightly),
 `cldice_score` (``2·Tprec·Tsens / (Tprec + Tsens + eps)`` on hard skeletons),
 `betti0` / `betti0_error` (8-connected foreground components) and `betti1`
 (holes: 4-connected background components that do not touch the border).
