@@ -6,7 +6,7 @@ arXiv 2503.06973) at a size a 2-core CPU can train on. Nothing here is real data
 **Scene.** An image ``[size, size, 3]`` float32 in ``[0, 1]`` (channels last; default
 32x32). The image is a ``GRID x GRID`` (4x4) grid of cells of ``size / GRID`` pixels;
 1 to 4 shapes are placed in distinct random cells. Each shape is a ``square``,
-``circle`` or ``triangle`` (apex up) of side ``0.75 · cell`` at a random offset
+``circle`` or ``triangle`` (apex up) of side ``0.875 · cell`` at a random offset
 inside its cell, in one of `COLOURS` (red, green, blue, yellow) with each RGB
 channel scaled by a random brightness in ``[0.8, 1.0]``; the background is
 ``N(0.1, 0.03²)`` noise clipped to ``[0, 1]``. Shapes never overlap.
@@ -129,7 +129,7 @@ def render(objects: Sequence[tuple[str, str, int, int, int, int, float]], size: 
     """``[size, size, 3]`` float32 image of ``objects`` = ``(colour, shape, row, col, dy, dx, brightness)``."""
     img = np.clip(rng.normal(0.1, 0.03, (size, size, 3)), 0, 1).astype(np.float32)
     cell = size // GRID
-    side = max(2, int(round(0.75 * cell)))
+    side = max(2, int(round(0.875 * cell)))
     for colour, shape, row, col, dy, dx, bright in objects:
         y0, x0 = row * cell + dy, col * cell + dx
         m = _mask(shape, side)
@@ -143,7 +143,7 @@ def _scene(rng: np.random.Generator, size: int) -> list:
     n = int(rng.integers(1, 5))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     cell = size // GRID
-    slack = cell - max(2, int(round(0.75 * cell)))
+    slack = cell - max(2, int(round(0.875 * cell)))
     objs = []
     for c in cells:
         objs.append(
