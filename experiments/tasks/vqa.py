@@ -78,7 +78,7 @@ N_PRETRAIN, N_TRAIN, N_VAL, N_TEST = 8000, 2000, 500, 1000
 #: data seeds per split (independent of --seed)
 DATA_SEEDS = {"pretrain": 1000, "train": 1001, "val": 1002, "test": 1003, "pretrain_test": 1004}
 #: model width (both towers), stage-1 learning rate and length (x --steps)
-WIDTH, PRETRAIN_LR, PRETRAIN_MULT = 64, 3e-3, 6
+WIDTH, PRETRAIN_LR, PRETRAIN_MULT = 64, 3e-3, 8
 #: --model names of the built-in base pre-trained in out_dir/base (minilm: the launcher default's spelling)
 BUILTIN = ("tiny", "minilm")
 #: the groups --spec.targets names -> the regex of their adapted modules (lorajax.selection grammar)
@@ -265,7 +265,11 @@ def run(cfg: RunConfig) -> dict:
     vlm.check_inputs(model.cfg, train["images"][:1], train["questions"][:1])  # a loaded base of another size
     variables = {"params": base}
 
-    base_predict = jax.jit(lambda x, q: jnp.argmax(model.apply(variables, x, q), -1))
+    def base_predict_fn(x, q):
+        logits: Any = model.apply(variables, x, q)
+        return jnp.argmax(logits, -1)
+
+    base_predict = jax.jit(base_predict_fn)
     frozen = {"test": accuracy(base_predict, test), "val": accuracy(base_predict, val)}
     frozen["stage1_test"] = accuracy(base_predict, old_test)
 
