@@ -123,7 +123,7 @@ def _argv(out: Path, steps: int = 4) -> list[str]:
     ]
 
 
-@pytest.mark.slow  # a launcher run (stage 1 and 2): ~1 min on 2 cores
+@pytest.mark.slow  # two launcher runs (stage 1 + 2, then stage 2 on the saved base): 45 s on 2 busy cores
 def test_launcher_end_to_end(tmp_path):
     from experiments.run import main
 
@@ -145,7 +145,7 @@ def _launch(out: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow  # two launcher runs and a kill: ~2 min on 2 cores
+@pytest.mark.slow  # three launcher runs and a kill: 4.6 min on 2 busy cores
 def test_launcher_run_resumes_after_a_kill_with_the_same_results(tmp_path):
     ref = _launch(tmp_path / "ref")
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-2000:]
