@@ -396,11 +396,18 @@ def report(cfg: RunConfig, results: dict) -> str:
     o = results["oracle"]
     samples = "\n".join(f"{name} {tag}: {s}" for name, a in results["arms"].items() for tag, s in a["samples"].items())
     n = cfg.max_test or GEN_PER_TAG
+    stage2 = (
+        []
+        if cfg.spec.variant == "full"
+        else [f"{cfg.spec.variant} r={cfg.spec.rank} ({cfg.optim.name}, lr {cfg.optim.lr})"]
+    )
+    if "full" in results["arms"]:
+        stage2.append(f"full fine-tuning (Adam, lr {results['full_lr']})")
     return (
         f"# Tag-conditioned protein generation (SYNTHETIC sequences), seed {cfg.seed}\n\n"
         f"Stage 1: {results['base_params']:,}-parameter Llama (2 layers, d=64) pre-trained {cfg.steps} steps on "
-        f"untagged sequences; stage 2: {cfg.spec.variant} r={cfg.spec.rank} ({cfg.optim.name}, lr {cfg.optim.lr}) "
-        f"and full fine-tuning (lr {results['full_lr']}) {cfg.steps} steps on tagged ones, batch {cfg.batch_size}. "
+        f"untagged sequences; stage 2: {' and '.join(stage2)} {cfg.steps} steps on tagged ones, "
+        f"batch {cfg.batch_size}. "
         f"{n} sequences generated per tag at temperature 1, classified by the exact oracle. Perplexity on "
         f"{HELD_OUT_PER_CLASS * proteins.NUM_CLASSES} held-out tagged sequences; the true model's own: "
         f"{o['perplexity']:.3f} (oracle accuracy on true sequences {o['tag_accuracy_on_true_sequences']:.3f}). "
