@@ -37,6 +37,7 @@ from experiments.config import RunConfig
 from experiments.report import markdown_table
 from experiments.stats import Interval, t_interval, verdict
 from experiments.tasks import segment
+from experiments.validate import validate
 from lorajax import atomic
 
 CONFIG = Path(__file__).parent / "configs" / "segment_curves.py"
@@ -54,9 +55,8 @@ def base_config(root: Path, steps: int, progress: bool) -> RunConfig:
 
 
 def one_run(cfg: RunConfig) -> dict:
-    """The task's checks and run, as the launcher does them (`experiments.run._launch` minus `validate`'s generic
-    spec check, which allows ``--spec.variant none`` for the genre task only: see the report)."""
-    segment.check_config(cfg)
+    """One run exactly as the launcher does it (`experiments.run._launch`: validate, match out_dir, run)."""
+    validate(cfg)
     run_identity.check(cfg)
     return segment.run(cfg)
 

@@ -27,7 +27,18 @@ from typing import Any
 
 from experiments.config import RunConfig
 
-__all__ = ["ConfigError", "validate", "flag", "TASKS", "SELF_CHECKED", "RESUME", "LM_ONLY", "INITS", "LM_MODELS", "LLAMA_TYPES"]
+__all__ = [
+    "ConfigError",
+    "validate",
+    "flag",
+    "TASKS",
+    "SELF_CHECKED",
+    "RESUME",
+    "LM_ONLY",
+    "INITS",
+    "LM_MODELS",
+    "LLAMA_TYPES",
+]
 
 #: the launcher's tasks (``--task``) and their modules
 TASKS = {
@@ -41,9 +52,10 @@ TASKS = {
 SELF_CHECKED = ("segment", "vqa", "protein")
 #: ``--resume`` policies (see `experiments.run_identity`)
 RESUME = ("never", "auto", "must")
-#: ``--spec.variant`` values that are not adapters: "none" (genre only) and "full" (both tasks)
+#: ``--spec.variant`` values that are not adapters: "none" (genre: head only; segment: decoder only) and "full"
+#: (every task)
 NO_ADAPTERS = ("none", "full")
-#: fields only the lm task reads, with their defaults: another value with ``--task genre`` is refused
+#: fields only the lm task reads, with their defaults: another value with any other task is refused
 LM_ONLY = {
     "init": "default",
     "init_batches": 8,
@@ -141,7 +153,7 @@ def _check_spec(cfg: RunConfig) -> None:
     import lorajax
 
     variants = lorajax.list_variants()
-    allowed = variants + list(NO_ADAPTERS) if cfg.task == "genre" else variants + ["full"]
+    allowed = variants + list(NO_ADAPTERS) if cfg.task in ("genre", "segment") else variants + ["full"]
     _one_of(cfg, "spec.variant", allowed)
     _at_least(cfg, "spec.rank", 1)
     targets = cfg.spec.targets

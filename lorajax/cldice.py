@@ -185,8 +185,9 @@ def _check_pair(prob: jax.Array, target: jax.Array, spatial_dims: int) -> None:
     if prob.ndim < spatial_dims + 1:
         raise ValueError(f"expected [N, ...spatial] with {spatial_dims} spatial axes, got shape {prob.shape}")
     for name, v in (("prob", prob), ("target", target)):
-        if not isinstance(v, jax.core.Tracer) and v.size:  # value check only outside jit
-            lo, hi = float(jnp.min(v)), float(jnp.max(v))
+        if not isinstance(v, jax.core.Tracer) and v.size:  # value check on concrete arrays only (numpy: also
+            host = np.asarray(v)  # for an array a jitted function closes over, where jnp.min would be traced)
+            lo, hi = float(host.min()), float(host.max())
             if not (0.0 <= lo and hi <= 1.0):
                 raise ValueError(f"{name} must lie in [0, 1] (a probability), got range [{lo}, {hi}]")
 

@@ -16,7 +16,7 @@ import pytest
 import lorajax
 from experiments.config import OptimConfig, RunConfig, SpecConfig
 from experiments.tasks import segment
-from experiments.validate import ConfigError
+from experiments.validate import ConfigError, validate
 from lorajax.cldice import cldice_loss, soft_dice_loss
 from lorajax.models import segmenter, vit
 
@@ -147,7 +147,7 @@ def test_config_refuses_a_non_vit_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="takes a ViT"):
         segment.check_config(_cfg(model=str(tmp_path)))
-    segment.check_config(_cfg(spec=SpecConfig(variant="none")))  # the decoder-only arm is accepted
+    validate(_cfg(spec=SpecConfig(variant="none")))  # the decoder-only arm passes the whole launcher check
 
 
 # ----------------------------------------------------------------------------- launcher runs (slow)
