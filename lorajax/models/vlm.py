@@ -24,11 +24,11 @@ groups at once in factored or merged mode. The ViT pooler is not built (unused).
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from lorajax.models import vlm
-  >>> cfg = vlm.tiny_config(vocab_size=20, image_size=16, patch_size=8, width=16)
+  >>> cfg = vlm.tiny_config(vocab_size=20, image_size=16, patch_size=8, width=16, layers=1, heads=2)
   >>> model = vlm.VLM(cfg)
   >>> x, q = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2, 5), jnp.int32)
-  >>> params = model.init(jax.random.key(0), x, q)["params"]
-  >>> sorted(params), model.apply({"params": params}, x, q).shape
+  >>> params = jax.eval_shape(model.init, jax.random.key(0), x, q)["params"]  # shapes only
+  >>> sorted(params), jax.eval_shape(model.apply, {"params": params}, x, q).shape
   (['lm', 'projector', 'vision'], (2, 20))
 """
 
