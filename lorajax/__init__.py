@@ -3,6 +3,7 @@
 from lorajax import (
     combination,
     es,
+    groups,
     inits,
     loram,
     loraprune,
@@ -56,6 +57,7 @@ __all__ = [
     "update_state",
     "combination",
     "es",
+    "groups",
     "inits",
     "loram",
     "loraprune",

@@ -57,7 +57,7 @@ import optax
 from lorajax import adapters as adapters_lib
 from lorajax import paths
 from lorajax.optim.labels import ROLES
-from lorajax.selection import EMBEDDING_NAMES, _check_targets, _matches
+from lorajax.selection import EMBEDDING_NAMES, check_targets, matches
 from lorajax.spec import Spec
 
 __all__ = ["Rule", "Rules", "Grouping", "Report", "grouped_tx", "overlay", "KINDS", "FROZEN"]
@@ -116,7 +116,7 @@ class Rule:
         if isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)) or not (0 <= lr_mult < math.inf):
             raise ValueError(f"Rule {group!r}: lr_mult must be a finite number >= 0, got {lr_mult!r}")
         set_ = object.__setattr__
-        set_(self, "match", _check_targets(match, "match"))
+        set_(self, "match", check_targets(match, "match"))
         set_(self, "group", group)
         set_(self, "rank", rank)
         set_(self, "alpha", float(alpha))
@@ -269,12 +269,12 @@ class Rules:
             owner = None
             for rule in self.rules:
                 if rule.kind == "lora":
-                    if weight and _matches(rule.match, name, weight[0][1].ndim, weight[0][0][-1] in EMBEDDING_NAMES):
+                    if weight and matches(rule.match, name, weight[0][1].ndim, weight[0][0][-1] in EMBEDDING_NAMES):
                         owner = rule
                         break
                 else:
                     ndim = weight[0][1].ndim if weight else max(getattr(x, "ndim", 0) for _, x in leaves)
-                    if _matches(rule.match, name, ndim, bool(weight) and weight[0][0][-1] in EMBEDDING_NAMES):
+                    if matches(rule.match, name, ndim, bool(weight) and weight[0][0][-1] in EMBEDDING_NAMES):
                         owner = rule
                         break
             out.append((owner, mkeys, name, leaves))

@@ -56,6 +56,8 @@ __all__ = [
     "weight_leaves",
     "pattern_value",
     "layer_index",
+    "check_targets",
+    "matches",
 ]
 
 #: Last name components treated as the output head by ``targets="all-linear"``.
@@ -106,7 +108,9 @@ class Weight(NamedTuple):
         return (math.prod(self.shape[: self.in_axes]), math.prod(self.shape[self.in_axes :]))
 
 
-def _check_targets(value: Any, what: str) -> Any:
+def check_targets(value: Any, what: str) -> Any:
+    """A target rule (``None``, ``"all-linear"``, a regex string or a list of module-name suffixes), checked and
+    normalised (a list -> tuple; a set -> sorted tuple); ``what`` names the argument in the errors."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -168,8 +172,8 @@ class Selection:
         elif isinstance(in_axes, bool) or not isinstance(in_axes, int) or in_axes < 1:
             raise ValueError(f"in_axes must be an int >= 1 or a {{regex: int}} dict, got {in_axes!r}")
         set_ = object.__setattr__
-        set_(self, "targets", _check_targets(targets, "targets"))
-        set_(self, "exclude", _check_targets(exclude, "exclude"))
+        set_(self, "targets", check_targets(targets, "targets"))
+        set_(self, "exclude", check_targets(exclude, "exclude"))
         set_(self, "layers_to_transform", layers_to_transform)
         set_(self, "layers_pattern", tuple(layers_pattern) if layers_pattern else None)
         set_(self, "in_axes", tuple(in_axes.items()) if isinstance(in_axes, Mapping) else in_axes)
@@ -210,9 +214,9 @@ class Selection:
         selected = []
         for (keys, leaf), name in zip(leaves, names):
             embedding = is_embedding(keys)
-            if not _matches(self.targets, name, leaf.ndim, embedding):
+            if not matches(self.targets, name, leaf.ndim, embedding):
                 continue
-            if self.exclude is not None and _matches(self.exclude, name, leaf.ndim, embedding):
+            if self.exclude is not None and matches(self.exclude, name, leaf.ndim, embedding):
                 continue
             if self.layers_to_transform is not None:
                 idx = layer_index(name, self.layers_pattern)
@@ -243,7 +247,9 @@ def _suffix_match(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _matches(rule: Any, name: str, ndim: int, embedding: bool = False) -> bool:
+def matches(rule: Any, name: str, ndim: int, embedding: bool = False) -> bool:
+    """Whether a checked target rule (`check_targets`) picks the weight of module ``name`` (dotted) with ``ndim``
+    axes; an embedding table (``embedding``) only by a list entry naming it."""
     if isinstance(rule, str) and embedding:  # a table is picked only by a list entry naming it
         return False
     if rule == "all-linear":

@@ -81,6 +81,8 @@ DATA_SEEDS = {"pretrain": 1000, "train": 1001, "val": 1002, "test": 1003, "pretr
 WIDTH, PRETRAIN_LR, PRETRAIN_MULT = 64, 3e-3, 8
 #: --model names of the built-in base pre-trained in out_dir/base (minilm: the launcher default's spelling)
 BUILTIN = ("tiny", "minilm")
+#: --spec.variant values: the adapters CDDM trains (LoRA; its r, alpha and targets come from --spec)
+VARIANTS = ("lora",)
 #: the groups --spec.targets names -> the regex of their adapted modules (lorajax.selection grammar)
 GROUPS = {"vision": r"vision\.encoder\..*", "projector": r"projector\..*", "lm": r"lm\.model\.layers\..*"}
 VLM_CONFIG, WEIGHTS = "vlm_config.json", "model.safetensors"
@@ -111,7 +113,7 @@ def parse_groups(targets: Any) -> dict[str, float]:
 
 def check_config(cfg: RunConfig) -> None:
     """The vqa task's fields (nothing is loaded). Raises `ConfigError` naming the flag."""
-    if cfg.spec.variant != "lora":
+    if cfg.spec.variant not in VARIANTS:
         raise ConfigError(f"--task vqa trains LoRA (CDDM's recipe): --spec.variant lora, got {cfg.spec.variant!r}")
     parse_groups(cfg.spec.targets)
     if cfg.spec.exclude:
