@@ -353,7 +353,7 @@ def validate(cfg: RunConfig) -> None:
         _check_model(cfg)
     elif cfg.task == "lm":
         _check_lm(cfg)
-    else:
+    elif cfg.task in SELF_CHECKED:
         import importlib
 
         importlib.import_module(TASKS[cfg.task]).check_config(cfg)
