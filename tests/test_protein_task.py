@@ -1,11 +1,6 @@
 """Launcher task "protein": config refusals, the FLOP count against its formula, the tag experiment, resume."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,6 +12,7 @@ from experiments.config import RunConfig, SpecConfig
 from experiments.tasks import protein
 from experiments.validate import ConfigError, validate
 from lorajax.models import llama
+from tests.launcher_kill import killed_and_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "configs" / "protein_tags.py"
@@ -99,12 +95,8 @@ def test_tag_experiment_lora_makes_generation_honour_the_tag(tmp_path):
     assert 0 < res["arms"]["lora"]["trainable"] < res["base_params"]
 
 
-def _launch(out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    argv = [
-        sys.executable,
-        "-m",
-        "experiments.run",
+def _resume_argv(out: Path) -> list[str]:
+    return [
         "--config",
         str(CONFIG),
         "--out-dir",
@@ -119,25 +111,13 @@ def _launch(out: Path) -> subprocess.Popen:
         "5",
         "--no-progress",
     ]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 @pytest.mark.slow
 def test_launcher_run_resumes_after_a_kill_with_the_same_results(tmp_path):
-    ref = _launch(tmp_path / "ref")
-    assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-2000:]
-    got = tmp_path / "killed"
-    p = _launch(got)
-    deadline = time.monotonic() + 300
-    while p.poll() is None and time.monotonic() < deadline and not (got / "lora" / "metrics.jsonl").exists():
-        time.sleep(0.05)  # killed in stage 2, after the base was saved
-    assert p.poll() is None, "the run ended before stage 2 could be killed"
-    p.kill()
-    p.wait()
-    assert (got / "base" / protein.TOKENIZER_FILE).is_file() and not (got / "results.json").exists()
-    p = _launch(got)
-    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
-    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ref", got))
+    got = tmp_path / "killed"  # killed in stage 2, after the base was saved
+    a, b = killed_and_resumed(_resume_argv, tmp_path / "ref", got, "lora/metrics.jsonl")
+    assert (got / "base" / protein.TOKENIZER_FILE).is_file()
     for arm in ("base", "lora", "full"):
         for key in ("tag_accuracy", "perplexity", "valid_rate", "flops_per_sequence", "samples"):
             assert a["arms"][arm][key] == b["arms"][arm][key], (arm, key)

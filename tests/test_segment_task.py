@@ -2,10 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,6 +15,7 @@ from experiments.tasks import segment
 from experiments.validate import ConfigError, validate
 from lorajax.cldice import cldice_loss, soft_dice_loss
 from lorajax.models import segmenter, vit
+from tests.launcher_kill import killed_and_resumed
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "experiments" / "configs" / "segment_curves.py"
@@ -180,27 +177,10 @@ def test_launcher_end_to_end(tmp_path):
     assert res2["base_dice"] == res["base_dice"] and res2["trainable"] < res["trainable"]
 
 
-def _launch(out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    argv = [sys.executable, "-m", "experiments.run", *_argv(out, steps=12)]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 @pytest.mark.slow  # two launcher runs and a kill: ~3 min on 2 cores
 def test_launcher_run_resumes_after_a_kill_with_the_same_results(tmp_path):
-    ref = _launch(tmp_path / "ref")
-    assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-2000:]
-    got = tmp_path / "killed"
-    p = _launch(got)
-    deadline = time.monotonic() + 300
-    while p.poll() is None and time.monotonic() < deadline and not (got / "train" / "metrics.jsonl").exists():
-        time.sleep(0.05)  # killed in stage 2, after the base was saved
-    assert p.poll() is None, "the run ended before stage 2 could be killed"
-    p.kill()
-    p.wait()
-    assert (got / "base" / segment.HEAD_FILE).is_file() and not (got / "results.json").exists()
-    p = _launch(got)
-    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
-    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ref", got))
+    got = tmp_path / "killed"  # killed in stage 2, after the base was saved
+    a, b = killed_and_resumed(lambda out: _argv(out, steps=12), tmp_path / "ref", got, "train/metrics.jsonl")
+    assert (got / "base" / segment.HEAD_FILE).is_file()
     for key in ("dice", "cldice", "betti0_error", "base_dice", "trainable", "final_loss"):
         assert a[key] == b[key], key

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax.models.attention import IMPLEMENTATIONS, self_attention
-from lorajax.models.bert import ACTIVATIONS, LayerNorm
+from lorajax.models.bert import ACTIVATIONS, LayerNorm, check_sizes
 from lorajax.models.llama import remat_policy
 
 __all__ = ["Config", "ViTModel", "build", "param_map", "IGNORED", "PREFIXES", "example_inputs", "NO_POOLER"]
@@ -115,22 +115,18 @@ class Config:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         if self.pooler_act not in POOLER_ACTS:
             raise ValueError(f"pooler_act {self.pooler_act!r} is not supported; supported: {sorted(POOLER_ACTS)}")
-        for f in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "image_size",
-            "patch_size",
-            "num_channels",
-        ):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{f} must be a positive int, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
-            )
+        check_sizes(
+            self,
+            (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "image_size",
+                "patch_size",
+                "num_channels",
+            ),
+        )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
