@@ -156,3 +156,13 @@ class RunConfig:
     # recomputed per backward iteration; compiles the layer once); every layer must be adapted alike
     sample: bool = True  # generate a text sample after training (--no-sample: skip it)
     export: bool = True  # write the PEFT adapter / the fine-tuned model (--no-export: skip it)
+
+    def fit_options(self) -> dict[str, Any]:
+        """The `lorajax.train.fit` keywords every task takes from these flags: checkpoint period and count,
+        progress bars, what a non-finite step does."""
+        return {
+            "ckpt_every": self.ckpt_every,
+            "keep": self.keep,
+            "progress": self.progress,
+            "on_nonfinite": self.on_nonfinite,
+        }

@@ -508,15 +508,12 @@ def train(
         batch_fn_for(rows, cfg.batch_size, cfg.seed, token_lengths(rows)),
         cfg.steps,
         out_dir=str(train_dir),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
+        **cfg.fit_options(),
         eval_fn=lambda st: {"test_acc": float(np.mean(correct(st)))},
         eval_every=cfg.eval_every,
-        progress=cfg.progress,
         desc=f"{body.desc} + head",
         state_update=body.refresh,
         mesh=enc.mesh,
-        on_nonfinite=cfg.on_nonfinite,
     )
     stats["train_wall_s"] = time.perf_counter() - t0
     return state, hist, stats

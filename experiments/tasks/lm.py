@@ -274,11 +274,8 @@ def pretrain_base(cfg: RunConfig, out: Path, pretrain_ids: np.ndarray, vocab_siz
         window_batches(pretrain_ids, cfg.batch_size, seq, cfg.seed),
         2 * steps,
         out_dir=str(out / "pretrain"),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
-        progress=cfg.progress,
+        **cfg.fit_options(),
         desc="pre-train base (full)",
-        on_nonfinite=cfg.on_nonfinite,
     )
     return model, state.trainable
 
@@ -454,15 +451,12 @@ def train_adapters(
         batch_fn,
         cfg.steps,
         out_dir=str(folder),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
+        **cfg.fit_options(),
         eval_fn=eval_fn,
         eval_every=cfg.eval_every,
-        progress=cfg.progress,
         desc=desc,
         mesh=mesh,
         state_update=lorajax.train.refresh_state(spec),
-        on_nonfinite=cfg.on_nonfinite,
     )
     return state, hist, tx
 
@@ -722,14 +716,11 @@ def _train_full(cfg: RunConfig, model, variables, train_fn, out: Path, evaluate:
         train_fn,
         cfg.steps,
         out_dir=str(train_dir),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
+        **cfg.fit_options(),
         eval_fn=lambda st: evaluate.metrics(lambda b: apply(st.trainable, b)),
         eval_every=cfg.eval_every,
-        progress=cfg.progress,
         desc="full fine-tuning on comedies",
         mesh=mesh,
-        on_nonfinite=cfg.on_nonfinite,
     )
     trained = state.trainable
     final = evaluate.final(hist, cfg.steps, lambda b: apply(trained, b))

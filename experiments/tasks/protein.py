@@ -166,11 +166,8 @@ def full_train(cfg: RunConfig, model, params: dict, batches: Callable, folder: P
         batches,
         cfg.steps,
         out_dir=str(folder),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
-        progress=cfg.progress,
+        **cfg.fit_options(),
         desc=desc,
-        on_nonfinite=cfg.on_nonfinite,
     )
     return state.trainable
 

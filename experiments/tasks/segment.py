@@ -271,11 +271,8 @@ def pretrain_base(cfg: RunConfig, out: Path, vit_cfg: vit.Config) -> dict:
         batches(images, masks, cfg.batch_size, cfg.seed + 7),
         steps,
         out_dir=str(out / "pretrain"),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
-        progress=cfg.progress,
+        **cfg.fit_options(),
         desc="pre-train base on blobs (full)",
-        on_nonfinite=cfg.on_nonfinite,
     )
     return state.trainable
 
@@ -440,12 +437,9 @@ def run(cfg: RunConfig) -> dict:
         batches(*data["train"], cfg.batch_size, cfg.seed + 2),
         cfg.steps,
         out_dir=str(train_dir),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
-        progress=cfg.progress,
+        **cfg.fit_options(),
         desc=f"{arm} on synthetic curves",
         state_update=refresh_stats if model.use_adapter else None,
-        on_nonfinite=cfg.on_nonfinite,
     )
     combined = state.combined
     fwd = forward(model, spec)

@@ -204,11 +204,8 @@ def pretrain(cfg: RunConfig, out: Path, model: vlm.VLM, params: dict, data: dict
         batches(data, cfg.batch_size, cfg.seed + 7),
         steps,
         out_dir=str(out / "pretrain"),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
-        progress=cfg.progress,
+        **cfg.fit_options(),
         desc="stage 1: whole VLM on colour/shape questions",
-        on_nonfinite=cfg.on_nonfinite,
     )
     return state.trainable
 
@@ -303,13 +300,10 @@ def run(cfg: RunConfig) -> dict:
         batches(train, cfg.batch_size, cfg.seed + 2),
         cfg.steps,
         out_dir=str(train_dir),
-        ckpt_every=cfg.ckpt_every,
-        keep=cfg.keep,
+        **cfg.fit_options(),
         eval_fn=lambda st: {"val_acc": accuracy(lambda x, q: predict(st.combined, x, q), val)["acc"]},
         eval_every=cfg.eval_every,
-        progress=cfg.progress,
         desc=f"stage 2: LoRA on {'+'.join(r.mults())}",
-        on_nonfinite=cfg.on_nonfinite,
     )
     adapters = state.combined
     after = {
