@@ -598,6 +598,16 @@ def remat_policy(remat: bool | str):
     return getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
 
 
+def check_compute_options(attention: str, attention_block: int | None, remat: bool | str) -> None:
+    """A model's ``attention`` (a `lorajax.models.attention.IMPLEMENTATIONS` name), ``attention_block`` (None or
+    >= 1) and ``remat`` (see `remat_policy`): ValueError naming the bad one (Llama, BERT and ViT share it)."""
+    if attention not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention!r}; choose one of {list(IMPLEMENTATIONS)}")
+    if attention_block is not None and attention_block < 1:
+        raise ValueError(f"attention_block must be >= 1, got {attention_block}")
+    remat_policy(remat)  # raises for an unknown policy name
+
+
 def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
@@ -793,11 +803,7 @@ class LlamaForCausalLM(nn.Module):
     scan_layers: bool = False
 
     def __post_init__(self):
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r}; choose one of {list(IMPLEMENTATIONS)}")
-        if self.attention_block is not None and self.attention_block < 1:
-            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
-        remat_policy(self.remat)  # raises for an unknown policy name
+        check_compute_options(self.attention, self.attention_block, self.remat)
         super().__post_init__()
 
     @nn.compact

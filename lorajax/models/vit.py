@@ -74,9 +74,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lorajax.models.attention import IMPLEMENTATIONS, self_attention
+from lorajax.models.attention import self_attention
 from lorajax.models.bert import ACTIVATIONS, LayerNorm, check_sizes
-from lorajax.models.llama import remat_policy
+from lorajax.models.llama import check_compute_options, remat_policy
 
 __all__ = ["Config", "ViTModel", "build", "param_map", "IGNORED", "PREFIXES", "example_inputs", "NO_POOLER"]
 
@@ -351,11 +351,7 @@ class ViTModel(nn.Module):
     dtype: Any = None
 
     def __post_init__(self):
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r}; choose one of {list(IMPLEMENTATIONS)}")
-        if self.attention_block is not None and self.attention_block < 1:
-            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
-        remat_policy(self.remat)  # raises for an unknown policy name
+        check_compute_options(self.attention, self.attention_block, self.remat)
         super().__post_init__()
 
     @nn.compact
