@@ -66,7 +66,7 @@ import lorajax
 from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, strict_json, write_results
 from experiments.run import harness_runner_parser, parse_runner_args, run_main
-from experiments.stats import t_interval
+from experiments.stats import interval_text
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
 from lorajax import adapter_library, atomic, autolora, loram, sg_lora, trans_lora
 from lorajax.data import speeches
@@ -332,18 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def _ci(x) -> str:
-    i = t_interval(x)
-    return f"{i.mean:+.4f} [{i.low:+.4f}, {i.high:+.4f}]"
-
-
 def report(out: dict) -> str:
     seeds, names, base = out["seeds"], out["held_out"], out["base"]
     rows = [["base", *[f"{b:.4f}" for b in base], f"{np.mean(base):.4f}", "—"]]
     for a in ARMS[1:]:
         per = np.array([r[a] for r in seeds])  # [seeds, chars]
         gain = (per - np.array(base)[None, :]).mean(1)
-        ci = _ci(gain) if len(seeds) > 1 else f"{gain[0]:+.4f} (single observation)"
+        ci = interval_text(gain) if len(seeds) > 1 else f"{gain[0]:+.4f} (single observation)"
         rows.append([a, *[f"{m:.4f}" for m in per.mean(0)], f"{per.mean():.4f}", ci])
     main = markdown_table(["arm", *names, "mean", f"mean − base, 95% t-CI over {len(seeds)} seeds"], rows)
     seed_rows = [[str(r["seed"]), a, *[f"{x:.4f}" for x in r[a]]] for r in seeds for a in ARMS[1:]]

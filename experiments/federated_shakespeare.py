@@ -64,7 +64,7 @@ import lorajax
 from experiments import plot_adapters_as_data
 from experiments.report import markdown_table, strict_json, write_results
 from experiments.run import harness_runner_parser, parse_runner_args, run_main
-from experiments.stats import t_interval
+from experiments.stats import interval_text
 from experiments.tasks.lm import lm_loss, load_tokenizer, windows
 from lorajax import atomic, federated
 from lorajax.data import speeches
@@ -393,11 +393,6 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def _ci(x) -> str:
-    i = t_interval(x)
-    return f"{i.mean:+.4f} [{i.low:+.4f}, {i.high:+.4f}]"
-
-
 def report(out: dict, args) -> str:
     seeds = out["seeds"]
     names = out["clients"]
@@ -408,12 +403,12 @@ def report(out: dict, args) -> str:
         rows.append(
             [n, f"{out['base'][i]:.4f}"]
             + [f"{per[a][:, i].mean():.4f}" for a in ("fedavg", "pfedlora", "fed_sb", "fed_sb_dp")]
-            + [_ci(per["pfedlora"][:, i] - per["fedavg"][:, i])]
+            + [interval_text(per["pfedlora"][:, i] - per["fedavg"][:, i])]
         )
     rows.append(
         ["mean over clients", f"{np.mean(out['base']):.4f}"]
         + [f"{per[a].mean():.4f}" for a in ("fedavg", "pfedlora", "fed_sb", "fed_sb_dp")]
-        + [_ci(per["pfedlora"].mean(1) - per["fedavg"].mean(1))]
+        + [interval_text(per["pfedlora"].mean(1) - per["fedavg"].mean(1))]
     )
     table = markdown_table(
         [
@@ -442,8 +437,8 @@ def report(out: dict, args) -> str:
         ],
     )
     d = out["dp"]
-    sb_ci = _ci(per["fed_sb"].mean(1) - per["fedavg"].mean(1))
-    dp_ci = _ci(per["fed_sb_dp"].mean(1) - per["fed_sb"].mean(1))
+    sb_ci = interval_text(per["fed_sb"].mean(1) - per["fedavg"].mean(1))
+    dp_ci = interval_text(per["fed_sb_dp"].mean(1) - per["fed_sb"].mean(1))
     return f"""# Federated LoRA on Shakespeare's comedies (one play per client)
 
 `python -m experiments.federated_shakespeare --seeds {" ".join(str(s) for s in args.seeds)}`

@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "t_interval", "verdict", "KINDS", "VERDICTS"]
+__all__ = ["Interval", "t_interval", "interval_text", "verdict", "KINDS", "VERDICTS"]
 
 #: the kinds of claim an effect can make
 KINDS = ("superiority", "non-inferiority")
@@ -77,6 +77,12 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Int
     se = float(x.std(ddof=1) / math.sqrt(x.size))
     half = float(stats.t.ppf(0.5 + level / 2, x.size - 1)) * se
     return Interval(mean, mean - half, mean + half, se, int(x.size))
+
+
+def interval_text(values: Sequence[float] | np.ndarray, sign: str = "+", digits: int = 4) -> str:
+    """``"mean [low, high]"`` of `t_interval` ``(values)``, each formatted ``f"{x:{sign}.{digits}f}"``."""
+    i = t_interval(values)
+    return f"{i.mean:{sign}.{digits}f} [{i.low:{sign}.{digits}f}, {i.high:{sign}.{digits}f}]"
 
 
 def verdict(ci: Interval, kind: str, margin: float = 0.0) -> str:
