@@ -13,7 +13,11 @@
 // probabilities from lse. One work unit is one (n, kv head); units run on XLA's intra-op thread pool.
 // Per unit the kv head's K and V are copied once into contiguous, zero-padded [S, Dp] rows and [Dp, S]
 // columns so every block product is a small dense matmul with unit-stride inner loops (16-wide vectors in 8x32
-// register tiles); a block whose mask entries are all visible skips the mask (`FullBlocks`).
+// register tiles); a block whose mask entries are all visible skips the mask (`FullBlocks`). On a causal
+// diagonal block (query block = key block) the products skip the register tiles and contraction ranges that
+// only meet keys after the query (`Tri`), and the exponentials stop at each row's last 8-column group that
+// can hold a visible key: about a third of such a block's work, with the same values on every row that has a
+// visible key.
 //
 // A row with no visible key gets the mean of the values it read (undefined in the reference as well).
 #include <algorithm>
@@ -79,22 +83,39 @@ inline v8 ExpNonPositive(v8 x) {
 }
 inline float ExpNonPositive(float x) { return ExpNonPositive(v8{} + x)[0]; }
 
+// Which part of a causal diagonal block a product needs (local query row r, key column c, visible only if
+// c <= r; i is the first of the R rows of C in a register tile):
+//   kAll          everything;
+//   kColsUpToRow  C[r, c] = q_r·k_c only for the column tiles that start at or before the tile's last row
+//                 (the others are written as 0: the mask then hides them);
+//   kKUpToRow     C[r, :] = Σ_c A[r, c] B[c, :] over c < i + R (A = P or dS, zero after the row);
+//   kKFromRow     C[c, :] = Σ_r A[r, c] B[r, :] over r >= i (kTransA; A = P or dS, zero before the key).
+enum Tri { kAll, kColsUpToRow, kKUpToRow, kKFromRow };
+
 // C[M, N] (+)= op(A) · B[Kd, N], op(A) = A[M, Kd] (row stride lda) or, with kTransA, A[Kd, M]ᵀ; row strides
 // lda, ldb, ldc in floats. Register tiles: R rows of C by W columns stay in registers over the whole Kd loop
-// (broadcast one A element per row, W/V vector loads of B per k). M a multiple of R, N of W.
+// (broadcast one A element per row, W/V vector loads of B per k). M a multiple of R, N of W; `col0` is the
+// first column's index in the block (for kColsUpToRow).
 template <typename Vec, int R, int W, bool kAccumulate, bool kTransA>
 void GemmTile(int64_t M, int64_t N, int64_t Kd, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-              int64_t ldc) {
+              int64_t ldc, Tri tri, int64_t col0) {
   constexpr int L = sizeof(Vec) / sizeof(float), U = W / L;
   for (int64_t i = 0; i < M; i += R) {
+    const int64_t k_lo = tri == kKFromRow ? std::min(i, Kd) : 0;
+    const int64_t k_hi = tri == kKUpToRow ? std::min(Kd, i + R) : Kd;
     for (int64_t j = 0; j < N; j += W) {
+      if (tri == kColsUpToRow && col0 + j > i + R - 1) {
+        if (!kAccumulate)
+          for (int r = 0; r < R; ++r) std::memset(C + (i + r) * ldc + j, 0, W * sizeof(float));
+        continue;
+      }
       Vec c[R][U];
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) c[r][u] = Vec{};
-      const float* b = B + j;
-      for (int64_t k = 0; k < Kd; ++k, b += ldb) {
+      const float* b = B + j + k_lo * ldb;
+      for (int64_t k = k_lo; k < k_hi; ++k, b += ldb) {
         Vec bv[U];
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) std::memcpy(&bv[u], b + u * L, sizeof(Vec));
@@ -131,11 +152,15 @@ typedef float v16 __attribute__((vector_size(64)));
 // where the compiler splits each 16-float vector in two), a 16-wide remainder in 8x16 tiles.
 template <bool kAccumulate, bool kTransA = false>
 void Gemm(int64_t M, int64_t N, int64_t Kd, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc) {
+          int64_t ldc, Tri tri = kAll) {
   const int64_t N32 = N / 32 * 32;
-  if (N32 > 0) GemmTile<v16, 8, 32, kAccumulate, kTransA>(M, N32, Kd, A, lda, B, ldb, C, ldc);
-  if (N32 < N) GemmTile<v16, 8, 16, kAccumulate, kTransA>(M, N - N32, Kd, A, lda, B + N32, ldb, C + N32, ldc);
+  if (N32 > 0) GemmTile<v16, 8, 32, kAccumulate, kTransA>(M, N32, Kd, A, lda, B, ldb, C, ldc, tri, 0);
+  if (N32 < N)
+    GemmTile<v16, 8, 16, kAccumulate, kTransA>(M, N - N32, Kd, A, lda, B + N32, ldb, C + N32, ldc, tri, N32);
 }
+
+// One past the last column of local row r that a causal diagonal block may need, in 8-column groups.
+inline int64_t DiagEnd(int64_t r) { return std::min(kBlock, RoundUp(r + 1, 8)); }
 
 struct Geometry {
   int64_t N, S, K, G, D;  // leading batch, sequence, kv heads, groups per kv head, head dim
@@ -207,27 +232,46 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, const std::function<void(
 // fall into the same few L1 sets (a stride of a power-of-two kilobytes would).
 constexpr int64_t kLdT = kBlock + 16;
 
-// Per unit: K (or V) of kv head k as rows [Sp][Dp] and, per key block, columns [Dp][kLdT]; zero-padded.
+// Per-thread buffers, reused by every work unit and call that runs on the thread: no allocation, first-touch
+// page faults or zero-filling per unit (they had cost about a sixth of the kernel's time). Slot `slot` holds at
+// least n floats, with whatever its last user left there.
+constexpr int kSlots = 14;
+float* Scratch(int slot, size_t n) {
+  static thread_local std::vector<float> bufs[kSlots];
+  if (bufs[slot].size() < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
+// Whether [S, D] rows sit in larger [Sp, Dp] buffers, whose padding must then be zero.
+inline bool Padded(const Geometry& g) { return g.S != g.Sp || g.D != g.Dp; }
+
+// Per unit: K (or V) of kv head k as rows [Sp][Dp] and, per key block, columns [Dp][kLdT]; zero-padded
+// (the kLdT - kBlock columns past each block are stride only and never read). Buffers: scratch slots slot, slot+1.
 struct HeadCopy {
-  std::vector<float> rows, cols;
-  void Load(const Geometry& g, const float* base, int64_t n, int64_t k) {
-    rows.assign(g.Sp * g.Dp, 0.0f);
-    cols.assign((g.Sp / kBlock) * g.Dp * kLdT, 0.0f);
+  float *rows = nullptr, *cols = nullptr;
+  void Load(const Geometry& g, const float* base, int64_t n, int64_t k, int slot) {
+    const size_t nr = g.Sp * g.Dp, nc = (g.Sp / kBlock) * g.Dp * kLdT;
+    rows = Scratch(slot, nr);
+    cols = Scratch(slot + 1, nc);
+    if (Padded(g)) {
+      std::fill(rows, rows + nr, 0.0f);
+      std::fill(cols, cols + nc, 0.0f);
+    }
     for (int64_t s = 0; s < g.S; ++s) {
       const float* src = base + (n * g.S + s) * g.KRow() + k * g.D;
-      std::memcpy(&rows[s * g.Dp], src, g.D * sizeof(float));
+      std::memcpy(rows + s * g.Dp, src, g.D * sizeof(float));
       float* col = Col(g, s / kBlock) + s % kBlock;
       for (int64_t d = 0; d < g.D; ++d) col[d * kLdT] = src[d];
     }
   }
-  float* Col(const Geometry& g, int64_t kb) { return cols.data() + kb * g.Dp * kLdT; }
-  const float* Col(const Geometry& g, int64_t kb) const { return cols.data() + kb * g.Dp * kLdT; }
-  const float* Row(const Geometry& g, int64_t kb) const { return rows.data() + kb * kBlock * g.Dp; }
+  float* Col(const Geometry& g, int64_t kb) { return cols + kb * g.Dp * kLdT; }
+  const float* Col(const Geometry& g, int64_t kb) const { return cols + kb * g.Dp * kLdT; }
+  const float* Row(const Geometry& g, int64_t kb) const { return rows + kb * kBlock * g.Dp; }
 };
 
 // Copies rows of head (k, g) of a [N, S, K, G, D] tensor into a zero-padded [Sp][Dp] buffer.
 void GatherQ(const Geometry& g, const float* base, int64_t n, int64_t k, int64_t gi, float* dst) {
-  std::fill(dst, dst + g.Sp * g.Dp, 0.0f);
+  if (Padded(g)) std::fill(dst, dst + g.Sp * g.Dp, 0.0f);
   for (int64_t s = 0; s < g.S; ++s)
     std::memcpy(dst + s * g.Dp, base + (n * g.S + s) * g.QRow() + (k * g.G + gi) * g.D, g.D * sizeof(float));
 }
@@ -269,9 +313,9 @@ std::vector<uint8_t> FullBlocks(const Geometry& g, const uint8_t* mask_n) {
 // Scaled, masked scores of query rows [r0, r0 + kBlock) against key block kb: s[kBlock][kBlock].
 // Hidden keys score kNeg (as the reference); keys past S score -inf (they do not exist).
 void Scores(const Geometry& g, const float* q, const HeadCopy& kh, const uint8_t* mask_n, int64_t r0, int64_t kb,
-            bool full, float* s) {
+            bool full, bool diag, float* s) {
   const int64_t c0 = kb * kBlock;
-  Gemm<false>(kBlock, kBlock, g.Dp, q + r0 * g.Dp, g.Dp, kh.Col(g, kb), kLdT, s, kBlock);
+  Gemm<false>(kBlock, kBlock, g.Dp, q + r0 * g.Dp, g.Dp, kh.Col(g, kb), kLdT, s, kBlock, diag ? kColsUpToRow : kAll);
   const int64_t valid = std::min(kBlock, g.S - c0);
   const v8 scale = v8{} + g.scale, neg = v8{} + kNeg;
   if (full) {  // every entry visible: scale only
@@ -301,27 +345,31 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
   ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
     const int64_t n = unit / g.K, kh = unit % g.K;
     HeadCopy kc, vc;
-    kc.Load(g, k, n, kh);
-    vc.Load(g, v, n, kh);
-    std::vector<float> qb(g.Sp * g.Dp), ob(g.Sp * g.Dp), s(kBlock * kBlock), m(kBlock), l(kBlock);
+    kc.Load(g, k, n, kh, 0);
+    vc.Load(g, v, n, kh, 2);
+    const int64_t SD = g.Sp * g.Dp;
+    float *qb = Scratch(4, SD), *ob = Scratch(5, SD), *s = Scratch(6, kBlock * kBlock);
+    float *m = Scratch(7, kBlock), *l = Scratch(8, kBlock);
     const uint8_t* mask_n = mask + n * g.S * g.S;
     const std::vector<uint8_t> full = FullBlocks(g, mask_n);
     const int64_t nb = g.Sp / kBlock;
     for (int64_t gi = 0; gi < g.G; ++gi) {
-      GatherQ(g, q, n, kh, gi, qb.data());
-      std::fill(ob.begin(), ob.end(), 0.0f);
+      GatherQ(g, q, n, kh, gi, qb);
+      std::fill(ob, ob + SD, 0.0f);
       float* lse_row = lse + ((n * g.K + kh) * g.G + gi) * g.S;
       for (int64_t r0 = 0; r0 < g.S; r0 += kBlock) {
-        std::fill(m.begin(), m.end(), -kInf);
-        std::fill(l.begin(), l.end(), 0.0f);
-        float* orow = ob.data() + r0 * g.Dp;
+        std::fill(m, m + kBlock, -kInf);
+        std::fill(l, l + kBlock, 0.0f);
+        float* orow = ob + r0 * g.Dp;
         const int64_t kb_hi = (g.KeyHi(r0) + kBlock - 1) / kBlock;
         for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
-          Scores(g, qb.data(), kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], s.data());
+          const bool diag = g.causal && kb * kBlock == r0;  // keys after a row's query are hidden
+          Scores(g, qb, kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], diag, s);
           for (int64_t r = 0; r < kBlock; ++r) {
-            float* row = s.data() + r * kBlock;
+            float* row = s + r * kBlock;
+            const int64_t cend = diag ? DiagEnd(r) : kBlock;
             v8 vmax = v8{} + m[r];
-            for (int64_t c = 0; c < kBlock; c += 8) {
+            for (int64_t c = 0; c < cend; c += 8) {
               const v8 x = Load8(row + c);
               vmax = x > vmax ? x : vmax;
             }
@@ -329,7 +377,7 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
             const float corr = ExpNonPositive(m[r] - mx);  // m = -inf at the first block: 0
             const v8 vmx = v8{} + mx;
             v8 vsum = {};
-            for (int64_t c = 0; c < kBlock; c += 8) {
+            for (int64_t c = 0; c < cend; c += 8) {
               const v8 e = ExpNonPositive(Load8(row + c) - vmx);
               Store8(row + c, e);
               vsum += e;
@@ -341,7 +389,7 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
               for (int64_t d = 0; d < g.Dp; d += 8) Store8(od + d, Load8(od + d) * corr);
             }
           }
-          Gemm<true>(kBlock, g.Dp, kBlock, s.data(), kBlock, vc.Row(g, kb), g.Dp, orow, g.Dp);
+          Gemm<true>(kBlock, g.Dp, kBlock, s, kBlock, vc.Row(g, kb), g.Dp, orow, g.Dp, diag ? kKUpToRow : kAll);
         }
         for (int64_t r = 0; r < kBlock && r0 + r < g.S; ++r) {
           const float inv = 1.0f / l[r];
@@ -350,7 +398,7 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
           lse_row[r0 + r] = m[r] + std::log(l[r]);
         }
       }
-      ScatterQ(g, ob.data(), n, kh, gi, o);
+      ScatterQ(g, ob, n, kh, gi, o);
     }
   });
 }
@@ -360,65 +408,73 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
   ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
     const int64_t n = unit / g.K, kh = unit % g.K;
     HeadCopy kc, vc;
-    kc.Load(g, k, n, kh);
-    vc.Load(g, v, n, kh);
+    kc.Load(g, k, n, kh, 0);
+    vc.Load(g, v, n, kh, 2);
     const int64_t SD = g.Sp * g.Dp;
-    std::vector<float> qb(SD), dob(SD), ob(SD), dqb(SD), dkb(SD, 0.0f), dvb(SD, 0.0f);
-    std::vector<float> p(kBlock * kBlock), dp(kBlock * kBlock), delta(g.Sp);
+    float *qb = Scratch(4, SD), *dob = Scratch(5, SD), *ob = Scratch(6, SD), *dqb = Scratch(7, SD);
+    float *dkb = Scratch(8, SD), *dvb = Scratch(9, SD);
+    float *p = Scratch(10, kBlock * kBlock), *dp = Scratch(11, kBlock * kBlock), *delta = Scratch(12, g.Sp);
+    std::fill(dkb, dkb + SD, 0.0f);
+    std::fill(dvb, dvb + SD, 0.0f);
     const uint8_t* mask_n = mask + n * g.S * g.S;
     const std::vector<uint8_t> full = FullBlocks(g, mask_n);
     const int64_t nb = g.Sp / kBlock;
     for (int64_t gi = 0; gi < g.G; ++gi) {
-      GatherQ(g, q, n, kh, gi, qb.data());
-      GatherQ(g, dout, n, kh, gi, dob.data());
-      GatherQ(g, o, n, kh, gi, ob.data());
-      std::fill(dqb.begin(), dqb.end(), 0.0f);
+      GatherQ(g, q, n, kh, gi, qb);
+      GatherQ(g, dout, n, kh, gi, dob);
+      GatherQ(g, o, n, kh, gi, ob);
+      std::fill(dqb, dqb + SD, 0.0f);
       const float* lse_row = lse + ((n * g.K + kh) * g.G + gi) * g.S;
       for (int64_t s = 0; s < g.Sp; ++s) {  // delta_r = rowsum(dO ∘ O)
         v8 acc = {};
-        for (int64_t d = 0; d < g.Dp; d += 8) acc += Load8(&dob[s * g.Dp + d]) * Load8(&ob[s * g.Dp + d]);
+        for (int64_t d = 0; d < g.Dp; d += 8) acc += Load8(dob + s * g.Dp + d) * Load8(ob + s * g.Dp + d);
         delta[s] = HSum(acc);
       }
       for (int64_t r0 = 0; r0 < g.S; r0 += kBlock) {
         const int64_t kb_hi = (g.KeyHi(r0) + kBlock - 1) / kBlock;
-        const float* dorow = dob.data() + r0 * g.Dp;
+        const float* dorow = dob + r0 * g.Dp;
         for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
           const int64_t c0 = kb * kBlock;
-          Scores(g, qb.data(), kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], p.data());
+          const bool diag = g.causal && c0 == r0;  // keys after a row's query are hidden
+          Scores(g, qb, kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], diag, p);
           for (int64_t r = 0; r < kBlock; ++r) {  // P = exp(s - lse); padded query rows contribute nothing
-            float* row = p.data() + r * kBlock;
+            float* row = p + r * kBlock;
             if (r0 + r >= g.S) {
               std::fill(row, row + kBlock, 0.0f);
               continue;
             }
             const v8 ls = v8{} + lse_row[r0 + r], zero = {};
-            for (int64_t c = 0; c < kBlock; c += 8) {
+            for (int64_t c = 0, cend = diag ? DiagEnd(r) : kBlock; c < cend; c += 8) {
               const v8 x = Load8(row + c) - ls;
               Store8(row + c, ExpNonPositive(x < zero ? x : zero));
             }
           }
           // dV_kb += Pᵀ dO
-          Gemm<true, true>(kBlock, g.Dp, kBlock, p.data(), kBlock, dorow, g.Dp, dvb.data() + c0 * g.Dp, g.Dp);
+          Gemm<true, true>(kBlock, g.Dp, kBlock, p, kBlock, dorow, g.Dp, dvb + c0 * g.Dp, g.Dp,
+                           diag ? kKFromRow : kAll);
           // dP = dO Vᵀ; dS = P ∘ (dP − delta) · scale (the gradient of the unscaled product q·k)
-          Gemm<false>(kBlock, kBlock, g.Dp, dorow, g.Dp, vc.Col(g, kb), kLdT, dp.data(), kBlock);
+          Gemm<false>(kBlock, kBlock, g.Dp, dorow, g.Dp, vc.Col(g, kb), kLdT, dp, kBlock,
+                      diag ? kColsUpToRow : kAll);
           const v8 scale = v8{} + g.scale;
           for (int64_t r = 0; r < kBlock; ++r) {
             const v8 dl = v8{} + delta[r0 + r];
-            float* ds = dp.data() + r * kBlock;
-            const float* pr = p.data() + r * kBlock;
-            for (int64_t c = 0; c < kBlock; c += 8) Store8(ds + c, Load8(pr + c) * (Load8(ds + c) - dl) * scale);
+            float* ds = dp + r * kBlock;
+            const float* pr = p + r * kBlock;
+            for (int64_t c = 0, cend = diag ? DiagEnd(r) : kBlock; c < cend; c += 8)
+              Store8(ds + c, Load8(pr + c) * (Load8(ds + c) - dl) * scale);
           }
           // dQ += dS K; dK_kb += dSᵀ Q
-          Gemm<true>(kBlock, g.Dp, kBlock, dp.data(), kBlock, kc.Row(g, kb), g.Dp, dqb.data() + r0 * g.Dp, g.Dp);
-          Gemm<true, true>(kBlock, g.Dp, kBlock, dp.data(), kBlock, qb.data() + r0 * g.Dp, g.Dp,
-                           dkb.data() + c0 * g.Dp, g.Dp);
+          Gemm<true>(kBlock, g.Dp, kBlock, dp, kBlock, kc.Row(g, kb), g.Dp, dqb + r0 * g.Dp, g.Dp,
+                     diag ? kKUpToRow : kAll);
+          Gemm<true, true>(kBlock, g.Dp, kBlock, dp, kBlock, qb + r0 * g.Dp, g.Dp,
+                           dkb + c0 * g.Dp, g.Dp, diag ? kKFromRow : kAll);
         }
       }
-      ScatterQ(g, dqb.data(), n, kh, gi, dq);
+      ScatterQ(g, dqb, n, kh, gi, dq);
     }
     for (int64_t s = 0; s < g.S; ++s) {
-      std::memcpy(dk + (n * g.S + s) * g.KRow() + kh * g.D, dkb.data() + s * g.Dp, g.D * sizeof(float));
-      std::memcpy(dv + (n * g.S + s) * g.KRow() + kh * g.D, dvb.data() + s * g.Dp, g.D * sizeof(float));
+      std::memcpy(dk + (n * g.S + s) * g.KRow() + kh * g.D, dkb + s * g.Dp, g.D * sizeof(float));
+      std::memcpy(dv + (n * g.S + s) * g.KRow() + kh * g.D, dvb + s * g.Dp, g.D * sizeof(float));
     }
   });
 }
