@@ -196,12 +196,25 @@ Geometry MakeGeometry(const ffi::Span<const int64_t>& qd, bool causal, int64_t w
 // every claimed unit is done. It never waits for a helper that has not started (the pool's threads may all be
 // busy, e.g. with another call like this one): a helper that starts late finds no unit left and only touches
 // the shared, reference-counted state.
+// A worker's buffers, reused by every work unit it runs in one call: no allocation, first-touch page faults or
+// zero-filling per unit (per-unit buffers had cost about a sixth of the kernel's time); freed when the call
+// returns. Slot `slot` holds at least n floats, with whatever its last user left there.
+struct Workspace {
+  static constexpr int kSlots = 13;
+  std::vector<float> bufs[kSlots];
+  float* Get(int slot, size_t n) {
+    if (bufs[slot].size() < n) bufs[slot].resize(n);
+    return bufs[slot].data();
+  }
+};
+
 struct ParallelState {
   std::mutex mu;
   std::condition_variable cv;
   int64_t next = 0, inflight = 0, units = 0;
-  const std::function<void(int64_t)>* body = nullptr;
+  const std::function<void(int64_t, Workspace&)>* body = nullptr;
   void Work() {
+    Workspace ws;
     for (;;) {
       int64_t u;
       {
@@ -210,14 +223,14 @@ struct ParallelState {
         u = next++;
         ++inflight;
       }
-      (*body)(u);
+      (*body)(u, ws);
       std::lock_guard<std::mutex> lock(mu);
       if (--inflight == 0 && next >= units) cv.notify_all();
     }
   }
 };
 
-void ParallelFor(ffi::ThreadPool& pool, int64_t units, const std::function<void(int64_t)>& body) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t units, const std::function<void(int64_t, Workspace&)>& body) {
   auto state = std::make_shared<ParallelState>();
   state->units = units;
   state->body = &body;
@@ -232,27 +245,18 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, const std::function<void(
 // fall into the same few L1 sets (a stride of a power-of-two kilobytes would).
 constexpr int64_t kLdT = kBlock + 16;
 
-// Per-thread buffers, reused by every work unit and call that runs on the thread: no allocation, first-touch
-// page faults or zero-filling per unit (they had cost about a sixth of the kernel's time). Slot `slot` holds at
-// least n floats, with whatever its last user left there.
-constexpr int kSlots = 14;
-float* Scratch(int slot, size_t n) {
-  static thread_local std::vector<float> bufs[kSlots];
-  if (bufs[slot].size() < n) bufs[slot].resize(n);
-  return bufs[slot].data();
-}
 
 // Whether [S, D] rows sit in larger [Sp, Dp] buffers, whose padding must then be zero.
 inline bool Padded(const Geometry& g) { return g.S != g.Sp || g.D != g.Dp; }
 
 // Per unit: K (or V) of kv head k as rows [Sp][Dp] and, per key block, columns [Dp][kLdT]; zero-padded
-// (the kLdT - kBlock columns past each block are stride only and never read). Buffers: scratch slots slot, slot+1.
+// (the kLdT - kBlock columns past each block are stride only and never read). Buffers: workspace slots slot, slot+1.
 struct HeadCopy {
   float *rows = nullptr, *cols = nullptr;
-  void Load(const Geometry& g, const float* base, int64_t n, int64_t k, int slot) {
+  void Load(const Geometry& g, const float* base, int64_t n, int64_t k, Workspace& ws, int slot) {
     const size_t nr = g.Sp * g.Dp, nc = (g.Sp / kBlock) * g.Dp * kLdT;
-    rows = Scratch(slot, nr);
-    cols = Scratch(slot + 1, nc);
+    rows = ws.Get(slot, nr);
+    cols = ws.Get(slot + 1, nc);
     if (Padded(g)) {
       std::fill(rows, rows + nr, 0.0f);
       std::fill(cols, cols + nc, 0.0f);
@@ -342,14 +346,14 @@ void Scores(const Geometry& g, const float* q, const HeadCopy& kh, const uint8_t
 
 void Forward(const Geometry& g, const float* q, const float* k, const float* v, const uint8_t* mask, float* o,
              float* lse, ffi::ThreadPool& pool) {
-  ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
+  ParallelFor(pool, g.N * g.K, [&](int64_t unit, Workspace& ws) {
     const int64_t n = unit / g.K, kh = unit % g.K;
     HeadCopy kc, vc;
-    kc.Load(g, k, n, kh, 0);
-    vc.Load(g, v, n, kh, 2);
+    kc.Load(g, k, n, kh, ws, 0);
+    vc.Load(g, v, n, kh, ws, 2);
     const int64_t SD = g.Sp * g.Dp;
-    float *qb = Scratch(4, SD), *ob = Scratch(5, SD), *s = Scratch(6, kBlock * kBlock);
-    float *m = Scratch(7, kBlock), *l = Scratch(8, kBlock);
+    float *qb = ws.Get(4, SD), *ob = ws.Get(5, SD), *s = ws.Get(6, kBlock * kBlock);
+    float *m = ws.Get(7, kBlock), *l = ws.Get(8, kBlock);
     const uint8_t* mask_n = mask + n * g.S * g.S;
     const std::vector<uint8_t> full = FullBlocks(g, mask_n);
     const int64_t nb = g.Sp / kBlock;
@@ -405,15 +409,15 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
 
 void Backward(const Geometry& g, const float* q, const float* k, const float* v, const uint8_t* mask, const float* o,
               const float* lse, const float* dout, float* dq, float* dk, float* dv, ffi::ThreadPool& pool) {
-  ParallelFor(pool, g.N * g.K, [&](int64_t unit) {
+  ParallelFor(pool, g.N * g.K, [&](int64_t unit, Workspace& ws) {
     const int64_t n = unit / g.K, kh = unit % g.K;
     HeadCopy kc, vc;
-    kc.Load(g, k, n, kh, 0);
-    vc.Load(g, v, n, kh, 2);
+    kc.Load(g, k, n, kh, ws, 0);
+    vc.Load(g, v, n, kh, ws, 2);
     const int64_t SD = g.Sp * g.Dp;
-    float *qb = Scratch(4, SD), *dob = Scratch(5, SD), *ob = Scratch(6, SD), *dqb = Scratch(7, SD);
-    float *dkb = Scratch(8, SD), *dvb = Scratch(9, SD);
-    float *p = Scratch(10, kBlock * kBlock), *dp = Scratch(11, kBlock * kBlock), *delta = Scratch(12, g.Sp);
+    float *qb = ws.Get(4, SD), *dob = ws.Get(5, SD), *ob = ws.Get(6, SD), *dqb = ws.Get(7, SD);
+    float *dkb = ws.Get(8, SD), *dvb = ws.Get(9, SD);
+    float *p = ws.Get(10, kBlock * kBlock), *dp = ws.Get(11, kBlock * kBlock), *delta = ws.Get(12, g.Sp);
     std::fill(dkb, dkb + SD, 0.0f);
     std::fill(dvb, dvb + SD, 0.0f);
     const uint8_t* mask_n = mask + n * g.S * g.S;
