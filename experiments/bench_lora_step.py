@@ -44,6 +44,7 @@ import optax
 
 import lorajax
 from experiments.report import markdown_table
+from experiments.stats import interval_text
 from lorajax.hlo import count_weight_gradients as weight_gradient_dots
 
 VOCAB, DIM, FFN, LAYERS, HEADS, BATCH, SEQ, RANK, ALPHA = 4096, 512, 1376, 4, 8, 8, 256, 16, 32
@@ -92,6 +93,12 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> tuple[dict
 def ratio(times: dict[str, list[float]], a: str, b: str, rows: list[int]) -> float:
     """Median over ``rows`` (round indices) of time[a] / time[b] in the same round."""
     return statistics.median(times[a][i] / times[b][i] for i in rows)
+
+
+def ratio_interval(times: dict[str, list[float]], a: str, b: str, rows: list[int]) -> str:
+    """``"mean [low, high]"``: the 95% t-interval of the per-round ratios time[a] / time[b] over ``rows`` (how far
+    a target is from the ratio given the round-to-round spread; rounds are consecutive, not independent runs)."""
+    return interval_text([times[a][i] / times[b][i] for i in rows], sign="", digits=3)
 
 
 def components(variables, spec, tx) -> dict[str, Callable[[], object]]:
@@ -333,13 +340,15 @@ def main(argv=None) -> None:
         table,
         "",
         f"- lorajax LoRA vs PEFT eager: **{ratio(times, lora, peft_name, rows_used):.2f}x**"
-        " (target ≤ 0.85x, aim 0.75x);"
+        " (target ≤ 0.85x, aim 0.75x; per-round mean and 95% interval"
+        f" {ratio_interval(times, lora, peft_name, rows_used)});"
         " with blockwise attention (the default before the fused kernel):"
         f" {ratio(times, blk, peft_name, rows_used):.2f}x;"
         f" reference paths: {ratio(times, ref, peft_name, rows_used):.2f}x.",
         f"- Fused kernel vs blockwise attention, same step: **{ratio(times, lora, blk, rows_used):.2f}x**.",
         f"- Library paths vs reference paths, same step: **{ratio(times, lora, ref, rows_used):.2f}x**.",
         f"- lorajax LoRA / full fine-tuning: **{ratio(times, lora, full, rows_used):.2f}** (target ≤ 0.75;"
+        f" per-round mean and 95% interval {ratio_interval(times, lora, full, rows_used)};"
         f" FLOP ratio {lora_gf / full_gf:.3f}).",
         f"- Compute floor = dot FLOPs / calibrator rate; calibrator {TOKENS}x{DIM}x{FFN}:"
         f" XLA {rate['XLA']:.0f} GFLOP/s,"
