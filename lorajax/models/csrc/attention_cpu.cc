@@ -173,6 +173,8 @@ struct Geometry {
   // first key block that any query of block [r0, r0 + kBlock) may see, and one past the last
   int64_t KeyLo(int64_t r0) const { return (causal && window > 0) ? std::max<int64_t>(0, r0 - window + 1) / kBlock : 0; }
   int64_t KeyHi(int64_t r0) const { return causal ? std::min(S, r0 + kBlock) : S; }
+  // whether key block kb is query block [r0, r0 + kBlock)'s causal diagonal (keys after a row's query hidden)
+  bool Diagonal(int64_t r0, int64_t kb) const { return causal && kb * kBlock == r0; }
 };
 
 Geometry MakeGeometry(const ffi::Span<const int64_t>& qd, bool causal, int64_t window) {
@@ -367,7 +369,7 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v, 
         float* orow = ob + r0 * g.Dp;
         const int64_t kb_hi = (g.KeyHi(r0) + kBlock - 1) / kBlock;
         for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
-          const bool diag = g.causal && kb * kBlock == r0;  // keys after a row's query are hidden
+          const bool diag = g.Diagonal(r0, kb);
           Scores(g, qb, kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], diag, s);
           for (int64_t r = 0; r < kBlock; ++r) {
             float* row = s + r * kBlock;
@@ -439,7 +441,7 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
         const float* dorow = dob + r0 * g.Dp;
         for (int64_t kb = g.KeyLo(r0); kb < kb_hi; ++kb) {
           const int64_t c0 = kb * kBlock;
-          const bool diag = g.causal && c0 == r0;  // keys after a row's query are hidden
+          const bool diag = g.Diagonal(r0, kb);
           Scores(g, qb, kc, mask_n, r0, kb, full[r0 / kBlock * nb + kb], diag, p);
           for (int64_t r = 0; r < kBlock; ++r) {  // P = exp(s - lse); padded query rows contribute nothing
             float* row = p + r * kBlock;
