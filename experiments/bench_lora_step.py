@@ -90,15 +90,20 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> tuple[dict
     return times, loads
 
 
+def per_round(times: dict[str, list[float]], a: str, b: str, rows: list[int]) -> list[float]:
+    """time[a] / time[b] in the same round, for each round index in ``rows``."""
+    return [times[a][i] / times[b][i] for i in rows]
+
+
 def ratio(times: dict[str, list[float]], a: str, b: str, rows: list[int]) -> float:
     """Median over ``rows`` (round indices) of time[a] / time[b] in the same round."""
-    return statistics.median(times[a][i] / times[b][i] for i in rows)
+    return statistics.median(per_round(times, a, b, rows))
 
 
 def ratio_interval(times: dict[str, list[float]], a: str, b: str, rows: list[int]) -> str:
     """``"mean [low, high]"``: the 95% t-interval of the per-round ratios time[a] / time[b] over ``rows`` (how far
     a target is from the ratio given the round-to-round spread; rounds are consecutive, not independent runs)."""
-    return interval_text([times[a][i] / times[b][i] for i in rows], sign="", digits=3)
+    return interval_text(per_round(times, a, b, rows), sign="", digits=3)
 
 
 def components(variables, spec, tx) -> dict[str, Callable[[], object]]:
